@@ -1,0 +1,135 @@
+// pybind11 bindings for rmae._fh. Validation and dtype conversion live in rmae/fh.py; these
+// entry points take C-contiguous uint8 or float64 arrays [H, W, C] and release the GIL.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <atomic>
+#include <thread>
+
+#include "fh.hpp"
+
+namespace py = pybind11;
+
+namespace {
+
+// A borrowed view of one input image; valid while the Python array is alive.
+struct ImageView {
+    const void* data = nullptr;
+    bool is_uint8 = false;
+    int64_t height = 0, width = 0, channels = 0;
+};
+
+ImageView view_of(const py::array& array) {
+    if (array.ndim() != 3) throw std::invalid_argument("expected a [H, W, C] array");
+    if (!(array.flags() & py::array::c_style)) throw std::invalid_argument("expected a C-contiguous array");
+    ImageView view;
+    view.data = array.data();
+    view.height = array.shape(0);
+    view.width = array.shape(1);
+    view.channels = array.shape(2);
+    if (py::isinstance<py::array_t<uint8_t>>(array)) {
+        view.is_uint8 = true;
+    } else if (!py::isinstance<py::array_t<double>>(array)) {
+        throw std::invalid_argument("expected a uint8 or float64 array");
+    }
+    return view;
+}
+
+fh::FloatImage to_float(const ImageView& v) {
+    if (v.is_uint8)
+        return fh::from_uint8(static_cast<const uint8_t*>(v.data), v.height, v.width, v.channels);
+    return fh::from_float64(static_cast<const double*>(v.data), v.height, v.width, v.channels);
+}
+
+py::array_t<int32_t> segment(const py::array& image, const std::vector<double>& weights,
+                             const std::vector<double>& scales, const std::vector<int64_t>& min_sizes) {
+    const ImageView v = view_of(image);
+    py::array_t<int32_t> labels({static_cast<int64_t>(scales.size()), v.height, v.width});
+    int32_t* out = labels.mutable_data();
+    {
+        py::gil_scoped_release release;
+        fh::felzenszwalb_multi(to_float(v), weights, scales, min_sizes, out);
+    }
+    return labels;
+}
+
+py::list segment_batch(const py::list& images, const std::vector<double>& weights,
+                       const std::vector<double>& scales, const std::vector<int64_t>& min_sizes,
+                       int num_threads) {
+    const size_t n = images.size();
+    std::vector<ImageView> views;
+    std::vector<py::array> keep_alive;
+    std::vector<py::array_t<int32_t>> outputs;
+    std::vector<int32_t*> out_ptrs;
+    for (size_t i = 0; i < n; ++i) {
+        py::array array = images[i].cast<py::array>();
+        views.push_back(view_of(array));
+        keep_alive.push_back(array);
+        outputs.emplace_back(std::vector<int64_t>{static_cast<int64_t>(scales.size()), views.back().height,
+                                                  views.back().width});
+        out_ptrs.push_back(outputs.back().mutable_data());
+    }
+    std::vector<std::string> errors(n);
+    {
+        py::gil_scoped_release release;
+        std::atomic<size_t> next{0};
+        auto worker = [&]() {
+            for (size_t i = next++; i < n; i = next++) {
+                try {
+                    fh::felzenszwalb_multi(to_float(views[i]), weights, scales, min_sizes, out_ptrs[i]);
+                } catch (const std::exception& e) {
+                    errors[i] = e.what();
+                }
+            }
+        };
+        const int threads = std::max(1, std::min<int>(num_threads, static_cast<int>(n)));
+        std::vector<std::thread> pool;
+        for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
+        worker();
+        for (auto& t : pool) t.join();
+    }
+    for (size_t i = 0; i < n; ++i)
+        if (!errors[i].empty()) throw std::invalid_argument("image " + std::to_string(i) + ": " + errors[i]);
+    py::list result;
+    for (auto& o : outputs) result.append(o);
+    return result;
+}
+
+py::array_t<double> smooth(const py::array& image, const std::vector<double>& weights) {
+    const ImageView v = view_of(image);
+    fh::FloatImage f = to_float(v);
+    {
+        py::gil_scoped_release release;
+        fh::gaussian_smooth(f, weights);
+    }
+    py::array_t<double> out({v.height, v.width, v.channels});
+    std::copy(f.data.begin(), f.data.end(), out.mutable_data());
+    return out;
+}
+
+py::tuple sorted_edges(const py::array& image) {
+    const ImageView v = view_of(image);
+    const std::vector<fh::SortedEdge> edges = fh::sorted_edges(to_float(v));
+    py::array_t<double> costs(static_cast<int64_t>(edges.size()));
+    py::array_t<uint32_t> codes(static_cast<int64_t>(edges.size()));
+    for (size_t i = 0; i < edges.size(); ++i) {
+        costs.mutable_data()[i] = edges[i].cost;
+        codes.mutable_data()[i] = edges[i].code;
+    }
+    return py::make_tuple(costs, codes);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_fh, m) {
+    m.doc() = "Felzenszwalb-Huttenlocher segmentation in C++ (use rmae.fh, which validates inputs)";
+    m.def("segment", &segment, py::arg("image"), py::arg("weights"), py::arg("scales"), py::arg("min_sizes"),
+          "uint8/float64 [H, W, C] -> int32 labels [S, H, W]; one smoothing and one sort for all scales");
+    m.def("segment_batch", &segment_batch, py::arg("images"), py::arg("weights"), py::arg("scales"),
+          py::arg("min_sizes"), py::arg("num_threads"), "segment() over a list of images on num_threads threads");
+    m.def("smooth", &smooth, py::arg("image"), py::arg("weights"), "the Gaussian step alone (float64 [H, W, C])");
+    m.def("sorted_edges", &sorted_edges, py::arg("image"),
+          "(costs, codes) of all edges of an already smoothed image, in processing order");
+    m.attr("MAX_PIXELS") = fh::kMaxPixels;
+}

@@ -1,0 +1,58 @@
+// Felzenszwalb–Huttenlocher graph segmentation, partition-identical to scikit-image 0.26.
+//
+// Pipeline (each step reproduces scikit-image/scipy/numpy bit for bit where it matters):
+//   1. image -> float64 in [0, 1] (uint8: x * (1/255), as skimage.img_as_float64)
+//   2. separable Gaussian (scipy.ndimage.gaussian_filter, mode 'reflect', axis 0 then axis 1,
+//      symmetric-kernel summation order of scipy's NI_Correlate1D)
+//   3. 8-connected edges (right, down, down-right, up-right) with Euclidean colour cost
+//      (channel sum in numpy's order)
+//   4. one stable sort of the edges by cost (ties keep scikit-image's edge order)
+//   5. per scale: greedy merge pass with float32 thresholds, then a min_size pass over the
+//      edges rejected by the first pass; labels 0..n-1 in raster order of first pixel.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace fh {
+
+// One edge after sorting: its cost and a code (type << 30 | p) for its first pixel p.
+// The second pixel is p + offset[type]; the code order equals scikit-image's edge order.
+struct SortedEdge {
+    double cost;
+    uint32_t code;
+};
+
+// An image in float64, channels last, contiguous: data[(y * width + x) * channels + c].
+struct FloatImage {
+    int64_t height = 0, width = 0, channels = 0;
+    std::vector<double> data;
+};
+
+// Largest number of pixels an image may have (edge codes keep the pixel index in 30 bits).
+constexpr int64_t kMaxPixels = int64_t(1) << 30;
+
+// uint8 [H, W, C] -> float64 in [0, 1], exactly as skimage.img_as_float64.
+FloatImage from_uint8(const uint8_t* src, int64_t height, int64_t width, int64_t channels);
+// float64 [H, W, C] copied as is.
+FloatImage from_float64(const double* src, int64_t height, int64_t width, int64_t channels);
+
+// In-place Gaussian smoothing of both spatial axes; `weights` has 2r+1 symmetric taps
+// (scipy's kernel, computed by the caller). An empty kernel means no smoothing.
+void gaussian_smooth(FloatImage& image, const std::vector<double>& weights);
+
+// All 8-connected edges of the smoothed image, sorted by cost (stable over scikit-image's order).
+std::vector<SortedEdge> sorted_edges(const FloatImage& image);
+
+// Segments one scale from the shared sorted edges; writes int32 labels [H * W].
+// Returns the number of segments.
+int32_t segment(const std::vector<SortedEdge>& edges, int64_t height, int64_t width,
+                double scale, int64_t min_size, int32_t* labels);
+
+// Whole pipeline for several scales sharing one smoothing and one sort.
+// labels: S * H * W int32; returns the segment count per scale.
+std::vector<int32_t> felzenszwalb_multi(FloatImage image, const std::vector<double>& weights,
+                                        const std::vector<double>& scales,
+                                        const std::vector<int64_t>& min_sizes, int32_t* labels);
+
+}  // namespace fh

@@ -1,0 +1,1 @@
+"""Triton kernels for the R-MAE region branch, installed as ``rmae.kernels``."""
