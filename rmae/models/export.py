@@ -1,0 +1,53 @@
+"""Encoder export with timm's ``vit_*_patch16_224`` keys (``num_classes=0``: no head), no decoder.
+
+``cls_token`` [1, 1, D], ``pos_embed`` [1, N+1, D] (fixed sin-cos, zero cls row), ``patch_embed.proj.*``,
+``blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}.*``, ``norm.*``. Loads with ``strict=True`` into
+``timm.create_model("vit_base_patch16_224", num_classes=0)`` and into ``rmae.models.VisionTransformer``.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Union
+
+import torch
+import torch.nn as nn
+
+_ENCODER_KEY = re.compile(r"^(cls_token|pos_embed|patch_embed\.proj\.(weight|bias)|blocks\.\d+\..+|norm\.(weight|bias))$")
+_PREFIXES = ("_orig_mod.", "module.")
+
+
+def clean_key(key: str) -> str:
+    """Strip torch.compile (``_orig_mod.``) and DDP (``module.``) prefixes, at any nesting."""
+    changed = True
+    while changed:
+        changed = False
+        for p in _PREFIXES:
+            if key.startswith(p):
+                key, changed = key[len(p):], True
+    return key
+
+
+def export_encoder(model: Union[nn.Module, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The pixel encoder's weights (detached, contiguous clones) from a model or a state_dict."""
+    state = model.state_dict() if isinstance(model, nn.Module) else model
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        key = clean_key(key)
+        if _ENCODER_KEY.match(key):
+            out[key] = value.detach().clone().contiguous()
+    missing = [k for k in ("cls_token", "pos_embed", "patch_embed.proj.weight", "norm.weight") if k not in out]
+    if missing:
+        raise ValueError(f"not an R-MAE/MAE state: encoder keys {missing} are missing")
+    return out
+
+
+def save_encoder(model: Union[nn.Module, Mapping[str, torch.Tensor]], path: str) -> None:
+    """Write ``export_encoder(model)`` as safetensors (``.safetensors``) or a torch file (anything else)."""
+    state = export_encoder(model)
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)

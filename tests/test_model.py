@@ -1,0 +1,513 @@
+"""Faithfulness tests for rmae.models (CPU, tiny shapes).
+
+The expected parameter names below are written from DESIGN.md "Model" (the official facebookresearch/r-mae
+names), not generated from the model. ``official_forward`` is an independent, straightforward transcription of
+the official forward (full-length region tokens then gather, explicit softmax attention, expansion over N+1 then
+drop cls) that reuses only the model's weights.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rmae.models import (RMAE, RegionLabels, VisionTransformer, build_model, export_encoder, rmae_base_patch16,
+                         rmae_tiny_patch16)
+from rmae.models import ops
+
+IMG, P = 32, 8  # N = 16 patches
+N = (IMG // P) ** 2
+K = 8
+
+
+def tiny(variant="rmae", **kw):
+    kw.setdefault("img_size", IMG)
+    kw.setdefault("patch_size", P)
+    kw.setdefault("depth", 2)
+    return build_model("rmae_tiny_patch16", variant, **kw)
+
+
+def inputs(B=2, seed=0, k=K):
+    g = torch.Generator().manual_seed(seed)
+    imgs = torch.randn(B, 3, IMG, IMG, generator=g)
+    # FH-like label maps at 2 scales: blocky integer labels
+    S = 2
+    coarse = torch.randint(0, 5, (B, S, IMG // 4, IMG // 4), generator=g)
+    labels = coarse.repeat_interleave(4, 2).repeat_interleave(4, 3).to(torch.int32)
+    scale_index = torch.randint(0, S, (B, k), generator=g)
+    label_id = torch.randint(0, 5, (B, k), generator=g)
+    label_id[0, -1] = -1  # an all-zero region
+    rl = RegionLabels(labels, scale_index, label_id)
+    maps = rl.to_maps().to(torch.uint8)
+    noise = torch.rand(B, N, generator=g)
+    return imgs, maps, rl, noise
+
+
+# ----------------------------------------------------------------------------- expected names (DESIGN.md)
+def _block_keys(prefix, dim, mlp_hidden):
+    shapes = {
+        "norm1.weight": [dim], "norm1.bias": [dim],
+        "attn.qkv.weight": [3 * dim, dim], "attn.qkv.bias": [3 * dim],
+        "attn.proj.weight": [dim, dim], "attn.proj.bias": [dim],
+        "norm2.weight": [dim], "norm2.bias": [dim],
+        "mlp.fc1.weight": [mlp_hidden, dim], "mlp.fc1.bias": [mlp_hidden],
+        "mlp.fc2.weight": [dim, mlp_hidden], "mlp.fc2.bias": [dim],
+    }
+    return {f"{prefix}.{k}": v for k, v in shapes.items()}
+
+
+def expected_encoder(D=768, depth=12, n=196, p=16):
+    e = {"cls_token": [1, 1, D], "pos_embed": [1, n + 1, D],
+         "patch_embed.proj.weight": [D, 3, p, p], "patch_embed.proj.bias": [D],
+         "norm.weight": [D], "norm.bias": [D]}
+    for i in range(depth):
+        e.update(_block_keys(f"blocks.{i}", D, 4 * D))
+    return e
+
+
+def expected_pixel_decoder(D=768, Dd=512, depth=8, n=196, p=16):
+    e = {"decoder_embed.weight": [Dd, D], "decoder_embed.bias": [Dd], "mask_token": [1, 1, Dd],
+         "decoder_pos_embed": [1, n + 1, Dd], "decoder_norm.weight": [Dd], "decoder_norm.bias": [Dd],
+         "decoder_pred.weight": [p * p * 3, Dd], "decoder_pred.bias": [p * p * 3]}
+    for i in range(depth):
+        e.update(_block_keys(f"decoder_blocks.{i}", Dd, 4 * Dd))
+    return e
+
+
+def expected_region(D=768, R=128, neck=8, n=196, p=16):
+    e = {"region_patch_embed.proj.weight": [R, 1, p, p], "region_patch_embed.proj.bias": [R],
+         "region_pos_embed": [1, n + 1, R],  # official stores a zero cls row; rows 1: are used
+         "region_proj.0.weight": [R], "region_proj.0.bias": [R],
+         "region_proj.1.weight": [R, R], "region_proj.1.bias": [R],
+         "region_cross_embed.weight": [R, D], "region_cross_embed.bias": [R],
+         "region_cross_mask_token": [1, 1, R], "region_cross_pos_embed": [1, n + 1, R],
+         "region_dec_norm.weight": [R], "region_dec_norm.bias": [R],
+         "region_pred.1.weight": [p * p, R], "region_pred.1.bias": [p * p]}
+    e.update(_block_keys("region_enc_blocks.0", R, 4 * R))
+    for i in range(neck):
+        e.update(_block_keys(f"region_cross_blocks.{i}", R, 4 * R))
+    d = "region_dec_blocks.0"
+    e.update({f"{d}.norm1.weight": [R], f"{d}.norm1.bias": [R],
+              f"{d}.attn.qkv.weight": [3 * R, R], f"{d}.attn.qkv.bias": [3 * R],
+              f"{d}.attn.proj.weight": [R, R], f"{d}.attn.proj.bias": [R],
+              f"{d}.proj.weight": [R, R], f"{d}.proj.bias": [R],
+              f"{d}.norm3.weight": [R], f"{d}.norm3.bias": [R],
+              f"{d}.mlp.fc1.weight": [R, R], f"{d}.mlp.fc1.bias": [R],
+              f"{d}.mlp.fc2.weight": [R, R], f"{d}.mlp.fc2.bias": [R]})
+    return e
+
+
+def _shapes(model):
+    return {k: list(v.shape) for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("variant", ["rmae", "mae", "rae"])
+def test_base_state_dict_matches_official_names(variant):
+    with torch.device("meta"):
+        model = rmae_base_patch16(variant)
+    expected = expected_encoder()
+    if variant in ("rmae", "mae"):
+        expected.update(expected_pixel_decoder())
+    if variant in ("rmae", "rae"):
+        expected.update(expected_region())
+    got = _shapes(model)
+    assert sorted(got) == sorted(expected), (sorted(set(got) - set(expected)), sorted(set(expected) - set(got)))
+    assert got == expected
+    # fixed tables are frozen parameters (as the official nn.Parameter(requires_grad=False))
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {k for k in expected if k.endswith("pos_embed")}
+    assert model.num_region == (0 if variant == "mae" else 8)
+
+
+def test_large_huge_shapes():
+    with torch.device("meta"):
+        large = build_model("rmae_large_patch16", "rmae")
+        huge = build_model("rmae_huge_patch14", "rmae")
+    assert list(large.pos_embed.shape) == [1, 197, 1024] and len(large.blocks) == 24
+    assert list(huge.pos_embed.shape) == [1, 257, 1280] and len(huge.blocks) == 32
+    assert list(huge.region_pred[1].weight.shape) == [14 * 14, 128]
+    assert list(huge.decoder_pred.weight.shape) == [14 * 14 * 3, 512]
+
+
+# ----------------------------------------------------------------------------- init
+def test_init_and_sincos():
+    torch.manual_seed(0)
+    m = tiny()
+    D = m.pos_embed.shape[-1]
+    gs = IMG // P
+    pe = m.pos_embed[0]
+    assert torch.all(pe[0] == 0)
+    # MAE's table: first half from the column index (grid_w), second half from the row index
+    omega = 1.0 / 10000 ** (torch.arange(D // 4, dtype=torch.float64) / (D // 4))
+    for i, j in [(0, 1), (2, 3), (3, 0)]:
+        row = torch.cat([torch.sin(j * omega), torch.cos(j * omega), torch.sin(i * omega), torch.cos(i * omega)])
+        torch.testing.assert_close(pe[1 + i * gs + j], row.float())
+    for name, mod in m.named_modules():
+        if isinstance(mod, torch.nn.LayerNorm):
+            assert mod.eps == 1e-6 and torch.all(mod.weight == 1) and torch.all(mod.bias == 0), name
+        if isinstance(mod, torch.nn.Linear):
+            fan_out, fan_in = mod.weight.shape
+            bound = math.sqrt(6.0 / (fan_in + fan_out))
+            assert mod.weight.abs().max() <= bound and torch.all(mod.bias == 0), name
+    for conv in (m.patch_embed.proj, m.region_patch_embed.proj):  # xavier on the conv viewed as a matrix
+        w = conv.weight.view(conv.weight.shape[0], -1)
+        assert w.abs().max() <= math.sqrt(6.0 / sum(w.shape))
+    for t in (m.cls_token, m.mask_token, m.region_cross_mask_token):
+        assert 0.005 < t.std() < 0.05
+
+
+# ----------------------------------------------------------------------------- independent reference
+def _ln(mod, x):
+    return F.layer_norm(x, (x.shape[-1],), mod.weight, mod.bias, 1e-6)
+
+
+def _attn(a, x):
+    B, n, C = x.shape
+    h = a.num_heads
+    qkv = F.linear(x, a.qkv.weight, a.qkv.bias).reshape(B, n, 3, h, C // h).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    att = torch.matmul(q * (C // h) ** -0.5, k.transpose(-2, -1)).softmax(dim=-1)
+    return F.linear(torch.matmul(att, v).transpose(1, 2).reshape(B, n, C), a.proj.weight, a.proj.bias)
+
+
+def _mlp(m, x):
+    return F.linear(F.gelu(F.linear(x, m.fc1.weight, m.fc1.bias)), m.fc2.weight, m.fc2.bias)
+
+
+def _block(b, x):
+    x = x + _attn(b.attn, _ln(b.norm1, x))
+    return x + _mlp(b.mlp, _ln(b.norm2, x))
+
+
+def _patchify(imgs, p):
+    B, c, H, W = imgs.shape
+    h = H // p
+    x = imgs.reshape(B, c, h, p, h, p)
+    return torch.einsum("nchpwq->nhwpqc", x).reshape(B, h * h, p * p * c)
+
+
+def _unshuffle(x, token, ids_restore, pos):
+    mask_tokens = token.expand(x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], -1)
+    x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
+    x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+    return torch.cat([x[:, :1, :], x_], dim=1) + pos
+
+
+def official_forward(m, imgs, region, noise, mask_ratio=0.75):
+    """Transcription of facebookresearch/r-mae RegionQueryRMAE.forward with the model's weights."""
+    p = m.patch_size
+    B = imgs.shape[0]
+    out = {}
+    if m.num_region > 0:
+        b, c, h, w = region.shape
+        region = region.float().view(b * c, 1, h, w)
+        target_region = _patchify(region, p).view(b, c, -1, p * p)
+        pr = m.region_patch_embed.proj
+        region = F.conv2d(region - 0.5, pr.weight, pr.bias, stride=p).flatten(2).transpose(1, 2)
+        region = region.reshape(b, c, -1, m.region_enc_dim) + m.region_pos_embed[None, :, 1:, :]
+    x = F.conv2d(imgs, m.patch_embed.proj.weight, m.patch_embed.proj.bias, stride=p).flatten(2).transpose(1, 2)
+    x = x + m.pos_embed[:, 1:, :]
+    n, D = x.shape[1], x.shape[2]
+    len_keep = int(n * (1 - mask_ratio))
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    x = torch.gather(x, 1, ids_shuffle[:, :len_keep].unsqueeze(-1).expand(-1, -1, D))
+    mask = torch.ones(B, n)
+    mask[:, :len_keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    x = torch.cat([(m.cls_token + m.pos_embed[:, :1, :]).expand(B, -1, -1), x], dim=1)
+    for blk in m.blocks:
+        x = _block(blk, x)
+    latent = _ln(m.norm, x)
+    loss = 0.0
+    if m.use_mae_loss:
+        y = _unshuffle(F.linear(latent, m.decoder_embed.weight, m.decoder_embed.bias), m.mask_token, ids_restore,
+                       m.decoder_pos_embed)
+        for blk in m.decoder_blocks:
+            y = _block(blk, y)
+        pred = F.linear(_ln(m.decoder_norm, y), m.decoder_pred.weight, m.decoder_pred.bias)[:, 1:, :]
+        target = _patchify(imgs, p)
+        if m.norm_pix_loss:
+            target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+        mae_loss = ((pred - target) ** 2).mean(-1)
+        mae_loss = (mae_loss * mask).sum() / mask.sum()
+        out.update(pred=pred, mae_loss=mae_loss)
+        loss = loss + m.mae_loss_weight * mae_loss
+    if m.num_region > 0:
+        len_rkeep = int(n * (1 - m.region_mask_ratio))
+        rk = ids_shuffle[:, :len_rkeep].view(B, 1, -1, 1).expand(-1, m.num_region, -1, m.region_enc_dim)
+        region_mask = torch.ones(B, n)
+        region_mask[:, :len_rkeep] = 0
+        region_mask = torch.gather(region_mask, 1, ids_restore)
+        r = torch.gather(region, 2, rk).flatten(0, 1)
+        for blk in m.region_enc_blocks:
+            r = _block(blk, r)
+        q = r.view(B, m.num_region, len_rkeep, -1).mean(dim=2)
+        mem = _unshuffle(F.linear(latent, m.region_cross_embed.weight, m.region_cross_embed.bias),
+                         m.region_cross_mask_token, ids_restore, m.region_cross_pos_embed)
+        for blk in m.region_cross_blocks:
+            mem = _block(blk, mem)
+        mem = _ln(m.region_dec_norm, mem)
+        q = F.linear(_ln(m.region_proj[0], q), m.region_proj[1].weight, m.region_proj[1].bias)
+        for blk in m.region_dec_blocks[:-1]:
+            q = q + _attn(blk.attn, _ln(blk.norm1, q))
+            ca = blk.cross_attn
+            Bq, M, C = q.shape
+            hh = ca.num_heads
+            qq = F.linear(_ln(blk.norm2, q), ca.q.weight, ca.q.bias).reshape(Bq, M, hh, C // hh).transpose(1, 2)
+            kv = F.linear(mem, ca.kv.weight, ca.kv.bias).reshape(Bq, -1, 2, hh, C // hh).permute(2, 0, 3, 1, 4)
+            att = torch.matmul(qq * (C // hh) ** -0.5, kv[0].transpose(-2, -1)).softmax(-1)
+            q = q + F.linear(torch.matmul(att, kv[1]).transpose(1, 2).reshape(Bq, M, C), ca.proj.weight, ca.proj.bias)
+            q = q + _mlp(blk.mlp, _ln(blk.norm3, q))
+        e = m.region_dec_blocks[-1]
+        q = q + _attn(e.attn, _ln(e.norm1, q))
+        xm = q.unsqueeze(2) + F.linear(mem, e.proj.weight, e.proj.bias).unsqueeze(1)  # [B, k, N+1, C]
+        xm = _mlp(e.mlp, _ln(e.norm3, xm))
+        rp = m.region_pred
+        region_pred = F.linear(F.gelu(xm), rp[1].weight, rp[1].bias)[:, :, 1:, :]
+        rl = F.binary_cross_entropy_with_logits(region_pred, target_region, reduction="none")
+        if m.bg_loss_weight != 1.0:
+            wl = target_region.detach().clone()
+            wl[target_region == 0] = m.bg_loss_weight
+            rl = rl * wl
+        rl = rl.mean(dim=-1).mean(dim=1)
+        region_loss = (rl * region_mask).sum() / region_mask.sum()
+        out.update(region_pred=region_pred, region_loss=region_loss, region_mask=region_mask)
+        loss = loss + m.region_loss_weight * region_loss
+    out.update(loss=loss, mask=mask, ids_restore=ids_restore)
+    return out
+
+
+CLOSE = dict(rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant,kw", [
+    ("rmae", {}),
+    ("mae", {"norm_pix_loss": True}),
+    ("rae", {}),
+    ("rmae", {"bg_loss_weight": 0.3, "mae_loss_weight": 0.5, "region_loss_weight": 2.0, "norm_pix_loss": True}),
+    ("rmae", {"region_mask_ratio": 0.5}),
+    ("rmae", {"region_dec_depth": 2}),
+])
+def test_matches_official_transcription(variant, kw):
+    torch.manual_seed(1)
+    m = tiny(variant, kernel_impl="reference", **kw)
+    imgs, maps, _, noise = inputs()
+    out = m(imgs, None if variant == "mae" else maps, noise=noise)
+    ref = official_forward(m, imgs, maps, noise)
+    torch.testing.assert_close(out.loss, ref["loss"], **CLOSE)
+    torch.testing.assert_close(out.mask, ref["mask"])
+    torch.testing.assert_close(out.ids_restore, ref["ids_restore"])
+    if variant != "rae":
+        torch.testing.assert_close(out.pred, ref["pred"], **CLOSE)
+        torch.testing.assert_close(out.mae_loss, ref["mae_loss"], **CLOSE)
+    else:
+        assert out.pred is None and out.mae_loss is None
+    if variant != "mae":
+        torch.testing.assert_close(out.region_pred, ref["region_pred"], **CLOSE)
+        torch.testing.assert_close(out.region_loss, ref["region_loss"], **CLOSE)
+        torch.testing.assert_close(out.region_mask, ref["region_mask"])
+    else:
+        assert out.region_pred is None and out.region_loss is None and out.region_mask is None
+    # gradients agree too
+    g_out = torch.autograd.grad(out.loss, [p for p in m.parameters() if p.requires_grad])
+    g_ref = torch.autograd.grad(ref["loss"], [p for p in m.parameters() if p.requires_grad])
+    for a, b in zip(g_out, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_loss_recomputed_from_outputs():
+    """Pixel loss from pred / patchified target / mask, BCE from region_pred / patchified maps / region_mask."""
+    torch.manual_seed(2)
+    m = tiny(norm_pix_loss=True, bg_loss_weight=0.5)
+    imgs, maps, _, noise = inputs(B=3)
+    out = m(imgs, maps, noise=noise)
+    t = _patchify(imgs, P)
+    t = (t - t.mean(-1, keepdim=True)) / torch.sqrt(t.var(-1, keepdim=True, unbiased=True) + 1e-6)
+    per_patch = ((out.pred - t) ** 2).mean(-1)
+    assert out.mask.sum(1).eq(N - int(N * 0.25)).all()
+    mae = (per_patch * out.mask).sum() / out.mask.sum()
+    tr = torch.stack([_patchify(maps[:, i:i + 1].float(), P) for i in range(K)], dim=1)  # [B, k, N, p*p]
+    z = out.region_pred
+    bce = torch.clamp(z, min=0) - z * tr + torch.log1p(torch.exp(-z.abs()))
+    w = torch.where(tr > 0, torch.ones_like(tr), torch.full_like(tr, 0.5))
+    per = (bce * w).mean(-1).mean(1)
+    reg = (per * out.region_mask).sum() / out.region_mask.sum()
+    torch.testing.assert_close(out.mae_loss, mae, **CLOSE)
+    torch.testing.assert_close(out.region_loss, reg, **CLOSE)
+    torch.testing.assert_close(out.loss, mae + reg, **CLOSE)
+
+
+# ----------------------------------------------------------------------------- behaviour
+def test_fixed_noise_reproducible():
+    torch.manual_seed(3)
+    m = tiny()
+    imgs, maps, _, noise = inputs()
+    a = m(imgs, maps, noise=noise)
+    torch.manual_seed(123)
+    b = m(imgs, maps, noise=noise.clone())
+    assert torch.equal(a.loss, b.loss) and torch.equal(a.mask, b.mask)
+    c = m(imgs, maps)  # fresh noise: a different mask (with overwhelming probability)
+    assert not torch.equal(a.mask, c.mask)
+
+
+def test_mae_equals_rmae_without_region_branch():
+    torch.manual_seed(4)
+    rm = tiny("rmae")
+    mae = tiny("mae")
+    missing, unexpected = mae.load_state_dict(rm.state_dict(), strict=False)
+    assert missing == [] and all(k.startswith("region_") for k in unexpected) and unexpected
+    imgs, maps, _, noise = inputs()
+    o1 = rm(imgs, maps, noise=noise)
+    o2 = mae(imgs, noise=noise)
+    torch.testing.assert_close(o1.mae_loss, o2.mae_loss, rtol=0, atol=0)
+    torch.testing.assert_close(o2.loss, o2.mae_loss)
+    assert o2.region_loss is None
+    o1.mae_loss.backward()
+    o2.loss.backward()
+    params2 = dict(mae.named_parameters())
+    for name, p in rm.named_parameters():
+        if name in params2 and p.requires_grad:
+            torch.testing.assert_close(p.grad, params2[name].grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_maps_and_labels_give_same_loss():
+    torch.manual_seed(5)
+    m = tiny()
+    imgs, maps, rl, noise = inputs()
+    assert maps[0, -1].sum() == 0  # label_id -1 gives an all-zero map
+    a = m(imgs, maps, noise=noise)
+    b = m(imgs, rl, noise=noise)
+    c = m(imgs, maps.bool(), noise=noise)
+    d = m(imgs, maps.float(), noise=noise)
+    for o in (b, c, d):
+        torch.testing.assert_close(o.loss, a.loss, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(o.region_pred, a.region_pred, rtol=1e-6, atol=1e-6)
+    ga = torch.autograd.grad(a.loss, m.region_patch_embed.proj.weight)[0]
+    gb = torch.autograd.grad(b.loss, m.region_patch_embed.proj.weight)[0]
+    torch.testing.assert_close(ga, gb)
+    # uint16 label maps (the data pipeline's storage dtype) work too
+    rl16 = RegionLabels(rl.labels.to(torch.uint16), rl.scale_index, rl.label_id)
+    torch.testing.assert_close(m(imgs, rl16, noise=noise).loss, a.loss, rtol=1e-6, atol=1e-7)
+
+
+def test_region_mask_ratio_differs():
+    torch.manual_seed(6)
+    m = tiny(region_mask_ratio=0.5)
+    imgs, maps, _, noise = inputs()
+    out = m(imgs, maps, noise=noise, mask_ratio=0.75)
+    assert out.mask.sum(1).eq(N - N // 4).all()
+    assert out.region_mask.sum(1).eq(N - N // 2).all()
+    # prefixes of one permutation: every pixel-visible patch is region-visible
+    assert torch.all(out.region_mask <= out.mask)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+
+
+def test_random_fg_needs_noise():
+    m = tiny(region_sample_type="random_fg")
+    imgs, maps, _, noise = inputs()
+    with pytest.raises(ValueError, match="noise"):
+        m(imgs, maps)
+    assert torch.isfinite(m(imgs, maps, noise=noise).loss)
+
+
+_LANDED = ops.landed()
+
+
+@pytest.mark.skipif(not all(_LANDED.values()), reason=f"rmae.kernels incomplete: {_LANDED}")
+@pytest.mark.parametrize("use_labels", [False, True])
+def test_triton_equals_reference(use_labels):
+    torch.manual_seed(7)
+    ref = tiny(kernel_impl="reference")
+    tri = tiny(kernel_impl="triton")
+    tri.load_state_dict(ref.state_dict())
+    imgs, maps, rl, noise = inputs()
+    regions = rl if use_labels else maps
+    a = ref(imgs, regions, noise=noise)
+    b = tri(imgs, regions, noise=noise)
+    torch.testing.assert_close(b.loss, a.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b.region_pred, a.region_pred, rtol=1e-4, atol=1e-5)
+    a.loss.backward()
+    b.loss.backward()
+    pb = dict(tri.named_parameters())
+    for name, p in ref.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(pb[name].grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ----------------------------------------------------------------------------- export
+def test_export_matches_timm_vit_base_keys():
+    with torch.device("meta"):
+        model = rmae_base_patch16()
+    exported = export_encoder(model)
+    assert {k: list(v.shape) for k, v in exported.items()} == expected_encoder()  # timm vit_base_patch16_224
+    with torch.device("meta"):
+        vit = VisionTransformer(224, 16, 3, 768, 12, 12)
+    vit.load_state_dict(exported, strict=True, assign=True)
+
+
+def test_export_loads_into_plain_vit_and_matches_encoder():
+    torch.manual_seed(8)
+    m = tiny()
+    compiled_like = {"_orig_mod." + k: v for k, v in m.state_dict().items()}
+    ddp_like = {"module." + k: v for k, v in m.state_dict().items()}
+    exported = export_encoder(m)
+    for other in (export_encoder(compiled_like), export_encoder(ddp_like)):
+        assert other.keys() == exported.keys()
+        assert all(torch.equal(other[k], exported[k]) for k in exported)
+    assert not any(k.startswith(("decoder", "mask_token", "region")) for k in exported)
+    vit = VisionTransformer(IMG, P, 3, 192, 2, 3)
+    vit.load_state_dict(exported, strict=True)
+    imgs = inputs()[0]
+    ids_keep = torch.arange(N).expand(imgs.shape[0], -1)  # keep every patch, in order
+    with torch.no_grad():
+        torch.testing.assert_close(vit(imgs), m.forward_encoder(imgs, ids_keep), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- errors
+def test_bad_inputs_raise_clear_errors():
+    m = tiny()
+    imgs, maps, rl, noise = inputs()
+    with pytest.raises(ValueError, match=r"images must be \[B, 3, 32, 32\].*got \[2, 3, 64, 64\]"):
+        m(torch.randn(2, 3, 64, 64), maps)
+    with pytest.raises(ValueError, match="in_chans"):
+        m(torch.randn(2, 1, IMG, IMG), maps)
+    with pytest.raises(TypeError, match="float"):
+        m(imgs.to(torch.uint8), maps)
+    with pytest.raises(ValueError, match="num_region=8"):
+        m(imgs, maps[:, :5])
+    with pytest.raises(ValueError, match="num_region=8"):
+        m(imgs, None)
+    with pytest.raises(ValueError, match=r"region maps must be \[B, k, H, W\]"):
+        m(imgs, maps[:, :, :16])
+    with pytest.raises(TypeError, match="int32"):
+        m(imgs, maps.to(torch.int32))
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        m(imgs, maps.float() * 0.5)
+    with pytest.raises(ValueError, match=r"noise must be \[B, N\] = \[2, 16\]"):
+        m(imgs, maps, noise=torch.rand(2, 15))
+    with pytest.raises(ValueError, match="scale_index"):
+        m(imgs, RegionLabels(rl.labels, rl.scale_index[:, :3], rl.label_id))
+    with pytest.raises(TypeError, match="label_id must be int64"):
+        m(imgs, RegionLabels(rl.labels, rl.scale_index, rl.label_id.int()))
+    with pytest.raises(ValueError, match="num_region=0"):
+        tiny("mae")(imgs, maps)
+    with pytest.raises(ValueError, match="at least one loss"):
+        RMAE(num_region=0, use_mae_loss=False)
+    with pytest.raises(ValueError, match="kernel_impl"):
+        tiny(kernel_impl="cuda")
+    with pytest.raises(ValueError, match="unknown arch"):
+        build_model("vit_base", "rmae")
+    with pytest.raises(ValueError, match="unknown variant"):
+        build_model("rmae_base_patch16", "mae3")
+
+
+def test_factories_default_sizes():
+    m = rmae_tiny_patch16(img_size=64)
+    assert m.patch_embed.num_patches == 16 and m.num_region == 8 and m.region_cross_layer == 2
+    with torch.device("meta"):
+        b = build_model("base_patch16", "rae")
+    assert not hasattr(b, "decoder_blocks") and len(b.region_cross_blocks) == 8
