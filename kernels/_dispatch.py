@@ -1,0 +1,164 @@
+"""Shared helpers: choosing Triton or the PyTorch reference, launch configs, input checks.
+
+``impl`` on every public function:
+
+* ``"auto"``: Triton when the tensors are on CUDA, or when ``TRITON_INTERPRET=1`` (CPU interpreter);
+  otherwise the PyTorch reference.
+* ``"triton"``: force Triton; raises if Triton is not importable or the tensors are on a device it
+  cannot run on (CPU without ``TRITON_INTERPRET=1``).
+* ``"reference"``: force the PyTorch reference (plain ops, autograd through PyTorch).
+
+Index checks (range, and distinct entries where the backward relies on them) cost one host sync per
+call; set ``RMAE_KERNELS_CHECK_INDICES=0`` to skip them (e.g. under CUDA graphs).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+try:  # Triton is Linux-only; the reference path must work without it.
+    import triton  # noqa: F401
+    import triton.language as tl  # noqa: F401
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - depends on the platform
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+IMPLS = ("auto", "triton", "reference")
+
+
+def interpreting() -> bool:
+    """True when Triton runs through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def check_indices_enabled() -> bool:
+    return os.environ.get("RMAE_KERNELS_CHECK_INDICES", "1") != "0"
+
+
+def use_triton(impl: str, *tensors: torch.Tensor | None) -> bool:
+    """Decide the implementation for a call; see the module docstring."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "reference":
+        return False
+    ts = [t for t in tensors if t is not None]
+    on_cuda = bool(ts) and all(t.is_cuda for t in ts)
+    runnable = HAS_TRITON and (on_cuda or interpreting())
+    if impl == "triton":
+        if not HAS_TRITON:
+            raise RuntimeError("impl='triton' but Triton is not importable on this platform")
+        if not runnable:
+            devs = sorted({str(t.device) for t in ts})
+            raise RuntimeError(
+                f"impl='triton' needs CUDA tensors or TRITON_INTERPRET=1 (tensors on {devs})"
+            )
+        if not interpreting() and not on_cuda:  # pragma: no cover - guarded above
+            raise RuntimeError("impl='triton': tensors must all be on the same CUDA device")
+        return True
+    return runnable
+
+
+def pick_configs(configs):
+    """Autotune configs: all of them on a GPU, only the first under the interpreter (no driver to time)."""
+    return configs[:1] if interpreting() else configs
+
+
+def tl_dot_upcast() -> bool:
+    """bf16/fp16 ``tl.dot`` is wrong under the interpreter: kernels upcast to fp32 when this is True."""
+    return interpreting()
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+# ---------------------------------------------------------------------------------------------------
+# input checks
+# ---------------------------------------------------------------------------------------------------
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_float(t: torch.Tensor, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def check_ndim(t: torch.Tensor, ndim: int, name: str, shape_doc: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {shape_doc}, got shape {tuple(t.shape)}")
+
+
+def check_index_tensor(ids: torch.Tensor, name: str, shape: tuple, shape_doc: str) -> None:
+    """dtype int64 and exact shape."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
+    if ids.dtype != torch.int64:
+        raise TypeError(f"{name} must be int64, got {ids.dtype}")
+    if tuple(ids.shape) != tuple(shape):
+        raise ValueError(f"{name} must be {shape_doc} = {tuple(shape)}, got {tuple(ids.shape)}")
+
+
+def check_index_values(ids: torch.Tensor, upper: int, name: str, distinct: bool = False,
+                       permutation: bool = False) -> None:
+    """Every entry in [0, upper); optionally distinct per row, or a permutation of 0..upper-1 per row.
+
+    One host sync. Skipped when ``RMAE_KERNELS_CHECK_INDICES=0``.
+    """
+    if not check_indices_enabled() or ids.numel() == 0:
+        return
+    bad_range = (ids < 0) | (ids >= upper)
+    bad = bad_range.any()
+    if distinct or permutation:
+        s = ids.sort(dim=-1).values
+        if permutation:
+            ar = torch.arange(upper, device=ids.device, dtype=ids.dtype)
+            bad = bad | (s != ar).any()
+        else:
+            bad = bad | (s[..., 1:] == s[..., :-1]).any()
+    if bool(bad):
+        if bool(bad_range.any()):
+            lo, hi = int(ids.min()), int(ids.max())
+            raise IndexError(f"{name} out of range: values must lie in [0, {upper}), got min {lo}, max {hi}")
+        what = f"a permutation of 0..{upper - 1}" if permutation else "distinct"
+        raise ValueError(f"every row of {name} must be {what} (the backward relies on it)")
+
+
+def check_same_device(**tensors) -> None:
+    devs = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devs.values())) > 1:
+        raise ValueError(f"all tensors must be on one device, got {devs}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# output allocation (with a test hook proving every element is written)
+# ---------------------------------------------------------------------------------------------------
+_POISON = [False]
+
+
+@contextlib.contextmanager
+def poison_outputs():
+    """Test hook: inside this context, every buffer a launcher allocates starts as NaN instead of
+    uninitialised memory, so an element a kernel fails to write shows up as NaN."""
+    prev = _POISON[0]
+    _POISON[0] = True
+    try:
+        yield
+    finally:
+        _POISON[0] = prev
+
+
+def new_empty(shape, device, dtype) -> torch.Tensor:
+    """``torch.empty`` for kernel outputs (NaN-filled under :func:`poison_outputs`)."""
+    t = torch.empty(shape, device=device, dtype=dtype)
+    if _POISON[0]:
+        t.fill_(float("nan"))
+    return t

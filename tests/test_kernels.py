@@ -1,0 +1,451 @@
+"""rmae.kernels: every Triton path (through TRITON_INTERPRET=1 on CPU) against its PyTorch reference.
+
+Tolerances (stated once, used everywhere):
+  * pure data movement (gather, scatter, fill) must be bit-exact (torch.equal);
+  * fp32 arithmetic: rtol 1e-5, atol 1e-5;
+  * bf16: rtol 1e-2, atol 1e-2 relative to the output scale (max |ref|), i.e. ~2-3 bf16 ulps — the
+    Triton path accumulates in fp32 and rounds once, the reference rounds after each op.
+Each random input comes from a seeded generator. ``poison_outputs()`` makes every buffer a launcher
+allocates start as NaN, proving every output element (and every partial-sum slot) is written.
+"""
+import os
+
+import pytest
+import torch
+
+from rmae.kernels import (
+    gather_visible,
+    gather_visible_reference,
+    labels_to_maps,
+    region_query_pool,
+    region_query_pool_reference,
+    region_tokens,
+    region_tokens_from_labels,
+    region_tokens_from_labels_reference,
+    region_tokens_reference,
+    unshuffle_fill,
+    unshuffle_fill_reference,
+    use_triton,
+)
+from rmae.kernels import region_embed as _re
+from rmae.kernels._dispatch import poison_outputs
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py must set TRITON_INTERPRET=1"
+
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1e-2, atol=1e-2)}
+
+
+def close(a, b, dtype):
+    """assert a ≈ b with the dtype's tolerance (atol scaled by the reference's magnitude)."""
+    assert a.shape == b.shape and a.dtype == b.dtype, (a.shape, b.shape, a.dtype, b.dtype)
+    assert torch.isfinite(a).all(), "non-finite values (unwritten output?)"
+    t = TOL[dtype]
+    scale = max(1.0, b.detach().abs().max().item()) if b.numel() else 1.0
+    torch.testing.assert_close(a.float(), b.float(), rtol=t["rtol"], atol=t["atol"] * scale)
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(shape, g, dtype=torch.float32, grad=False):
+    t = torch.randn(shape, generator=g).to(dtype)
+    return t.requires_grad_(grad)
+
+
+def mask_ids(B, N, L, g):
+    ids_shuffle = torch.rand(B, N, generator=g).argsort(dim=1)
+    return ids_shuffle[:, :L].contiguous(), ids_shuffle.argsort(dim=1)
+
+
+def grads(out, inputs, w):
+    """d(sum(out·w))/d(inputs) for the inputs that require grad (None elsewhere)."""
+    req = [t for t in inputs if t is not None and t.requires_grad]
+    gs = iter(torch.autograd.grad((out.float() * w).sum(), req))
+    return [next(gs) if (t is not None and t.requires_grad) else None for t in inputs]
+
+
+def backward_name(t):
+    return type(t.grad_fn).__name__
+
+
+# ===================================================================================================
+# dispatch
+# ===================================================================================================
+def test_dispatch_rules(monkeypatch):
+    x = torch.zeros(2, 3)
+    assert use_triton("auto", x)  # TRITON_INTERPRET=1
+    assert not use_triton("reference", x)
+    assert use_triton("triton", x)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        use_triton("cuda", x)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert not use_triton("auto", x)  # CPU tensors, no interpreter → reference
+    with pytest.raises(RuntimeError, match="needs CUDA tensors or TRITON_INTERPRET=1"):
+        use_triton("triton", x)
+
+
+def test_auto_picks_triton_under_interpreter_and_reference_without(monkeypatch):
+    g = gen(0)
+    x = randn((2, 16, 24), g, grad=True)
+    ids, _ = mask_ids(2, 16, 5, g)
+    assert backward_name(gather_visible(x, ids)[0]) == "_GatherVisibleBackward"
+    assert backward_name(gather_visible(x, ids, impl="reference")[0]) == "GatherBackward0"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert backward_name(gather_visible(x, ids)[0]) == "GatherBackward0"
+    assert backward_name(region_query_pool(x[:, None], impl="auto")) == "MeanBackward1"
+
+
+# ===================================================================================================
+# 1. gather_visible
+# ===================================================================================================
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k,with_regions", [(0, False), (1, True), (3, True)])
+def test_gather_visible_matches_reference(dtype, k, with_regions):
+    g = gen(1)
+    B, N, L, C, Cr = 2, 20, 7, 24, 40
+    x = randn((B, N, C), g, dtype, grad=True)
+    r = randn((B, k, N, Cr), g, dtype, grad=True) if with_regions else None
+    ids, _ = mask_ids(B, N, L, g)
+    with poison_outputs():
+        xv, rv = gather_visible(x, ids, r, impl="triton")
+    xr, rr = gather_visible_reference(x, ids, r)
+    assert torch.equal(xv, xr)
+    assert backward_name(xv) == "_GatherVisibleBackward"
+    if with_regions:
+        assert torch.equal(rv, rr)
+    else:
+        assert rv is None
+    wx = randn(xv.shape, g)
+    wr = randn(rr.shape, g) if with_regions else None
+    loss_t = (xv.float() * wx).sum() + ((rv.float() * wr).sum() if with_regions else 0)
+    loss_r = (xr.float() * wx).sum() + ((rr.float() * wr).sum() if with_regions else 0)
+    ins = [x, r] if with_regions else [x]
+    with poison_outputs():
+        gt = torch.autograd.grad(loss_t, ins)
+    gr = torch.autograd.grad(loss_r, ins)
+    for a, b in zip(gt, gr):
+        assert torch.equal(a, b)
+    # removed positions get exactly zero
+    removed = torch.ones(B, N, dtype=torch.bool)
+    removed.scatter_(1, ids, False)
+    assert (gt[0][removed] == 0).all()
+
+
+def test_gather_visible_strided_inputs_and_partial_grads():
+    g = gen(2)
+    B, N, L, C, Cr, k = 2, 16, 5, 24, 40, 3
+    x_big = randn((B, N, 2 * C), g)
+    x = x_big[:, :, ::2]  # non-contiguous view
+    r = randn((B, N, k, Cr), g).permute(0, 2, 1, 3).requires_grad_(True)  # non-contiguous leaf
+    ids, _ = mask_ids(B, N, L, g)
+    xv, rv = gather_visible(x, ids, r, impl="triton")
+    xr, rr = gather_visible_reference(x, ids, r)
+    assert torch.equal(xv, xr) and torch.equal(rv, rr)
+    w = randn(rv.shape, g)
+    (gt,) = torch.autograd.grad((rv * w).sum(), [r])  # x needs no grad: only the region path runs
+    (gref,) = torch.autograd.grad((rr * w).sum(), [r])
+    assert torch.equal(gt, gref)
+
+
+def test_gather_visible_keep_all_and_keep_one():
+    g = gen(3)
+    B, N, C = 2, 16, 24
+    x = randn((B, N, C), g, grad=True)
+    for L in (N, 1):
+        ids, _ = mask_ids(B, N, L, g)
+        xv, _ = gather_visible(x, ids, impl="triton")
+        assert torch.equal(xv, gather_visible_reference(x, ids)[0])
+        (gx,) = torch.autograd.grad(xv.sum(), [x])
+        assert gx.sum().item() == B * L * C
+
+
+def test_gather_visible_errors():
+    g = gen(4)
+    B, N, L, C = 2, 16, 5, 24
+    x = randn((B, N, C), g)
+    ids, _ = mask_ids(B, N, L, g)
+    with pytest.raises(TypeError, match="int64"):
+        gather_visible(x, ids.int())
+    with pytest.raises(IndexError, match="out of range"):
+        gather_visible(x, torch.full((B, L), N))
+    with pytest.raises(IndexError, match="out of range"):
+        gather_visible(x, torch.full((B, L), -1), impl="reference")
+    dup = ids.clone()
+    dup[:, 1] = dup[:, 0]
+    with pytest.raises(ValueError, match="distinct"):
+        gather_visible(x, dup, impl="triton")
+    with pytest.raises(ValueError, match=r"regions must be \[B=2, k, N=16, Cr\]"):
+        gather_visible(x, ids, randn((B, 2, N + 1, 8), g))
+    with pytest.raises(ValueError, match=r"\[B, N, C\]"):
+        gather_visible(x[0], ids)
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        gather_visible(x.double(), ids)
+    with pytest.raises(ValueError, match="keeps L=17"):
+        gather_visible(x, torch.zeros(B, N + 1, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"ids_keep must be \[B, L\]"):
+        gather_visible(x, ids[:1])
+
+
+# ===================================================================================================
+# 2. unshuffle_fill
+# ===================================================================================================
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("L,C", [(5, 24), (7, 130)])
+@pytest.mark.parametrize("pos_trainable", [False, True])
+def test_unshuffle_fill_matches_reference(dtype, L, C, pos_trainable):
+    g = gen(10)
+    B, N = 2, 20
+    x = randn((B, L + 1, C), g, dtype, grad=True)
+    mask_token = randn((1, 1, C), g, dtype, grad=True)
+    pos = randn((1, N + 1, C), g, dtype, grad=pos_trainable)
+    _, ids_restore = mask_ids(B, N, L, g)
+    with poison_outputs():
+        out = unshuffle_fill(x, mask_token, ids_restore, pos, impl="triton")
+    ref = unshuffle_fill_reference(x, mask_token, ids_restore, pos)
+    assert backward_name(out) == "_UnshuffleFillBackward"
+    close(out, ref, dtype)
+    w = randn(out.shape, g)
+    ins = [x, mask_token, pos]
+    with poison_outputs():
+        gt = grads(out, ins, w)
+    gr = grads(ref, ins, w)
+    for a, b in zip(gt, gr):
+        if b is None:
+            assert a is None
+        else:
+            close(a, b, dtype)
+
+
+def test_unshuffle_fill_mixed_dtypes_follow_reference_promotion():
+    """bf16 activations (autocast) with an fp32 mask token and fp32 position buffer → fp32 output."""
+    g = gen(11)
+    B, N, L, C = 2, 16, 5, 24
+    x = randn((B, L + 1, C), g, torch.bfloat16, grad=True)
+    mask_token = randn((1, 1, C), g, grad=True)
+    pos = randn((1, N + 1, C), g)
+    _, ids_restore = mask_ids(B, N, L, g)
+    out = unshuffle_fill(x, mask_token, ids_restore, pos, impl="triton")
+    ref = unshuffle_fill_reference(x, mask_token, ids_restore, pos)
+    assert out.dtype == ref.dtype == torch.float32
+    close(out, ref, torch.float32)
+    w = randn(out.shape, g)
+    gt, gr = grads(out, [x, mask_token], w), grads(ref, [x, mask_token], w)
+    assert gt[0].dtype == torch.bfloat16 and gt[1].dtype == torch.float32
+    close(gt[0], gr[0], torch.bfloat16)
+    close(gt[1], gr[1], torch.float32)
+
+
+@pytest.mark.parametrize("L", [0, 16])
+def test_unshuffle_fill_all_masked_and_none_masked(L):
+    g = gen(12)
+    B, N, C = 2, 16, 24
+    x = randn((B, L + 1, C), g, grad=True)
+    mask_token = randn((1, 1, C), g, grad=True)
+    pos = randn((1, N + 1, C), g)
+    _, ids_restore = mask_ids(B, N, L, g)
+    with poison_outputs():
+        out = unshuffle_fill(x, mask_token, ids_restore, pos, impl="triton")
+    ref = unshuffle_fill_reference(x, mask_token, ids_restore, pos)
+    close(out, ref, torch.float32)
+    w = randn(out.shape, g)
+    with poison_outputs():
+        gt = grads(out, [x, mask_token], w)
+    gr = grads(ref, [x, mask_token], w)
+    for a, b in zip(gt, gr):
+        close(a, b, torch.float32)
+
+
+def test_unshuffle_fill_errors():
+    g = gen(13)
+    B, N, L, C = 2, 16, 5, 24
+    x = randn((B, L + 1, C), g)
+    m = randn((1, 1, C), g)
+    pos = randn((1, N + 1, C), g)
+    _, ids_restore = mask_ids(B, N, L, g)
+    bad = ids_restore.clone()
+    bad[:, 0] = bad[:, 1]
+    with pytest.raises(ValueError, match="permutation"):
+        unshuffle_fill(x, m, bad, pos, impl="triton")
+    with pytest.raises(IndexError, match="out of range"):
+        unshuffle_fill(x, m, ids_restore + 1, pos)
+    with pytest.raises(TypeError, match="int64"):
+        unshuffle_fill(x, m, ids_restore.int(), pos)
+    with pytest.raises(ValueError, match=r"pos_embed must be \[1, N\+1=17, C=24\]"):
+        unshuffle_fill(x, m, ids_restore, pos[:, 1:])
+    with pytest.raises(ValueError, match=r"mask_token must be \[1, 1, C=24\]"):
+        unshuffle_fill(x, m[..., :-1], ids_restore, pos)
+    with pytest.raises(ValueError, match="only N=16"):
+        unshuffle_fill(randn((B, N + 2, C), g), m, ids_restore, pos)
+
+
+# ===================================================================================================
+# 3. region_query_pool
+# ===================================================================================================
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k,L,C", [(1, 5, 24), (3, 7, 130)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_region_query_pool_matches_reference(dtype, k, L, C, with_residual):
+    g = gen(20)
+    B = 2
+    x = randn((B, k, L, C), g, dtype, grad=True)
+    res = randn((B, k, L, C), g, dtype, grad=True) if with_residual else None
+    with poison_outputs():
+        out = region_query_pool(x, res, impl="triton")
+    ref = region_query_pool_reference(x, res)
+    assert backward_name(out) == "_RegionQueryPoolBackward"
+    close(out, ref, dtype)
+    w = randn(out.shape, g)
+    ins = [x, res]
+    with poison_outputs():
+        gt = grads(out, ins, w)
+    gr = grads(ref, ins, w)
+    for a, b in zip(gt, gr):
+        if b is None:
+            assert a is None
+        else:
+            close(a, b, dtype)
+    if with_residual:  # two distinct gradient buffers (no aliasing between the inputs' grads)
+        assert gt[0].data_ptr() != gt[1].data_ptr()
+
+
+def test_region_query_pool_residual_without_grad_and_strided():
+    g = gen(21)
+    B, k, L, C = 2, 3, 5, 24
+    x = randn((B, L, k, C), g).transpose(1, 2).requires_grad_(True)
+    res = randn((B, k, L, C), g)  # no grad
+    out = region_query_pool(x, res, impl="triton")
+    ref = region_query_pool_reference(x, res)
+    close(out, ref, torch.float32)
+    w = randn(out.shape, g)
+    close(grads(out, [x], w)[0], grads(ref, [x], w)[0], torch.float32)
+
+
+def test_region_query_pool_errors():
+    g = gen(22)
+    x = randn((2, 3, 5, 24), g)
+    with pytest.raises(ValueError, match="residual must have x's shape"):
+        region_query_pool(x, x[:, :, :4])
+    with pytest.raises(ValueError, match=r"\[B, k, L, C\]"):
+        region_query_pool(x[0])
+    with pytest.raises(ValueError, match="L >= 1"):
+        region_query_pool(x[:, :, :0])
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        region_query_pool(x.long())
+
+
+# ===================================================================================================
+# 4. region_tokens / region_tokens_from_labels
+# ===================================================================================================
+def region_params(D, P, Hp, Wp, g, dtype=torch.float32):
+    w = (randn((D, 1, P, P), g) * 0.5).to(dtype).requires_grad_(True)
+    b = randn((D,), g, dtype, grad=True)
+    pos = randn((1, Hp * Wp, D), g, dtype)
+    return w, b, pos
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k,L,D,P,Hp,Wp,map_dtype", [
+    (1, 5, 24, 4, 4, 4, torch.uint8),
+    (3, 7, 40, 4, 4, 5, torch.bool),
+    (2, 6, 130, 3, 3, 4, torch.uint8),   # p·p = 9 < one k-block, D over two d-blocks
+])
+def test_region_tokens_matches_reference(dtype, k, L, D, P, Hp, Wp, map_dtype):
+    g = gen(30)
+    B = 2
+    maps = (torch.rand((B, k, Hp * P, Wp * P), generator=g) < 0.4).to(map_dtype)
+    maps[0, 0] = 0  # an empty region
+    ids, _ = mask_ids(B, Hp * Wp, L, g)
+    w, b, pos = region_params(D, P, Hp, Wp, g, dtype)
+    with poison_outputs():
+        out = region_tokens(maps, ids, w, b, pos, P, impl="triton")
+    ref = region_tokens_reference(maps, ids, w, b, pos, P)
+    assert out.shape == (B, k, L, D)
+    assert backward_name(out) == "_RegionTokensBackward"
+    close(out, ref, dtype)
+    gw = randn(out.shape, g)
+    with poison_outputs():
+        gt = grads(out, [w, b], gw)
+    gr = grads(ref, [w, b], gw)
+    for a, c in zip(gt, gr):
+        close(a, c, dtype)
+
+
+@pytest.mark.parametrize("split", [1, 3])
+def test_region_tokens_backward_split_m(split):
+    """Weight/bias grads: each split loops over several row blocks, and a split with no rows writes zeros."""
+    g = gen(31)
+    B, k, L, D, P, Hp, Wp = 2, 3, 20, 24, 4, 5, 5
+    maps = (torch.rand((B, k, Hp * P, Wp * P), generator=g) < 0.5).to(torch.uint8)
+    ids, _ = mask_ids(B, Hp * Wp, L, g)
+    w, b, pos = region_params(D, P, Hp, Wp, g)
+    ref = region_tokens_reference(maps, ids, w, b, pos, P)
+    gout = randn(ref.shape, g)
+    gw_ref, gb_ref = torch.autograd.grad((ref * gout).sum(), [w, b])
+    with poison_outputs():
+        gw, gb = _re._launch_bwd(gout, maps, ids, None, None, P, k, w.dtype, b.dtype, True, True,
+                                 split=split)
+    close(gw, gw_ref, torch.float32)
+    close(gb, gb_ref, torch.float32)
+
+
+@pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int16, torch.int32, torch.int64])
+def test_region_tokens_from_labels_matches_maps(label_dtype):
+    g = gen(32)
+    B, S, k, L, D, P, Hp, Wp = 2, 3, 3, 7, 40, 4, 4, 5
+    labels = torch.randint(0, 5, (B, S, Hp * P, Wp * P), generator=g).to(label_dtype)
+    scale_index = torch.randint(0, S, (B, k), generator=g)
+    label_id = torch.randint(0, 5, (B, k), generator=g)
+    label_id[0, 1] = -1  # empty region
+    label_id[1, 0] = 7  # a label not present → empty too
+    ids, _ = mask_ids(B, Hp * Wp, L, g)
+    w, b, pos = region_params(D, P, Hp, Wp, g)
+    with poison_outputs():
+        out = region_tokens_from_labels(labels, scale_index, label_id, ids, w, b, pos, P, impl="triton")
+    maps = labels_to_maps(labels, scale_index, label_id)
+    assert maps[0, 1].sum() == 0 and maps[1, 0].sum() == 0 and maps.any()
+    via_maps = region_tokens(maps, ids, w, b, pos, P, impl="triton")
+    ref = region_tokens_from_labels_reference(labels, scale_index, label_id, ids, w, b, pos, P)
+    assert torch.equal(out, via_maps)
+    close(out, ref, torch.float32)
+    close(region_tokens_from_labels(labels, scale_index, label_id, ids, w, b, pos, P, impl="reference"),
+          ref, torch.float32)
+    gout = randn(out.shape, g)
+    gt, gr = grads(out, [w, b], gout), grads(ref, [w, b], gout)
+    for a, c in zip(gt, gr):
+        close(a, c, torch.float32)
+
+
+def test_region_tokens_errors():
+    g = gen(33)
+    B, k, L, D, P, Hp, Wp = 2, 3, 5, 24, 4, 4, 4
+    maps = torch.zeros((B, k, Hp * P, Wp * P), dtype=torch.uint8)
+    ids, _ = mask_ids(B, Hp * Wp, L, g)
+    w, b, pos = region_params(D, P, Hp, Wp, g)
+    with pytest.raises(TypeError, match="uint8 or bool"):
+        region_tokens(maps.float(), ids, w, b, pos, P)
+    with pytest.raises(ValueError, match=r"maps must be \[B, k, H, W\]"):
+        region_tokens(maps[0], ids, w, b, pos, P)
+    with pytest.raises(ValueError, match="not a multiple of patch_size"):
+        region_tokens(maps[..., :-1], ids, w, b, pos, P)
+    with pytest.raises(ValueError, match=r"weight must be \[D, 1, 4, 4\]"):
+        region_tokens(maps, ids, w[..., :-1], b, pos, P)
+    with pytest.raises(ValueError, match=r"pos_embed must be \[1, N=16, D=24\]"):
+        region_tokens(maps, ids, w, b, pos[:, 1:], P)
+    with pytest.raises(IndexError, match="out of range"):
+        region_tokens(maps, torch.full((B, L), Hp * Wp), w, b, pos, P)
+    with pytest.raises(TypeError, match="int64"):
+        region_tokens(maps, ids.int(), w, b, pos, P)
+    with pytest.raises(ValueError, match="fixed sin-cos"):
+        region_tokens(maps, ids, w, b, pos.clone().requires_grad_(True), P, impl="triton")
+    labels = torch.zeros((B, 2, Hp * P, Wp * P), dtype=torch.int32)
+    si = torch.zeros((B, k), dtype=torch.int64)
+    li = torch.zeros((B, k), dtype=torch.int64)
+    with pytest.raises(TypeError, match="integer label map"):
+        region_tokens_from_labels(labels.float(), si, li, ids, w, b, pos, P)
+    with pytest.raises(IndexError, match="scale_index out of range"):
+        region_tokens_from_labels(labels, si + 2, li, ids, w, b, pos, P)
+    with pytest.raises(ValueError, match=">= -1"):
+        region_tokens_from_labels(labels, si, li - 2, ids, w, b, pos, P)
+    with pytest.raises(ValueError, match=r"label_id must be \[B, k\]"):
+        region_tokens_from_labels(labels, si, li[:, :1], ids, w, b, pos, P)
