@@ -43,7 +43,8 @@ def labels_to_maps(labels: torch.Tensor, scale_index: torch.Tensor, label_id: to
         labels = labels.to(torch.int32)
     idx = scale_index.view(B, k, 1, 1).expand(B, k, H, W)
     picked = torch.gather(labels, 1, idx)  # [B, k, H, W]
-    return picked.to(torch.int64) == label_id.view(B, k, 1, 1)
+    lid = label_id.view(B, k, 1, 1)
+    return (picked.to(torch.int64) == lid) & (lid >= 0)
 
 
 def check_region_labels(r: RegionLabels, batch: int, num_region: int, img_size: int) -> None:

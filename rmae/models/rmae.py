@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ops
+from rmae import kernels
 from .regions import RegionLabels, check_region_labels, check_region_maps, labels_to_maps
 from .vit import Attention as _SelfAttention
 from .vit import Block, CrossAttention, LayerNorm, Mlp, PatchEmbed, fill_sincos_
@@ -259,7 +259,7 @@ class RMAE(nn.Module):
     def forward_encoder(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(imgs)
         x = x + self.pos_embed[:, 1:, :]
-        x, _ = ops.gather_visible(x, ids_keep, impl=self.kernel_impl)
+        x, _ = kernels.gather_visible(x, ids_keep, impl=self.kernel_impl)
         cls_token = self.cls_token + self.pos_embed[:, :1, :]
         x = torch.cat([cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         for blk in self.blocks:
@@ -269,7 +269,8 @@ class RMAE(nn.Module):
     # ------------------------------------------------------------------ pixel decoder
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         x = self.decoder_embed(latent)
-        x = ops.unshuffle_fill(x, self.mask_token, ids_restore, self.decoder_pos_embed, impl=self.kernel_impl)
+        x = kernels.unshuffle_fill(x, self.mask_token, ids_restore, self.decoder_pos_embed,
+                                   impl=self.kernel_impl)
         for blk in self.decoder_blocks:
             x = blk(x)
         x = self.decoder_pred(self.decoder_norm(x))
@@ -287,7 +288,7 @@ class RMAE(nn.Module):
     # ------------------------------------------------------------------ region branch
     def forward_region_neck(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         x = self.region_cross_embed(latent)
-        x = ops.unshuffle_fill(x, self.region_cross_mask_token, ids_restore, self.region_cross_pos_embed,
+        x = kernels.unshuffle_fill(x, self.region_cross_mask_token, ids_restore, self.region_cross_pos_embed,
                                impl=self.kernel_impl)
         for blk in self.region_cross_blocks:
             x = blk(x)
@@ -297,20 +298,23 @@ class RMAE(nn.Module):
         w, b = self.region_patch_embed.proj.weight, self.region_patch_embed.proj.bias
         pos = self.region_pos_embed[:, 1:, :]
         if isinstance(regions, RegionLabels):
-            return ops.region_tokens_from_labels(regions.labels, regions.scale_index, regions.label_id, ids_keep,
-                                                 w, b, pos, self.patch_size, impl=self.kernel_impl)
-        return ops.region_tokens(regions, ids_keep, w, b, pos, self.patch_size, impl=self.kernel_impl)
+            labels = regions.labels
+            if labels.dtype == torch.uint16 and not kernels.use_triton(self.kernel_impl, labels):
+                labels = labels.to(torch.int32)  # torch.gather has no uint16 kernel (the reference path uses it)
+            return kernels.region_tokens_from_labels(labels, regions.scale_index, regions.label_id, ids_keep,
+                                                     w, b, pos, self.patch_size, impl=self.kernel_impl)
+        return kernels.region_tokens(regions, ids_keep, w, b, pos, self.patch_size, impl=self.kernel_impl)
 
     def forward_region_encoder(self, tokens: torch.Tensor) -> torch.Tensor:
         """[B, k, L, De] visible region tokens -> [B, k, De] region queries (mean over all L tokens)."""
         B, k, L, D = tokens.shape
         x = tokens.reshape(B * k, L, D)
         if len(self.region_enc_blocks) == 0:
-            return ops.region_query_pool(tokens, impl=self.kernel_impl)
+            return kernels.region_query_pool(tokens, impl=self.kernel_impl)
         for blk in self.region_enc_blocks[:-1]:
             x = blk(x)
         h, m = self.region_enc_blocks[-1].forward_split(x)  # block output = h + m, added inside the pool
-        return ops.region_query_pool(m.view(B, k, L, D), residual=h.view(B, k, L, D), impl=self.kernel_impl)
+        return kernels.region_query_pool(m.view(B, k, L, D), residual=h.view(B, k, L, D), impl=self.kernel_impl)
 
     def forward_region_decoder(self, queries: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         q = self.region_proj(queries)
@@ -363,6 +367,8 @@ class RMAE(nn.Module):
     def forward(self, images: torch.Tensor, regions: Union[torch.Tensor, RegionLabels, None] = None,
                 noise: Optional[torch.Tensor] = None, mask_ratio: float = 0.75) -> RMAEOutput:
         regions = self._check_inputs(images, regions, noise)
+        if not 0.0 <= mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
         B, N = images.shape[0], self.num_patches
         if noise is None:
             if self.region_sample_type == "random_fg":

@@ -1,0 +1,170 @@
+"""Model step benchmark: forward + backward time of one training step (no optimizer).
+
+Compares, in the same run and interleaved round-robin (so machine noise hits every row alike):
+
+* MAE (num_region=0) vs R-MAE (k regions), both ``kernel_impl="auto"``  -> cost of the region branch;
+* R-MAE ``kernel_impl="auto"`` (rmae.kernels, optionally torch.compile) vs the same weights with
+  ``kernel_impl="reference"`` in eager PyTorch -> speed-up of our fused path.
+
+CPU default: rmae_tiny_patch16, batch 8, 224 px, fp32. CUDA default: rmae_base_patch16 (ViT-B/16), batch 64,
+224 px, bf16 autocast. Also counts FLOPs (torch.utils.flop_counter, forward + backward) for MAE vs R-MAE.
+Writes JSON and a markdown table (default ``benchmarks/out/model.{json,md}``).
+
+    python benchmarks/bench_model.py                  # defaults for the machine
+    python benchmarks/bench_model.py --arch rmae_small_patch16 --batch 8 --steps 5
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from rmae.models import RegionLabels, build_model
+from rmae import kernels
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} torch threads, {os.cpu_count()} visible cores, torch {torch.__version__}"
+
+
+def make_inputs(batch, img, k, device, regions_as, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, img, img, generator=g)
+    S = 3  # COCO recipe: 3 FH scales
+    coarse = torch.randint(0, 40, (batch, S, img // 8, img // 8), generator=g)
+    labels = coarse.repeat_interleave(8, 2).repeat_interleave(8, 3).to(torch.int32)
+    scale_index = torch.randint(0, S, (batch, k), generator=g)
+    label_id = torch.randint(0, 40, (batch, k), generator=g)
+    rl = RegionLabels(labels, scale_index, label_id)
+    regions = rl if regions_as == "labels" else rl.to_maps().to(torch.uint8)
+    regions = regions.to(device)
+    noise = torch.rand(batch, (img // 16) ** 2, generator=g)
+    return images.to(device), regions, noise
+
+
+def step_fn(model, images, regions, amp_dtype):
+    def step():
+        with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out = model(images, regions)
+        out.loss.backward()
+        model.zero_grad(set_to_none=True)
+    return step
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def flops(model, images, regions, amp_dtype):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step_fn(model, images, regions, amp_dtype)()
+    return counter.get_total_flops()
+
+
+def main(argv=None):
+    cuda = torch.cuda.is_available()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", default="rmae_base_patch16" if cuda else "rmae_tiny_patch16")
+    ap.add_argument("--batch", type=int, default=64 if cuda else 8)
+    ap.add_argument("--img", type=int, default=224)
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--regions", choices=["maps", "labels"], default="maps")
+    ap.add_argument("--amp", choices=["bf16", "fp16", "none"], default="bf16" if cuda else "none")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the kernel_impl='auto' models")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=20 if cuda else 5)
+    ap.add_argument("--out", default="benchmarks/out/model")
+    args = ap.parse_args(argv)
+
+    device = torch.device("cuda" if cuda else "cpu")
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[args.amp]
+    torch.manual_seed(0)
+    common = dict(img_size=args.img)
+    rmae_auto = build_model(args.arch, "rmae", num_region=args.k, kernel_impl="auto", **common).to(device)
+    rmae_ref = build_model(args.arch, "rmae", num_region=args.k, kernel_impl="reference", **common).to(device)
+    rmae_ref.load_state_dict(rmae_auto.state_dict())
+    mae_auto = build_model(args.arch, "mae", kernel_impl="auto", **common).to(device)
+    mae_auto.load_state_dict(rmae_auto.state_dict(), strict=False)
+    images, regions, _ = make_inputs(args.batch, args.img, args.k, device, args.regions)
+
+    rows = {
+        "MAE (auto)": step_fn(torch.compile(mae_auto) if args.compile else mae_auto, images, None, amp),
+        f"R-MAE k={args.k} (auto{', compiled' if args.compile else ''})":
+            step_fn(torch.compile(rmae_auto) if args.compile else rmae_auto, images, regions, amp),
+        f"R-MAE k={args.k} (reference, eager)": step_fn(rmae_ref, images, regions, amp),
+    }
+    names = list(rows)
+    for name in names:  # warm-up (compilation, autotuning, allocator)
+        for _ in range(args.warmup):
+            rows[name]()
+    sync(device)
+    times = {n: [] for n in names}
+    for _ in range(args.steps):  # round-robin
+        for name in names:
+            sync(device)
+            t0 = time.perf_counter()
+            rows[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    med = {n: statistics.median(v) for n, v in times.items()}
+    f_mae = flops(mae_auto, images, None, amp)
+    f_rmae = flops(rmae_ref, images, regions, amp)
+
+    mae_n, auto_n, ref_n = names
+    result = {
+        "machine": machine(), "device": device.type, "arch": args.arch, "batch": args.batch, "img": args.img,
+        "k": args.k, "regions": args.regions, "amp": args.amp, "compile": args.compile, "steps": args.steps,
+        "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+        "median_s": med, "all_s": times,
+        "ratio_rmae_over_mae": med[auto_n] / med[mae_n],
+        "speedup_auto_over_reference": med[ref_n] / med[auto_n],
+        "flops_fwd_bwd": {"MAE": f_mae, f"R-MAE k={args.k}": f_rmae},
+        "flop_ratio_rmae_over_mae": f_rmae / f_mae,
+    }
+    lines = [
+        f"Machine: {result['machine']}. `{args.arch}`, batch {args.batch}, {args.img} px, "
+        f"amp {args.amp}, regions as {args.regions}, median of {args.steps} interleaved forward+backward steps.",
+        "",
+        "| model | step (ms) | vs MAE | GFLOP fwd+bwd |",
+        "|---|---:|---:|---:|",
+        f"| {mae_n} | {med[mae_n] * 1e3:.1f} | 1.00 | {f_mae / 1e9:.1f} |",
+        f"| {auto_n} | {med[auto_n] * 1e3:.1f} | {med[auto_n] / med[mae_n]:.2f} | {f_rmae / 1e9:.1f} |",
+        f"| {ref_n} | {med[ref_n] * 1e3:.1f} | {med[ref_n] / med[mae_n]:.2f} | {f_rmae / 1e9:.1f} |",
+        "",
+        f"R-MAE / MAE step time: {result['ratio_rmae_over_mae']:.2f}x (FLOP ratio "
+        f"{result['flop_ratio_rmae_over_mae']:.2f}x). R-MAE auto vs reference eager: "
+        f"{result['speedup_auto_over_reference']:.2f}x speed-up ("auto" runs Triton on CUDA or under "
+        f"TRITON_INTERPRET=1, else the PyTorch reference; here: "
+        f"{'Triton' if kernels.use_triton('auto', images) else 'reference'}).",
+    ]
+    table = "\n".join(lines)
+    print(table)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    out.with_suffix(".md").write_text(table + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
