@@ -153,7 +153,7 @@ def main(argv=None):
         "",
         f"R-MAE / MAE step time: {result['ratio_rmae_over_mae']:.2f}x (FLOP ratio "
         f"{result['flop_ratio_rmae_over_mae']:.2f}x). R-MAE auto vs reference eager: "
-        f"{result['speedup_auto_over_reference']:.2f}x speed-up ("auto" runs Triton on CUDA or under "
+        f"{result['speedup_auto_over_reference']:.2f}x speed-up ('auto' runs Triton on CUDA or under "
         f"TRITON_INTERPRET=1, else the PyTorch reference; here: "
         f"{'Triton' if kernels.use_triton('auto', images) else 'reference'}).",
     ]
