@@ -13,7 +13,8 @@ from typing import Union
 import torch
 import torch.nn as nn
 
-_ENCODER_KEY = re.compile(r"^(cls_token|pos_embed|patch_embed\.proj\.(weight|bias)|blocks\.\d+\..+|norm\.(weight|bias))$")
+_ENCODER_KEY = re.compile(
+    r"^(cls_token|pos_embed|patch_embed\.proj\.(weight|bias)|blocks\.\d+\..+|norm\.(weight|bias))$")
 _PREFIXES = ("_orig_mod.", "module.")
 
 

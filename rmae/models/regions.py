@@ -53,14 +53,16 @@ def check_region_labels(r: RegionLabels, batch: int, num_region: int, img_size: 
                          f"{tuple(r.labels.shape) if isinstance(r.labels, torch.Tensor) else type(r.labels)}")
     B, S, H, W = r.labels.shape
     if B != batch or H != img_size or W != img_size:
-        raise ValueError(f"RegionLabels.labels must be [{batch}, S, {img_size}, {img_size}], got {tuple(r.labels.shape)}")
+        raise ValueError(f"RegionLabels.labels must be [{batch}, S, {img_size}, {img_size}], "
+                         f"got {tuple(r.labels.shape)}")
     if r.labels.dtype not in _LABEL_DTYPES:
         raise TypeError(f"RegionLabels.labels must be an integer tensor {_LABEL_DTYPES}, got {r.labels.dtype}")
     for name in ("scale_index", "label_id"):
         t = getattr(r, name)
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != (batch, num_region):
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t)
-            raise ValueError(f"RegionLabels.{name} must be [{batch}, {num_region}] (num_region={num_region}), got {got}")
+            raise ValueError(f"RegionLabels.{name} must be [{batch}, {num_region}] "
+                             f"(num_region={num_region}), got {got}")
         if t.dtype != torch.int64:
             raise TypeError(f"RegionLabels.{name} must be int64, got {t.dtype}")
         if t.device != r.labels.device:
