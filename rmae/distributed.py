@@ -1,0 +1,227 @@
+"""Process-group set-up for every way of launching, and FSDP2 sharding.
+
+Launch modes (``resolve_launch``):
+
+* ``torchrun`` (single or multi node): RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT are set.
+* Slurm ``srun`` with one task per GPU: SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID; MASTER_ADDR is the first
+  host of SLURM_JOB_NODELIST (``scontrol show hostnames``, or a small parser when scontrol is missing).
+* plain ``python -m rmae.train`` on a node with several GPUs: one process per visible GPU is spawned
+  (``distributed.no_spawn=true`` keeps one process; ``distributed.world_size`` picks how many).
+* otherwise one process (CPU or one GPU).
+
+Backend: nccl on CUDA, gloo on CPU (``distributed.backend`` overrides).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import shutil
+import socket
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: str | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Slurm
+# ------------------------------------------------------------------------------------------------------------
+def expand_nodelist(nodelist: str) -> list[str]:
+    """``node[01-03,07],gpu5`` -> [node01, node02, node03, node07, gpu5] (scontrol's expansion, simple forms)."""
+    hosts, i, parts, depth, cur = [], 0, [], 0, ""
+    for ch in nodelist:  # split on commas outside brackets
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    if cur:
+        parts.append(cur)
+    for part in parts:
+        m = re.fullmatch(r"([^\[]*)\[([^\]]+)\](.*)", part)
+        if not m:
+            hosts.append(part)
+            continue
+        prefix, ranges, suffix = m.groups()
+        for r in ranges.split(","):
+            if "-" in r:
+                a, b = r.split("-", 1)
+                for n in range(int(a), int(b) + 1):
+                    hosts.append(f"{prefix}{str(n).zfill(len(a))}{suffix}")
+            else:
+                hosts.append(f"{prefix}{r}{suffix}")
+    return hosts
+
+
+def slurm_master_addr(nodelist: str) -> str:
+    if shutil.which("scontrol"):
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                                 check=True, timeout=30).stdout.split()
+            if out:
+                return out[0]
+        except (subprocess.SubprocessError, OSError):
+            pass
+    return expand_nodelist(nodelist)[0]
+
+
+def apply_slurm_env(env: dict | None = None) -> bool:
+    """Under ``srun`` (and not torchrun), fill the torch.distributed variables from Slurm's. True if applied."""
+    env = os.environ if env is None else env
+    if "RANK" in env or "SLURM_PROCID" not in env:
+        return False
+    ntasks = int(env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1")))
+    if ntasks <= 1:
+        return False
+    env["RANK"] = env["SLURM_PROCID"]
+    env["WORLD_SIZE"] = str(ntasks)
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in env:
+        nodelist = env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))
+        env["MASTER_ADDR"] = slurm_master_addr(nodelist)
+    if "MASTER_PORT" not in env:
+        env["MASTER_PORT"] = str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+    return True
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Launch
+# ------------------------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resolve_launch(dist_cfg: dict, device_pref: str | None) -> int:
+    """How many processes this launcher should spawn: 0 when the environment already defines the ranks
+    (torchrun / srun) or when one process is enough."""
+    apply_slurm_env()
+    if "RANK" in os.environ:
+        return 0
+    if dist_cfg.get("no_spawn"):
+        return 0
+    if (device_pref or "cuda").startswith("cpu") or not torch.cuda.is_available():
+        n = dist_cfg.get("world_size") or 1  # CPU: several gloo processes only when asked for
+    else:
+        n = dist_cfg.get("world_size") or torch.cuda.device_count()
+    return n if n > 1 else 0
+
+
+def spawn_env(rank: int, world_size: int, port: int) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def init_distributed(dist_cfg: dict, device_pref: str | None = None) -> DistInfo:
+    """Initializes the process group when the environment describes several ranks; picks the device."""
+    apply_slurm_env()
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = torch.cuda.is_available() and not (device_pref or "").startswith("cpu")
+    if use_cuda:
+        ndev = torch.cuda.device_count()
+        device = torch.device("cuda", local_rank % ndev)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    backend = dist_cfg.get("backend") or ("nccl" if use_cuda else "gloo")
+    if world > 1 and not dist.is_initialized():
+        init_method = dist_cfg.get("init_method")
+        kwargs = dict(backend=backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=30))
+        if init_method:
+            kwargs["init_method"] = init_method
+        elif "MASTER_PORT" not in os.environ and dist_cfg.get("port", -1) > 0:
+            os.environ["MASTER_PORT"] = str(dist_cfg["port"])
+        if backend == "nccl":
+            kwargs["device_id"] = device
+        dist.init_process_group(**kwargs)
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device,
+                    backend=backend if world > 1 else None)
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Collectives that are no-ops on one process
+# ------------------------------------------------------------------------------------------------------------
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= dist.get_world_size()
+    return t
+
+
+def all_gather_object(obj) -> list:
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# FSDP2
+# ------------------------------------------------------------------------------------------------------------
+def shard_model(model: nn.Module, param_dtype: torch.dtype | None = None) -> nn.Module:
+    """``fully_shard`` every transformer block (every element of every ``nn.ModuleList``), then the root.
+
+    ``param_dtype`` (bf16 / fp16) is FSDP2's compute dtype for parameters; gradients are reduced in fp32.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for module in list(model.modules()):
+        if isinstance(module, nn.ModuleList):
+            for block in module:
+                fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model

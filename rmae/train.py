@@ -1,0 +1,569 @@
+"""R-MAE / MAE / RAE pre-training: ``python -m rmae.train``.
+
+    python -m rmae.train                                   # small demo: tiny R-MAE on bundled photos, CPU ok
+    python -m rmae.train --config RMAE/COCO/rmae_fh_4000eps.yaml --model rmae --task pretrain --dataset coco \\
+        training.batch_size=4096 training.use_fp16=bfloat16
+    torchrun --nproc_per_node=8 -m rmae.train --config ...  # one node or several; srun works the same way
+
+The step: the global batch (``training.batch_size``) is split over ranks and over ``training.iter_per_update``
+micro-batches; gradients are accumulated (synchronised only on the last micro-batch) so one update equals one
+big-batch step. Masks come from per-step noise drawn for the whole global batch from (seed, step), and data
+from a sampler position, so a run resumed from a checkpoint - on any number of ranks - repeats the same steps.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import resource
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+
+from rmae import checkpoint as ckpt
+from rmae import distributed as rdist
+from rmae.config import (DATASETS, MODELS, TASKS, ConfigError, dataset_section, legacy_keys_set, load_config,
+                         model_section, to_yaml)
+from rmae.logging_utils import RunLogger, logger, progress_bar, setup_console
+
+AMP_DTYPES = {"none": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Schedule
+# ----------------------------------------------------------------------------------------------------------------
+class WarmupCosine:
+    """The original's ``cosine_annealing``: per update t, linear warm-up from ``warmup_factor`` to 1 over
+    ``warmup_iterations``, then cosine from the base lr to ``eta_min`` at ``T_max``. The lr of update t is
+    ``lr_at(t)`` (t = 0 for the first update, as in the original)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, T_max: int, eta_min: float = 0.0, use_warmup: bool = True,
+                 warmup_factor: float = 0.0, warmup_iterations: int = 0):
+        self.optimizer = optimizer
+        self.base_lrs = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
+        for g, lr in zip(optimizer.param_groups, self.base_lrs):
+            g["initial_lr"] = lr
+        top = max(self.base_lrs) if self.base_lrs else 1.0
+        self.eta_mins = [lr / top * eta_min for lr in self.base_lrs]
+        self.warmup = warmup_iterations if use_warmup else 0
+        self.warmup_factor = warmup_factor
+        self.T = max(1, T_max - self.warmup)
+        self.last_iter = 0
+        self.set(0)
+
+    def factor(self, t: int, i: int = 0) -> float:
+        base = self.base_lrs[i]
+        if self.warmup > 0 and t <= self.warmup:
+            a = t / self.warmup
+            return base * (self.warmup_factor * (1.0 - a) + a)
+        t = min(t - self.warmup, self.T)
+        return self.eta_mins[i] + (base - self.eta_mins[i]) * (1 + math.cos(math.pi * t / self.T)) / 2
+
+    def set(self, t: int) -> None:
+        self.last_iter = t
+        for i, g in enumerate(self.optimizer.param_groups):
+            g["lr"] = self.factor(t, i)
+
+    def step(self) -> None:
+        self.set(self.last_iter + 1)
+
+    def get_last_lr(self) -> list[float]:
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"last_iter": self.last_iter, "base_lrs": list(self.base_lrs)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.set(int(state["last_iter"]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model and optimizer
+# ----------------------------------------------------------------------------------------------------------------
+def model_kwargs(cfg) -> dict:
+    params = {k: v for k, v in model_section(cfg)["mae_vit"]["params"].items() if v is not None}
+    return params
+
+
+def build_model_from_config(cfg, device: torch.device | str | None = None) -> nn.Module:
+    from rmae.models import build_model
+
+    sec = model_section(cfg)
+    kwargs = model_kwargs(cfg)
+    if cfg["model"] == "mae":
+        kwargs.setdefault("num_region", 0)
+    ctx = torch.device(device) if device is not None else contextlib.nullcontext()
+    with ctx:
+        return build_model(sec["mae_vit"]["arch"], variant=cfg["model"], **kwargs)
+
+
+def param_groups(model: nn.Module, weight_decay: float, wd_norm: float, wd_bias: float) -> list[dict]:
+    """Three groups: weights (``weight_decay``), LayerNorm weights (``wd_norm``), biases (``wd_bias``)."""
+    norm_params = set()
+    for m in model.modules():
+        if isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)):
+            norm_params.update(id(p) for p in m.parameters(recurse=False))
+    decay, norm, bias = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in norm_params and not name.endswith(".bias"):
+            norm.append(p)
+        elif name.endswith(".bias") or (id(p) in norm_params):
+            bias.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": norm, "weight_decay": wd_norm, "name": "norm"},
+              {"params": bias, "weight_decay": wd_bias, "name": "bias"}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
+    p = cfg["optimizer"]["params"]
+    groups = param_groups(model, p["weight_decay"], p["wd_norm"], p["wd_bias"])
+    fused = None
+    dev = next(model.parameters()).device
+    if dev.type == "cuda":
+        fused = True
+    return torch.optim.AdamW(groups, lr=p["lr"], betas=tuple(p["betas"]), eps=p["eps"],
+                             weight_decay=p["weight_decay"], fused=fused)
+
+
+def build_scheduler(cfg, optimizer) -> WarmupCosine:
+    s = cfg["scheduler"]["params"]
+    return WarmupCosine(optimizer, T_max=s["T_max"], eta_min=s["eta_min"], use_warmup=s["use_warmup"],
+                        warmup_factor=s["warmup_factor"], warmup_iterations=s["warmup_iterations"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Masking noise: one [global_batch, N] table per (seed, step, micro-batch), sliced per rank
+# ----------------------------------------------------------------------------------------------------------------
+def step_noise(seed: int, step: int, rows: int, num_patches: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + 0x5EED)
+    return torch.rand(rows, num_patches, generator=g)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------
+def data_split(cfg) -> str | None:
+    """The pipeline's split from the original's ``imdb_files.train.image_folder`` (or ``split`` when set)."""
+    ds = dataset_section(cfg)
+    if ds["split"]:
+        return ds["split"]
+    folders = ds["imdb_files"]["train"]["image_folder"]
+    if folders is None:
+        return None
+    names = [Path(f).name for f in ([folders] if isinstance(folders, str) else folders)]
+    if cfg["dataset"] == "coco":
+        if sorted(names) == ["train2017", "unlabeled2017"]:
+            return "coco++"
+        if len(names) == 1:
+            return names[0]
+        raise ConfigError(f"dataset_config.coco_pretrain.imdb_files.train.image_folder={folders}: the pipeline "
+                          "reads image/train2017, image/unlabeled2017 (coco++) or image/val2017")
+    return names[0] if len(names) == 1 else None
+
+
+def data_loader(cfg, dinfo: rdist.DistInfo, micro_batch: int, start: int, img_size: int, patch_size: int,
+                num_region: int):
+    """This rank's endless DataLoader of micro-batches, resuming after ``start`` per-rank samples.
+
+    The sampler gives rank r the global draws r, r + W, ... and seeds each sample's augmentation by its draw,
+    so the samples of an update do not depend on the number of ranks."""
+    from rmae.data import DataConfig, build_loader
+
+    ds = dataset_section(cfg)
+    tr = cfg["training"]
+    dc = DataConfig(dataset=cfg["dataset"], split=data_split(cfg), root=ds["data_dir"],
+                    regions=ds["region_source"] if num_region > 0 else "none", train=True, img_size=img_size,
+                    num_regions=num_region, sampler=ds["sampler"], cache_bytes=ds["cache_bytes"],
+                    label_resize=ds["label_resize"], min_region_patches=2 if ds["filter_small_patches"] else 0,
+                    patch_size=patch_size, scale=tuple(ds["crop_scale"]), ratio=tuple(ds["crop_ratio"]))
+    return build_loader(dc, batch_size=micro_batch, num_workers=tr["num_workers"], rank=dinfo.rank,
+                        world_size=dinfo.world_size, seed=tr["seed"], start=start,
+                        pin_memory=tr["pin_memory"] and dinfo.device.type == "cuda")
+
+
+def data_errors(loader) -> int:
+    return int(getattr(getattr(loader, "dataset", None), "error_count", 0) or 0)
+
+
+def to_device(batch: dict, device: torch.device, num_region: int):
+    from rmae.models import RegionLabels
+
+    nb = device.type == "cuda"
+    images = batch["image"].to(device, non_blocking=nb)
+    regions = None
+    if num_region > 0:
+        regions = RegionLabels(batch["region_labels"].to(device, non_blocking=nb),
+                               batch["region_scale"].to(device, non_blocking=nb),
+                               batch["region_id"].to(device, non_blocking=nb))
+    return images, regions
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Signals
+# ----------------------------------------------------------------------------------------------------------------
+class StopFlag:
+    """SIGTERM / SIGUSR1 / SIGINT set a flag; the loop checkpoints at the end of the current update and exits."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def install(self):
+        for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except (ValueError, OSError):  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def restore(self):
+        for s, h in self._old.items():
+            with contextlib.suppress(ValueError, OSError):
+                signal.signal(s, h)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------------------------
+def run_dir_of(cfg) -> Path:
+    tr = cfg["training"]
+    if tr["save_dir"]:
+        return Path(tr["save_dir"])
+    name = tr["experiment_name"] or f"{cfg['model']}_{cfg['dataset']}_{Path(str(cfg['config'] or 'run')).stem}"
+    return Path("runs") / name
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """Global L2 norm of the gradients (DTensor shards reduced across ranks), float32."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=None)
+    if hasattr(total, "full_tensor"):
+        total = total.full_tensor()
+    return total.float()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "_orig_mod", model)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------
+def train(cfg, require_resume: bool = False) -> dict:
+    """Runs (or continues) the run described by ``cfg``; returns a summary (run_dir, step, last losses)."""
+    tr = cfg["training"]
+    dinfo = rdist.init_distributed(cfg["distributed"], tr["device"])
+    setup_console(dinfo.is_main)
+    device = dinfo.device
+    run_dir = run_dir_of(cfg)
+    world, rank = dinfo.world_size, dinfo.rank
+    G, A = tr["batch_size"], tr["iter_per_update"]
+    if G % (A * world):
+        raise ConfigError(f"training.batch_size ({G}) must be divisible by iter_per_update x ranks ({A} x {world})")
+    b = G // (A * world)  # per-rank micro-batch
+    amp_dtype = AMP_DTYPES[tr["use_fp16"]]
+    use_compile = tr["use_compile"] if tr["use_compile"] is not None else device.type == "cuda"
+    sec = model_section(cfg)
+    if sec["mae_vit"]["params"].get("region_sample_type") == "random_fg":
+        raise ConfigError("region_sample_type=random_fg is not implemented by this trainer (use random)")
+
+    # Model: the same initial weights on every rank (seeded), then per-rank RNG streams.
+    ckpt.seed_everything(tr["seed"])
+    model = build_model_from_config(cfg, device)
+    raw = model
+    num_region = raw.num_region
+    num_patches = raw.num_patches
+    img_size = raw.img_size
+    if world > 1:
+        rdist.shard_model(model, param_dtype=amp_dtype)
+    ckpt.seed_everything(tr["seed"] + rank)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    step, position = 0, 0
+    log = RunLogger(run_dir, dinfo.is_main, tr["tensorboard"], tr["tensorboard_logdir"])
+    resume_from = None
+    if tr["resume_file"]:
+        resume_from = Path(tr["resume_file"])
+        if not resume_from.is_file():
+            raise FileNotFoundError(f"training.resume_file {resume_from} does not exist")
+    elif tr["resume"]:
+        resume_from = ckpt.latest_checkpoint(run_dir)
+    if require_resume and resume_from is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {ckpt.checkpoint_dir(run_dir)}")
+    if resume_from is not None:
+        meta = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, rank=rank)
+        step, position = int(meta["step"]), int(meta["data_position"])
+        scheduler.load_state_dict(meta["scheduler"])
+        if meta.get("scaler"):
+            scaler.load_state_dict(meta["scaler"])
+        ckpt.restore_rng(meta, rank, world, tr["seed"])
+        log.event("resume", step=step, file=str(resume_from), from_world_size=meta.get("world_size"),
+                  world_size=world)
+    elif dinfo.is_main and ckpt.list_checkpoints(run_dir):
+        logger.warning("training.resume=false: starting over in %s (existing checkpoints will be replaced)", run_dir)
+    if dinfo.is_main:
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        for k in legacy_keys_set(cfg):
+            logger.warning("config key %s is accepted for compatibility with the original but has no effect", k)
+    if use_compile:
+        model.compile()  # in place: state_dict keys stay clean (no _orig_mod.)
+
+    max_update = tr["max_update"]
+    nparams = sum(p.numel() for p in raw.parameters())
+    if dinfo.is_main and step == 0:
+        log.event("start", model=cfg["model"], arch=sec["mae_vit"]["arch"], params=nparams, world_size=world,
+                  device=str(device), batch_size=G, micro_batch=b, iter_per_update=A, amp=tr["use_fp16"],
+                  compile=use_compile, img_size=img_size, num_region=num_region, run_dir=str(run_dir))
+
+    # per-rank samples consumed so far: the global position split over ranks
+    loader = data_loader(cfg, dinfo, b, position // world, img_size, raw.patch_size, num_region)
+    it = iter(loader)
+    stop = StopFlag().install()
+    bar = progress_bar(max_update, step, dinfo.is_main and tr["progress_bar"])
+    autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
+                else contextlib.nullcontext())
+    sharded = world > 1
+    skipped = 0
+    losses: list[float] = []
+    win = {"loss": 0.0, "mae_loss": 0.0, "region_loss": 0.0, "grad_norm": 0.0, "n": 0, "data": 0.0, "step": 0.0}
+    vis_batch = None
+    vis_every = tr["visualize_interval"]
+    interrupted = None
+    last_ckpt = step if resume_from is not None else -1
+    t_log = time.perf_counter()
+
+    def checkpoint_now(s: int):
+        nonlocal last_ckpt
+        extra = {"data_position": position, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                 "config": to_yaml(cfg)}
+        path = ckpt.save_checkpoint(run_dir, model=model, optimizer=optimizer, step=s, extra=extra,
+                                    keep=tr["num_checkpoint"], is_main=dinfo.is_main)
+        last_ckpt = s
+        if dinfo.is_main:
+            log.event("checkpoint", step=s, file=str(path))
+
+    try:
+        while step < max_update:
+            t0 = time.perf_counter()
+            t_data = 0.0
+            scheduler.set(step)
+            acc = torch.zeros(3, dtype=torch.float32, device=device)  # loss, mae_loss, region_loss (means)
+            noise_table = step_noise(tr["seed"], step, G, num_patches)
+            for m in range(A):
+                td = time.perf_counter()
+                batch = next(it)
+                t_data += time.perf_counter() - td
+                images, regions = to_device(batch, device, num_region)
+                if vis_batch is None:
+                    vis_batch = (batch["image"][:4].clone(), {k: v[:4].clone() for k, v in batch.items()
+                                                               if k.startswith("region_")})
+                # rows of the step's noise table are the samples' offsets in the update (their sampler draw
+                # minus step * G): micro m of rank r holds offsets m*b*W + i*W + r
+                noise = noise_table[m * b * world:(m + 1) * b * world][rank::world].to(device)
+                if sharded:
+                    model.set_requires_gradient_sync(m == A - 1)
+                with autocast:
+                    out = model(images, regions, noise=noise, mask_ratio=sec["mask_ratio"])
+                scaler.scale(out.loss.float() / A).backward()
+                zero = out.loss.new_zeros(())
+                acc += torch.stack([out.loss, out.mae_loss if out.mae_loss is not None else zero,
+                                    out.region_loss if out.region_loss is not None else zero]).detach().float() / A
+            position += G
+            if amp_dtype == torch.float16:
+                scaler.unscale_(optimizer)
+            gnorm = grad_norm(params)
+            # one small all-reduce: mean losses, non-finite loss on any rank, stop requested on any rank
+            flags = torch.cat([acc, (~torch.isfinite(acc[:1])).float(),
+                               torch.full((1,), float(stop.signal is not None), device=device)])
+            if sharded:
+                torch.distributed.all_reduce(flags)
+                flags[:3] /= world
+            flags = flags.double().cpu()
+            finite = flags[3].item() == 0 and math.isfinite(gnorm.item())
+            if finite:
+                if tr["max_norm"] > 0:
+                    torch.nn.utils.clip_grads_with_norm_(params, tr["max_norm"], gnorm.to(device))
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                skipped += 1
+                if scaler.is_enabled():
+                    scaler.update(scaler.get_scale() * 0.5)
+                log.event("skip", step=step, loss=flags[0].item(), grad_norm=gnorm.item(), skipped=skipped)
+            optimizer.zero_grad(set_to_none=True)
+            lr = scheduler.get_last_lr()[0]
+            step += 1
+            t_step = time.perf_counter() - t0
+            loss_v = flags[0].item()
+            losses.append(loss_v)
+            win["loss"] += loss_v
+            win["mae_loss"] += flags[1].item()
+            win["region_loss"] += flags[2].item()
+            win["grad_norm"] += gnorm.item() if finite else 0.0
+            win["n"] += 1
+            win["data"] += t_data
+            win["step"] += t_step
+            bar.update(1)
+            if step % tr["log_interval"] == 0 or step == max_update:
+                n = win["n"]
+                elapsed = time.perf_counter() - t_log
+                rec = {"step": step, "loss": win["loss"] / n, "lr": lr, "grad_norm": win["grad_norm"] / n,
+                       "img_per_s": G * n / max(elapsed, 1e-9), "step_time": win["step"] / n,
+                       "data_time": win["data"] / n, "compute_time": (win["step"] - win["data"]) / n,
+                       "peak_mem_mb": peak_memory_mb(device), "skipped": skipped,
+                       "data_errors": data_errors(loader)}
+                if raw.use_mae_loss:
+                    rec["mae_loss"] = win["mae_loss"] / n
+                if num_region > 0:
+                    rec["region_loss"] = win["region_loss"] / n
+                log.log(rec, console=not tr["progress_bar"])
+                bar.set_postfix({k: f"{rec[k]:.4g}" for k in ("loss", "mae_loss", "region_loss", "img_per_s")
+                                 if k in rec})
+                win = dict.fromkeys(win, 0.0)
+                win["n"] = 0
+                t_log = time.perf_counter()
+            if flags[4].item() > 0:
+                interrupted = int(flags[4].item())
+                break
+            if step % tr["checkpoint_interval"] == 0 and step < max_update:
+                checkpoint_now(step)
+            if vis_every and step % vis_every == 0 and step < max_update:
+                visualize_now(model, raw, cfg, vis_batch, run_dir, step, device, autocast, dinfo)
+        # final (or interrupted) checkpoint
+        if last_ckpt != step:
+            checkpoint_now(step)
+        if interrupted is None:
+            visualize_now(model, raw, cfg, vis_batch, run_dir, step, device, autocast, dinfo)
+            export_now(model, optimizer, run_dir, dinfo)
+            log.event("done", step=step, skipped=skipped)
+        else:
+            log.event("interrupted", step=step, signal=stop.signal,
+                      message="checkpoint saved; run the same command again to continue")
+    finally:
+        stop.restore()
+        bar.close()
+        log.close()
+        with contextlib.suppress(Exception):
+            if hasattr(loader, "close"):
+                loader.close()
+    summary = {"run_dir": str(run_dir), "step": step, "losses": losses, "skipped": skipped,
+               "interrupted": interrupted is not None}
+    rdist.cleanup()
+    return summary
+
+
+def export_now(model, optimizer, run_dir: Path, dinfo) -> None:
+    """``encoder.safetensors`` (timm ViT keys) from the full state, written by rank 0."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from rmae.models import save_encoder
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dinfo.is_main:
+        sd = ckpt.clean_state_dict(sd)
+        tmp = run_dir / ".encoder.safetensors.tmp"
+        save_encoder(sd, str(tmp) + ".safetensors")
+        os.replace(str(tmp) + ".safetensors", run_dir / "encoder.safetensors")
+
+
+@torch.no_grad()
+def visualize_now(model, raw, cfg, vis_batch, run_dir: Path, step: int, device, autocast, dinfo) -> None:
+    """Collective forward on a fixed batch (every rank), rank 0 writes ``vis/step_XXXXXXXX.png``."""
+    if vis_batch is None:
+        return
+    from rmae.visualize import save_visualization
+
+    images, region_parts = vis_batch
+    batch = {"image": images, **region_parts}
+    imgs, regions = to_device(batch, device, raw.num_region)
+    noise = step_noise(cfg["training"]["seed"] + 1, 0, imgs.shape[0], raw.num_patches).to(device)
+    was_training = model.training
+    model.eval()
+    with autocast:
+        out = model(imgs, regions, noise=noise, mask_ratio=model_section(cfg)["mask_ratio"])
+    model.train(was_training)
+    if dinfo.is_main:
+        path = run_dir / "vis" / f"step_{step:08d}.png"
+        save_visualization(path, raw, imgs, regions, out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m rmae.train",
+        description="R-MAE / MAE / RAE pre-training. Without arguments: a small demo on bundled photos.",
+        epilog="Overrides are dotted keys, e.g. training.batch_size=256 model_config.rmae.mask_ratio=0.75")
+    p.add_argument("--config", default=None, help="config file: a path or a shipped name such as "
+                   "RMAE/COCO/rmae_fh_4000eps.yaml (default: the demo, default.yaml)")
+    p.add_argument("--model", choices=MODELS, default=None)
+    p.add_argument("--task", choices=TASKS, default=None)
+    p.add_argument("--dataset", choices=DATASETS, default=None)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the run folder "
+                   "(an error when there is none); a run folder with checkpoints is continued anyway unless "
+                   "training.resume=false")
+    p.add_argument("--print-config", action="store_true", help="print the merged config and exit")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value")
+    return p.parse_args(argv)
+
+
+def _spawned(local_rank: int, world_size: int, port: int, cfg_yaml: str, require_resume: bool) -> None:
+    from omegaconf import OmegaConf
+
+    rdist.spawn_env(local_rank, world_size, port)
+    train(OmegaConf.create(cfg_yaml), require_resume=require_resume)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides, model=args.model, task=args.task, dataset=args.dataset)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.resume:
+        cfg.training.resume = True
+    if args.print_config:
+        print(to_yaml(cfg))
+        return 0
+    nproc = rdist.resolve_launch(cfg["distributed"], cfg["training"]["device"])
+    if nproc > 1:
+        import torch.multiprocessing as mp
+
+        port = cfg["distributed"]["port"] if cfg["distributed"]["port"] > 0 else rdist.free_port()
+        mp.spawn(_spawned, args=(nproc, port, to_yaml(cfg), args.resume), nprocs=nproc, join=True)
+        return 0
+    train(cfg, require_resume=args.resume)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""One PNG per call: for each image a row of
+
+    input | masked input | reconstruction (visible patches pasted back) | region targets | region predictions
+
+Region targets and predictions show up to 4 regions each, side by side (target above prediction in one tile:
+target in the left half colour, prediction as grey levels of sigmoid(logit)). Pixel reconstructions of a
+``norm_pix_loss`` model are de-normalised with the statistics of the true patches, as MAE's demo does.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+MAX_REGIONS = 4
+
+
+def _to_uint8(img: torch.Tensor) -> np.ndarray:
+    """[3, H, W] normalized -> [H, W, 3] uint8."""
+    x = (img.float().cpu() * STD + MEAN).clamp(0, 1)
+    return (x.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+
+
+def _gray(x: torch.Tensor) -> np.ndarray:
+    """[H, W] in [0, 1] -> [H, W, 3] uint8."""
+    g = (x.float().clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+    return np.repeat(g[..., None], 3, axis=2)
+
+
+def _patch_mask_image(mask: torch.Tensor, grid: int, p: int) -> torch.Tensor:
+    """[N] 1 = removed -> [H, W] float."""
+    return mask.float().view(grid, grid).repeat_interleave(p, 0).repeat_interleave(p, 1)
+
+
+@torch.no_grad()
+def render(model, images: torch.Tensor, regions, out) -> np.ndarray:
+    """The picture as an [H, W, 3] uint8 array (see module doc)."""
+    images = images.float().cpu()
+    B, _, H, W = images.shape
+    p = model.patch_size
+    grid = H // p
+    rows = []
+    maps = None
+    if regions is not None:
+        maps = regions.to_maps() if hasattr(regions, "to_maps") else regions
+        maps = maps.cpu()
+    for i in range(B):
+        tiles = [_to_uint8(images[i])]
+        mask_img = _patch_mask_image(out.mask[i].cpu(), grid, p)
+        tiles.append(_to_uint8(images[i] * (1 - mask_img)[None] + (mask_img[None] * (-MEAN / STD))))
+        if out.pred is not None:
+            pred = out.pred[i:i + 1].float().cpu()  # [1, N, p*p*3]
+            if getattr(model, "norm_pix_loss", False):
+                target = model.patchify(images[i:i + 1])
+                mean = target.mean(dim=-1, keepdim=True)
+                var = target.var(dim=-1, keepdim=True)
+                pred = pred * (var + 1e-6) ** 0.5 + mean
+            rec = model.unpatchify(pred)[0]
+            rec = images[i] * (1 - mask_img)[None] + rec * mask_img[None]
+            tiles.append(_to_uint8(rec))
+        if maps is not None and out.region_pred is not None:
+            k = min(MAX_REGIONS, maps.shape[1])
+            logits = out.region_pred[i].float().cpu()  # [k, N, p*p]
+            kk = logits.shape[0]
+            probs = torch.sigmoid(logits).view(kk, grid, grid, p, p).permute(0, 1, 3, 2, 4).reshape(kk, H, W)
+            rmask = out.region_mask[i].cpu() if out.region_mask is not None else out.mask[i].cpu()
+            rmask_img = _patch_mask_image(rmask, grid, p)
+            for j in range(k):
+                target = maps[i, j].float()
+                tiles.append(_gray(target))
+                # predictions where removed, the (given) target where visible, dimmed
+                shown = probs[j] * rmask_img + target * 0.5 * (1 - rmask_img)
+                tiles.append(_gray(shown))
+        rows.append(np.concatenate([np.pad(t, ((2, 2), (2, 2), (0, 0)), constant_values=255) for t in tiles], 1))
+    width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
+    return np.concatenate(rows, 0)
+
+
+def save_visualization(path: str | Path, model, images, regions, out) -> Path:
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = render(model, images, regions, out)
+    tmp = path.with_suffix(".tmp.png")
+    Image.fromarray(arr).save(tmp)
+    tmp.replace(path)
+    return path
