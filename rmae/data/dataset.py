@@ -1,0 +1,213 @@
+"""``RegionDataset``: one training sample = normalised crop + compact region labels + k sampled regions.
+
+Sample dict (source ``none`` omits the three region keys)::
+
+    image         float32 [3, S, S]   ImageNet mean/std normalised
+    region_labels int16   [Sc, S, S]  per FH scale, labels renumbered 0..n_s-1 within the crop
+    region_scale  int64   [k]         scale of each sampled region
+    region_id     int64   [k]         its label in region_labels[region_scale]; -1 = empty region
+    index         int64   []          dataset index actually loaded (after any substitution)
+
+Randomness comes only from a generator seeded by (seed, draw) where ``draw`` is the sampler's global
+draw number (or (seed, epoch, index) for a plain integer index), so batches do not depend on the
+number of workers and a resumed run repeats the same crops.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, get_worker_info
+
+from rmae.fh import felzenszwalb_batch, felzenszwalb_multi
+from rmae.masks import MaskError, find_mask, mask_path
+
+from .cache import ShardCache
+from .decode import CorruptImageError, decode_image, decode_labels
+from .regions import region_patch_counts, relabel_crop, sample_regions
+from .sources import FHRecipe, ImageList
+from .transforms import crop_resize, nearest_indices, random_resized_crop_params, to_normalized_chw
+
+__all__ = ["REGION_SOURCES", "RegionDataset", "MissingMaskError"]
+
+REGION_SOURCES = ("offline", "online", "online_crop", "none")
+_MAX_WORKER_SLOTS = 256
+
+
+class MissingMaskError(FileNotFoundError):
+    """An image without its FH mask file while regions='offline'."""
+
+
+class RegionDataset(Dataset):
+    """Images of an ``ImageList`` with FH regions from ``regions`` ∈ REGION_SOURCES.
+
+    ``offline``: mask files (ours ``.npy.zst`` or the original's ``.npy``; the sample set computes its
+    masks once in memory). ``online``: C++ FH on the original image in the worker (recipe scales).
+    ``online_crop``: FH on the resized crop (much cheaper; regions follow the crop's pixels).
+    ``none``: plain MAE, no region keys.
+    """
+
+    def __init__(
+        self,
+        images: ImageList,
+        regions: str = "offline",
+        *,
+        train: bool = True,
+        img_size: int = 224,
+        num_regions: int = 8,
+        scale: tuple[float, float] = (0.2, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: float = 0.5,
+        label_resize: str = "center",
+        min_region_patches: int = 0,
+        patch_size: int = 16,
+        fh: FHRecipe | None = None,
+        seed: int = 0,
+        max_retries: int = 10,
+        cache: ShardCache | None = None,
+    ):
+        if regions not in REGION_SOURCES:
+            raise ValueError(f"regions must be one of {REGION_SOURCES}, got {regions!r}")
+        if label_resize not in ("center", "floor"):
+            raise ValueError(f"label_resize must be 'center' or 'floor', got {label_resize!r}")
+        if img_size <= 0 or num_regions < 0:
+            raise ValueError(f"img_size must be > 0 and num_regions >= 0, got {img_size}, {num_regions}")
+        self.images = images
+        self.regions = regions
+        self.train = train
+        self.img_size = int(img_size)
+        self.num_regions = int(num_regions)
+        self.scale = tuple(scale)
+        self.ratio = tuple(ratio)
+        self.hflip = float(hflip)
+        self.label_resize = label_resize
+        self.min_region_patches = int(min_region_patches)
+        self.patch_size = int(patch_size)
+        self.fh = fh or images.recipe
+        self.seed = int(seed)
+        self.epoch = 0
+        self.max_retries = int(max_retries)
+        self.cache = cache
+        self._errors = torch.zeros(_MAX_WORKER_SLOTS, dtype=torch.int64).share_memory_()
+        self._warned: set[str] = set()
+        if regions == "offline" and images.arrays is not None and images.labels is None:
+            images.labels = felzenszwalb_batch(images.arrays, self.fh.scales, self.fh.sigma, self.fh.min_sizes)
+
+    # ----------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch mixed into the seed of plain integer indices (sampler keys carry their own draw number)."""
+        self.epoch = int(epoch)
+
+    @property
+    def error_count(self) -> int:
+        """Corrupt images and unreadable masks skipped so far, summed over all loader workers."""
+        return int(self._errors.sum())
+
+    def _rng(self, key) -> tuple[int, np.random.Generator]:
+        if isinstance(key, (tuple, list)):
+            index, draw = int(key[0]), int(key[1])
+            return index, np.random.default_rng([self.seed, 1, draw])
+        index = int(key)
+        return index, np.random.default_rng([self.seed, 0, self.epoch, index])
+
+    def __getitem__(self, key) -> dict[str, torch.Tensor]:
+        index, rng = self._rng(key)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} images")
+        for _ in range(self.max_retries):
+            try:
+                return self._load(index, rng)
+            except (CorruptImageError, MaskError) as error:
+                self._skip(error)
+                index = int(rng.integers(len(self)))
+        raise RuntimeError(
+            f"{self.max_retries} consecutive unreadable samples in {self.images.name}; last index {index}. "
+            "Check the dataset files."
+        )
+
+    def _skip(self, error: Exception) -> None:
+        info = get_worker_info()
+        slot = 0 if info is None else 1 + info.id % (_MAX_WORKER_SLOTS - 1)
+        self._errors[slot] += 1
+        message = str(error)
+        if message not in self._warned:
+            self._warned.add(message)
+            warnings.warn(f"skipping sample: {message}", RuntimeWarning, stacklevel=3)
+
+    # ----------------------------------------------------------------------------------------------
+    def _read_image(self, index: int) -> Image.Image:
+        if self.images.arrays is not None:
+            return Image.fromarray(self.images.arrays[index])
+        path = self.images.image_file(index)
+        data = self.cache.image(index) if self.cache is not None else None
+        return decode_image(data if data is not None else path, path)
+
+    def _read_labels(self, index: int, image_size: tuple[int, int]) -> np.ndarray:
+        if self.images.labels is not None:
+            labels = self.images.labels[index]
+        else:
+            cached = self.cache.mask(index) if self.cache is not None else None
+            if cached is not None:
+                labels = decode_labels(cached[0], cached[1])
+                found = cached[1]
+            else:
+                found = find_mask(self.images.mask_dir(index), self.images.relative(index))
+                if found is None:
+                    expected = mask_path(self.images.mask_dir(index), self.images.relative(index))
+                    raise MissingMaskError(
+                        f"no FH mask for {self.images.image_file(index)}: expected {expected} "
+                        f"(or the original's .npy beside it). Make masks with: {self.images.preprocess_hint}, "
+                        "or use regions='online' / 'online_crop'."
+                    )
+                labels = decode_labels(found, found)
+            width, height = image_size
+            if labels.shape[1:] != (height, width):
+                raise ValueError(
+                    f"mask {found} is {labels.shape[2]}x{labels.shape[1]} (WxH) but image "
+                    f"{self.images.image_file(index)} is {width}x{height}: the mask was made from another image"
+                )
+        return labels
+
+    def _load(self, index: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        image = self._read_image(index)
+        width, height = image.size
+        size = self.img_size
+        if self.train:
+            box = random_resized_crop_params(rng, height, width, self.scale, self.ratio)
+            flip = bool(rng.random() < self.hflip)
+        else:
+            box, flip = (0, 0, height, width), False
+        labels = None
+        if self.regions == "offline":
+            labels = self._read_labels(index, image.size)
+        elif self.regions == "online":
+            labels = felzenszwalb_multi(np.asarray(image), self.fh.scales, self.fh.sigma, self.fh.min_sizes)
+
+        rgb = np.asarray(crop_resize(image, box, size))
+        sample = {"image": torch.from_numpy(to_normalized_chw(rgb, flip))}
+        if self.regions != "none":
+            if self.regions == "online_crop":
+                crop = np.ascontiguousarray(rgb[:, ::-1]) if flip else rgb
+                labels = felzenszwalb_multi(crop, self.fh.scales, self.fh.sigma, self.fh.min_sizes)
+                ys = xs = np.arange(size, dtype=np.int64)
+            else:
+                i, j, h, w = box
+                ys = nearest_indices(i, h, size, self.label_resize)
+                xs = nearest_indices(j, w, size, self.label_resize)
+                if flip:
+                    xs = np.ascontiguousarray(xs[::-1])
+            compact, counts = relabel_crop(labels, ys, xs)
+            keep = None
+            if self.min_region_patches > 1:
+                keep = region_patch_counts(compact, counts, self.patch_size) >= self.min_region_patches
+            region_scale, region_id = sample_regions(counts, self.num_regions, rng, keep)
+            sample["region_labels"] = torch.from_numpy(compact)
+            sample["region_scale"] = torch.from_numpy(region_scale)
+            sample["region_id"] = torch.from_numpy(region_id)
+        sample["index"] = torch.tensor(index, dtype=torch.int64)
+        return sample
