@@ -98,24 +98,26 @@ py::list segment_batch(const py::list& images, const std::vector<double>& weight
 
 py::array_t<double> smooth(const py::array& image, const std::vector<double>& weights) {
     const ImageView v = view_of(image);
-    fh::FloatImage f = to_float(v);
+    py::array_t<double> out({v.height, v.width, v.channels});
     {
         py::gil_scoped_release release;
+        fh::FloatImage f = to_float(v);
         fh::gaussian_smooth(f, weights);
+        std::copy(f.data, f.data + f.size(), out.mutable_data());
     }
-    py::array_t<double> out({v.height, v.width, v.channels});
-    std::copy(f.data.begin(), f.data.end(), out.mutable_data());
     return out;
 }
 
 py::tuple sorted_edges(const py::array& image) {
     const ImageView v = view_of(image);
-    const std::vector<fh::SortedEdge> edges = fh::sorted_edges(to_float(v));
-    py::array_t<double> costs(static_cast<int64_t>(edges.size()));
-    py::array_t<uint32_t> codes(static_cast<int64_t>(edges.size()));
-    for (size_t i = 0; i < edges.size(); ++i) {
-        costs.mutable_data()[i] = edges[i].cost;
-        codes.mutable_data()[i] = edges[i].code;
+    const fh::SortedEdges edges = fh::sorted_edges(to_float(v));
+    py::array_t<double> costs(edges.count);
+    py::array_t<uint32_t> codes(edges.count);
+    double* cost_out = costs.mutable_data();
+    uint32_t* code_out = codes.mutable_data();
+    for (int64_t i = 0; i < edges.count; ++i) {
+        code_out[i] = edges.items[i].code;
+        cost_out[i] = edges.items[i].cost;
     }
     return py::make_tuple(costs, codes);
 }

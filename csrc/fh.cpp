@@ -5,6 +5,20 @@
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
+#ifdef FH_PROFILE  // -DFH_PROFILE prints the time of each step to stderr
+#include <chrono>
+#include <cstdio>
+#define PROF_START auto prof_t = std::chrono::steady_clock::now();
+#define PROF(name)                                                                                   \
+    {                                                                                                \
+        auto now = std::chrono::steady_clock::now();                                                 \
+        std::fprintf(stderr, "%s %.2f ms\n", name, std::chrono::duration<double, std::milli>(now - prof_t).count()); \
+        prof_t = now;                                                                                \
+    }
+#else
+#define PROF_START
+#define PROF(name)
+#endif
 
 namespace fh {
 namespace {
@@ -40,42 +54,6 @@ double numpy_pairwise_sum(const double* a, int64_t n) {
     return numpy_pairwise_sum(a, n2) + numpy_pairwise_sum(a + n2, n - n2);
 }
 
-// Euclidean distance between two pixels of `channels` float64 values, in numpy's order:
-// sqrt(sum((a - b) * (a - b), axis=-1)).
-inline double colour_distance(const double* a, const double* b, int64_t channels) {
-    if (channels == 1) {
-        const double d = a[0] - b[0];
-        return std::sqrt(d * d);
-    }
-    if (channels == 3) {
-        const double d0 = a[0] - b[0], d1 = a[1] - b[1], d2 = a[2] - b[2];
-        double s = d0 * d0;
-        s += d1 * d1;
-        s += d2 * d2;
-        return std::sqrt(s);
-    }
-    if (channels < 8) {
-        double s = 0.0;
-        for (int64_t c = 0; c < channels; ++c) {
-            const double d = a[c] - b[c];
-            s += d * d;
-        }
-        return std::sqrt(s);
-    }
-    double squares[128];
-    std::vector<double> big;
-    double* sq = squares;
-    if (channels > 128) {
-        big.resize(channels);
-        sq = big.data();
-    }
-    for (int64_t c = 0; c < channels; ++c) {
-        const double d = a[c] - b[c];
-        sq[c] = d * d;
-    }
-    return std::sqrt(numpy_pairwise_sum(sq, channels));
-}
-
 inline uint32_t float32_bits(double value) {
     const float f = static_cast<float>(value);
     uint32_t bits;
@@ -83,27 +61,65 @@ inline uint32_t float32_bits(double value) {
     return bits;
 }
 
-// Union-find node: parent link, and for roots the segment size and internal difference.
-struct Node {
-    int32_t parent;
-    int32_t size;
-    double inner;
+// Scratch buffers reused across calls on one thread: fresh multi-megabyte allocations would cost
+// more in page faults than the segmentation itself.
+struct Workspace {
+    std::vector<double> image, smoothed, padded, planes, squares, cost;
+    std::vector<uint32_t> key, bucket_start;
+    std::vector<SortedEdge> sorted, scratch;
+    std::vector<int32_t> parent, size;
+    std::vector<float> threshold;
+    std::vector<uint32_t> rejected;
 };
 
-inline int32_t find_root(Node* nodes, int32_t x) {
-    while (nodes[x].parent != x) {
-        nodes[x].parent = nodes[nodes[x].parent].parent;  // path halving
-        x = nodes[x].parent;
-    }
-    return x;
+Workspace& workspace() {
+    thread_local Workspace ws;
+    return ws;
 }
 
-// Links two distinct roots; returns the new root (the larger segment keeps its root).
-inline int32_t link_roots(Node* nodes, int32_t a, int32_t b) {
-    if (nodes[a].size < nodes[b].size) std::swap(a, b);
-    nodes[b].parent = a;
-    nodes[a].size += nodes[b].size;
-    return a;
+// The first n elements of a reused buffer (contents unspecified).
+template <typename T>
+T* grow(std::vector<T>& buffer, int64_t n) {
+    if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+    return buffer.data();
+}
+
+// Row kernels, compiled for several instruction sets. Element-wise IEEE add, multiply, sqrt and
+// float32 rounding (no FMA: -ffp-contract=off) give the same bits on every one of them.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FH_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FH_MULTIVERSION
+#endif
+
+FH_MULTIVERSION void scale_row(double* __restrict out, const double* __restrict in, double w, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) out[i] = in[i] * w;
+}
+
+FH_MULTIVERSION void add_pair_row(double* __restrict out, const double* __restrict a,
+                                  const double* __restrict b, double w, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) out[i] += (a[i] + b[i]) * w;
+}
+
+// squares[i] (+)= (q[i] - p[i])^2; the first channel assigns, so the sum starts as numpy's does.
+FH_MULTIVERSION void add_square_diff_row(double* __restrict squares, const double* __restrict p,
+                                         const double* __restrict q, bool first, int64_t n) {
+    if (first) {
+        for (int64_t i = 0; i < n; ++i) squares[i] = (q[i] - p[i]) * (q[i] - p[i]);
+    } else {
+        for (int64_t i = 0; i < n; ++i) squares[i] += (q[i] - p[i]) * (q[i] - p[i]);
+    }
+}
+
+// cost = sqrt(sum of squares), key = its float32 bit pattern.
+FH_MULTIVERSION void finish_cost_row(const double* __restrict squares, double* __restrict cost,
+                                     uint32_t* __restrict key, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) {
+        const double c = std::sqrt(squares[i]);
+        cost[i] = c;
+        const float f = static_cast<float>(c);
+        std::memcpy(key + i, &f, sizeof f);
+    }
 }
 
 constexpr uint32_t kPixelMask = (uint32_t(1) << 30) - 1;
@@ -111,158 +127,246 @@ constexpr uint32_t kPixelMask = (uint32_t(1) << 30) - 1;
 }  // namespace
 
 FloatImage from_uint8(const uint8_t* src, int64_t height, int64_t width, int64_t channels) {
-    FloatImage image{height, width, channels, std::vector<double>(height * width * channels)};
+    FloatImage image{height, width, channels, nullptr};
+    image.data = grow(workspace().image, image.size());
     const double inv = 1.0 / 255.0;  // skimage multiplies by the reciprocal
     double lut[256];
     for (int v = 0; v < 256; ++v) lut[v] = static_cast<double>(v) * inv;
-    const int64_t n = height * width * channels;
-    for (int64_t i = 0; i < n; ++i) image.data[i] = lut[src[i]];
+    for (int64_t i = 0; i < image.size(); ++i) image.data[i] = lut[src[i]];
     return image;
 }
 
 FloatImage from_float64(const double* src, int64_t height, int64_t width, int64_t channels) {
-    return FloatImage{height, width, channels,
-                      std::vector<double>(src, src + height * width * channels)};
+    FloatImage image{height, width, channels, nullptr};
+    image.data = grow(workspace().image, image.size());
+    std::copy(src, src + image.size(), image.data);
+    return image;
 }
 
-void gaussian_smooth(FloatImage& image, const std::vector<double>& weights) {
+void gaussian_smooth(const FloatImage& image, const std::vector<double>& weights) {
     if (weights.empty()) return;
     const int64_t radius = static_cast<int64_t>(weights.size() / 2);
     const double w0 = weights[radius];
     const int64_t H = image.height, W = image.width, C = image.channels;
     const int64_t row = W * C;
-    std::vector<double> smoothed(image.data.size());
+    Workspace& ws = workspace();
+    double* smoothed = grow(ws.smoothed, image.size());
 
-    // Axis 0: every output row is a weighted sum of whole input rows (vectorises over x, c).
+    // Axis 0: every output row is a weighted sum of whole input rows (vectorises over x, c),
+    // summed as scipy's NI_Correlate1D: centre * w0, then (x[-k] + x[+k]) * w_k for k = r..1.
+    const double* in = image.data;
     for (int64_t y = 0; y < H; ++y) {
-        double* out = smoothed.data() + y * row;
-        const double* centre = image.data.data() + y * row;
-        for (int64_t i = 0; i < row; ++i) out[i] = centre[i] * w0;
-        for (int64_t k = radius; k >= 1; --k) {
-            const double* above = image.data.data() + reflect_index(y - k, H) * row;
-            const double* below = image.data.data() + reflect_index(y + k, H) * row;
-            const double wk = weights[radius - k];
-            for (int64_t i = 0; i < row; ++i) out[i] += (above[i] + below[i]) * wk;
-        }
+        double* out = smoothed + y * row;
+        scale_row(out, in + y * row, w0, row);
+        for (int64_t k = radius; k >= 1; --k)
+            add_pair_row(out, in + reflect_index(y - k, H) * row, in + reflect_index(y + k, H) * row,
+                         weights[radius - k], row);
     }
 
     // Axis 1: pad each row by reflection, then the same symmetric sum along x.
-    std::vector<double> padded((W + 2 * radius) * C);
+    double* padded = grow(ws.padded, (W + 2 * radius) * C);
     for (int64_t y = 0; y < H; ++y) {
-        const double* src = smoothed.data() + y * row;
+        const double* src = smoothed + y * row;
         for (int64_t j = 0; j < W + 2 * radius; ++j) {
             const double* px = src + reflect_index(j - radius, W) * C;
-            std::copy(px, px + C, padded.data() + j * C);
+            std::copy(px, px + C, padded + j * C);
         }
-        double* out = image.data.data() + y * row;
-        const double* centre = padded.data() + radius * C;
-        for (int64_t i = 0; i < row; ++i) out[i] = centre[i] * w0;
-        for (int64_t k = radius; k >= 1; --k) {
-            const double* left = centre - k * C;
-            const double* right = centre + k * C;
-            const double wk = weights[radius - k];
-            for (int64_t i = 0; i < row; ++i) out[i] += (left[i] + right[i]) * wk;
-        }
+        double* out = image.data + y * row;
+        const double* centre = padded + radius * C;
+        scale_row(out, centre, w0, row);
+        for (int64_t k = radius; k >= 1; --k)
+            add_pair_row(out, centre - k * C, centre + k * C, weights[radius - k], row);
     }
 }
 
-std::vector<SortedEdge> sorted_edges(const FloatImage& image) {
-    const int64_t H = image.height, W = image.width, C = image.channels;
-    const double* px = image.data.data();
-    const int64_t n_right = H * (W - 1), n_down = (H - 1) * W, n_diag = (H - 1) * (W - 1);
-    const int64_t n_edges = n_right + n_down + 2 * n_diag;
+// Stable LSD radix sort of one bucket on the low `bits` bits of the float32 key.
+void sort_bucket(SortedEdge* first, int64_t n, int bits, SortedEdge* scratch) {
+    if (n < 2) return;
+    if (n <= 48) {  // insertion sort; strict > keeps equal keys in edge order
+        for (int64_t i = 1; i < n; ++i) {
+            const SortedEdge item = first[i];
+            int64_t hole = i;
+            while (hole > 0 && first[hole - 1].key > item.key) {
+                first[hole] = first[hole - 1];
+                --hole;
+            }
+            first[hole] = item;
+        }
+        return;
+    }
+    constexpr int kBits = 10, kRadix = 1 << kBits;
+    SortedEdge* src = first;
+    SortedEdge* dst = scratch;
+    for (int shift = 0; shift < bits; shift += kBits) {
+        uint32_t offset[kRadix] = {};
+        for (int64_t i = 0; i < n; ++i) ++offset[(src[i].key >> shift) & (kRadix - 1)];
+        uint32_t sum = 0;
+        bool shared = false;
+        for (int b = 0; b < kRadix; ++b) {
+            shared |= offset[b] == n;
+            const uint32_t count = offset[b];
+            offset[b] = sum;
+            sum += count;
+        }
+        if (shared) continue;  // every key has this digit
+        for (int64_t i = 0; i < n; ++i) dst[offset[(src[i].key >> shift) & (kRadix - 1)]++] = src[i];
+        std::swap(src, dst);
+    }
+    if (src != first) std::copy(src, src + n, first);
+}
 
-    // Costs and codes in scikit-image's edge order: right, down, down-right, up-right; raster.
-    std::vector<double> cost(n_edges);
-    std::vector<uint32_t> code(n_edges);
+SortedEdges sorted_edges(const FloatImage& image) {
+    const int64_t H = image.height, W = image.width, C = image.channels, HW = H * W;
+    Workspace& ws = workspace();
+    PROF_START
+
+    // 1. Costs per edge type and row, vectorised over x on channel planes, with their float32
+    //    keys (monotone in the cost). Edge e of type t from pixel p has code t << 30 | p;
+    //    scikit-image's edge order (right, down, down-right, up-right; raster) is ascending code.
+    double* planes = grow(ws.planes, C * HW);
+    if (C == 1) {
+        std::copy(image.data, image.data + HW, planes);
+    } else {
+        for (int64_t p = 0; p < HW; ++p)
+            for (int64_t c = 0; c < C; ++c) planes[c * HW + p] = image.data[p * C + c];
+    }
+    const int64_t n_edges = H * (W - 1) + (H - 1) * W + 2 * (H - 1) * (W - 1);
+    double* squares = grow(ws.squares, std::max<int64_t>(W, 1));
+    double* cost = grow(ws.cost, n_edges);
+    uint32_t* key = grow(ws.key, n_edges);
     int64_t e = 0;
-    double max_cost = 0.0;
-    auto add = [&](uint32_t type, int64_t p, int64_t q) {
-        const double c = colour_distance(px + q * C, px + p * C, C);
-        cost[e] = c;
-        code[e] = (type << 30) | static_cast<uint32_t>(p);
-        max_cost = std::max(max_cost, c);
-        ++e;
+    // One run of n edges whose first pixels are p0..p0+n-1 and second pixels q0..q0+n-1.
+    auto add_run = [&](int64_t p0, int64_t q0, int64_t n) {
+        if (n <= 0) return;
+        if (C < 8) {
+            for (int64_t c = 0; c < C; ++c)
+                add_square_diff_row(squares, planes + c * HW + p0, planes + c * HW + q0, c == 0, n);
+        } else {  // numpy sums 8 or more channels pairwise
+            std::vector<double> diff(C);
+            for (int64_t i = 0; i < n; ++i) {
+                for (int64_t c = 0; c < C; ++c) {
+                    const double d = planes[c * HW + q0 + i] - planes[c * HW + p0 + i];
+                    diff[c] = d * d;
+                }
+                squares[i] = numpy_pairwise_sum(diff.data(), C);
+            }
+        }
+        finish_cost_row(squares, cost + e, key + e, n);
+        e += n;
     };
-    for (int64_t y = 0; y < H; ++y)
-        for (int64_t x = 0; x + 1 < W; ++x) add(0, y * W + x, y * W + x + 1);
-    for (int64_t y = 0; y + 1 < H; ++y)
-        for (int64_t x = 0; x < W; ++x) add(1, y * W + x, y * W + x + W);
-    for (int64_t y = 0; y + 1 < H; ++y)
-        for (int64_t x = 0; x + 1 < W; ++x) add(2, y * W + x, y * W + x + W + 1);
-    for (int64_t y = 0; y + 1 < H; ++y)
-        for (int64_t x = 0; x + 1 < W; ++x) add(3, y * W + x + 1, y * W + x + W);
+    for (int64_t y = 0; y < H; ++y) add_run(y * W, y * W + 1, W - 1);
+    for (int64_t y = 0; y + 1 < H; ++y) add_run(y * W, y * W + W, W);
+    for (int64_t y = 0; y + 1 < H; ++y) add_run(y * W, y * W + W + 1, W - 1);
+    for (int64_t y = 0; y + 1 < H; ++y) add_run(y * W + 1, y * W + W, W - 1);
+    PROF("costs")
 
-    // Stable bucket sort on a monotone key (float32 bits: even resolution in log space over the
-    // top 16 octaves below the maximum), then a stable sort inside each bucket.
-    constexpr int kShift = 10;
-    constexpr uint32_t kBuckets = uint32_t(1) << 17;
-    const uint32_t hi = float32_bits(max_cost);
-    const uint32_t span = kBuckets << kShift;
-    const uint32_t lo = hi > span ? hi - span : 0;
-    auto bucket_of = [&](double c) -> uint32_t {
-        const uint32_t bits = float32_bits(c);
-        if (bits <= lo) return 0;
-        return std::min<uint32_t>((bits - lo) >> kShift, kBuckets - 1);
-    };
-    std::vector<uint32_t> start(kBuckets + 1, 0);
-    for (int64_t i = 0; i < n_edges; ++i) ++start[bucket_of(cost[i]) + 1];
-    for (uint32_t b = 0; b < kBuckets; ++b) start[b + 1] += start[b];
-    std::vector<SortedEdge> sorted(n_edges);
+    // 2. Stable scatter on the key's top 12 bits (sign, exponent, three mantissa bits: eight
+    //    buckets per octave), reading in edge order so codes ascend within a bucket; then each
+    //    bucket is sorted on its low 20 bits while it sits in cache.
+    constexpr int kTopShift = 20;
+    constexpr int kTopBuckets = 1 << (32 - kTopShift);
+    std::vector<uint32_t>& start = ws.bucket_start;
+    start.assign(kTopBuckets + 1, 0);
+    for (int64_t i = 0; i < n_edges; ++i) ++start[(key[i] >> kTopShift) + 1];
+    for (int b = 0; b < kTopBuckets; ++b) start[b + 1] += start[b];
+    SortedEdge* sorted = grow(ws.sorted, n_edges);
     {
         std::vector<uint32_t> fill(start.begin(), start.end() - 1);
-        for (int64_t i = 0; i < n_edges; ++i) sorted[fill[bucket_of(cost[i])]++] = {cost[i], code[i]};
+        int64_t i = 0;
+        auto scatter_run = [&](uint32_t type, int64_t p0, int64_t n) {
+            for (int64_t j = 0; j < n; ++j, ++i)
+                sorted[fill[key[i] >> kTopShift]++] = {cost[i], key[i], (type << 30) | uint32_t(p0 + j)};
+        };
+        for (int64_t y = 0; y < H; ++y) scatter_run(0, y * W, W - 1);
+        for (int64_t y = 0; y + 1 < H; ++y) scatter_run(1, y * W, W);
+        for (int64_t y = 0; y + 1 < H; ++y) scatter_run(2, y * W, W - 1);
+        for (int64_t y = 0; y + 1 < H; ++y) scatter_run(3, y * W + 1, W - 1);
     }
-    for (uint32_t b = 0; b < kBuckets; ++b) {
-        SortedEdge* first = sorted.data() + start[b];
-        SortedEdge* last = sorted.data() + start[b + 1];
-        const int64_t n = last - first;
-        if (n < 2) continue;
-        if (n <= 32) {  // insertion sort; strict > keeps equal costs in edge order
-            for (SortedEdge* it = first + 1; it < last; ++it) {
-                const SortedEdge item = *it;
-                SortedEdge* hole = it;
-                while (hole > first && (hole - 1)->cost > item.cost) {
-                    *hole = *(hole - 1);
-                    --hole;
-                }
-                *hole = item;
-            }
-        } else {
-            std::sort(first, last, [](const SortedEdge& a, const SortedEdge& b) {
-                return a.cost < b.cost || (a.cost == b.cost && a.code < b.code);
-            });
+    PROF("scatter")
+    uint32_t largest = 0;
+    for (int b = 0; b < kTopBuckets; ++b) largest = std::max(largest, start[b + 1] - start[b]);
+    SortedEdge* scratch = grow(ws.scratch, largest);
+    for (int b = 0; b < kTopBuckets; ++b)
+        sort_bucket(sorted + start[b], start[b + 1] - start[b], kTopShift, scratch);
+    PROF("buckets")
+
+    // 3. Distinct costs can share a float32 key: one insertion pass orders those short runs by
+    //    the exact cost (strict >, so equal costs keep edge order).
+    for (int64_t i = 1; i < n_edges; ++i) {
+        if (!(sorted[i - 1].cost > sorted[i].cost)) continue;
+        const SortedEdge item = sorted[i];
+        int64_t hole = i;
+        while (hole > 0 && sorted[hole - 1].cost > item.cost) {
+            sorted[hole] = sorted[hole - 1];
+            --hole;
         }
+        sorted[hole] = item;
     }
-    return sorted;
+    PROF("ties")
+    return SortedEdges{H, W, sorted, n_edges};
 }
 
-int32_t segment(const std::vector<SortedEdge>& edges, int64_t height, int64_t width,
-                double scale, int64_t min_size, int32_t* labels) {
-    const int64_t n_pixels = height * width;
+int32_t segment(const SortedEdges& edges, double scale, int64_t min_size, int32_t* labels) {
+    const int64_t width = edges.width, n_pixels = edges.height * edges.width;
     const int64_t offset[4] = {1, width, width + 1, width - 1};
     const double scale01 = scale / 255.0;  // scikit-image rescales like the reference code
-    std::vector<Node> nodes(n_pixels);
-    for (int64_t p = 0; p < n_pixels; ++p) nodes[p] = {static_cast<int32_t>(p), 1, 0.0};
-    Node* uf = nodes.data();
+    Workspace& ws = workspace();
+    PROF_START
+    // One int32 per pixel: a non-root holds its parent (>= 0); a root holds its merge threshold
+    // Int(C) + scale / |C| as float32 bits with the sign bit set (< 0). scikit-image keeps this
+    // threshold in a `cdef float32_t`; it changes only when the segment grows. Finding a root and
+    // reading its threshold is then one random access into a compact array.
+    int32_t* forest = grow(ws.parent, n_pixels);
+    int32_t* size = grow(ws.size, n_pixels);
+    auto root_entry = [](float threshold) {
+        uint32_t bits;
+        std::memcpy(&bits, &threshold, sizeof bits);
+        return static_cast<int32_t>(bits | 0x80000000u);
+    };
+    auto threshold_of = [](int32_t entry) {
+        const uint32_t bits = static_cast<uint32_t>(entry) & 0x7fffffffu;
+        float threshold;
+        std::memcpy(&threshold, &bits, sizeof threshold);
+        return threshold;
+    };
+    const int32_t single_pixel = root_entry(static_cast<float>(0.0 + scale01 / 1));
+    for (int64_t p = 0; p < n_pixels; ++p) {
+        forest[p] = single_pixel;
+        size[p] = 1;
+    }
+    auto find = [forest](int32_t x) {
+        while (forest[x] >= 0) {
+            const int32_t up = forest[x];
+            if (forest[up] >= 0) forest[x] = forest[up];  // path halving
+            x = up;
+        }
+        return x;
+    };
+    auto link = [forest, size](int32_t a, int32_t b) {  // larger segment keeps its root
+        if (size[a] < size[b]) std::swap(a, b);
+        forest[b] = a;
+        size[a] += size[b];
+        return a;
+    };
 
-    // Pass 1: merge across an edge when its cost is below both segments' thresholds
-    // (float32, as scikit-image's `cdef float32_t inner_cost`).
-    std::vector<uint32_t> rejected;
-    rejected.reserve(edges.size() / 4);
-    for (const SortedEdge& edge : edges) {
+    // Pass 1: merge across an edge when its cost is below both segments' thresholds.
+    std::vector<uint32_t>& rejected = ws.rejected;
+    rejected.clear();
+    for (int64_t i = 0; i < edges.count; ++i) {
+        const SortedEdge& edge = edges.items[i];
         const int32_t a = static_cast<int32_t>(edge.code & kPixelMask);
         const int32_t b = static_cast<int32_t>(a + offset[edge.code >> 30]);
-        const int32_t ra = find_root(uf, a), rb = find_root(uf, b);
+        const int32_t ra = find(a), rb = find(b);
         if (ra == rb) continue;
-        const float threshold_a = static_cast<float>(uf[ra].inner + scale01 / uf[ra].size);
-        const float threshold_b = static_cast<float>(uf[rb].inner + scale01 / uf[rb].size);
-        if (edge.cost < static_cast<double>(std::min(threshold_a, threshold_b))) {
-            uf[link_roots(uf, ra, rb)].inner = edge.cost;
+        const float limit = std::min(threshold_of(forest[ra]), threshold_of(forest[rb]));
+        if (edge.cost < static_cast<double>(limit)) {
+            const int32_t root = link(ra, rb);
+            forest[root] = root_entry(static_cast<float>(edge.cost + scale01 / size[root]));
         } else {
             rejected.push_back(edge.code);
         }
     }
+    PROF("pass 1")
 
     // Pass 2: absorb segments below min_size, in the same edge order. Edges accepted in pass 1
     // join pixels of one segment, so only the rejected ones can merge anything here.
@@ -270,24 +374,30 @@ int32_t segment(const std::vector<SortedEdge>& edges, int64_t height, int64_t wi
         for (const uint32_t code : rejected) {
             const int32_t a = static_cast<int32_t>(code & kPixelMask);
             const int32_t b = static_cast<int32_t>(a + offset[code >> 30]);
-            const int32_t ra = find_root(uf, a), rb = find_root(uf, b);
+            const int32_t ra = find(a), rb = find(b);
             if (ra == rb) continue;
-            if (uf[ra].size < min_size || uf[rb].size < min_size) link_roots(uf, ra, rb);
+            if (size[ra] < min_size || size[rb] < min_size) {
+                const int32_t keep = forest[size[ra] < size[rb] ? rb : ra];  // any root entry works
+                forest[link(ra, rb)] = keep;
+            }
         }
     }
+    PROF("pass 2")
 
-    // Labels 0..n-1 in raster order of each segment's first pixel.
-    std::vector<int32_t> label_of_root(n_pixels, -1);
+    // Labels 0..n-1 in raster order of each segment's first pixel (reusing `size` as the map).
+    int32_t* label_of_root = size;
+    for (int64_t p = 0; p < n_pixels; ++p) label_of_root[p] = -1;
     int32_t next = 0;
     for (int64_t p = 0; p < n_pixels; ++p) {
-        const int32_t r = find_root(uf, static_cast<int32_t>(p));
+        const int32_t r = find(static_cast<int32_t>(p));
         if (label_of_root[r] < 0) label_of_root[r] = next++;
         labels[p] = label_of_root[r];
     }
+    PROF("labels")
     return next;
 }
 
-std::vector<int32_t> felzenszwalb_multi(FloatImage image, const std::vector<double>& weights,
+std::vector<int32_t> felzenszwalb_multi(const FloatImage& image, const std::vector<double>& weights,
                                         const std::vector<double>& scales,
                                         const std::vector<int64_t>& min_sizes, int32_t* labels) {
     if (scales.size() != min_sizes.size())
@@ -295,12 +405,11 @@ std::vector<int32_t> felzenszwalb_multi(FloatImage image, const std::vector<doub
     if (image.height * image.width >= kMaxPixels)
         throw std::invalid_argument("image too large for FH segmentation (at most 2^30 pixels)");
     gaussian_smooth(image, weights);
-    const std::vector<SortedEdge> edges = sorted_edges(image);
+    const SortedEdges edges = sorted_edges(image);
     const int64_t n_pixels = image.height * image.width;
     std::vector<int32_t> counts;
     for (size_t s = 0; s < scales.size(); ++s)
-        counts.push_back(segment(edges, image.height, image.width, scales[s], min_sizes[s],
-                                 labels + s * n_pixels));
+        counts.push_back(segment(edges, scales[s], min_sizes[s], labels + s * n_pixels));
     return counts;
 }
 

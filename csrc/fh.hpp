@@ -16,17 +16,29 @@
 
 namespace fh {
 
-// One edge after sorting: its cost and a code (type << 30 | p) for its first pixel p.
-// The second pixel is p + offset[type]; the code order equals scikit-image's edge order.
+// One edge: its exact cost, the cost's float32 bit pattern (a sort key monotone in the cost) and
+// code = type << 30 | p for the edge from pixel p to p + offset[type] (offsets 1, W, W + 1, W - 1).
+// Ascending codes are scikit-image's edge order.
 struct SortedEdge {
     double cost;
+    uint32_t key;
     uint32_t code;
 };
 
+// All edges of an image sorted by cost, equal costs in scikit-image's edge order. A view into the
+// calling thread's scratch space, valid until its next sorted_edges call.
+struct SortedEdges {
+    int64_t height = 0, width = 0;
+    const SortedEdge* items = nullptr;
+    int64_t count = 0;
+};
+
 // An image in float64, channels last, contiguous: data[(y * width + x) * channels + c].
+// The pixels live in the calling thread's scratch space (valid until its next from_* call).
 struct FloatImage {
     int64_t height = 0, width = 0, channels = 0;
-    std::vector<double> data;
+    double* data = nullptr;
+    int64_t size() const { return height * width * channels; }
 };
 
 // Largest number of pixels an image may have (edge codes keep the pixel index in 30 bits).
@@ -39,19 +51,18 @@ FloatImage from_float64(const double* src, int64_t height, int64_t width, int64_
 
 // In-place Gaussian smoothing of both spatial axes; `weights` has 2r+1 symmetric taps
 // (scipy's kernel, computed by the caller). An empty kernel means no smoothing.
-void gaussian_smooth(FloatImage& image, const std::vector<double>& weights);
+void gaussian_smooth(const FloatImage& image, const std::vector<double>& weights);
 
-// All 8-connected edges of the smoothed image, sorted by cost (stable over scikit-image's order).
-std::vector<SortedEdge> sorted_edges(const FloatImage& image);
+// All 8-connected edges of the smoothed image, sorted by cost.
+SortedEdges sorted_edges(const FloatImage& image);
 
 // Segments one scale from the shared sorted edges; writes int32 labels [H * W].
 // Returns the number of segments.
-int32_t segment(const std::vector<SortedEdge>& edges, int64_t height, int64_t width,
-                double scale, int64_t min_size, int32_t* labels);
+int32_t segment(const SortedEdges& edges, double scale, int64_t min_size, int32_t* labels);
 
 // Whole pipeline for several scales sharing one smoothing and one sort.
 // labels: S * H * W int32; returns the segment count per scale.
-std::vector<int32_t> felzenszwalb_multi(FloatImage image, const std::vector<double>& weights,
+std::vector<int32_t> felzenszwalb_multi(const FloatImage& image, const std::vector<double>& weights,
                                         const std::vector<double>& scales,
                                         const std::vector<int64_t>& min_sizes, int32_t* labels);
 
