@@ -317,6 +317,19 @@ def test_decode_converts_modes_like_pillow(tmp_path, mode):
     assert np.array_equal(np.asarray(decode_image(path.read_bytes(), path)), expected)
 
 
+def test_decode_labels_equals_load_labels(tree):
+    from rmae.data import decode_labels
+    from rmae.masks import MaskError, load_labels
+
+    folder = tree / "coco" / "image" / "fh_train2017"
+    for path in (folder / "000000000001.npy.zst", folder / "000000000002.npy"):
+        expected = load_labels(path)
+        for got in (decode_labels(path), decode_labels(memoryview(path.read_bytes()), path)):
+            assert got.dtype == expected.dtype and np.array_equal(got, expected)
+    with pytest.raises(MaskError, match="cannot read mask file"):
+        decode_labels(b"\x93NUMPY garbage", "x.npy")
+
+
 def test_missing_dataset_is_explained(tmp_path):
     with pytest.raises(DatasetNotFoundError) as error:
         build_dataset(DataConfig(dataset="coco", split="train2017", root=str(tmp_path)))

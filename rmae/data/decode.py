@@ -14,7 +14,7 @@ import numpy as np
 import zstandard
 from PIL import Image
 
-from rmae.masks import MASK_SUFFIX, MaskError, load_labels
+from rmae.masks import MASK_SUFFIX, MaskError
 
 __all__ = ["CorruptImageError", "decode_image", "decode_labels"]
 
@@ -41,22 +41,43 @@ def decode_image(source: str | os.PathLike | bytes | memoryview, name: str | os.
 _decompressor: zstandard.ZstdDecompressor | None = None
 
 
-def decode_labels(source: str | os.PathLike | bytes | memoryview, name: str | os.PathLike) -> np.ndarray:
-    """Label maps [S, H, W] from a mask file path (``rmae.masks.load_labels``) or from its bytes.
+def _parse_npy(raw) -> np.ndarray:
+    """An NPY stream as a (read-only) array view on ``raw``: no copy, unlike ``np.load``."""
+    stream = io.BytesIO(raw[:4096] if len(raw) > 4096 else raw)
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+    else:
+        raise ValueError(f"unsupported NPY version {version}")
+    if dtype.hasobject:
+        raise ValueError("object arrays are not label maps")
+    count = int(np.prod(shape)) if shape else 1
+    array = np.frombuffer(raw, dtype=dtype, count=count, offset=stream.tell())
+    return array.reshape(shape, order="F" if fortran else "C")
 
-    ``name`` (the file's path) decides the format (``.npy.zst`` ours, ``.npy`` the original's) and names the
-    file in errors. FileNotFoundError for a missing file, MaskError for an unreadable one.
+
+def decode_labels(source: str | os.PathLike | bytes | memoryview, name: str | os.PathLike | None = None) -> np.ndarray:
+    """Label maps [S, H, W] from a mask file (path) or its bytes, same results and errors as
+    ``rmae.masks.load_labels`` without its two copies (decompress straight into the array's buffer).
+
+    ``name`` names the file in errors and, for bytes, decides the format (``.npy.zst`` ours, ``.npy`` the
+    original's). FileNotFoundError for a missing file, MaskError for an unreadable one. The array may be
+    read-only.
     """
-    if not isinstance(source, (bytes, memoryview)):
-        return load_labels(source)
     global _decompressor
+    if name is None:
+        name = source
     try:
-        raw = source
+        raw = source if isinstance(source, (bytes, memoryview)) else Path(source).read_bytes()
         if str(name).endswith(MASK_SUFFIX):
             if _decompressor is None:
                 _decompressor = zstandard.ZstdDecompressor()
             raw = _decompressor.decompress(raw)
-        labels = np.load(io.BytesIO(raw), allow_pickle=False)
+        labels = _parse_npy(raw)
+    except FileNotFoundError:
+        raise
     except Exception as error:
         raise MaskError(f"cannot read mask file {name}: {error}") from error
     if labels.ndim == 2:
