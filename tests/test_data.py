@@ -290,6 +290,27 @@ def test_online_equals_offline_and_other_sources(tree):
     assert set(plain) == {"image", "index"} and torch.equal(plain["image"], offline[(0, 5)]["image"])
 
 
+def test_online_crop_labels_are_fh_of_the_returned_image(tree):
+    sample = _coco(tree, regions="online_crop")[(2, 3)]
+    mean = np.array([0.485, 0.456, 0.406])[:, None, None]
+    std = np.array([0.229, 0.224, 0.225])[:, None, None]
+    rgb = np.round((sample["image"].numpy() * std + mean) * 255).astype(np.uint8).transpose(1, 2, 0)
+    expected = felzenszwalb_multi(np.ascontiguousarray(rgb), COCO_FH.scales, COCO_FH.sigma, COCO_FH.min_sizes)
+    assert np.array_equal(sample["region_labels"].numpy(), expected)
+
+
+def test_threads_share_nothing(tree):
+    from concurrent.futures import ThreadPoolExecutor
+
+    dataset = _coco(tree)
+    keys = [(i % len(dataset), i) for i in range(24)]
+    serial = [dataset[k] for k in keys]
+    with ThreadPoolExecutor(4) as pool:
+        parallel = list(pool.map(dataset.__getitem__, keys))
+    for a, b in zip(serial, parallel):
+        assert all(torch.equal(a[n], b[n]) for n in a)
+
+
 def test_imagenet_and_imnet_layouts(tree, tmp_path):
     dataset = build_dataset(DataConfig(dataset="imnet", root=str(tree), img_size=SMALL))
     assert len(dataset) == 4 and dataset.images.relative(0) == "n01/n01_0.JPEG"

@@ -7,6 +7,8 @@ order of first appearance in the crop) and k (scale, id) pairs; region i is
 """
 from __future__ import annotations
 
+import threading
+
 import numba
 import numpy as np
 import torch
@@ -14,14 +16,14 @@ import torch
 __all__ = ["relabel_crop", "sample_regions", "region_patch_counts", "region_maps", "reference_regions"]
 
 _INT16_MAX = 32767
-_scratch: dict[str, np.ndarray] = {}
+_scratch = threading.local()  # per-thread lookup tables: the kernels release the GIL
 
 
 def _buffer(name: str, size: int, fill: int) -> np.ndarray:
-    buf = _scratch.get(name)
+    buf = getattr(_scratch, name, None)
     if buf is None or buf.size < size:
         buf = np.full(max(size, 1 << 16), fill, dtype=np.int32)
-        _scratch[name] = buf
+        setattr(_scratch, name, buf)
     return buf
 
 

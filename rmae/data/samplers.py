@@ -44,6 +44,9 @@ class _PositionSampler(Sampler):
             self._cached_order, self._cached_epoch = self._order(epoch), epoch
         return self._cached_order
 
+    def set_epoch(self, epoch: int) -> None:
+        """No-op (the stream is endless; epochs follow from the position). Kept for DataLoader-style callers."""
+
     def state_dict(self) -> dict:
         return {"position": self.position, "seed": self.seed, "rank": self.rank, "world_size": self.world_size}
 
