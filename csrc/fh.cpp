@@ -348,22 +348,45 @@ int32_t segment(const SortedEdges& edges, double scale, int64_t min_size, int32_
         size[a] += size[b];
         return a;
     };
+    // Root of x and its entry, without a data-dependent branch when x is within two links of its
+    // root (nearly always: deeper nodes are pointed straight at their root when met).
+    auto select = [](int32_t entry, int32_t self) {  // self if entry marks a root, else entry
+        const int32_t is_root = entry >> 31;          // all ones for a root entry
+        return (self & is_root) | (entry & ~is_root);
+    };
+    auto find_shallow = [forest, &find, &select](int32_t x, int32_t& root_entry_out) {
+        const int32_t up1 = select(forest[x], x);
+        const int32_t up2 = select(forest[up1], up1);
+        const int32_t entry = forest[up2];
+        if (__builtin_expect(entry >= 0, 0)) {
+            const int32_t root = find(up2);
+            forest[x] = root;
+            root_entry_out = forest[root];
+            return root;
+        }
+        root_entry_out = entry;
+        return up2;
+    };
 
-    // Pass 1: merge across an edge when its cost is below both segments' thresholds.
+    // Pass 1: merge across an edge when its cost is below both segments' thresholds. The common
+    // outcomes (same segment, rejected) are recorded without branching on them.
     std::vector<uint32_t>& rejected = ws.rejected;
-    rejected.clear();
+    uint32_t* rejected_codes = grow(rejected, edges.count);
+    int64_t n_rejected = 0;
     for (int64_t i = 0; i < edges.count; ++i) {
         const SortedEdge& edge = edges.items[i];
         const int32_t a = static_cast<int32_t>(edge.code & kPixelMask);
         const int32_t b = static_cast<int32_t>(a + offset[edge.code >> 30]);
-        const int32_t ra = find(a), rb = find(b);
-        if (ra == rb) continue;
-        const float limit = std::min(threshold_of(forest[ra]), threshold_of(forest[rb]));
-        if (edge.cost < static_cast<double>(limit)) {
+        int32_t entry_a, entry_b;
+        const int32_t ra = find_shallow(a, entry_a), rb = find_shallow(b, entry_b);
+        const float limit = std::min(threshold_of(entry_a), threshold_of(entry_b));
+        const bool distinct = ra != rb;
+        const bool merge = distinct & (edge.cost < static_cast<double>(limit));
+        rejected_codes[n_rejected] = edge.code;
+        n_rejected += distinct & !merge;
+        if (merge) {
             const int32_t root = link(ra, rb);
             forest[root] = root_entry(static_cast<float>(edge.cost + scale01 / size[root]));
-        } else {
-            rejected.push_back(edge.code);
         }
     }
     PROF("pass 1")
@@ -371,7 +394,8 @@ int32_t segment(const SortedEdges& edges, double scale, int64_t min_size, int32_
     // Pass 2: absorb segments below min_size, in the same edge order. Edges accepted in pass 1
     // join pixels of one segment, so only the rejected ones can merge anything here.
     if (min_size > 1) {
-        for (const uint32_t code : rejected) {
+        for (int64_t i = 0; i < n_rejected; ++i) {
+            const uint32_t code = rejected_codes[i];
             const int32_t a = static_cast<int32_t>(code & kPixelMask);
             const int32_t b = static_cast<int32_t>(a + offset[code >> 30]);
             const int32_t ra = find(a), rb = find(b);
