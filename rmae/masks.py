@@ -40,6 +40,12 @@ def find_mask(mask_dir: str | os.PathLike, relative_image_path: str | os.PathLik
     return original if original.is_file() else None
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_labels(path: str | os.PathLike, labels: np.ndarray) -> None:
     """Writes labels [S, H, W] (or [H, W]) atomically as uint16; raises ValueError beyond 65535 segments."""
     labels = np.asarray(labels)
@@ -61,6 +67,7 @@ def save_labels(path: str | os.PathLike, labels: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; masks are ordinary data
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
             f.flush()
