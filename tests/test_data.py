@@ -229,6 +229,22 @@ def test_relabel_is_compact_and_counts_present_labels():
         relabel_crop(np.full((1, 2, 2), -1, np.int32), np.arange(2), np.arange(2))
 
 
+def test_random_fg_samples_regions_seen_by_the_visible_patches(tree):
+    dataset = _coco(tree, region_sample="random_fg", img_size=64, num_regions=16)
+    patch, n = 16, (64 // 16) ** 2
+    for draw in range(10):
+        sample = dataset[(draw % len(dataset), draw)]
+        noise = sample["noise"]
+        assert noise.shape == (n,) and sorted(noise.tolist()) == list(range(n))
+        visible = torch.argsort(noise)[: int(0.25 * n)]  # the model's ids_shuffle prefix
+        grid = torch.zeros(n, dtype=torch.bool)
+        grid[visible] = True
+        pixels = grid.view(4, 4).repeat_interleave(patch, 0).repeat_interleave(patch, 1)
+        for m in region_maps(sample["region_labels"], sample["region_scale"], sample["region_id"]):
+            assert (m.bool() & pixels).any()
+    assert "noise" not in _coco(tree, img_size=64)[(0, 0)]
+
+
 def test_regions_equal_the_original_torch_unique_path(tree):
     """With the original's nearest rule, our compact form holds exactly the original's set of binary maps."""
     dataset = _coco(tree, label_resize="floor", num_regions=64)
@@ -307,6 +323,7 @@ def test_threads_share_nothing(tree):
     serial = [dataset[k] for k in keys]
     with ThreadPoolExecutor(4) as pool:
         parallel = list(pool.map(dataset.__getitem__, keys))
+    assert dataset.error_count == 0  # e.g. a shared zstd decompressor corrupts concurrent reads
     for a, b in zip(serial, parallel):
         assert all(torch.equal(a[n], b[n]) for n in a)
 

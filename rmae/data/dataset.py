@@ -7,6 +7,11 @@ Sample dict (source ``none`` omits the three region keys)::
     region_scale  int64   [k]         scale of each sampled region
     region_id     int64   [k]         its label in region_labels[region_scale]; -1 = empty region
     index         int64   []          dataset index actually loaded (after any substitution)
+    noise         float32 [N]         only with region_sample='random_fg': the masking permutation
+                                      (``argsort(noise)``) the model must use, as in the original
+
+``random_fg`` (the original's ``region_sample_type``): a permutation of the N patches is drawn here, and only
+regions that cover at least one of its first ``(1 - region_mask_ratio)·N`` (visible) patches are sampled.
 
 Randomness comes only from a generator seeded by (seed, draw) where ``draw`` is the sampler's global
 draw number (or (seed, epoch, index) for a plain integer index), so batches do not depend on the
@@ -26,7 +31,7 @@ from rmae.masks import MaskError, find_mask, mask_path
 
 from .cache import ShardCache
 from .decode import CorruptImageError, decode_image, decode_labels
-from .regions import region_patch_counts, relabel_crop, sample_regions
+from .regions import region_patch_counts, regions_in_patches, relabel_crop, sample_regions
 from .sources import FHRecipe, ImageList
 from .transforms import crop_resize, nearest_indices, random_resized_crop_params, to_normalized_chw
 
@@ -63,6 +68,8 @@ class RegionDataset(Dataset):
         label_resize: str = "center",
         min_region_patches: int = 0,
         patch_size: int = 16,
+        region_sample: str = "random",
+        region_mask_ratio: float = 0.75,
         fh: FHRecipe | None = None,
         seed: int = 0,
         max_retries: int = 10,
@@ -72,6 +79,8 @@ class RegionDataset(Dataset):
             raise ValueError(f"regions must be one of {REGION_SOURCES}, got {regions!r}")
         if label_resize not in ("center", "floor"):
             raise ValueError(f"label_resize must be 'center' or 'floor', got {label_resize!r}")
+        if region_sample not in ("random", "random_fg"):
+            raise ValueError(f"region_sample must be 'random' or 'random_fg', got {region_sample!r}")
         if img_size <= 0 or num_regions < 0:
             raise ValueError(f"img_size must be > 0 and num_regions >= 0, got {img_size}, {num_regions}")
         self.images = images
@@ -85,6 +94,8 @@ class RegionDataset(Dataset):
         self.label_resize = label_resize
         self.min_region_patches = int(min_region_patches)
         self.patch_size = int(patch_size)
+        self.region_sample = region_sample
+        self.region_mask_ratio = float(region_mask_ratio)
         self.fh = fh or images.recipe
         self.seed = int(seed)
         self.epoch = 0
@@ -194,17 +205,30 @@ class RegionDataset(Dataset):
             if self.regions == "online_crop":
                 crop = np.ascontiguousarray(rgb[:, ::-1]) if flip else rgb
                 labels = felzenszwalb_multi(crop, self.fh.scales, self.fh.sigma, self.fh.min_sizes)
-                ys = xs = np.arange(size, dtype=np.int64)
+                # FH numbers segments 0..n-1 in raster order of first pixel: already the compact form.
+                compact = labels.astype(np.int16)
+                counts = labels.reshape(labels.shape[0], -1).max(axis=1).astype(np.int64) + 1
+                if counts.max() > 32768:
+                    raise ValueError("a crop holds more than 32768 FH segments at one scale; int16 cannot hold them")
             else:
                 i, j, h, w = box
                 ys = nearest_indices(i, h, size, self.label_resize)
                 xs = nearest_indices(j, w, size, self.label_resize)
                 if flip:
                     xs = np.ascontiguousarray(xs[::-1])
-            compact, counts = relabel_crop(labels, ys, xs)
+                compact, counts = relabel_crop(labels, ys, xs)
             keep = None
             if self.min_region_patches > 1:
                 keep = region_patch_counts(compact, counts, self.patch_size) >= self.min_region_patches
+            if self.region_sample == "random_fg":
+                num_patches = (size // self.patch_size) ** 2
+                shuffle = rng.permutation(num_patches)
+                visible = regions_in_patches(compact, counts, self.patch_size,
+                                             shuffle[: int((1 - self.region_mask_ratio) * num_patches)])
+                keep = visible if keep is None else keep & visible
+                noise = np.empty(num_patches, dtype=np.float32)
+                noise[shuffle] = np.arange(num_patches, dtype=np.float32)  # argsort(noise) == shuffle
+                sample["noise"] = torch.from_numpy(noise)
             region_scale, region_id = sample_regions(counts, self.num_regions, rng, keep)
             sample["region_labels"] = torch.from_numpy(compact)
             sample["region_scale"] = torch.from_numpy(region_scale)

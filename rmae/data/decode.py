@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,7 @@ def decode_image(source: str | os.PathLike | bytes | memoryview, name: str | os.
     return image
 
 
-_decompressor: zstandard.ZstdDecompressor | None = None
+_local = threading.local()  # a ZstdDecompressor must not be used by two threads at once
 
 
 def _parse_npy(raw) -> np.ndarray:
@@ -66,15 +67,15 @@ def decode_labels(source: str | os.PathLike | bytes | memoryview, name: str | os
     original's). FileNotFoundError for a missing file, MaskError for an unreadable one. The array may be
     read-only.
     """
-    global _decompressor
     if name is None:
         name = source
     try:
         raw = source if isinstance(source, (bytes, memoryview)) else Path(source).read_bytes()
         if str(name).endswith(MASK_SUFFIX):
-            if _decompressor is None:
-                _decompressor = zstandard.ZstdDecompressor()
-            raw = _decompressor.decompress(raw)
+            decompressor = getattr(_local, "zstd", None)
+            if decompressor is None:
+                decompressor = _local.zstd = zstandard.ZstdDecompressor()
+            raw = decompressor.decompress(raw)
         labels = _parse_npy(raw)
     except FileNotFoundError:
         raise

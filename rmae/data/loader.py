@@ -35,6 +35,8 @@ class DataConfig:
     label_resize: str = "center"  # center (aligned with the image) | floor (the original's torch nearest)
     min_region_patches: int = 0  # >= 2 reproduces filter_small_patches
     patch_size: int = 16
+    region_sample: str = "random"  # random | random_fg (the original's region_sample_type; adds "noise")
+    region_mask_ratio: float = 0.75  # random_fg: visible patches = first (1 - ratio)·N of the permutation
     scale: tuple = (0.2, 1.0)
     ratio: tuple = (3 / 4, 4 / 3)
 
@@ -59,7 +61,8 @@ def build_dataset(cfg=None, seed: int = 0, cache: ShardCache | None = None) -> R
     return RegionDataset(
         images, cfg.regions, train=cfg.train, img_size=cfg.img_size, num_regions=cfg.num_regions,
         scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), label_resize=cfg.label_resize,
-        min_region_patches=cfg.min_region_patches, patch_size=cfg.patch_size, seed=seed, cache=cache,
+        min_region_patches=cfg.min_region_patches, patch_size=cfg.patch_size, region_sample=cfg.region_sample,
+        region_mask_ratio=cfg.region_mask_ratio, seed=seed, cache=cache,
     )
 
 

@@ -13,7 +13,8 @@ import numba
 import numpy as np
 import torch
 
-__all__ = ["relabel_crop", "sample_regions", "region_patch_counts", "region_maps", "reference_regions"]
+__all__ = ["relabel_crop", "sample_regions", "region_patch_counts", "regions_in_patches", "region_maps",
+           "reference_regions"]
 
 _INT16_MAX = 32767
 _scratch = threading.local()  # per-thread lookup tables: the kernels release the GIL
@@ -110,6 +111,28 @@ def region_patch_counts(compact: np.ndarray, counts: np.ndarray, patch: int) -> 
     last = np.full(int(offsets[-1]), -1, dtype=np.int64)
     result = np.zeros(int(offsets[-1]), dtype=np.int64)
     _patch_count_kernel(compact, offsets, patch, last, result)
+    return result
+
+
+@numba.njit(cache=True, nogil=True)
+def _visible_kernel(compact, offsets, patch, patch_ids, result):
+    num_scales, h, w = compact.shape
+    pw = w // patch
+    for s in range(num_scales):
+        base = offsets[s]
+        for t in range(patch_ids.size):
+            py, px = divmod(patch_ids[t], pw)
+            for y in range(py * patch, (py + 1) * patch):
+                for x in range(px * patch, (px + 1) * patch):
+                    result[base + compact[s, y, x]] = True
+
+
+def regions_in_patches(compact: np.ndarray, counts: np.ndarray, patch: int, patch_ids: np.ndarray) -> np.ndarray:
+    """bool [counts.sum()]: which (scale, label) pairs cover a pixel of one of ``patch_ids`` (row-major patches)."""
+    offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    result = np.zeros(int(offsets[-1]), dtype=np.bool_)
+    _visible_kernel(compact, offsets, patch, np.ascontiguousarray(patch_ids, dtype=np.int64), result)
     return result
 
 
