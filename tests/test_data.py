@@ -377,6 +377,12 @@ def test_missing_dataset_is_explained(tmp_path):
         build_dataset(DataConfig(dataset="imagenet", root=str(tmp_path)))
     with pytest.raises(DatasetNotFoundError, match="unlabeled2017"):
         build_dataset(DataConfig(dataset="coco++", root=str(tmp_path)))
+    (tmp_path / "coco" / "image" / "train2017").mkdir(parents=True)
+    Image.fromarray(_photo("coffee", (32, 24))).save(tmp_path / "coco" / "image" / "train2017" / "1.jpg")
+    with pytest.raises(MissingMaskError) as error:  # images present, masks never made
+        build_dataset(DataConfig(dataset="coco", root=str(tmp_path)))
+    assert "fh_train2017" in str(error.value) and "python -m rmae.preprocess --dataset coco" in str(error.value)
+    assert len(build_dataset(DataConfig(dataset="coco", root=str(tmp_path), regions="online_crop"))) == 1
 
 
 def test_coco_json_listing_and_fallback(tree, tmp_path):

@@ -32,7 +32,7 @@ from rmae.masks import MaskError, find_mask, mask_path
 from .cache import ShardCache
 from .decode import CorruptImageError, decode_image, decode_labels
 from .regions import region_patch_counts, regions_in_patches, relabel_crop, sample_regions
-from .sources import FHRecipe, ImageList
+from .sources import FHRecipe, ImageList, missing_masks_message
 from .transforms import crop_resize, nearest_indices, random_resized_crop_params, to_normalized_chw
 
 __all__ = ["REGION_SOURCES", "RegionDataset", "MissingMaskError"]
@@ -105,6 +105,10 @@ class RegionDataset(Dataset):
         self._warned: set[str] = set()
         if regions == "offline" and images.arrays is not None and images.labels is None:
             images.labels = felzenszwalb_batch(images.arrays, self.fh.scales, self.fh.sigma, self.fh.min_sizes)
+        if regions == "offline" and images.arrays is None:
+            for _, mask_dir in images.roots:
+                if not mask_dir.is_dir():
+                    raise MissingMaskError(missing_masks_message(images, mask_dir))
 
     # ----------------------------------------------------------------------------------------------
     def __len__(self) -> int:

@@ -60,6 +60,7 @@ class ImageList:
     root_ids: np.ndarray  # uint8 [N]
     recipe: FHRecipe
     preprocess_hint: str = ""
+    layout: str = ""  # the expected tree, for error messages
     arrays: list[np.ndarray] | None = None  # in-memory RGB images (the bundled sample set)
     labels: list[np.ndarray] | None = field(default=None, repr=False)  # in-memory FH labels (sample set)
 
@@ -79,6 +80,15 @@ class ImageList:
 def dataset_root(root: str | os.PathLike | None = None) -> Path:
     """``root``, else ``$E2E_DATASETS``, else ``.data``."""
     return Path(root if root is not None else os.environ.get("E2E_DATASETS", ".data"))
+
+
+def missing_masks_message(images: "ImageList", mask_dir: Path) -> str:
+    """Explains a missing mask folder: the expected tree, the preprocessing command and the alternatives."""
+    return (
+        f"{images.name}: mask folder {mask_dir} not found (regions='offline' reads FH masks).\n"
+        f"Expected layout:\n{images.layout}\nMake the masks with:\n    {images.preprocess_hint}\n"
+        "or compute regions in the loader with regions='online' (FH on the full image) or 'online_crop'."
+    )
 
 
 def _tree_message(root: Path, what: str, tree: str, command: str) -> str:
@@ -170,7 +180,7 @@ def coco(split: str = "train2017", root: str | os.PathLike | None = None) -> Ima
         all_ids.append(np.full(len(names), len(roots), dtype=np.uint8))
         roots.append((image_dir, mask_dir))
         all_paths.extend(names)
-    return ImageList(f"coco/{split}", roots, _pack(all_paths), np.concatenate(all_ids), COCO_FH, hint)
+    return ImageList(f"coco/{split}", roots, _pack(all_paths), np.concatenate(all_ids), COCO_FH, hint, COCO_TREE)
 
 
 def imagenet(split: str = "train", root: str | os.PathLike | None = None) -> ImageList:
@@ -193,7 +203,7 @@ def imagenet(split: str = "train", root: str | os.PathLike | None = None) -> Ima
         raise DatasetNotFoundError(_tree_message(base, f"ImageNet {split}: no images in {image_dir}.", IMAGENET_TREE, hint))
     mask_dir = image_dir.parent / f"fh_{split}"
     return ImageList(f"imagenet/{split}", [(image_dir, mask_dir)], _pack(names), np.zeros(len(names), np.uint8),
-                     IMAGENET_FH, hint)
+                     IMAGENET_FH, hint, IMAGENET_TREE)
 
 
 # Colour photographs bundled with scikit-image (no download). ``logo`` is RGBA → RGB as PIL converts it.
