@@ -88,16 +88,16 @@ if HAS_TRITON:
                          mask=rmask[:, None] & cm[None, :])
         else:
             i = (j - 1).to(tl.int64)
-            cols = tl.arange(0, BLOCK_CR)
+            rcols = tl.arange(0, BLOCK_CR)
             for c0 in range(0, CR, BLOCK_CR):
-                cc = c0 + cols
-                cm = cc < CR
-                v = tl.load(
-                    r_ptr + b * srb + i * srk + src_row[:, None] * srn + cc[None, :] * src_,
-                    mask=valid[:, None] & cm[None, :], other=0.0,
+                rc = c0 + rcols
+                rm = rc < CR
+                rv = tl.load(
+                    r_ptr + b * srb + i * srk + src_row[:, None] * srn + rc[None, :] * src_,
+                    mask=valid[:, None] & rm[None, :], other=0.0,
                 )
-                tl.store(ro_ptr + b * sorb + i * sork + rows[:, None] * sorn + cc[None, :], v,
-                         mask=rmask[:, None] & cm[None, :])
+                tl.store(ro_ptr + b * sorb + i * sork + rows[:, None] * sorn + rc[None, :], rv,
+                         mask=rmask[:, None] & rm[None, :])
 
 
 def _launch_gather(x, regions, idx, r_out):

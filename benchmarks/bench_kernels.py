@@ -1,0 +1,338 @@
+"""rmae.kernels benchmark: each Triton kernel vs its PyTorch reference, eager and torch.compile'd.
+
+Times forward (grad enabled, as in training) and forward+backward of every op at the ViT-B / k=8 / batch 64
+shapes on CUDA (N=196, L=49, C=768 image tokens, 128-d regions, 224 px maps, 512-d / 128-d decoder
+sequences). On a CPU-only machine Triton would be its interpreter, so only the reference (eager and
+compiled) runs, at a reduced batch; the script is otherwise the same and runs unchanged on a GPU.
+
+Achieved bandwidth counts the bytes each op *must* move (its inputs' needed elements read once, its
+outputs written once; see ``BYTES`` in each case), so the reference, which moves more, gets the same
+numerator. On a GPU it is also shown as % of the card's peak (spec table by name, and a measured
+large device copy).
+
+    python benchmarks/bench_kernels.py                      # defaults for the machine
+    python benchmarks/bench_kernels.py --batch 8 --reps 5 --kernels gather_visible,region_tokens
+Writes ``<out>/kernels.json`` and ``<out>/kernels.md`` (default ``benchmarks/out``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from rmae import kernels
+
+# peak DRAM bandwidth, TB/s, by a substring of torch.cuda.get_device_name()
+PEAK_TBPS = [
+    ("H200", 4.8),
+    ("H100 PCIe", 2.0),
+    ("H100 NVL", 3.9),
+    ("H100", 3.35),  # SXM (HBM3)
+    ("GH200", 4.0),
+    ("A100-SXM4-80GB", 2.039),
+    ("A100 80GB PCIe", 1.935),
+    ("A100", 1.555),
+    ("L40S", 0.864),
+    ("A10G", 0.6),
+    ("RTX 4090", 1.008),
+]
+
+
+# ---------------------------------------------------------------------------------------------------
+# machine
+# ---------------------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {
+        "cpu": cpu_model(),
+        "cpu_cores_visible": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "triton": getattr(__import__("triton"), "__version__", None) if kernels.HAS_TRITON else None,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        info["gpu"] = name
+        info["cuda"] = torch.version.cuda
+        info["peak_TBps_spec"] = next((v for k, v in PEAK_TBPS if k in name), None)
+        info["copy_TBps_measured"] = measure_copy_bandwidth(device)
+    return info
+
+
+def measure_copy_bandwidth(device) -> float:
+    """Large device-to-device copy (read + write bytes) in TB/s."""
+    n = 1 << 28  # 256 Mi floats = 1 GiB
+    a = torch.empty(n, device=device, dtype=torch.float32)
+    b = torch.empty_like(a)
+    ms = time_ms(lambda: b.copy_(a), device, warmup=3, reps=20)
+    del a, b
+    return 2 * n * 4 / (ms * 1e-3) / 1e12
+
+
+# ---------------------------------------------------------------------------------------------------
+# timing
+# ---------------------------------------------------------------------------------------------------
+def time_ms(fn, device, warmup: int, reps: int) -> float:
+    """Median milliseconds per call. CUDA: triton.testing.do_bench (L2 flushed between calls)."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=max(warmup, 5) * 5, rep=max(reps, 20) * 5,
+                                             return_mode="median"))
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts)
+
+
+# ---------------------------------------------------------------------------------------------------
+# cases: each returns (name, shape string, make() -> (fn(impl) -> outputs, grad inputs, out grads), bytes)
+# ---------------------------------------------------------------------------------------------------
+def esize(dtype) -> int:
+    return torch.tensor([], dtype=dtype).element_size()
+
+
+def case_gather_visible(B, k, dt, dev, g):
+    N, L, C, Cr = 196, 49, 768, 128
+    x = torch.randn(B, N, C, device=dev, dtype=dt, requires_grad=True)
+    r = torch.randn(B, k, N, Cr, device=dev, dtype=dt, requires_grad=True)
+    ids = torch.rand(B, N, generator=g).argsort(1)[:, :L].to(dev)
+    e = esize(dt)
+
+    fn = lambda impl: kernels.gather_visible(x, ids, r, impl=impl)  # noqa: E731
+
+    fwd_bytes = 2 * (B * L * C + B * k * L * Cr) * e + B * L * 8
+    bwd_bytes = (B * L * C + B * k * L * Cr) * e + (B * N * C + B * k * N * Cr) * e + B * L * 8
+    ref = lambda: kernels.gather_visible_reference(x, ids, r)  # noqa: E731
+    return dict(name="gather_visible", shape=f"x[{B},{N},{C}] regions[{B},{k},{N},{Cr}] L={L}",
+                fn=fn, ref=ref, inputs=[x, r], fwd_bytes=fwd_bytes, bwd_bytes=bwd_bytes)
+
+
+def case_unshuffle(B, k, dt, dev, g, C=512, label="pixel decoder"):
+    N, L = 196, 49
+    x = torch.randn(B, L + 1, C, device=dev, dtype=dt, requires_grad=True)
+    m = torch.randn(1, 1, C, device=dev, dtype=dt, requires_grad=True)
+    pos = torch.randn(1, N + 1, C, device=dev, dtype=dt)  # fixed sin-cos buffer in the model
+    ids_restore = torch.rand(B, N, generator=g).argsort(1).argsort(1).to(dev)
+    e = esize(dt)
+    fn = lambda impl: kernels.unshuffle_fill(x, m, ids_restore, pos, impl=impl)  # noqa: E731
+    ref = lambda: kernels.unshuffle_fill_reference(x, m, ids_restore, pos)  # noqa: E731
+    fwd_bytes = (B * (L + 1) * C + C + (N + 1) * C + B * (N + 1) * C) * e + B * N * 8
+    bwd_bytes = (B * (N + 1) * C + B * (L + 1) * C + C) * e + B * N * 8
+    return dict(name=f"unshuffle_fill ({label})", shape=f"x[{B},{L + 1},{C}] -> [{B},{N + 1},{C}]",
+                fn=fn, ref=ref, inputs=[x, m], fwd_bytes=fwd_bytes, bwd_bytes=bwd_bytes)
+
+
+def case_pool(B, k, dt, dev, g):
+    L, C = 49, 128
+    x = torch.randn(B, k, L, C, device=dev, dtype=dt, requires_grad=True)
+    res = torch.randn(B, k, L, C, device=dev, dtype=dt, requires_grad=True)
+    e = esize(dt)
+    fn = lambda impl: kernels.region_query_pool(x, res, impl=impl)  # noqa: E731
+    ref = lambda: kernels.region_query_pool_reference(x, res)  # noqa: E731
+    fwd_bytes = (2 * B * k * L * C + B * k * C) * e
+    bwd_bytes = (B * k * C + 2 * B * k * L * C) * e
+    return dict(name="region_query_pool (+residual)", shape=f"[{B},{k},{L},{C}] x2 -> [{B},{k},{C}]",
+                fn=fn, ref=ref, inputs=[x, res], fwd_bytes=fwd_bytes, bwd_bytes=bwd_bytes)
+
+
+def _region_params(dev, dt, D=128, P=16, N=196):
+    w = (torch.randn(D, 1, P, P, device=dev) * 0.02).to(dt).requires_grad_(True)
+    b = torch.zeros(D, device=dev, dtype=dt, requires_grad=True)
+    pos = torch.randn(1, N, D, device=dev, dtype=dt)
+    return w, b, pos
+
+
+def case_region_tokens(B, k, dt, dev, g):
+    P, H, L, D = 16, 224, 49, 128
+    N = (H // P) ** 2
+    maps = (torch.rand(B, k, H, H, generator=g) < 0.3).to(torch.uint8).to(dev)
+    ids = torch.rand(B, N, generator=g).argsort(1)[:, :L].to(dev)
+    w, b, pos = _region_params(dev, dt, D, P, N)
+    e = esize(dt)
+    fn = lambda impl: kernels.region_tokens(maps, ids, w, b, pos, P, impl=impl)  # noqa: E731
+    ref = lambda: kernels.region_tokens_reference(maps, ids, w, b, pos, P)  # noqa: E731
+    pix = B * k * L * P * P  # uint8 pixels of the visible patches
+    fwd_bytes = pix + B * L * 8 + (D * P * P + D + N * D) * e + B * k * L * D * e
+    bwd_bytes = B * k * L * D * e + pix + B * L * 8 + (D * P * P + D) * e
+    return dict(name="region_tokens (uint8 maps)", shape=f"maps[{B},{k},{H},{H}] -> [{B},{k},{L},{D}]",
+                fn=fn, ref=ref, inputs=[w, b], fwd_bytes=fwd_bytes, bwd_bytes=bwd_bytes)
+
+
+def case_region_tokens_labels(B, k, dt, dev, g):
+    P, H, L, D, S = 16, 224, 49, 128, 3
+    N = (H // P) ** 2
+    coarse = torch.randint(0, 40, (B, S, H // 8, H // 8), generator=g)
+    labels = coarse.repeat_interleave(8, 2).repeat_interleave(8, 3).to(torch.int16).to(dev)
+    si = torch.randint(0, S, (B, k), generator=g).to(dev)
+    li = torch.randint(0, 40, (B, k), generator=g).to(dev)
+    ids = torch.rand(B, N, generator=g).argsort(1)[:, :L].to(dev)
+    w, b, pos = _region_params(dev, dt, D, P, N)
+    e = esize(dt)
+    fn = lambda impl: kernels.region_tokens_from_labels(labels, si, li, ids, w, b, pos, P, impl=impl)  # noqa
+    ref = lambda: kernels.region_tokens_from_labels_reference(labels, si, li, ids, w, b, pos, P)  # noqa
+    pix = B * k * L * P * P * 2  # int16 labels of the visible patches, per region
+    fwd_bytes = pix + B * L * 8 + 2 * B * k * 8 + (D * P * P + D + N * D) * e + B * k * L * D * e
+    bwd_bytes = B * k * L * D * e + pix + B * L * 8 + 2 * B * k * 8 + (D * P * P + D) * e
+    return dict(name="region_tokens_from_labels (int16, S=3)",
+                shape=f"labels[{B},{S},{H},{H}] -> [{B},{k},{L},{D}]",
+                fn=fn, ref=ref, inputs=[w, b], fwd_bytes=fwd_bytes, bwd_bytes=bwd_bytes)
+
+
+CASES = {
+    "gather_visible": case_gather_visible,
+    "unshuffle_fill": case_unshuffle,
+    "unshuffle_fill_region": lambda B, k, dt, dev, g: case_unshuffle(B, k, dt, dev, g, C=128,
+                                                                    label="region neck"),
+    "region_query_pool": case_pool,
+    "region_tokens": case_region_tokens,
+    "region_tokens_from_labels": case_region_tokens_labels,
+}
+
+
+def as_list(out):
+    return [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if o is not None]
+
+
+def fwd_bwd(fwd, inputs):
+    outs = as_list(fwd())
+    grads = [torch.ones_like(o) for o in outs]
+    torch.autograd.grad(outs, inputs, grads)
+
+
+def run_case(c, variants, device, warmup, reps):
+    rows = []
+    for variant in variants:
+        if variant == "triton":
+            fwd = lambda: c["fn"]("triton")  # noqa: E731
+        elif variant == "reference eager":
+            fwd = c["ref"]
+        else:  # reference compiled
+            compiled = torch.compile(c["ref"], dynamic=False)
+            fwd = compiled
+        t_c = time.perf_counter()
+        fwd_bwd(fwd, c["inputs"])  # first call: compile / autotune
+        first_s = time.perf_counter() - t_c
+        t_f = time_ms(fwd, device, warmup, reps)
+        t_fb = time_ms(lambda: fwd_bwd(fwd, c["inputs"]), device, warmup, reps)
+        rows.append(dict(kernel=c["name"], shape=c["shape"], impl=variant, fwd_ms=t_f, fwd_bwd_ms=t_fb,
+                         fwd_GBps=c["fwd_bytes"] / (t_f * 1e-3) / 1e9,
+                         fwd_bwd_GBps=(c["fwd_bytes"] + c["bwd_bytes"]) / (t_fb * 1e-3) / 1e9,
+                         fwd_bytes=c["fwd_bytes"], bwd_bytes=c["bwd_bytes"], first_call_s=first_s))
+        print(f"  {variant:20s} fwd {t_f:9.3f} ms  fwd+bwd {t_fb:9.3f} ms  "
+              f"({rows[-1]['fwd_bwd_GBps']:.3g} GB/s)  first call {first_s:.1f} s", flush=True)
+    return rows
+
+
+def markdown(info, rows, args) -> str:
+    gpu = info.get("gpu")
+    peak = info.get("peak_TBps_spec")
+    copy = info.get("copy_TBps_measured")
+    lines = []
+    if gpu:
+        lines.append(f"Machine: {gpu} (peak {peak} TB/s spec, {copy:.2f} TB/s measured copy), "
+                     f"CPU {info['cpu']}, torch {info['torch']}, triton {info['triton']}.")
+    else:
+        lines.append(f"Machine: {info['cpu']}, {info['cpu_cores_visible']} visible cores, "
+                     f"{info['torch_threads']} torch threads, torch {info['torch']}, no GPU. "
+                     "Triton needs a GPU (on CPU it only runs through the interpreter), so this run "
+                     "compares the PyTorch reference eager vs torch.compile.")
+    lines.append(f"Batch {args.batch}, k={args.k}, dtype {args.dtype}; median of {args.reps} reps; "
+                 "GB/s = bytes the op must move / time (forward, and forward+backward together).")
+    lines.append("")
+    head = "| kernel | shape | impl | fwd ms | fwd GB/s | fwd+bwd ms | fwd+bwd GB/s |"
+    sep = "|---|---|---|---:|---:|---:|---:|"
+    if gpu and peak:
+        head += " fwd+bwd % peak |"
+        sep += "---:|"
+    head += " fwd+bwd vs ref eager |"
+    sep += "---:|"
+    lines += [head, sep]
+    base = {r["kernel"]: r["fwd_bwd_ms"] for r in rows if r["impl"] == "reference eager"}
+    for r in rows:
+        line = (f"| {r['kernel']} | {r['shape']} | {r['impl']} | {r['fwd_ms']:.3g} | {r['fwd_GBps']:.3g} | "
+                f"{r['fwd_bwd_ms']:.3g} | {r['fwd_bwd_GBps']:.3g} |")
+        if gpu and peak:
+            line += f" {100 * r['fwd_bwd_GBps'] / (peak * 1e3):.1f}% |"
+        b = base.get(r["kernel"])
+        line += f" {b / r['fwd_bwd_ms']:.2f}x |" if b else " |"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", type=int, default=None, help="default 64 on CUDA, 8 on CPU")
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                    help="activation dtype (default bfloat16 on CUDA, float32 on CPU)")
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--kernels", default=",".join(CASES), help=f"comma list of {list(CASES)}")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd reference")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default 1 on CPU: shared small machines make OpenMP spin)")
+    ap.add_argument("--out", default="benchmarks/out")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    args.batch = args.batch or (64 if cuda else 8)
+    args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    args.reps = args.reps or (50 if cuda else 5)
+    args.warmup = args.warmup or (10 if cuda else 2)
+    dt = getattr(torch, args.dtype)
+    if args.threads or not cuda:
+        torch.set_num_threads(args.threads or 1)
+    info = machine_info(device)
+    print("machine:", json.dumps(info))
+
+    variants = ["reference eager"] + ([] if args.no_compile else ["reference compiled"])
+    triton_ok = kernels.HAS_TRITON and (cuda or kernels.interpreting())
+    if cuda and triton_ok:
+        variants.append("triton")
+    elif not cuda:
+        print("note: no GPU — Triton runs only through its CPU interpreter; timing the reference only.")
+
+    rows = []
+    for name in [s for s in args.kernels.split(",") if s]:
+        g = torch.Generator().manual_seed(0)
+        c = CASES[name](args.batch, args.k, dt, device, g)
+        print(f"{c['name']}: {c['shape']}", flush=True)
+        rows += run_case(c, variants, device, args.warmup, args.reps)
+        del c
+        if cuda:
+            torch.cuda.empty_cache()
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kernels.json").write_text(json.dumps(dict(machine=info, args=vars(args), rows=rows), indent=2))
+    md = markdown(info, rows, args)
+    (out / "kernels.md").write_text(md)
+    print()
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
