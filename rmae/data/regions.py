@@ -83,7 +83,7 @@ def relabel_crop(
     if status == -1:
         raise ValueError(f"labels outside 0..{lut.size - 1} (dtype {labels.dtype})")
     if status == -2:
-        raise ValueError(f"a crop holds more than {_INT16_MAX + 1} segments at one scale; int16 labels cannot hold them")
+        raise ValueError(f"a crop holds more than {_INT16_MAX + 1} segments at one scale; int16 cannot hold them")
     return out, counts
 
 

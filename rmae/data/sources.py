@@ -122,7 +122,7 @@ def read_coco_file_names(annotation_file: str | os.PathLike) -> list[str]:
         try:
             images = json.loads(text)["images"]
         except (ValueError, KeyError, TypeError) as error:
-            raise ValueError(f"{annotation_file}: not a COCO annotation file with an 'images' list ({error})") from error
+            raise ValueError(f"{annotation_file}: no COCO 'images' list ({error})") from error
     entries = []
     for position, image in enumerate(images):
         if not isinstance(image, dict) or "file_name" not in image:
@@ -146,7 +146,8 @@ def _list_images(folder: Path) -> list[str]:
 
 
 COCO_TREE = """\
-    coco/annotations/instances_train2017.json, instances_val2017.json, image_info_unlabeled2017.json  (optional: else the folder is listed)
+    coco/annotations/instances_train2017.json, instances_val2017.json, image_info_unlabeled2017.json
+        (optional: without them the image folder is listed)
     coco/image/train2017/*.jpg   coco/image/val2017/*.jpg   coco/image/unlabeled2017/*.jpg
     coco/image/fh_train2017/<stem>.npy.zst   (masks, for regions='offline')"""
 
@@ -195,12 +196,13 @@ def imagenet(split: str = "train", root: str | os.PathLike | None = None) -> Ima
             break
     else:
         raise DatasetNotFoundError(
-            _tree_message(base, f"ImageNet {split}: neither {base / 'imagenet' / split} nor {base / 'imnet' / split} exists.",
-                          IMAGENET_TREE, hint)
+            _tree_message(base, f"ImageNet {split}: neither {base / 'imagenet' / split} nor "
+                          f"{base / 'imnet' / split} exists.", IMAGENET_TREE, hint)
         )
     names = _list_images(image_dir)
     if not names:
-        raise DatasetNotFoundError(_tree_message(base, f"ImageNet {split}: no images in {image_dir}.", IMAGENET_TREE, hint))
+        raise DatasetNotFoundError(
+            _tree_message(base, f"ImageNet {split}: no images in {image_dir}.", IMAGENET_TREE, hint))
     mask_dir = image_dir.parent / f"fh_{split}"
     return ImageList(f"imagenet/{split}", [(image_dir, mask_dir)], _pack(names), np.zeros(len(names), np.uint8),
                      IMAGENET_FH, hint, IMAGENET_TREE)
