@@ -215,7 +215,10 @@ SAMPLE_IMAGES = (
 )
 
 
-def _load_sample_image(spec: str) -> np.ndarray:
+SAMPLE_MAX_SIDE = 640  # COCO-sized, so the COCO FH recipe (min_size in pixels) means the same
+
+
+def _load_sample_image(spec: str, max_side: int | None = None) -> np.ndarray:
     import skimage.data
     from PIL import Image
 
@@ -223,12 +226,17 @@ def _load_sample_image(spec: str) -> np.ndarray:
     image = getattr(skimage.data, name)()
     if part:
         image = image[int(part)]
-    return np.asarray(Image.fromarray(image).convert("RGB"))
+    image = Image.fromarray(image).convert("RGB")
+    if max_side is not None and max(image.size) > max_side:
+        scale = max_side / max(image.size)
+        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
+    return np.asarray(image)
 
 
 def sample(split: str = "train", root=None) -> ImageList:
-    """The ~11 colour photos bundled with scikit-image, held in memory: the no-download demo and test set."""
-    arrays = [_load_sample_image(spec) for spec in SAMPLE_IMAGES]
+    """The 11 colour photos bundled with scikit-image (longer side at most 640 px), held in memory: the
+    no-download demo and test set."""
+    arrays = [_load_sample_image(spec, SAMPLE_MAX_SIDE) for spec in SAMPLE_IMAGES]
     names = [spec.replace(":", "_") for spec in SAMPLE_IMAGES]
     return ImageList("sample", [(Path("<skimage.data>"), Path("<memory>"))], _pack(names),
                      np.zeros(len(names), np.uint8), COCO_FH, "", arrays=arrays)
