@@ -1,0 +1,253 @@
+"""rmae.fh against scikit-image 0.26: the same partition for every image and parameter set.
+
+Exact ties between edge costs: scikit-image sorts the edges with numpy's default argsort, which is not
+stable, and whose tie order depends on the CPU (numpy dispatches AVX-512, AVX2 or baseline sorts, and
+on tie-heavy images such as uint8 with sigma=0 scikit-image's partition changes with it). rmae breaks
+ties by scikit-image's edge order. The reference below is therefore scikit-image itself with its
+argsort made stable, which fixes the tie order and nothing else; where no tie decides a merge
+(every photo with sigma > 0), stock scikit-image is compared too.
+"""
+import contextlib
+import warnings
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+from skimage import data
+from skimage.segmentation import felzenszwalb as skimage_felzenszwalb
+from skimage.transform import resize
+
+from rmae import _fh, fh
+
+
+def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    """True when a and b group the pixels identically (label values may differ)."""
+    if a.shape != b.shape:
+        return False
+    pairs = np.unique(np.stack([a.ravel().astype(np.int64), b.ravel().astype(np.int64)]), axis=1)
+    return pairs.shape[1] == len(np.unique(a)) == len(np.unique(b))
+
+
+@contextlib.contextmanager
+def stable_argsort():
+    """scikit-image's Cython looks up np.argsort at call time: make it stable for the call."""
+    original = np.argsort
+    np.argsort = lambda a, *args, **kwargs: original(a, kind="stable")
+    try:
+        yield
+    finally:
+        np.argsort = original
+
+
+def stock_reference(image, scale, sigma, min_size):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # skimage warns for more than 3 channels
+        return skimage_felzenszwalb(image, scale, sigma, min_size, channel_axis=-1 if image.ndim == 3 else None)
+
+
+def reference(image, scale, sigma, min_size):
+    with stable_argsort():
+        return stock_reference(image, scale, sigma, min_size)
+
+
+def small_photo(name: str, size=(96, 128)) -> np.ndarray:
+    image = getattr(data, name)()
+    out = resize(image, size + image.shape[2:], order=1, anti_aliasing=True, preserve_range=True)
+    return np.ascontiguousarray(out.round().clip(0, 255).astype(np.uint8))
+
+
+PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "coins"]
+SCALES = [1, 10, 100, 500, 1000, 1500]
+MIN_SIZES = [0, 20, 100, 1000]
+
+
+@pytest.mark.parametrize("sigma", [0, 0.5, 0.8, 2])
+@pytest.mark.parametrize("name", PHOTOS)
+def test_photos_match_scikit_image_over_the_parameter_grid(name, sigma):
+    image = small_photo(name)
+    for scale in SCALES:
+        for min_size in MIN_SIZES:
+            ours = fh.felzenszwalb(image, scale, sigma, min_size)
+            assert ours.dtype == np.int32 and ours.shape == image.shape[:2]
+            assert same_partition(ours, reference(image, scale, sigma, min_size)), (scale, sigma, min_size)
+            if sigma > 0:
+                assert same_partition(ours, stock_reference(image, scale, sigma, min_size)), (scale, sigma, min_size)
+
+
+@pytest.mark.parametrize("name", ["astronaut", "camera"])
+def test_float_and_full_resolution_photos_match(name):
+    image = getattr(data, name)()
+    as_float = image / 255.0  # float input is used as is, like scikit-image
+    for scale, sigma, min_size in [(1000, 0.8, 1000), (500, 0.8, 500), (100, 2, 50)]:
+        ours = fh.felzenszwalb(image, scale, sigma, min_size)
+        assert same_partition(ours, stock_reference(image, scale, sigma, min_size))
+    for scale, sigma, min_size in [(300, 0.5, 20), (1, 0, 0)]:
+        assert same_partition(
+            fh.felzenszwalb(as_float[:160, :200], scale, sigma, min_size),
+            reference(as_float[:160, :200], scale, sigma, min_size),
+        )
+
+
+@pytest.mark.parametrize("channels", [None, 1, 2, 3, 4, 10])
+@pytest.mark.parametrize("dtype", ["uint8", "float64"])
+def test_random_noise_matches(channels, dtype):  # sigma=0 on uint8 noise: ties everywhere
+    rng = np.random.default_rng(7 if channels is None else channels)
+    shape = (37, 53) if channels is None else (37, 53, channels)
+    image = rng.integers(0, 256, shape).astype(np.uint8) if dtype == "uint8" else rng.random(shape)
+    for scale, sigma, min_size in [(1, 0, 0), (100, 0, 10), (100, 0.8, 20), (1000, 2, 100), (0, 0.5, 5)]:
+        assert same_partition(
+            fh.felzenszwalb(image, scale, sigma, min_size), reference(image, scale, sigma, min_size)
+        ), (scale, sigma, min_size)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 17), (17, 1), (2, 2), (1, 1, 3), (3, 1, 3), (1, 9, 3)])
+def test_degenerate_shapes_match(shape):
+    image = np.random.default_rng(1).integers(0, 256, shape).astype(np.uint8)
+    for scale, sigma, min_size in [(1, 0.8, 0), (100, 2, 3), (10, 0, 20)]:
+        ours = fh.felzenszwalb(image, scale, sigma, min_size)
+        assert ours.shape == shape[:2]
+        assert same_partition(ours, reference(image, scale, sigma, min_size))
+
+
+def test_constant_images_are_one_segment():
+    for image in [np.full((20, 30, 3), 77, np.uint8), np.zeros((5, 5)), np.ones((4, 9, 2))]:
+        ours = fh.felzenszwalb(image, 100, 0.8, 5)
+        assert (ours == 0).all()
+        assert same_partition(ours, reference(image, 100, 0.8, 5))
+
+
+def test_other_dtypes_convert_like_scikit_image():
+    base = small_photo("astronaut", (48, 64))
+    variants = [
+        base.astype(np.uint16) * 257,
+        (base.astype(np.int16) - 128).astype(np.int8),
+        base.astype(np.float32) / 255,
+        base > 128,
+        base.astype(np.int32) * 1000,
+    ]
+    for image in variants:
+        for scale, sigma, min_size in [(100, 0.8, 20), (10, 0, 5)]:
+            assert same_partition(
+                fh.felzenszwalb(image, scale, sigma, min_size), reference(image, scale, sigma, min_size)
+            ), image.dtype
+
+
+def test_labels_are_numbered_in_raster_order_of_first_pixel():
+    labels = fh.felzenszwalb(small_photo("coffee"), 100, 0.8, 20)
+    first_seen = []
+    for value in labels.ravel():
+        if not first_seen or value > max(first_seen):
+            first_seen.append(int(value))
+    assert first_seen == list(range(labels.max() + 1))
+    assert len(np.unique(labels)) == labels.max() + 1
+
+
+def test_non_contiguous_inputs_just_work():
+    image = getattr(data, "astronaut")()
+    view = image[::3, ::2]  # strided
+    fortran = np.asfortranarray(small_photo("chelsea"))
+    channels_view = small_photo("rocket")[..., ::-1]  # BGR view, negative stride
+    for array in (view, fortran, channels_view):
+        assert same_partition(fh.felzenszwalb(array, 300, 0.8, 50), reference(np.ascontiguousarray(array), 300, 0.8, 50))
+
+
+def test_multi_scale_equals_single_scale_calls():
+    image = small_photo("astronaut", (120, 160))
+    scales, min_sizes = [500, 1000, 1500], [500, 1000, 1500]
+    multi = fh.felzenszwalb_multi(image, scales, 0.8, min_sizes)
+    assert multi.shape == (3, 120, 160) and multi.dtype == np.int32
+    for s in range(3):
+        np.testing.assert_array_equal(multi[s], fh.felzenszwalb(image, scales[s], 0.8, min_sizes[s]))
+    np.testing.assert_array_equal(fh.felzenszwalb_multi(image, scales, 0.8), multi)  # min sizes default to scales
+    mixed = fh.felzenszwalb_multi(image, [10, 300], 0.5, [0, 77])
+    np.testing.assert_array_equal(mixed[1], fh.felzenszwalb(image, 300, 0.5, 77))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_batch_equals_one_by_one(threads):
+    images = [small_photo(n, (64, 80)) for n in PHOTOS] + [np.random.default_rng(0).random((9, 31))]
+    batch = fh.felzenszwalb_batch(images, [100, 1000], 0.8, [20, 1000], num_threads=threads)
+    assert len(batch) == len(images)
+    for image, labels in zip(images, batch):
+        np.testing.assert_array_equal(labels, fh.felzenszwalb_multi(image, [100, 1000], 0.8, [20, 1000]))
+
+
+@pytest.mark.parametrize("sigma", [0.3, 0.8, 2.0, 5.0])
+@pytest.mark.parametrize("shape", [(40, 50, 3), (1, 7, 1), (5, 1, 2), (2, 3, 3), (9, 200, 1)])
+def test_smoothing_is_bit_identical_to_scipy(shape, sigma):
+    image = np.random.default_rng(3).random(shape)
+    expected = ndi.gaussian_filter(image, [sigma, sigma, 0], mode="reflect")
+    np.testing.assert_array_equal(_fh.smooth(image, fh.gaussian_weights(sigma)), expected)
+    photo = small_photo("astronaut")
+    expected = ndi.gaussian_filter(photo * (1 / 255), [sigma, sigma, 0], mode="reflect")
+    np.testing.assert_array_equal(_fh.smooth(photo, fh.gaussian_weights(sigma)), expected)
+
+
+@pytest.mark.parametrize("channels", [1, 3, 10])
+def test_edges_are_scikit_image_costs_in_stable_sorted_order(channels):
+    rng = np.random.default_rng(channels)
+    image = np.round(rng.random((23, 31, channels)) * 8) / 8  # many exactly tied costs
+    height, width = image.shape[:2]
+    # scikit-image's cost expressions and edge order, sorted stably.
+    down = np.sqrt(np.sum((image[1:] - image[:-1]) * (image[1:] - image[:-1]), axis=-1))
+    right = np.sqrt(np.sum((image[:, 1:] - image[:, :-1]) * (image[:, 1:] - image[:, :-1]), axis=-1))
+    dright = np.sqrt(np.sum((image[1:, 1:] - image[:-1, :-1]) * (image[1:, 1:] - image[:-1, :-1]), axis=-1))
+    uright = np.sqrt(np.sum((image[1:, :-1] - image[:-1, 1:]) * (image[1:, :-1] - image[:-1, 1:]), axis=-1))
+    costs = np.hstack([right.ravel(), down.ravel(), dright.ravel(), uright.ravel()])
+    pixels = np.arange(height * width).reshape(height, width)
+    first = np.hstack(
+        [pixels[:, :-1].ravel(), pixels[:-1, :].ravel(), pixels[:-1, :-1].ravel(), pixels[:-1, 1:].ravel()]
+    )
+    types = np.repeat(np.arange(4), [right.size, down.size, dright.size, uright.size])
+    order = np.argsort(costs, kind="stable")
+    sorted_costs, codes = _fh.sorted_edges(image)
+    np.testing.assert_array_equal(sorted_costs, costs[order])
+    np.testing.assert_array_equal(codes, (types[order] << 30) | first[order])
+
+
+def test_gaussian_weights_are_scipys_kernel():
+    from scipy.ndimage._filters import _gaussian_kernel1d
+
+    for sigma in (0.5, 0.8, 2.0):
+        radius = int(4 * sigma + 0.5)
+        np.testing.assert_array_equal(fh.gaussian_weights(sigma), _gaussian_kernel1d(sigma, 0, radius)[::-1])
+    assert fh.gaussian_weights(0) == []
+
+
+@pytest.mark.parametrize(
+    "bad, error, message",
+    [
+        ([[1, 2], [3, 4]], TypeError, "numpy array"),
+        (None, TypeError, "numpy array"),
+        (np.zeros(5), ValueError, "2-D"),
+        (np.zeros((2, 2, 2, 2)), ValueError, "2-D"),
+        (np.zeros((0, 4, 3)), ValueError, "empty"),
+        (np.array([[np.nan, 1.0]]), ValueError, "NaN"),
+        (np.array([[np.inf, 1.0]]), ValueError, "NaN or infinite"),
+        (np.zeros((2, 2), dtype=complex), TypeError, "dtype"),
+        (np.array([["a"]]), TypeError, "dtype"),
+    ],
+)
+def test_bad_images_raise_clear_errors(bad, error, message):
+    with pytest.raises(error, match=message):
+        fh.felzenszwalb(bad)
+
+
+def test_bad_parameters_raise_clear_errors():
+    image = np.zeros((4, 4, 3), np.uint8)
+    with pytest.raises(ValueError, match="scale"):
+        fh.felzenszwalb(image, scale=-1)
+    with pytest.raises(ValueError, match="scale"):
+        fh.felzenszwalb(image, scale=float("nan"))
+    with pytest.raises(ValueError, match="sigma"):
+        fh.felzenszwalb(image, sigma=-0.1)
+    with pytest.raises(ValueError, match="min_size"):
+        fh.felzenszwalb(image, min_size=-5)
+    with pytest.raises(TypeError, match="min_size"):
+        fh.felzenszwalb(image, min_size=2.5)
+    with pytest.raises(ValueError, match="min_sizes"):
+        fh.felzenszwalb_multi(image, [1, 2], 0.8, [1])
+    with pytest.raises(ValueError, match="at least one"):
+        fh.felzenszwalb_multi(image, [], 0.8, [])
+    with pytest.raises(ValueError, match="num_threads"):
+        fh.felzenszwalb_batch([image], [1], num_threads=0)
