@@ -1,0 +1,196 @@
+"""python -m rmae.preprocess, the mask files and image decoding, on temporary dataset trees."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data
+
+from rmae import fh
+from rmae.image_io import ImageDecodeError, load_rgb
+from rmae.masks import MaskError, find_mask, load_labels, mask_path, save_labels
+from rmae.preprocess import main
+
+SMALL = (72, 96)
+
+
+def photo(name: str, size=SMALL) -> np.ndarray:
+    return np.asarray(Image.fromarray(getattr(data, name)()).resize(size[::-1], Image.BICUBIC))
+
+
+def expected_masks(path: Path, scales=(500, 1000, 1500)) -> np.ndarray:
+    return fh.felzenszwalb_multi(load_rgb(path), scales, 0.8, scales)
+
+
+@pytest.fixture
+def coco_tree(tmp_path: Path) -> Path:
+    """A COCO-shaped tree: 4 photos, a grayscale one, a corrupt file and a truncated JPEG."""
+    images = tmp_path / "coco" / "image" / "val2017"
+    images.mkdir(parents=True)
+    for i, name in enumerate(["astronaut", "coffee", "chelsea", "rocket"]):
+        Image.fromarray(photo(name)).save(images / f"{i:012d}.jpg", quality=90)
+    Image.fromarray(photo("camera")).save(images / "000000000099.jpg")
+    (images / "000000000100.jpg").write_bytes(b"\xff\xd8 definitely not a jpeg")
+    whole = (images / "000000000000.jpg").read_bytes()
+    (images / "000000000101.jpg").write_bytes(whole[: len(whole) // 2])
+    return tmp_path
+
+
+def test_coco_split_end_to_end_with_failures(coco_tree, capsys):
+    code = main(["--dataset", "coco", "--split", "val2017", "--root", str(coco_tree), "--workers", "2"])
+    assert code == 1  # two undecodable files
+    masks = coco_tree / "coco" / "image" / "fh_val2017"
+    written = sorted(p.name for p in masks.glob("*.npy.zst"))
+    assert written == [f"{i:012d}.npy.zst" for i in (0, 1, 2, 3, 99)]
+    for name in written:
+        labels = load_labels(masks / name)
+        assert labels.dtype == np.uint16 and labels.shape == (3, *SMALL)
+        source = coco_tree / "coco" / "image" / "val2017" / name.replace(".npy.zst", ".jpg")
+        np.testing.assert_array_equal(labels, expected_masks(source))
+    failures = (masks / "preprocess_failures.tsv").read_text().splitlines()
+    assert [line.split("\t")[0].rsplit("/", 1)[1] for line in failures] == ["000000000100.jpg", "000000000101.jpg"]
+    assert "truncated" in failures[1]
+    assert "5 written" in capsys.readouterr().out
+
+
+def test_rerun_skips_finished_files_and_cleans_partial_writes(coco_tree):
+    args = ["--dataset", "coco", "--split", "val2017", "--root", str(coco_tree), "--workers", "1"]
+    main(args)
+    masks = coco_tree / "coco" / "image" / "fh_val2017"
+    done = masks / "000000000001.npy.zst"
+    before = done.stat().st_mtime_ns
+    (masks / "000000000002.npy.zst").unlink()  # as if the run had stopped before it
+    stale = masks / ".000000000002.npy.zst.abc123.tmp"  # a write interrupted mid-way
+    stale.write_bytes(b"partial")
+    main(args)
+    assert done.stat().st_mtime_ns == before
+    assert (masks / "000000000002.npy.zst").is_file() and not stale.exists()
+
+
+def test_killed_run_resumes_to_complete_correct_masks(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(24):
+        Image.fromarray(photo(["astronaut", "coffee", "chelsea"][i % 3], (180, 240))).save(images / f"{i:03d}.png")
+    out = tmp_path / "masks"
+    command = [sys.executable, "-m", "rmae.preprocess", "--images", str(images), "--out", str(out), "--workers", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list(out.glob("*.npy.zst"))) < 2:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    partial = len(list(out.glob("*.npy.zst")))
+    assert 2 <= partial < 24, "the run should have been killed part-way"
+    assert subprocess.run(command, capture_output=True).returncode == 0
+    for i in range(24):
+        np.testing.assert_array_equal(load_labels(out / f"{i:03d}.npy.zst"), expected_masks(images / f"{i:03d}.png"))
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_imagenet_layout_and_recipe(tmp_path):
+    for split, classes in [("train", ["n01", "n02"]), ("val", ["n01"])]:
+        for c in classes:
+            folder = tmp_path / "imnet" / split / c  # the imnet/ spelling is accepted too
+            folder.mkdir(parents=True)
+            Image.fromarray(photo("coffee")).save(folder / f"{c}_1.JPEG")
+    assert main(["--dataset", "imnet", "--split", "train", "--root", str(tmp_path)]) == 0
+    labels = load_labels(tmp_path / "imnet" / "fh_train" / "n02" / "n02_1.npy.zst")
+    assert labels.shape == (1, *SMALL)  # ImageNet recipe: one scale, 1000 / 1000
+    np.testing.assert_array_equal(labels[0], fh.felzenszwalb(load_rgb(tmp_path / "imnet/train/n02/n02_1.JPEG"), 1000, 0.8, 1000))
+
+
+def test_generic_mode_custom_recipe_and_recipe_change_is_refused(tmp_path, capsys):
+    images = tmp_path / "in" / "nested"
+    images.mkdir(parents=True)
+    Image.fromarray(photo("rocket")).save(images / "r.png")
+    out = tmp_path / "out"
+    assert main(["--images", str(tmp_path / "in"), "--out", str(out), "--scales", "100,300", "--sigma", "0.5"]) == 0
+    labels = load_labels(out / "nested" / "r.npy.zst")
+    np.testing.assert_array_equal(labels, fh.felzenszwalb_multi(photo("rocket"), [100, 300], 0.5, [100, 300]))
+    with pytest.raises(SystemExit, match="--overwrite"):
+        main(["--images", str(tmp_path / "in"), "--out", str(out), "--scales", "200"])
+    assert main(["--images", str(tmp_path / "in"), "--out", str(out), "--scales", "200", "--overwrite"]) == 0
+    assert load_labels(out / "nested" / "r.npy.zst").shape[0] == 1
+
+
+def test_verify_regenerates_bad_masks(coco_tree, capsys):
+    args = ["--dataset", "coco", "--split", "val2017", "--root", str(coco_tree)]
+    main(args)
+    masks = coco_tree / "coco" / "image" / "fh_val2017"
+    broken = masks / "000000000003.npy.zst"
+    broken.write_bytes(broken.read_bytes()[:40])
+    wrong_shape = masks / "000000000001.npy.zst"
+    save_labels(wrong_shape, np.zeros((3, 5, 5), np.uint16))
+    main(args)  # a plain rerun trusts existing files
+    assert load_labels(wrong_shape).shape == (3, 5, 5)
+    main(args + ["--verify"])
+    err = capsys.readouterr().err
+    assert "000000000003" in err and "000000000001" in err
+    source = coco_tree / "coco" / "image" / "val2017"
+    np.testing.assert_array_equal(load_labels(broken), expected_masks(source / "000000000003.jpg"))
+    np.testing.assert_array_equal(load_labels(wrong_shape), expected_masks(source / "000000000001.jpg"))
+
+
+def test_missing_dataset_and_bad_arguments_are_explained(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="coco/image/train2017"):
+        main(["--dataset", "coco", "--split", "train2017", "--root", str(tmp_path)])
+    with pytest.raises(SystemExit, match="splits"):
+        main(["--dataset", "coco", "--split", "train", "--root", str(tmp_path)])
+    for bad in (["--dataset", "coco"], ["--images", str(tmp_path)], [], ["--images", str(tmp_path), "--out", "x", "--scales", "-5"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(bad)
+        assert exit_info.value.code == 2
+
+
+def test_mask_files_round_trip_uint16_and_read_the_original_format(tmp_path):
+    labels = np.random.default_rng(0).integers(0, 60000, (3, 20, 30))
+    save_labels(tmp_path / "a" / "x.npy.zst", labels)
+    loaded = load_labels(tmp_path / "a" / "x.npy.zst")
+    assert loaded.dtype == np.uint16
+    np.testing.assert_array_equal(loaded, labels)
+    assert oct(os.stat(tmp_path / "a" / "x.npy.zst").st_mode & 0o777) != oct(0o600)
+    original = (labels % 256).astype(np.uint8)  # the original's uint8 .npy (wrapped labels)
+    np.save(tmp_path / "a" / "y.npy", original)
+    np.testing.assert_array_equal(load_labels(tmp_path / "a" / "y.npy"), original)
+    assert find_mask(tmp_path / "a", "y.jpg") == tmp_path / "a" / "y.npy"
+    assert find_mask(tmp_path / "a", "x.jpg") == mask_path(tmp_path / "a", "x.jpg")
+    assert find_mask(tmp_path / "a", "z.jpg") is None
+    with pytest.raises(ValueError, match="65536 segments"):
+        save_labels(tmp_path / "big.npy.zst", np.arange(70000).reshape(1, 70, 1000))
+    assert not (tmp_path / "big.npy.zst").exists()
+    (tmp_path / "bad.npy.zst").write_bytes(b"garbage")
+    with pytest.raises(MaskError, match="bad.npy.zst"):
+        load_labels(tmp_path / "bad.npy.zst")
+    with pytest.raises(FileNotFoundError):
+        load_labels(tmp_path / "missing.npy.zst")
+
+
+def test_image_modes_convert_to_rgb(tmp_path):
+    rgb = photo("chelsea")
+    gray = photo("camera")
+    cases = {
+        "gray.png": Image.fromarray(gray),
+        "palette.png": Image.fromarray(rgb).convert("P"),
+        "rgba.png": Image.fromarray(np.dstack([rgb, np.full(SMALL, 100, np.uint8)])),
+        "cmyk.jpg": Image.fromarray(rgb).convert("CMYK"),
+        "gray16.png": Image.fromarray(gray.astype(np.uint16) * 257),
+        "la.png": Image.fromarray(gray).convert("LA"),
+        "bw.png": Image.fromarray(gray > 100),
+    }
+    for name, image in cases.items():
+        image.save(tmp_path / name)
+        decoded = load_rgb(tmp_path / name)
+        assert decoded.dtype == np.uint8 and decoded.shape == (*SMALL, 3), name
+    np.testing.assert_array_equal(load_rgb(tmp_path / "gray16.png")[..., 0], gray)  # scaled, not clipped
+    np.testing.assert_array_equal(load_rgb(tmp_path / "rgba.png"), rgb)
+    np.testing.assert_array_equal(load_rgb((tmp_path / "gray.png").read_bytes()), np.repeat(gray[..., None], 3, 2))
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    for bad in ("empty.jpg", "missing.jpg"):
+        with pytest.raises(ImageDecodeError, match=bad):
+            load_rgb(tmp_path / bad)
