@@ -27,9 +27,14 @@ class RegionLabels:
     def num_regions(self) -> int:
         return self.scale_index.shape[1]
 
-    def to(self, *args, **kwargs) -> "RegionLabels":
-        return RegionLabels(self.labels.to(*args, **kwargs), self.scale_index.to(*args, **kwargs),
-                            self.label_id.to(*args, **kwargs))
+    def to(self, device, non_blocking: bool = False) -> "RegionLabels":
+        """Move all three tensors to ``device`` (dtypes unchanged)."""
+        return RegionLabels(self.labels.to(device, non_blocking=non_blocking),
+                            self.scale_index.to(device, non_blocking=non_blocking),
+                            self.label_id.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "RegionLabels":
+        return RegionLabels(self.labels.pin_memory(), self.scale_index.pin_memory(), self.label_id.pin_memory())
 
     def to_maps(self) -> torch.Tensor:
         """The k binary maps [B, k, H, W] (bool)."""

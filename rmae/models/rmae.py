@@ -374,6 +374,13 @@ class RMAE(nn.Module):
             if self.region_sample_type == "random_fg":
                 raise ValueError("region_sample_type='random_fg' needs the caller's permutation: pass noise")
             noise = torch.rand(B, N, device=images.device)
+        dev = images.device
+        noise = noise.to(dev, non_blocking=True)
+        if isinstance(regions, RegionLabels):  # compact uint8/uint16 inputs move cheaply; convert on device
+            if regions.labels.device != dev:
+                regions = regions.to(dev, non_blocking=True)
+        elif regions is not None and regions.device != dev:
+            regions = regions.to(dev, non_blocking=True)
         ids_shuffle, ids_restore = self.random_masking(noise)
         ids_keep, mask = self._prefix_mask(ids_shuffle, ids_restore, int(N * (1 - mask_ratio)))
 
