@@ -63,6 +63,18 @@ def use_triton(impl: str, *tensors: torch.Tensor | None) -> bool:
     return runnable
 
 
+def is_compiling() -> bool:
+    f = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(f()) if f is not None else False
+
+
+def opaque_to_compile(fn):
+    """Mark a Triton path as opaque to torch.compile (one graph break, run eagerly): its launchers
+    make host-side checks and pick configs in Python, and the interpreter cannot be traced."""
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return disable(fn) if disable is not None else fn
+
+
 def pick_configs(configs):
     """Autotune configs: all of them on a GPU, only the first under the interpreter (no driver to time)."""
     return configs[:1] if interpreting() else configs
@@ -113,7 +125,7 @@ def check_index_values(ids: torch.Tensor, upper: int, name: str, distinct: bool 
 
     One host sync. Skipped when ``RMAE_KERNELS_CHECK_INDICES=0``.
     """
-    if not check_indices_enabled() or ids.numel() == 0:
+    if not check_indices_enabled() or ids.numel() == 0 or is_compiling():
         return
     bad_range = (ids < 0) | (ids >= upper)
     bad = bad_range.any()

@@ -16,6 +16,7 @@ from ._dispatch import (
     check_ndim,
     check_same_device,
     new_empty,
+    opaque_to_compile,
     next_pow2,
     pick_configs,
     use_triton,
@@ -205,5 +206,10 @@ def gather_visible(x, ids_keep, regions=None, impl: str = "auto"):
     if not use_triton(impl, x, ids_keep, regions):
         check_index_values(ids_keep, x.shape[1], "ids_keep")
         return gather_visible_reference(x, ids_keep, regions)
+    return _gather_visible_triton(x, ids_keep, regions)
+
+
+@opaque_to_compile
+def _gather_visible_triton(x, ids_keep, regions):
     check_index_values(ids_keep, x.shape[1], "ids_keep", distinct=True)
     return _GatherVisible.apply(x, ids_keep, regions)

@@ -14,6 +14,7 @@ from ._dispatch import (
     check_ndim,
     check_same_device,
     new_empty,
+    opaque_to_compile,
     next_pow2,
     pick_configs,
     use_triton,
@@ -170,4 +171,9 @@ def region_query_pool(x, residual=None, impl: str = "auto"):
     _validate(x, residual)
     if not use_triton(impl, x, residual):
         return region_query_pool_reference(x, residual)
+    return _region_query_pool_triton(x, residual)
+
+
+@opaque_to_compile
+def _region_query_pool_triton(x, residual):
     return _RegionQueryPool.apply(x, residual)

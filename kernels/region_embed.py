@@ -23,10 +23,13 @@ from ._dispatch import (
     check_float,
     check_index_tensor,
     check_index_values,
+    check_indices_enabled,
     check_ndim,
     check_same_device,
     interpreting,
+    is_compiling,
     new_empty,
+    opaque_to_compile,
     next_pow2,
     pick_configs,
     use_triton,
@@ -358,14 +361,31 @@ def region_tokens(maps, ids_keep, weight, bias, pos_embed, patch_size, impl: str
         [B, k, L, D] = (conv2d(maps - 0.5, weight, bias, stride=p) + pos_embed) at ids_keep, in the
         promoted dtype of (weight, bias, pos_embed). Gradients flow to weight and bias only.
     """
-    N = _validate_maps(maps, ids_keep, weight, bias, pos_embed, patch_size)
-    check_index_values(ids_keep, N, "ids_keep")
+    _validate_maps(maps, ids_keep, weight, bias, pos_embed, patch_size)
     if not use_triton(impl, maps, ids_keep, weight, bias, pos_embed):
+        _check_values(maps, ids_keep, patch_size, None, None)
         return region_tokens_reference(maps, ids_keep, weight, bias, pos_embed, patch_size)
     _check_pos_no_grad(pos_embed)
     src = maps.view(torch.uint8) if maps.dtype == torch.bool else maps
-    return _RegionTokens.apply(weight, bias, src, ids_keep.contiguous(), None, None, pos_embed,
-                               patch_size, maps.shape[1])
+    return _region_tokens_triton(weight, bias, src, ids_keep, None, None, pos_embed, patch_size, maps.shape[1])
+
+
+def _check_values(src, ids_keep, P, scale_index, label_id):
+    """Value checks (one host sync each; skipped under RMAE_KERNELS_CHECK_INDICES=0 or while tracing)."""
+    H, W = src.shape[-2:]
+    check_index_values(ids_keep, (H // P) * (W // P), "ids_keep")
+    if scale_index is not None:
+        check_index_values(scale_index, src.shape[1], "scale_index")
+        if label_id.numel() and check_indices_enabled() and not is_compiling() and bool((label_id < -1).any()):
+            raise ValueError("label_id must be >= -1 (-1 = empty region)")
+
+
+@opaque_to_compile
+def _region_tokens_triton(weight, bias, src, ids_keep, sel, lid, pos_embed, patch_size, K):
+    _check_values(src, ids_keep, patch_size, sel, lid)
+    return _RegionTokens.apply(weight, bias, src, ids_keep.contiguous(),
+                               None if sel is None else sel.contiguous(),
+                               None if lid is None else lid.contiguous(), pos_embed, patch_size, K)
 
 
 def _check_pos_no_grad(pos_embed):
@@ -394,16 +414,12 @@ def region_tokens_from_labels(labels, scale_index, label_id, ids_keep, weight, b
     K = scale_index.shape[1]
     check_index_tensor(scale_index, "scale_index", (B, K), "[B, k]")
     check_index_tensor(label_id, "label_id", (B, K), "[B, k]")
-    N = _validate_params(B, H, W, ids_keep, weight, bias, pos_embed, patch_size)
+    _validate_params(B, H, W, ids_keep, weight, bias, pos_embed, patch_size)
     check_same_device(labels=labels, scale_index=scale_index, label_id=label_id, ids_keep=ids_keep,
                       weight=weight, bias=bias, pos_embed=pos_embed)
-    check_index_values(ids_keep, N, "ids_keep")
-    check_index_values(scale_index, S, "scale_index")
-    if K and bool((label_id < -1).any()):
-        raise ValueError("label_id must be >= -1 (-1 = empty region)")
     if not use_triton(impl, labels, scale_index, label_id, ids_keep, weight, bias, pos_embed):
+        _check_values(labels, ids_keep, patch_size, scale_index, label_id)
         return region_tokens_from_labels_reference(labels, scale_index, label_id, ids_keep, weight,
                                                    bias, pos_embed, patch_size)
     _check_pos_no_grad(pos_embed)
-    return _RegionTokens.apply(weight, bias, labels, ids_keep.contiguous(), scale_index.contiguous(),
-                               label_id.contiguous(), pos_embed, patch_size, K)
+    return _region_tokens_triton(weight, bias, labels, ids_keep, scale_index, label_id, pos_embed, patch_size, K)

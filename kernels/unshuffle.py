@@ -17,6 +17,7 @@ from ._dispatch import (
     check_ndim,
     check_same_device,
     new_empty,
+    opaque_to_compile,
     next_pow2,
     pick_configs,
     use_triton,
@@ -236,5 +237,10 @@ def unshuffle_fill(x, mask_token, ids_restore, pos_embed, impl: str = "auto"):
     if not use_triton(impl, x, mask_token, ids_restore, pos_embed):
         check_index_values(ids_restore, N, "ids_restore")
         return unshuffle_fill_reference(x, mask_token, ids_restore, pos_embed)
-    check_index_values(ids_restore, N, "ids_restore", permutation=True)
+    return _unshuffle_fill_triton(x, mask_token, ids_restore, pos_embed)
+
+
+@opaque_to_compile
+def _unshuffle_fill_triton(x, mask_token, ids_restore, pos_embed):
+    check_index_values(ids_restore, ids_restore.shape[1], "ids_restore", permutation=True)
     return _UnshuffleFill.apply(x, mask_token, ids_restore, pos_embed)

@@ -449,3 +449,34 @@ def test_region_tokens_errors():
         region_tokens_from_labels(labels, si, li - 2, ids, w, b, pos, P)
     with pytest.raises(ValueError, match=r"label_id must be \[B, k\]"):
         region_tokens_from_labels(labels, si, li[:, :1], ids, w, b, pos, P)
+
+
+# ===================================================================================================
+# torch.compile: the Triton paths are opaque calls (graph breaks), the rest of the graph compiles
+# ===================================================================================================
+def test_triton_paths_under_torch_compile():
+    g = gen(40)
+    B, N, L, C, k, D, P, Hp = 2, 16, 5, 24, 3, 24, 4, 4
+    x = randn((B, N, C), g, grad=True)
+    m = randn((1, 1, C), g, grad=True)
+    pos = randn((1, N + 1, C), g)
+    ids_keep, ids_restore = mask_ids(B, N, L, g)
+    maps = (torch.rand((B, k, Hp * P, Hp * P), generator=g) < 0.5).to(torch.uint8)
+    w, b, rpos = region_params(D, P, Hp, Hp, g)
+
+    def f(x, m, w, b, impl):
+        xv, _ = gather_visible(x * 2, ids_keep, impl=impl)
+        dec = unshuffle_fill(torch.cat([xv[:, :1], xv], 1), m, ids_restore, pos, impl=impl)
+        tok = region_tokens(maps, ids_keep, w, b, rpos, P, impl=impl)
+        q = region_query_pool(tok.sin(), tok, impl=impl)
+        return dec.square().mean() + q.cos().mean()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=False)
+    ins = [x, m, w, b]
+    out_c = compiled(x, m, w, b, "triton")
+    gc = torch.autograd.grad(out_c, ins)
+    out_r = f(x, m, w, b, "reference")
+    gr = torch.autograd.grad(out_r, ins)
+    close(out_c, out_r, torch.float32)
+    for a, c in zip(gc, gr):
+        close(a, c, torch.float32)
