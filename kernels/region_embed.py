@@ -71,6 +71,8 @@ def region_tokens_reference(maps, ids_keep, weight, bias, pos_embed, patch_size)
 def labels_to_maps(labels, scale_index, label_id):
     """Binary maps [B, k, H, W] (bool): ``labels[b, scale_index[b, i]] == label_id[b, i]``; id -1 → all 0."""
     B, S, H, W = labels.shape
+    if labels.dtype not in (torch.uint8, torch.int16, torch.int32, torch.int64):
+        labels = labels.to(torch.int32)  # uint16: few torch ops support it
     sel = torch.gather(labels, 1, scale_index[:, :, None, None].expand(-1, -1, H, W))
     lid = label_id[:, :, None, None]
     return (sel.to(torch.int64) == lid) & (lid >= 0)

@@ -389,7 +389,8 @@ def test_region_tokens_backward_split_m(split):
     close(gb, gb_ref, torch.float32)
 
 
-@pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int16, torch.int32, torch.int64])
+@pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int16, torch.int32, torch.int64]
+                         + ([torch.uint16] if hasattr(torch, "uint16") else []))
 def test_region_tokens_from_labels_matches_maps(label_dtype):
     g = gen(32)
     B, S, k, L, D, P, Hp, Wp = 2, 3, 3, 7, 40, 4, 4, 5
@@ -398,6 +399,9 @@ def test_region_tokens_from_labels_matches_maps(label_dtype):
     label_id = torch.randint(0, 5, (B, k), generator=g)
     label_id[0, 1] = -1  # empty region
     label_id[1, 0] = 7  # a label not present → empty too
+    if label_dtype in (torch.int16, torch.int32, torch.int64):
+        labels[0, 0, :2] = 300  # beyond uint8: no wrap-around
+        label_id[0, 2], scale_index[0, 2] = 300, 0
     ids, _ = mask_ids(B, Hp * Wp, L, g)
     w, b, pos = region_params(D, P, Hp, Wp, g)
     with poison_outputs():
