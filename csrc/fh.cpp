@@ -179,19 +179,26 @@ void gaussian_smooth(const FloatImage& image, const std::vector<double>& weights
     }
 }
 
-// Stable LSD radix sort of one bucket on the low `bits` bits of the float32 key.
+// Stable insertion sort on the exact cost (strict >: equal costs keep their order). Linear on
+// nearly sorted input.
+void insertion_sort_by_cost(SortedEdge* first, int64_t n) {
+    for (int64_t i = 1; i < n; ++i) {
+        if (!(first[i - 1].cost > first[i].cost)) continue;
+        const SortedEdge item = first[i];
+        int64_t hole = i;
+        while (hole > 0 && first[hole - 1].cost > item.cost) {
+            first[hole] = first[hole - 1];
+            --hole;
+        }
+        first[hole] = item;
+    }
+}
+
+// Stable sort of one bucket: LSD radix on the low `bits` bits of the float32 key, then exact costs.
 void sort_bucket(SortedEdge* first, int64_t n, int bits, SortedEdge* scratch) {
     if (n < 2) return;
-    if (n <= 48) {  // insertion sort; strict > keeps equal keys in edge order
-        for (int64_t i = 1; i < n; ++i) {
-            const SortedEdge item = first[i];
-            int64_t hole = i;
-            while (hole > 0 && first[hole - 1].key > item.key) {
-                first[hole] = first[hole - 1];
-                --hole;
-            }
-            first[hole] = item;
-        }
+    if (n <= 48) {  // insertion sort on the exact cost; strict > keeps equal costs in edge order
+        insertion_sort_by_cost(first, n);
         return;
     }
     constexpr int kBits = 10, kRadix = 1 << kBits;
@@ -213,6 +220,9 @@ void sort_bucket(SortedEdge* first, int64_t n, int bits, SortedEdge* scratch) {
         std::swap(src, dst);
     }
     if (src != first) std::copy(src, src + n, first);
+    // Distinct costs can share a float32 key; the array is now sorted but for such short runs,
+    // which one insertion pass orders by the exact cost while the bucket is in cache.
+    insertion_sort_by_cost(first, n);
 }
 
 SortedEdges sorted_edges(const FloatImage& image) {
@@ -226,6 +236,12 @@ SortedEdges sorted_edges(const FloatImage& image) {
     double* planes = grow(ws.planes, C * HW);
     if (C == 1) {
         std::copy(image.data, image.data + HW, planes);
+    } else if (C == 3) {
+        for (int64_t p = 0; p < HW; ++p) {
+            planes[p] = image.data[3 * p];
+            planes[HW + p] = image.data[3 * p + 1];
+            planes[2 * HW + p] = image.data[3 * p + 2];
+        }
     } else {
         for (int64_t p = 0; p < HW; ++p)
             for (int64_t c = 0; c < C; ++c) planes[c * HW + p] = image.data[p * C + c];
@@ -290,19 +306,6 @@ SortedEdges sorted_edges(const FloatImage& image) {
         sort_bucket(sorted + start[b], start[b + 1] - start[b], kTopShift, scratch);
     PROF("buckets")
 
-    // 3. Distinct costs can share a float32 key: one insertion pass orders those short runs by
-    //    the exact cost (strict >, so equal costs keep edge order).
-    for (int64_t i = 1; i < n_edges; ++i) {
-        if (!(sorted[i - 1].cost > sorted[i].cost)) continue;
-        const SortedEdge item = sorted[i];
-        int64_t hole = i;
-        while (hole > 0 && sorted[hole - 1].cost > item.cost) {
-            sorted[hole] = sorted[hole - 1];
-            --hole;
-        }
-        sorted[hole] = item;
-    }
-    PROF("ties")
     return SortedEdges{H, W, sorted, n_edges};
 }
 
