@@ -298,10 +298,7 @@ class RMAE(nn.Module):
         w, b = self.region_patch_embed.proj.weight, self.region_patch_embed.proj.bias
         pos = self.region_pos_embed[:, 1:, :]
         if isinstance(regions, RegionLabels):
-            labels = regions.labels
-            if labels.dtype == torch.uint16 and not kernels.use_triton(self.kernel_impl, labels):
-                labels = labels.to(torch.int32)  # torch.gather has no uint16 kernel (the reference path uses it)
-            return kernels.region_tokens_from_labels(labels, regions.scale_index, regions.label_id, ids_keep,
+            return kernels.region_tokens_from_labels(regions.labels, regions.scale_index, regions.label_id, ids_keep,
                                                      w, b, pos, self.patch_size, impl=self.kernel_impl)
         return kernels.region_tokens(regions, ids_keep, w, b, pos, self.patch_size, impl=self.kernel_impl)
 
