@@ -199,6 +199,22 @@ def case_region_tokens_labels(B, k, dt, dev, g):
                 fn=fn, ref=ref, inputs=[w, b], fwd_bytes=fwd_bytes, bwd_bytes=bwd_bytes)
 
 
+def case_region_bce(B, k, dt, dev, g):
+    P, H = 16, 224
+    N = (H // P) ** 2
+    maps = (torch.rand(B, k, H, H, generator=g) < 0.3).to(torch.uint8).to(dev)
+    logits = torch.randn(B, k, N, P * P, device=dev, dtype=dt, requires_grad=True)
+    mask = (torch.rand(B, N, generator=g) < 0.75).float().to(dev)
+    e = esize(dt)
+    fn = lambda impl: kernels.region_bce_loss(logits, maps, mask, P, 1.0, impl=impl)  # noqa: E731
+    ref = lambda: kernels.region_bce_loss_reference(logits, maps, mask, P, 1.0)  # noqa: E731
+    n_el = B * k * N * P * P
+    fwd_bytes = n_el * e + n_el + B * N * 4  # logits, uint8 maps, mask
+    bwd_bytes = n_el * e + n_el + B * N * 4 + n_el * e  # re-read both, write d(logits)
+    return dict(name="region_bce_loss (uint8 maps)", shape=f"logits[{B},{k},{N},{P * P}]",
+                fn=fn, ref=ref, inputs=[logits], fwd_bytes=fwd_bytes, bwd_bytes=bwd_bytes)
+
+
 CASES = {
     "gather_visible": case_gather_visible,
     "unshuffle_fill": case_unshuffle,
@@ -207,6 +223,7 @@ CASES = {
     "region_query_pool": case_pool,
     "region_tokens": case_region_tokens,
     "region_tokens_from_labels": case_region_tokens_labels,
+    "region_bce_loss": case_region_bce,
 }
 
 

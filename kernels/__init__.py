@@ -5,6 +5,7 @@ tensors or under ``TRITON_INTERPRET=1``, the PyTorch reference otherwise. Each T
 backward; each ``*_reference`` is plain PyTorch with autograd through PyTorch.
 """
 from ._dispatch import HAS_TRITON, interpreting, use_triton
+from .bce import region_bce_loss, region_bce_loss_from_labels, region_bce_loss_reference
 from .gather import gather_visible, gather_visible_reference
 from .pool import region_query_pool, region_query_pool_reference
 from .region_embed import (
@@ -31,4 +32,7 @@ __all__ = [
     "region_tokens_from_labels",
     "region_tokens_from_labels_reference",
     "labels_to_maps",
+    "region_bce_loss",
+    "region_bce_loss_reference",
+    "region_bce_loss_from_labels",
 ]

@@ -484,3 +484,78 @@ def test_triton_paths_under_torch_compile():
     close(out_c, out_r, torch.float32)
     for a, c in zip(gc, gr):
         close(a, c, torch.float32)
+
+
+# ===================================================================================================
+# 5 (stretch, partial). region_bce_loss: targets read from the maps / labels, no float target tensor
+# ===================================================================================================
+from rmae.kernels import region_bce_loss, region_bce_loss_from_labels, region_bce_loss_reference  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k,P,Hp,Wp,bg", [(1, 4, 4, 4, 1.0), (3, 4, 4, 5, 0.3), (2, 3, 3, 4, 2.0)])
+def test_region_bce_loss_matches_reference(dtype, k, P, Hp, Wp, bg):
+    g = gen(50)
+    B, N = 2, Hp * Wp
+    maps = (torch.rand((B, k, Hp * P, Wp * P), generator=g) < 0.4).to(torch.uint8)
+    logits = (randn((B, k, N, P * P), g) * 3).to(dtype).requires_grad_(True)
+    mask = (torch.rand((B, N), generator=g) < 0.7).float()
+    with poison_outputs():
+        out = region_bce_loss(logits, maps, mask, P, bg, impl="triton")
+    ref = region_bce_loss_reference(logits, maps, mask, P, bg)
+    assert backward_name(out) == "_RegionBCEBackward"
+    assert out.dtype == ref.dtype == torch.float32
+    close(out, ref, torch.float32 if dtype == torch.float32 else torch.bfloat16)
+    with poison_outputs():
+        (gt,) = torch.autograd.grad(out * 1.7, [logits])
+    (gr,) = torch.autograd.grad(ref * 1.7, [logits])
+    # relative to the gradient's scale: every element is ~1/(B·k·N·p²)
+    assert gt.dtype == dtype
+    t = TOL[dtype]
+    torch.testing.assert_close(gt.float(), gr.float(), rtol=t["rtol"], atol=t["atol"] * gr.abs().max().item())
+    # masked-out patches get exactly zero gradient
+    assert (gt.float()[(mask == 0)[:, None].expand(-1, k, -1)] == 0).all()
+
+
+def test_region_bce_loss_from_labels_matches_maps():
+    g = gen(51)
+    B, S, k, P, Hp, Wp = 2, 3, 3, 4, 4, 5
+    N = Hp * Wp
+    labels = torch.randint(0, 5, (B, S, Hp * P, Wp * P), generator=g).to(torch.int16)
+    scale_index = torch.randint(0, S, (B, k), generator=g)
+    label_id = torch.randint(-1, 5, (B, k), generator=g)
+    label_id[0, 0] = -1
+    logits = randn((B, k, N, P * P), g, grad=True)
+    mask = (torch.rand((B, N), generator=g) < 0.7).float()
+    maps = labels_to_maps(labels, scale_index, label_id)
+    out = region_bce_loss_from_labels(logits, labels, scale_index, label_id, mask, P, 0.5, impl="triton")
+    via_maps = region_bce_loss(logits, maps, mask, P, 0.5, impl="triton")
+    ref = region_bce_loss_reference(logits, maps, mask, P, 0.5)
+    close(out, via_maps, torch.float32)
+    close(out, ref, torch.float32)
+    (gt,) = torch.autograd.grad(out, [logits])
+    (gr,) = torch.autograd.grad(ref, [logits])
+    torch.testing.assert_close(gt, gr, rtol=1e-5, atol=1e-5 * gr.abs().max().item())
+
+
+def test_region_bce_loss_errors():
+    g = gen(52)
+    B, k, P, Hp = 2, 3, 4, 4
+    N = Hp * Hp
+    maps = torch.zeros((B, k, Hp * P, Hp * P), dtype=torch.uint8)
+    logits = randn((B, k, N, P * P), g)
+    mask = torch.ones(B, N)
+    with pytest.raises(TypeError, match="uint8 or bool"):
+        region_bce_loss(logits, maps.float(), mask, P)
+    with pytest.raises(ValueError, match=r"logits must be \[B=2, k=3, N=16, p\*p=16\]"):
+        region_bce_loss(logits[:, :, 1:], maps, mask, P)
+    with pytest.raises(ValueError, match=r"region_mask must be \[B=2, N=16\]"):
+        region_bce_loss(logits, maps, mask[:, 1:], P)
+    with pytest.raises(ValueError, match="dividing the map size"):
+        region_bce_loss(logits, maps, mask, 5)
+    with pytest.raises(ValueError, match="region_mask must not require grad"):
+        region_bce_loss(logits, maps, mask.clone().requires_grad_(True), P, impl="triton")
+    labels = torch.zeros((B, 2, Hp * P, Hp * P), dtype=torch.int32)
+    si = torch.zeros((B, k), dtype=torch.int64)
+    with pytest.raises(IndexError, match="scale_index out of range"):
+        region_bce_loss_from_labels(logits, labels, si + 2, si, mask, P, impl="triton")

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-CASES = ["gather", "unshuffle", "pool", "region_tokens", "region_tokens_labels"]
+CASES = ["gather", "unshuffle", "pool", "region_tokens", "region_tokens_labels", "bce"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -36,7 +36,7 @@ def _main(case):  # pragma: no cover - runs in the subprocess
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from rmae.kernels import gather, pool, region_embed, unshuffle
+    from rmae.kernels import bce, gather, pool, region_embed, unshuffle
 
     PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.uint8: "*u8",
            torch.int16: "*i16", torch.int32: "*i32", torch.int64: "*i64"}
@@ -66,6 +66,8 @@ def _main(case):  # pragma: no cover - runs in the subprocess
                             sig[prm.name] = PTR[v.dtype]
                         elif isinstance(v, bool):
                             sig[prm.name] = "i1"
+                        elif isinstance(v, float):
+                            sig[prm.name] = "fp32"
                         elif isinstance(v, int):
                             sig[prm.name] = "i32" if -2**31 <= v < 2**31 else "i64"
                         else:
@@ -78,7 +80,7 @@ def _main(case):  # pragma: no cover - runs in the subprocess
                         count[0] += 1
             return launch
 
-    for mod in (gather, pool, region_embed, unshuffle):
+    for mod in (bce, gather, pool, region_embed, unshuffle):
         for name in dir(mod):
             obj = getattr(mod, name)
             if isinstance(obj, triton.runtime.autotuner.Autotuner):
@@ -127,6 +129,18 @@ def _main(case):  # pragma: no cover - runs in the subprocess
             region_embed._launch_fwd(src, keep, sel, lid, w, b, pos, P, k, sel is not None)
             gout = torch.randn(B, k, L, D).to(dt)
             region_embed._launch_bwd(gout, src, keep, sel, lid, P, k, dt, dt, True, True, split=4)
+        elif case == "bce":
+            P, H = 16, 224
+            z = torch.randn(B, k, N, P * P).to(dt)
+            maps = torch.randint(0, 2, (B, k, H, H), dtype=torch.uint8)
+            labels = torch.randint(0, 9, (B, 3, H, H)).to(torch.int32)
+            sel = torch.randint(0, 3, (B, k))
+            lid = torch.randint(-1, 9, (B, k))
+            mask = torch.ones(B, N)
+            scale = torch.ones(1)
+            for src, s_, l_ in ((maps, None, None), (labels, sel, lid)):
+                bce._launch(z, src, s_, l_, mask, P, 0.5, backward=False)
+                bce._launch(z, src, s_, l_, mask, P, 0.5, backward=True, scale=scale)
     print(f"compiled {count[0]} kernel variants (sm_90 all configs, sm_80 first config)")
 
 
