@@ -19,6 +19,7 @@ import re
 import shutil
 import socket
 import subprocess
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -216,12 +217,21 @@ def shard_model(model: nn.Module, param_dtype: torch.dtype | None = None) -> nn.
 
     ``param_dtype`` (bf16 / fp16) is FSDP2's compute dtype for parameters; gradients are reduced in fp32.
     """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+    # The model returns views (e.g. ``x[:, 1:]``) and never modifies them in place; FSDP2 warns on every call.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for module in list(model.modules()):
         if isinstance(module, nn.ModuleList):
             for block in module:
                 fully_shard(block, mp_policy=mp)
+                # methods the model calls besides forward (e.g. Block.forward_split) must gather the shards too
+                for name in FORWARD_METHODS:
+                    if callable(getattr(block, name, None)):
+                        register_fsdp_forward_method(block, name)
     fully_shard(model, mp_policy=mp)
     return model
+
+
+FORWARD_METHODS = ("forward_split",)
