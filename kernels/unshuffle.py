@@ -2,8 +2,8 @@
 
 One pass: every output row reads either its visible token or the mask token and adds its position row.
 The backward is one pass too: it reads the output gradient once and writes the gradient of x (a scatter
-to distinct rows, since ids_restore is a permutation), the per-row position gradient (sum over the
-batch) and per-row-block partial sums for the mask token.
+to distinct rows, since ids_restore is a permutation) and fp32 partial sums, per batch slice, for the
+position gradient and the mask token (reduced by PyTorch; the batch is split so B=64 fills the GPU).
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from ._dispatch import (
     check_index_values,
     check_ndim,
     check_same_device,
+    interpreting,
     new_empty,
     opaque_to_compile,
     next_pow2,
@@ -89,17 +90,23 @@ if HAS_TRITON:
         triton.Config({"BLOCK_C": 512}, num_warps=8),
     ]
 
-    @triton.autotune(configs=pick_configs(_BWD_CONFIGS), key=["NP1", "C", "L", "B"])
+    @triton.autotune(configs=pick_configs(_BWD_CONFIGS), key=["NP1", "C", "L", "B", "BSPLIT"])
     @triton.jit
     def _unshuffle_bwd_kernel(
-        g_ptr, ids_ptr, gx_ptr, gpos_ptr, gm_part_ptr,
-        B, NP1, L, C,
+        g_ptr, ids_ptr, gx_ptr, gpos_part_ptr, gm_part_ptr,
+        B, NP1, L, C, BSPLIT, B_PER,
         sgb, sgn, sgc, sib, sin,
         NEED_X: tl.constexpr, NEED_POS: tl.constexpr, NEED_M: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
+        """Program (row block, column block, batch slice): images [pid_s·B_PER, (pid_s+1)·B_PER).
+        Writes grad_x rows (scatter to distinct rows), and fp32 partial sums per batch slice for the
+        position gradient [BSPLIT, N+1, C] and the mask token [BSPLIT, n_row_blocks, C]."""
         pid_r = tl.program_id(0)
         pid_c = tl.program_id(1)
+        pid_s = tl.program_id(2)
+        b0 = pid_s * B_PER
+        b1 = tl.minimum(b0 + B_PER, B)
         t = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         tmask = t < NP1
         is_tok = (t > 0) & tmask
@@ -108,10 +115,11 @@ if HAS_TRITON:
         m2 = tmask[:, None] & cm[None, :]
         pos_acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
         m_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        g_b = g_ptr + t[:, None] * sgn + cc[None, :] * sgc
-        ids_b = ids_ptr + (t - 1) * sin
-        gx_b = gx_ptr
-        for _b in range(0, B):
+        b0_64 = b0.to(tl.int64)
+        g_b = g_ptr + b0_64 * sgb + t[:, None] * sgn + cc[None, :] * sgc
+        ids_b = ids_ptr + b0_64 * sib + (t - 1) * sin
+        gx_b = gx_ptr + b0_64 * (L + 1) * C
+        for _b in range(b0, b1):
             g = tl.load(g_b, mask=m2, other=0.0).to(tl.float32)
             r = tl.load(ids_b, mask=is_tok, other=0)
             is_mask = is_tok & (r >= L)
@@ -129,10 +137,11 @@ if HAS_TRITON:
             ids_b += sib
             gx_b += (L + 1) * C
         if NEED_POS:
-            tl.store(gpos_ptr + t[:, None] * C + cc[None, :],
-                     pos_acc.to(gpos_ptr.dtype.element_ty), mask=m2)
+            tl.store(gpos_part_ptr + (pid_s.to(tl.int64) * NP1 + t[:, None]) * C + cc[None, :],
+                     pos_acc, mask=m2)
         if NEED_M:
-            tl.store(gm_part_ptr + pid_r * C + cc, m_acc, mask=cm)
+            tl.store(gm_part_ptr + (pid_s.to(tl.int64) * tl.num_programs(0) + pid_r) * C + cc, m_acc,
+                     mask=cm)
 
 
 def _out_dtype(x, mask_token, pos_embed):
@@ -155,27 +164,37 @@ def _launch_fwd(x, mask_token, ids_restore, pos_embed):
     return out
 
 
-def _launch_bwd(g, ids_restore, L, x_dtype, m_dtype, pos_dtype, need_x, need_m, need_pos):
-    """Returns (grad_x [B, L+1, C], grad_mask [1, 1, C], grad_pos [1, N+1, C]) (None where not needed)."""
+def _launch_bwd(g, ids_restore, L, x_dtype, m_dtype, pos_dtype, need_x, need_m, need_pos, bsplit=None):
+    """Returns (grad_x [B, L+1, C], grad_mask [1, 1, C], grad_pos [1, N+1, C]) (None where not needed).
+
+    ``bsplit``: number of batch slices run in parallel (default: enough programs to fill the GPU;
+    2 under the interpreter so the split path is exercised)."""
     B, NP1, C = g.shape
     dev = g.device
-    gx = new_empty((B, L + 1, C), dev, x_dtype) if need_x else None
-    gpos = new_empty((1, NP1, C), dev, pos_dtype) if need_pos else None
-    dummy = g
     n_rb = triton.cdiv(NP1, _BWD_BLOCK_R)
-    gm_part = new_empty((n_rb, C), dev, torch.float32) if need_m else None
-    grid = lambda meta: (n_rb, triton.cdiv(C, meta["BLOCK_C"]))  # noqa: E731
-
+    if bsplit is None:
+        if interpreting():
+            bsplit = 2
+        else:
+            sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
+            bsplit = triton.cdiv(4 * sms, n_rb * triton.cdiv(C, 128))
+    bsplit = max(1, min(int(bsplit), B))
+    b_per = triton.cdiv(B, bsplit)
+    bsplit = triton.cdiv(B, b_per)  # no empty slices
+    gx = new_empty((B, L + 1, C), dev, x_dtype) if need_x else None
+    gpos_part = new_empty((bsplit, NP1, C), dev, torch.float32) if need_pos else None
+    gm_part = new_empty((bsplit, n_rb, C), dev, torch.float32) if need_m else None
+    dummy = g
+    grid = lambda meta: (n_rb, triton.cdiv(C, meta["BLOCK_C"]), bsplit)  # noqa: E731
     _unshuffle_bwd_kernel[grid](
-        g, ids_restore, gx if need_x else dummy, gpos if need_pos else dummy,
+        g, ids_restore, gx if need_x else dummy, gpos_part if need_pos else dummy,
         gm_part if need_m else dummy,
-        B, NP1, L, C,
+        B, NP1, L, C, bsplit, b_per,
         *g.stride(), *ids_restore.stride(),
         NEED_X=need_x, NEED_POS=need_pos, NEED_M=need_m, BLOCK_R=_BWD_BLOCK_R,
     )
-    gm = None
-    if need_m:
-        gm = gm_part.sum(0).to(m_dtype).view(1, 1, C)
+    gm = gm_part.sum((0, 1)).to(m_dtype).view(1, 1, C) if need_m else None
+    gpos = gpos_part.sum(0, keepdim=True).to(pos_dtype) if need_pos else None
     return gx, gm, gpos
 
 

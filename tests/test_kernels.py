@@ -256,6 +256,26 @@ def test_unshuffle_fill_all_masked_and_none_masked(L):
         close(a, b, torch.float32)
 
 
+@pytest.mark.parametrize("bsplit", [1, 3, 5])
+def test_unshuffle_fill_backward_batch_split(bsplit):
+    """Batch slices of uneven size (B=5) each write their own partial sums; all are reduced."""
+    from rmae.kernels import unshuffle as _un
+
+    g = gen(14)
+    B, N, L, C = 5, 16, 5, 24
+    x = randn((B, L + 1, C), g, grad=True)
+    m = randn((1, 1, C), g, grad=True)
+    pos = randn((1, N + 1, C), g, grad=True)
+    _, ids_restore = mask_ids(B, N, L, g)
+    ref = unshuffle_fill_reference(x, m, ids_restore, pos)
+    gout = randn(ref.shape, g)
+    gr = torch.autograd.grad((ref * gout).sum(), [x, m, pos])
+    with poison_outputs():
+        gt = _un._launch_bwd(gout, ids_restore, L, x.dtype, m.dtype, pos.dtype, True, True, True, bsplit=bsplit)
+    for a, b in zip(gt, gr):
+        close(a, b, torch.float32)
+
+
 def test_unshuffle_fill_errors():
     g = gen(13)
     B, N, L, C = 2, 16, 5, 24
