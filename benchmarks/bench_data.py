@@ -124,30 +124,41 @@ class FHOnly:
 
 
 def time_rows(rows: dict, keys: list, repeats: int) -> dict:
-    """Best-of-``repeats`` mean seconds per sample; rows interleaved so machine load hits them alike."""
-    best = {name: float("inf") for name in rows}
+    """Mean over keys of each key's best-of-``repeats`` seconds. Rows are interleaved per sample, so load from
+    other processes on a shared machine hits every row alike, and the per-key minimum drops disturbed calls."""
     for dataset in rows.values():  # warm-up: numba compilation, file cache
         for key in keys[:4]:
             dataset[key]
+    best = {name: np.full(len(keys), np.inf) for name in rows}
     for _ in range(repeats):
-        for name, dataset in rows.items():
-            start = time.perf_counter()
-            for key in keys:
+        for k, key in enumerate(keys):
+            for name, dataset in rows.items():
+                start = time.perf_counter()
                 dataset[key]
-            best[name] = min(best[name], (time.perf_counter() - start) / len(keys))
+                best[name][k] = min(best[name][k], time.perf_counter() - start)
+    return {name: float(times.mean()) for name, times in best.items()}
+
+
+def time_loaders(cfgs: dict, batches: int, batch_size: int, rounds: int = 2, windows: int = 2) -> dict:
+    """Images/s through a DataLoader with one worker process, per config: the best timed window of ``batches``
+    batches. One loader runs at a time (its worker shut down before the next starts, so no idle worker refills
+    its prefetch queue during another's window); ``rounds`` rounds take turns so machine load hits all alike."""
+    best = {name: 0.0 for name in cfgs}
+    for _ in range(rounds):
+        for name, cfg in cfgs.items():
+            loader = build_loader(cfg, batch_size=batch_size, num_workers=1, seed=0, pin_memory=False,
+                                  prefetch_factor=2)
+            iterator = iter(loader)
+            for _ in range(3):  # start-up, warm-up, the prefetched batches
+                next(iterator)
+            for _ in range(windows):
+                start = time.perf_counter()
+                for _ in range(batches):
+                    next(iterator)
+                best[name] = max(best[name], batches * batch_size / (time.perf_counter() - start))
+            iterator._shutdown_workers()
+            del iterator, loader
     return best
-
-
-def time_loader(cfg: DataConfig, batches: int, batch_size: int) -> float:
-    loader = build_loader(cfg, batch_size=batch_size, num_workers=1, seed=0, pin_memory=False, prefetch_factor=2)
-    iterator = iter(loader)
-    next(iterator)  # worker start-up and warm-up
-    start = time.perf_counter()
-    for _ in range(batches):
-        next(iterator)
-    elapsed = time.perf_counter() - start
-    del iterator
-    return batches * batch_size / elapsed
 
 
 def main() -> None:
@@ -155,7 +166,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--samples", type=int, default=64, help="samples per timed pass")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--loader-batches", type=int, default=6)
+    parser.add_argument("--loader-batches", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -172,9 +183,8 @@ def main() -> None:
         rows["fh_crop"] = FHOnly(rows["offline"], COCO_FH)
         keys = [(i % args.images, draw) for i, draw in zip(range(args.samples), itertools.count())]
         seconds = time_rows(rows, keys, args.repeats)
-        loader_rates = {}
-        for name in ("none", "offline", "online_crop"):
-            loader_rates[name] = time_loader(DataConfig(regions=name, **base), args.loader_batches, 16)
+        loader_cfgs = {name: DataConfig(regions=name, **base) for name in ("none", "offline", "online_crop")}
+        loader_rates = time_loaders(loader_cfgs, args.loader_batches, 16)
 
     labels = {"none": "floor: decode + crop/resize + flip + normalise", "offline": "offline masks, ours (.npy.zst)",
               "reference": "offline masks, original (uint8 .npy + torch.unique, float maps)",
@@ -186,8 +196,10 @@ def main() -> None:
               "samples": args.samples, "repeats": args.repeats, "rows": {}}
     lines = [
         f"Machine: {machine()}. {args.images} bundled photos as 640×480 JPEG (q90), COCO FH recipe (3 scales), "
-        f"{SIZE}×{SIZE} crops, k = {K}; best of {args.repeats} passes over {args.samples} samples. "
-        "Single process = dataset calls, no DataLoader; DataLoader = 1 worker process, batch 16.",
+        f"{SIZE}×{SIZE} crops, k = {K}; per-sample best of {args.repeats}, mean over {args.samples} samples, "
+        "rows interleaved per sample. "
+        "Single process = dataset calls, no DataLoader; DataLoader = 1 worker process, batch 16, "
+        f"best window of {args.loader_batches} batches over 2 turns each.",
         "",
         "| path | ms / image | images/s per worker | × floor | DataLoader images/s (1 worker) |",
         "|---|---:|---:|---:|---:|",
