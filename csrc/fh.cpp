@@ -346,10 +346,11 @@ int32_t segment(const SortedEdges& edges, double scale, int64_t min_size, int32_
         return x;
     };
     auto link = [forest, size](int32_t a, int32_t b) {  // larger segment keeps its root
-        if (size[a] < size[b]) std::swap(a, b);
-        forest[b] = a;
-        size[a] += size[b];
-        return a;
+        const int32_t size_a = size[a], size_b = size[b];
+        const int32_t keep = size_a < size_b ? b : a, child = size_a < size_b ? a : b;  // cmov
+        forest[child] = keep;
+        size[keep] = size_a + size_b;
+        return keep;
     };
     // Root of x and its entry, without a data-dependent branch when x is within two links of its
     // root (nearly always: deeper nodes are pointed straight at their root when met).
