@@ -245,6 +245,26 @@ def test_random_fg_samples_regions_seen_by_the_visible_patches(tree):
     assert "noise" not in _coco(tree, img_size=64)[(0, 0)]
 
 
+def test_dataset_edge_cases_no_regions_and_k1(tree):
+    empty = _coco(tree, min_region_patches=10_000)[(0, 0)]  # filter_small_patches removes every region
+    assert empty["region_id"].tolist() == [-1] * 8
+    assert region_maps(empty["region_labels"], empty["region_scale"], empty["region_id"]).sum() == 0
+    one = _coco(tree, num_regions=1)[(0, 0)]
+    assert one["region_id"].shape == (1,) and one["region_id"].item() >= 0
+    many = _coco(tree, num_regions=200, img_size=32)[(0, 0)]  # more than the crop holds: tiled
+    pairs = list(zip(many["region_scale"].tolist(), many["region_id"].tolist()))
+    present = sum(int(many["region_labels"][s].max()) + 1 for s in range(3))
+    assert len(set(pairs)) == present < 200  # every pair present appears
+
+
+def test_sequential_loader_visits_each_image_once(tree):
+    cfg = DataConfig(dataset="coco", split="train2017", root=str(tree), img_size=32, sampler="sequential",
+                     train=False)
+    seen = [build_loader(cfg, batch_size=4, num_workers=0, rank=r, world_size=2) for r in range(2)]
+    indices = [i for loader in seen for batch in loader for i in batch["index"].tolist()]
+    assert sorted(indices) == list(range(len(PHOTOS)))
+
+
 def test_regions_equal_the_original_torch_unique_path(tree):
     """With the original's nearest rule, our compact form holds exactly the original's set of binary maps."""
     dataset = _coco(tree, label_resize="floor", num_regions=64)

@@ -18,7 +18,7 @@ from .regions import (
     relabel_crop,
     sample_regions,
 )
-from .samplers import InfiniteSampler, ShardSampler, shard_indices
+from .samplers import InfiniteSampler, SequentialShardSampler, ShardSampler, shard_indices
 from .sources import (
     COCO_FH,
     IMAGENET_FH,
@@ -43,7 +43,7 @@ from .transforms import (
 
 __all__ = [
     "build_loader", "build_dataset", "DataConfig", "RegionDataset", "REGION_SOURCES", "MissingMaskError",
-    "ShardCache", "InfiniteSampler", "ShardSampler", "shard_indices", "CorruptImageError", "decode_image",
+    "ShardCache", "InfiniteSampler", "ShardSampler", "SequentialShardSampler", "shard_indices", "CorruptImageError", "decode_image",
     "decode_labels", "region_maps", "reference_regions", "region_patch_counts", "regions_in_patches", "relabel_crop",
     "sample_regions",
     "COCO_FH", "IMAGENET_FH", "DatasetNotFoundError", "FHRecipe", "ImageList", "coco", "imagenet", "sample",

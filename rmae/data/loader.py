@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from .cache import ShardCache
 from .dataset import RegionDataset
-from .samplers import InfiniteSampler, ShardSampler
+from .samplers import InfiniteSampler, SequentialShardSampler, ShardSampler
 from .sources import open_image_list
 
 __all__ = ["DataConfig", "build_dataset", "build_loader"]
@@ -30,7 +30,7 @@ class DataConfig:
     train: bool = True  # RandomResizedCrop + flip; False: plain resize
     img_size: int = 224
     num_regions: int = 8
-    sampler: str = "infinite"  # infinite | shard
+    sampler: str = "infinite"  # infinite | shard (endless) | sequential (one ordered pass over the rank's shard)
     cache_bytes: int = 8 << 30  # shard mode: per-rank bound on cached encoded bytes
     label_resize: str = "center"  # center (aligned with the image) | floor (the original's torch nearest)
     min_region_patches: int = 0  # >= 2 reproduces filter_small_patches
@@ -82,7 +82,7 @@ def build_loader(
     pin_memory: bool | None = None,
     prefetch_factor: int = 4,
 ) -> DataLoader:
-    """An endless DataLoader of per-rank batches (``batch_size`` is per rank).
+    """A DataLoader of per-rank batches (``batch_size`` is per rank), endless unless sampler='sequential'.
 
     ``start``: per-rank samples already consumed (steps × batch_size) to resume exactly. The sampler is
     ``loader.sampler`` (state_dict / load_state_dict), the dataset ``loader.dataset`` (``error_count``,
@@ -100,8 +100,10 @@ def build_loader(
             dataset.cache = ShardCache(dataset.images, sampler.indices, cfg.cache_bytes,
                                        masks=cfg.regions == "offline")
             log.info("rank %d %s", rank, dataset.cache.report())
+    elif cfg.sampler == "sequential":
+        sampler = SequentialShardSampler(len(dataset), rank, world_size)
     else:
-        raise ValueError(f"sampler must be 'infinite' or 'shard', got {cfg.sampler!r}")
+        raise ValueError(f"sampler must be 'infinite', 'shard' or 'sequential', got {cfg.sampler!r}")
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     return DataLoader(
@@ -110,7 +112,7 @@ def build_loader(
         sampler=sampler,
         num_workers=num_workers,
         pin_memory=pin_memory,
-        drop_last=True,
+        drop_last=cfg.sampler != "sequential",
         persistent_workers=num_workers > 0,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
         worker_init_fn=_worker_init if num_workers > 0 else None,

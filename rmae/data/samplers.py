@@ -13,7 +13,7 @@ from typing import Iterator
 import numpy as np
 from torch.utils.data import Sampler
 
-__all__ = ["InfiniteSampler", "ShardSampler", "shard_indices"]
+__all__ = ["InfiniteSampler", "ShardSampler", "SequentialShardSampler", "shard_indices"]
 
 
 def shard_indices(size: int, rank: int, world_size: int) -> np.ndarray:
@@ -96,3 +96,20 @@ class ShardSampler(_PositionSampler):
     def _at(self, position: int) -> tuple[int, int]:
         epoch, offset = divmod(position, self.indices.size)
         return int(self._epoch_order(epoch)[offset]), position * self.world_size + self.rank
+
+
+class SequentialShardSampler(Sampler):
+    """One pass over this rank's shard in order (evaluation, visualisation): keys (index, index), so a given
+    image always gets the same draw whatever the number of ranks."""
+
+    def __init__(self, size: int, rank: int = 0, world_size: int = 1):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank {rank}, world_size {world_size}")
+        self.indices = shard_indices(int(size), int(rank), int(world_size))
+
+    def __len__(self) -> int:
+        return int(self.indices.size)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for index in self.indices.tolist():
+            yield index, index
