@@ -131,14 +131,16 @@ def case_gather_visible(B, k, dt, dev, g):
 def case_unshuffle(B, k, dt, dev, g, C=512, label="pixel decoder"):
     N, L = 196, 49
     x = torch.randn(B, L + 1, C, device=dev, dtype=dt, requires_grad=True)
-    m = torch.randn(1, 1, C, device=dev, dtype=dt, requires_grad=True)
-    pos = torch.randn(1, N + 1, C, device=dev, dtype=dt)  # fixed sin-cos buffer in the model
+    # as in the model under autocast: bf16 activations, fp32 mask token and fixed fp32 position buffer
+    m = torch.randn(1, 1, C, device=dev, dtype=torch.float32, requires_grad=True)
+    pos = torch.randn(1, N + 1, C, device=dev, dtype=torch.float32)
     ids_restore = torch.rand(B, N, generator=g).argsort(1).argsort(1).to(dev)
     e = esize(dt)
+    eo = esize(torch.promote_types(dt, torch.float32))
     fn = lambda impl: kernels.unshuffle_fill(x, m, ids_restore, pos, impl=impl)  # noqa: E731
     ref = lambda: kernels.unshuffle_fill_reference(x, m, ids_restore, pos)  # noqa: E731
-    fwd_bytes = (B * (L + 1) * C + C + (N + 1) * C + B * (N + 1) * C) * e + B * N * 8
-    bwd_bytes = (B * (N + 1) * C + B * (L + 1) * C + C) * e + B * N * 8
+    fwd_bytes = B * (L + 1) * C * e + (C + (N + 1) * C) * 4 + B * (N + 1) * C * eo + B * N * 8
+    bwd_bytes = B * (N + 1) * C * eo + B * (L + 1) * C * e + C * 4 + B * N * 8
     return dict(name=f"unshuffle_fill ({label})", shape=f"x[{B},{L + 1},{C}] -> [{B},{N + 1},{C}]",
                 fn=fn, ref=ref, inputs=[x, m], fwd_bytes=fwd_bytes, bwd_bytes=bwd_bytes)
 
@@ -156,10 +158,11 @@ def case_pool(B, k, dt, dev, g):
                 fn=fn, ref=ref, inputs=[x, res], fwd_bytes=fwd_bytes, bwd_bytes=bwd_bytes)
 
 
-def _region_params(dev, dt, D=128, P=16, N=196):
-    w = (torch.randn(D, 1, P, P, device=dev) * 0.02).to(dt).requires_grad_(True)
-    b = torch.zeros(D, device=dev, dtype=dt, requires_grad=True)
-    pos = torch.randn(1, N, D, device=dev, dtype=dt)
+def _region_params(dev, D=128, P=16, N=196):
+    """fp32 parameters and position table, as in the model (autocast does not cast custom Functions)."""
+    w = (torch.randn(D, 1, P, P, device=dev) * 0.02).requires_grad_(True)
+    b = torch.zeros(D, device=dev, requires_grad=True)
+    pos = torch.randn(1, N, D, device=dev)
     return w, b, pos
 
 
@@ -168,8 +171,8 @@ def case_region_tokens(B, k, dt, dev, g):
     N = (H // P) ** 2
     maps = (torch.rand(B, k, H, H, generator=g) < 0.3).to(torch.uint8).to(dev)
     ids = torch.rand(B, N, generator=g).argsort(1)[:, :L].to(dev)
-    w, b, pos = _region_params(dev, dt, D, P, N)
-    e = esize(dt)
+    w, b, pos = _region_params(dev, D, P, N)
+    e = 4  # fp32 weights and output
     fn = lambda impl: kernels.region_tokens(maps, ids, w, b, pos, P, impl=impl)  # noqa: E731
     ref = lambda: kernels.region_tokens_reference(maps, ids, w, b, pos, P)  # noqa: E731
     pix = B * k * L * P * P  # uint8 pixels of the visible patches
@@ -187,8 +190,8 @@ def case_region_tokens_labels(B, k, dt, dev, g):
     si = torch.randint(0, S, (B, k), generator=g).to(dev)
     li = torch.randint(0, 40, (B, k), generator=g).to(dev)
     ids = torch.rand(B, N, generator=g).argsort(1)[:, :L].to(dev)
-    w, b, pos = _region_params(dev, dt, D, P, N)
-    e = esize(dt)
+    w, b, pos = _region_params(dev, D, P, N)
+    e = 4  # fp32 weights and output
     fn = lambda impl: kernels.region_tokens_from_labels(labels, si, li, ids, w, b, pos, P, impl=impl)  # noqa
     ref = lambda: kernels.region_tokens_from_labels_reference(labels, si, li, ids, w, b, pos, P)  # noqa
     pix = B * k * L * P * P * 2  # int16 labels of the visible patches, per region
@@ -237,8 +240,30 @@ def fwd_bwd(fwd, inputs):
     torch.autograd.grad(outs, inputs, grads)
 
 
+def check_triton(c) -> float:
+    """Max |triton - reference| / max|reference| over the outputs and the input gradients (same grads)."""
+    def run(fwd):
+        outs = as_list(fwd())
+        gouts = [torch.randn_like(o) if o.dim() else torch.ones_like(o) for o in outs]
+        return outs, gouts
+
+    torch.manual_seed(0)
+    ref_outs, gouts = run(c["ref"])
+    ref_grads = torch.autograd.grad(ref_outs, c["inputs"], gouts)
+    tri_outs = as_list(c["fn"]("triton"))
+    tri_grads = torch.autograd.grad(tri_outs, c["inputs"], gouts)
+    err = 0.0
+    for a, b in zip(list(tri_outs) + list(tri_grads), list(ref_outs) + list(ref_grads)):
+        scale = b.detach().float().abs().max().clamp_min(1e-12)
+        err = max(err, ((a.detach().float() - b.detach().float()).abs().max() / scale).item())
+    return err
+
+
 def run_case(c, variants, device, warmup, reps):
     rows = []
+    err = check_triton(c) if "triton" in variants else None
+    if err is not None:
+        print(f"  triton vs reference: max relative error {err:.2e}", flush=True)
     for variant in variants:
         if variant == "triton":
             fwd = lambda: c["fn"]("triton")  # noqa: E731
@@ -255,7 +280,8 @@ def run_case(c, variants, device, warmup, reps):
         rows.append(dict(kernel=c["name"], shape=c["shape"], impl=variant, fwd_ms=t_f, fwd_bwd_ms=t_fb,
                          fwd_GBps=c["fwd_bytes"] / (t_f * 1e-3) / 1e9,
                          fwd_bwd_GBps=(c["fwd_bytes"] + c["bwd_bytes"]) / (t_fb * 1e-3) / 1e9,
-                         fwd_bytes=c["fwd_bytes"], bwd_bytes=c["bwd_bytes"], first_call_s=first_s))
+                         fwd_bytes=c["fwd_bytes"], bwd_bytes=c["bwd_bytes"], first_call_s=first_s,
+                         triton_max_rel_err=err))
         print(f"  {variant:20s} fwd {t_f:9.3f} ms  fwd+bwd {t_fb:9.3f} ms  "
               f"({rows[-1]['fwd_bwd_GBps']:.3g} GB/s)  first call {first_s:.1f} s", flush=True)
     return rows
@@ -327,8 +353,10 @@ def main(argv=None):
 
     variants = ["reference eager"] + ([] if args.no_compile else ["reference compiled"])
     triton_ok = kernels.HAS_TRITON and (cuda or kernels.interpreting())
-    if cuda and triton_ok:
+    if triton_ok:
         variants.append("triton")
+        if not cuda:
+            print("note: TRITON_INTERPRET=1 — the 'triton' rows time the CPU interpreter (a smoke run only).")
     elif not cuda:
         print("note: no GPU — Triton runs only through its CPU interpreter; timing the reference only.")
 
