@@ -43,9 +43,9 @@ from .transforms import (
 
 __all__ = [
     "build_loader", "build_dataset", "DataConfig", "RegionDataset", "REGION_SOURCES", "MissingMaskError",
-    "ShardCache", "InfiniteSampler", "ShardSampler", "SequentialShardSampler", "shard_indices", "CorruptImageError", "decode_image",
-    "decode_labels", "region_maps", "reference_regions", "region_patch_counts", "regions_in_patches", "relabel_crop",
-    "sample_regions",
+    "ShardCache", "InfiniteSampler", "ShardSampler", "SequentialShardSampler", "shard_indices",
+    "CorruptImageError", "decode_image", "decode_labels", "region_maps", "reference_regions",
+    "region_patch_counts", "regions_in_patches", "relabel_crop", "sample_regions",
     "COCO_FH", "IMAGENET_FH", "DatasetNotFoundError", "FHRecipe", "ImageList", "coco", "imagenet", "sample",
     "dataset_root", "open_image_list", "read_coco_file_names", "IMAGENET_MEAN", "IMAGENET_STD", "crop_resize",
     "nearest_indices", "random_resized_crop_params", "to_normalized_chw",
