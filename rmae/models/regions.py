@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rmae import kernels
+
 _LABEL_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64, torch.uint16)
 
 
@@ -38,18 +40,7 @@ class RegionLabels:
 
     def to_maps(self) -> torch.Tensor:
         """The k binary maps [B, k, H, W] (bool)."""
-        return labels_to_maps(self.labels, self.scale_index, self.label_id)
-
-
-def labels_to_maps(labels: torch.Tensor, scale_index: torch.Tensor, label_id: torch.Tensor) -> torch.Tensor:
-    B, S, H, W = labels.shape
-    k = scale_index.shape[1]
-    if labels.dtype == torch.uint16:  # few ops support uint16; widen
-        labels = labels.to(torch.int32)
-    idx = scale_index.view(B, k, 1, 1).expand(B, k, H, W)
-    picked = torch.gather(labels, 1, idx)  # [B, k, H, W]
-    lid = label_id.view(B, k, 1, 1)
-    return (picked.to(torch.int64) == lid) & (lid >= 0)
+        return kernels.labels_to_maps(self.labels, self.scale_index, self.label_id)
 
 
 def check_region_labels(r: RegionLabels, batch: int, num_region: int, img_size: int) -> None:

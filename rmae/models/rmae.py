@@ -14,10 +14,9 @@ from typing import Optional, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from rmae import kernels
-from .regions import RegionLabels, check_region_labels, check_region_maps, labels_to_maps
+from .regions import RegionLabels, check_region_labels, check_region_maps
 from .vit import Attention as _SelfAttention
 from .vit import Block, CrossAttention, LayerNorm, Mlp, PatchEmbed, fill_sincos_
 
@@ -219,14 +218,6 @@ class RMAE(nn.Module):
         x = torch.einsum("nchpwq->nhwpqc", x)
         return x.reshape(B, h * w, p * p * C)
 
-    def patchify_regions(self, maps: torch.Tensor) -> torch.Tensor:
-        """[B, k, H, W] -> [B, k, N, p*p] (float32)."""
-        p = self.patch_size
-        B, k, H, W = maps.shape
-        h, w = H // p, W // p
-        x = maps.reshape(B, k, h, p, w, p).permute(0, 1, 2, 4, 3, 5)
-        return x.reshape(B, k, h * w, p * p).to(torch.float32)
-
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """[B, N, p*p*C] -> [B, C, H, W]."""
         p = self.patch_size
@@ -322,13 +313,16 @@ class RMAE(nn.Module):
         x = self.region_dec_blocks[-1](q, memory[:, 1:, :])
         return self.region_pred(x)  # [B, k, N, p*p] logits
 
-    def forward_region_loss(self, region_pred: torch.Tensor, target: torch.Tensor,
+    def forward_region_loss(self, region_pred: torch.Tensor, regions: Union[torch.Tensor, RegionLabels],
                             region_mask: torch.Tensor) -> torch.Tensor:
-        loss = F.binary_cross_entropy_with_logits(region_pred, target, reduction="none")
-        if self.bg_loss_weight != 1.0:
-            loss = loss * torch.where(target == 0, self.bg_loss_weight, target)
-        loss = loss.mean(dim=-1).mean(dim=1)  # pixels, then regions -> [B, N]
-        return (loss * region_mask).sum() / region_mask.sum()
+        """BCE-with-logits against patchify(maps) (bg weight on 0-pixels), mean over pixels, then regions,
+        then removed patches; the targets are read from the uint8 maps / label maps inside the kernel."""
+        if isinstance(regions, RegionLabels):
+            return kernels.region_bce_loss_from_labels(region_pred, regions.labels, regions.scale_index,
+                                                       regions.label_id, region_mask, self.patch_size,
+                                                       self.bg_loss_weight, impl=self.kernel_impl)
+        return kernels.region_bce_loss(region_pred, regions, region_mask, self.patch_size, self.bg_loss_weight,
+                                       impl=self.kernel_impl)
 
     # ------------------------------------------------------------------ input checks
     def _check_inputs(self, imgs, regions, noise):
@@ -396,9 +390,7 @@ class RMAE(nn.Module):
             queries = self.forward_region_encoder(tokens)                # [B, k, De]
             memory = self.forward_region_neck(latent, ids_restore)       # [B, N+1, Cd]
             region_pred = self.forward_region_decoder(queries, memory)   # [B, k, N, p*p]
-            maps = regions.to_maps() if isinstance(regions, RegionLabels) else regions
-            target = self.patchify_regions(maps)
-            region_loss = self.forward_region_loss(region_pred, target, region_mask)
+            region_loss = self.forward_region_loss(region_pred, regions, region_mask)
 
         if mae_loss is not None and region_loss is not None:
             loss = self.mae_loss_weight * mae_loss + self.region_loss_weight * region_loss
