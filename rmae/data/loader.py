@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
@@ -106,8 +107,12 @@ def build_loader(
         raise ValueError(f"sampler must be 'infinite', 'shard' or 'sequential', got {cfg.sampler!r}")
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
+    # fork: workers share the image list, the sample set's arrays and the shard cache instead of each unpickling a
+    # copy (Python 3.14 makes forkserver the default on Linux).
+    context = "fork" if num_workers > 0 and sys.platform.startswith("linux") else None
     return DataLoader(
         dataset,
+        multiprocessing_context=context,
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
