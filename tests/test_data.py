@@ -524,5 +524,7 @@ def test_shard_cache_serves_identical_samples(tree):
     for key in [(1, 0), (3, 7)]:
         x, y = loader.dataset[key], uncached[key]
         assert all(torch.equal(x[k], y[k]) for k in x)
+    workers = build_loader(cfg, batch_size=3, num_workers=2, rank=1, world_size=2, seed=0)
+    assert set(next(iter(workers))["index"].tolist()) <= {1, 3, 5}  # forked workers read the shared cache
     small = ShardCache(uncached.images, [1, 3, 5], limit_bytes=cache.nbytes - 1)  # bounded: the last one is left out
     assert small.items == 2 and small.nbytes <= cache.nbytes - 1 and small.image(5) is None
