@@ -174,3 +174,19 @@ def new_empty(shape, device, dtype) -> torch.Tensor:
     if _POISON[0]:
         t.fill_(float("nan"))
     return t
+
+
+def on_tensor_device(fn):
+    """Launcher decorator: run on the CUDA device of the first tensor argument (Triton launches on the
+    current device), so tensors on cuda:1 work while cuda:0 is current. No-op on CPU."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        t = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if t is not None and t.is_cuda:
+            with torch.cuda.device(t.device):
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper

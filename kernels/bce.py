@@ -26,6 +26,7 @@ from ._dispatch import (
     check_ndim,
     check_same_device,
     new_empty,
+    on_tensor_device,
     next_pow2,
     opaque_to_compile,
     pick_configs,
@@ -107,6 +108,7 @@ if HAS_TRITON:
             tl.store(out_ptr + pid, tl.sum(row, axis=0))
 
 
+@on_tensor_device
 def _launch(logits, src, sel, lid, region_mask, P, bg, backward, scale=None):
     B, K, N, PP = logits.shape
     H, W = src.shape[-2:]

@@ -16,6 +16,7 @@ from ._dispatch import (
     check_ndim,
     check_same_device,
     new_empty,
+    on_tensor_device,
     opaque_to_compile,
     next_pow2,
     pick_configs,
@@ -101,6 +102,7 @@ if HAS_TRITON:
                          mask=rmask[:, None] & rm[None, :])
 
 
+@on_tensor_device
 def _launch_gather(x, regions, idx, r_out):
     """Gather rows of x [B, *, C] and regions [B, k, *, Cr] (either may be None) at idx [B, r_out].
 

@@ -14,6 +14,7 @@ from ._dispatch import (
     check_ndim,
     check_same_device,
     new_empty,
+    on_tensor_device,
     opaque_to_compile,
     next_pow2,
     pick_configs,
@@ -99,6 +100,7 @@ if HAS_TRITON:
                 tl.store(gr_ptr + off, tile.to(gr_ptr.dtype.element_ty), mask=m)
 
 
+@on_tensor_device
 def _launch_fwd(x, residual):
     B, K, L, C = x.shape
     dt = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
@@ -111,6 +113,7 @@ def _launch_fwd(x, residual):
     return out
 
 
+@on_tensor_device
 def _launch_bwd(g, L, x_dtype, r_dtype, need_x, need_r):
     B, K, C = g.shape
     gx = new_empty((B, K, L, C), g.device, x_dtype) if need_x else None

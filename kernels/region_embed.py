@@ -29,6 +29,7 @@ from ._dispatch import (
     interpreting,
     is_compiling,
     new_empty,
+    on_tensor_device,
     opaque_to_compile,
     next_pow2,
     pick_configs,
@@ -234,6 +235,7 @@ def _src_strides(src):
     return tuple(src.stride())
 
 
+@on_tensor_device
 def _launch_fwd(src, ids_keep, sel, lid, weight, bias, pos_embed, P, K, from_labels):
     """src: maps [B, K, H, W] (uint8) or labels [B, S, H, W]; returns [B, K, L, D]."""
     B, _, H, W = src.shape
@@ -249,7 +251,7 @@ def _launch_fwd(src, ids_keep, sel, lid, weight, bias, pos_embed, P, K, from_lab
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(D, BLOCK_D))  # noqa: E731
     _region_tokens_fwd_kernel[grid](
         src, ids_keep, sel if sel is not None else ids_keep, lid if lid is not None else ids_keep,
-        w2, bias, pos_embed, out,
+        w2, bias.contiguous(), pos_embed, out,
         M, L, K, W // P, D,
         *_src_strides(src), pos_embed.stride(1), pos_embed.stride(2),
         P=P, FROM_LABELS=from_labels, DOT_F32=dot_f32, BLOCK_D=BLOCK_D, BLOCK_K=BLOCK_K,
@@ -257,6 +259,7 @@ def _launch_fwd(src, ids_keep, sel, lid, weight, bias, pos_embed, P, K, from_lab
     return out
 
 
+@on_tensor_device
 def _launch_bwd(g, src, ids_keep, sel, lid, P, K, w_dtype, b_dtype, need_w, need_b, split=None):
     B, _, H, W = src.shape
     L = ids_keep.shape[1]

@@ -18,6 +18,7 @@ from ._dispatch import (
     check_same_device,
     interpreting,
     new_empty,
+    on_tensor_device,
     opaque_to_compile,
     next_pow2,
     pick_configs,
@@ -148,6 +149,7 @@ def _out_dtype(x, mask_token, pos_embed):
     return torch.promote_types(torch.promote_types(x.dtype, mask_token.dtype), pos_embed.dtype)
 
 
+@on_tensor_device
 def _launch_fwd(x, mask_token, ids_restore, pos_embed):
     B, Lp1, C = x.shape
     N = ids_restore.shape[1]
@@ -164,6 +166,7 @@ def _launch_fwd(x, mask_token, ids_restore, pos_embed):
     return out
 
 
+@on_tensor_device
 def _launch_bwd(g, ids_restore, L, x_dtype, m_dtype, pos_dtype, need_x, need_m, need_pos, bsplit=None):
     """Returns (grad_x [B, L+1, C], grad_mask [1, 1, C], grad_pos [1, N+1, C]) (None where not needed).
 
