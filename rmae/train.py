@@ -506,8 +506,11 @@ def visualize_now(model, raw, cfg, vis_batch, run_dir: Path, step: int, device, 
     noise = step_noise(cfg["training"]["seed"] + 1, 0, imgs.shape[0], raw.num_patches).to(device)
     was_training = model.training
     model.eval()
+    # One process: the eager forward (a compiled model would recompile for this batch shape). Sharded: through
+    # __call__, whose FSDP hooks gather the parameters.
+    fwd = model if torch.distributed.is_initialized() else model.forward
     with autocast:
-        out = model(imgs, regions, noise=noise, mask_ratio=model_section(cfg)["mask_ratio"])
+        out = fwd(imgs, regions, noise=noise, mask_ratio=model_section(cfg)["mask_ratio"])
     model.train(was_training)
     if dinfo.is_main:
         path = run_dir / "vis" / f"step_{step:08d}.png"

@@ -1,0 +1,202 @@
+"""Training-step throughput: MAE vs R-MAE, eager vs torch.compile, fp32 vs bf16 autocast.
+
+One step = forward + backward + AdamW update on a synthetic batch (random normalised images, FH-like label
+maps with k regions), exactly what ``rmae.train`` runs per micro-batch, without the data loader. Reports
+images/s and step time; on CUDA also MFU = analytic model FLOPs/s divided by the card's measured peak bf16
+matmul FLOP/s (measured in the same run). The reference in every row is the eager fp32 run of the same model.
+
+    python benchmarks/bench_train.py                       # CPU: tiny arch, 96 px, batch 16
+    python benchmarks/bench_train.py --arch rmae_base_patch16 --img-size 224 --batch 128   # GPU default
+Writes ``benchmarks/results/bench_train.json`` and prints a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from rmae.models import RegionLabels, build_model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FLOPs (multiply-add = 2 FLOPs), forward; a training step is counted as 3x forward
+# ----------------------------------------------------------------------------------------------------------------
+def _blocks(tokens: int, dim: int, depth: int, mlp_ratio: float = 4.0) -> float:
+    linear = 2 * tokens * dim * dim * (3 + 1 + 2 * mlp_ratio)  # qkv, proj, fc1, fc2
+    attn = 2 * 2 * tokens * tokens * dim                       # q k^T and attn v
+    return depth * (linear + attn)
+
+
+def forward_flops_per_image(model, mask_ratio: float = 0.75) -> float:
+    p = model.patch_size
+    N = model.num_patches
+    L = int(N * (1 - mask_ratio))
+    D = model.patch_embed.proj.out_channels
+    f = 2 * N * 3 * p * p * D                                    # patch embed (all patches)
+    f += _blocks(L + 1, D, len(model.blocks))
+    if model.use_mae_loss:
+        Dd = model.decoder_embed.out_features
+        f += 2 * (L + 1) * D * Dd + _blocks(N + 1, Dd, len(model.decoder_blocks)) + 2 * N * Dd * 3 * p * p
+    k = model.num_region
+    if k > 0:
+        Lr = int(N * (1 - model.region_mask_ratio))
+        De = model.region_patch_embed.proj.out_channels
+        f += k * 2 * Lr * p * p * De                             # region token embed (visible patches)
+        f += k * _blocks(Lr, De, len(model.region_enc_blocks))  # region encoder, shared over regions
+        Cd = model.region_cross_embed.out_features
+        f += 2 * (L + 1) * D * Cd + _blocks(N + 1, Cd, len(model.region_cross_blocks))  # neck
+        f += 2 * (N + 1) * Cd * Cd                               # W . memory (once, broadcast over regions)
+        f += k * (N + 1) * 2 * (2 * Cd * 128 + Cd * p * p)       # expansion MLP (hidden 128) + prediction
+    return float(f)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def synthetic_batch(model, batch: int, device, scales: int = 3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    S = model.img_size
+    images = torch.randn(batch, 3, S, S, generator=g)
+    regions = None
+    if model.num_region > 0:
+        # blocky label maps (8x8 px cells, 12 labels per scale) like FH segments of a crop
+        cells = torch.randint(0, 12, (batch, scales, S // 8, S // 8), generator=g)
+        labels = cells.repeat_interleave(8, 2).repeat_interleave(8, 3).to(torch.int16)
+        k = model.num_region
+        regions = RegionLabels(labels, torch.randint(0, scales, (batch, k), generator=g),
+                               torch.randint(0, 12, (batch, k), generator=g)).to(device)
+    return images.to(device), regions
+
+
+def peak_bf16_matmul(device, n: int = 8192, iters: int = 20) -> float:
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    torch.cuda.synchronize(device)
+    return 2 * n ** 3 * iters / (time.perf_counter() - t)
+
+
+def bench_one(variant, arch, img_size, batch, device, dtype, compiled, steps, warmup, kernel_impl):
+    torch.manual_seed(0)
+    kw = dict(img_size=img_size, kernel_impl=kernel_impl, norm_pix_loss=True)
+    if variant == "mae":
+        kw["num_region"] = 0
+    model = build_model(arch, variant=variant, **kw).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05,
+                            fused=device.type == "cuda" or None)
+    if compiled:
+        model.compile()
+    images, regions = synthetic_batch(model, batch, device)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else torch.autocast(
+        device.type, enabled=False)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+    def step(i):
+        noise = torch.rand(batch, model.num_patches, device=device)
+        with amp:
+            out = model(images, regions, noise=noise, mask_ratio=0.75)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return out.loss
+
+    t0 = time.perf_counter()
+    for i in range(warmup):
+        step(i)
+    sync()
+    t_warm = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i in range(steps):
+        sync()
+        t = time.perf_counter()
+        loss = step(i)
+        sync()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    med = times[len(times) // 2]
+    flops = 3 * forward_flops_per_image(model) * batch
+    row = {"model": variant, "arch": arch, "img_size": img_size, "batch": batch, "dtype": dtype,
+           "compiled": compiled, "step_ms": med * 1e3, "img_per_s": batch / med, "warmup_s": t_warm,
+           "tflops_per_s": flops / med / 1e12, "loss": float(loss),
+           "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+    if device.type == "cuda":
+        row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return row
+
+
+def main(argv=None):
+    cuda = torch.cuda.is_available()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if cuda else "cpu")
+    ap.add_argument("--arch", default="rmae_base_patch16" if cuda else "rmae_tiny_patch16")
+    ap.add_argument("--img-size", type=int, default=224 if cuda else 96)
+    ap.add_argument("--batch", type=int, default=128 if cuda else 16)
+    ap.add_argument("--steps", type=int, default=20 if cuda else 5)
+    ap.add_argument("--warmup", type=int, default=5 if cuda else 2)
+    ap.add_argument("--models", default="mae,rmae")
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--compile", default="eager,compiled", help="eager,compiled or one of them")
+    ap.add_argument("--kernel-impl", default="auto")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_train.json"))
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    peak = peak_bf16_matmul(device) if device.type == "cuda" else None
+    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
+               else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+                    f"{torch.get_num_threads()} threads")
+    rows = []
+    for variant in args.models.split(","):
+        base = None
+        for compiled in [c == "compiled" for c in args.compile.split(",")]:
+            for dtype in args.dtypes.split(","):
+                row = bench_one(variant, args.arch, args.img_size, args.batch, device, dtype, compiled,
+                                args.steps, args.warmup, args.kernel_impl)
+                if peak:
+                    row["mfu"] = row["tflops_per_s"] * 1e12 / peak
+                if base is None:
+                    base = row
+                row["speedup_vs_eager_fp32"] = row["img_per_s"] / base["img_per_s"]
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+    result = {"machine": machine, "torch": torch.__version__, "peak_bf16_tflops": peak / 1e12 if peak else None,
+              "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(markdown(result))
+
+
+def markdown(result) -> str:
+    has_mfu = any("mfu" in r for r in result["rows"])
+    r0 = result["rows"][0]
+    lines = [f"Machine: {result['machine']}, torch {result['torch']}"
+             + (f", measured peak bf16 matmul {result['peak_bf16_tflops']:.0f} TFLOP/s" if has_mfu else "")
+             + f". {r0['arch']}, {r0['img_size']} px, batch {r0['batch']}, k=8 regions for R-MAE; "
+             "forward+backward+AdamW, median step.", "",
+             "| model | compile | dtype | step (ms) | img/s | vs eager fp32 | model TFLOP/s |"
+             + (" MFU |" if has_mfu else ""),
+             "|---|---|---|---:|---:|---:|---:|" + ("---:|" if has_mfu else "")]
+    for r in result["rows"]:
+        line = (f"| {r['model']} | {'compiled' if r['compiled'] else 'eager'} | {r['dtype']} | {r['step_ms']:.1f} | "
+                f"{r['img_per_s']:.1f} | {r['speedup_vs_eager_fp32']:.2f}x | {r['tflops_per_s']:.3g} |")
+        if has_mfu:
+            line += f" {100 * r['mfu']:.1f}% |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
