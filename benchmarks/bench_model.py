@@ -93,8 +93,12 @@ def main(argv=None):
     ap.add_argument("--compile", action="store_true", help="torch.compile the kernel_impl='auto' models")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=20 if cuda else 5)
+    ap.add_argument("--flops-only", action="store_true", help="only count FLOPs (MAE vs R-MAE), no timing")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--out", default="benchmarks/out/model")
     args = ap.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     device = torch.device("cuda" if cuda else "cpu")
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[args.amp]
@@ -106,6 +110,13 @@ def main(argv=None):
     mae_auto = build_model(args.arch, "mae", kernel_impl="auto", **common).to(device)
     mae_auto.load_state_dict(rmae_auto.state_dict(), strict=False)
     images, regions, _ = make_inputs(args.batch, args.img, args.k, device, args.regions)
+    if args.flops_only:
+        f_mae, f_rmae = flops(mae_auto, images, None, amp), flops(rmae_ref, images, regions, amp)
+        line = (f"`{args.arch}`, batch {args.batch}, {args.img} px, k={args.k}: forward+backward GFLOP MAE "
+                f"{f_mae / 1e9:.1f}, R-MAE {f_rmae / 1e9:.1f}, ratio {f_rmae / f_mae:.3f} (torch.utils.flop_counter: "
+                f"matmuls, convolutions, attention)")
+        print(line)
+        return {"arch": args.arch, "batch": args.batch, "flops_mae": f_mae, "flops_rmae": f_rmae}
 
     rows = {
         "MAE (auto)": step_fn(torch.compile(mae_auto) if args.compile else mae_auto, images, None, amp),
