@@ -456,7 +456,7 @@ def test_export_loads_into_plain_vit_and_matches_encoder():
     compiled_like = {"_orig_mod." + k: v for k, v in m.state_dict().items()}
     ddp_like = {"module." + k: v for k, v in m.state_dict().items()}
     exported = export_encoder(m)
-    for other in (export_encoder(compiled_like), export_encoder(ddp_like)):
+    for other in (export_encoder(compiled_like), export_encoder(ddp_like), export_encoder({"model": ddp_like})):
         assert other.keys() == exported.keys()
         assert all(torch.equal(other[k], exported[k]) for k in exported)
     assert not any(k.startswith(("decoder", "mask_token", "region")) for k in exported)

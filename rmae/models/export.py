@@ -30,8 +30,11 @@ def clean_key(key: str) -> str:
 
 
 def export_encoder(model: Union[nn.Module, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The pixel encoder's weights (detached, contiguous clones) from a model or a state_dict."""
+    """The pixel encoder's weights (detached, contiguous clones) from a model, a state_dict, or a checkpoint
+    dict holding one under ``"model"`` (as the MAE / R-MAE releases)."""
     state = model.state_dict() if isinstance(model, nn.Module) else model
+    if "model" in state and isinstance(state["model"], Mapping):  # MAE / R-MAE checkpoint files: {"model": ...}
+        state = state["model"]
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         key = clean_key(key)
