@@ -290,6 +290,8 @@ CLOSE = dict(rtol=1e-4, atol=1e-5)
     ("rmae", {"bg_loss_weight": 0.3, "mae_loss_weight": 0.5, "region_loss_weight": 2.0, "norm_pix_loss": True}),
     ("rmae", {"region_mask_ratio": 0.5}),
     ("rmae", {"region_dec_depth": 2}),
+    ("rmae", {"region_enc_depth": 2}),
+    ("rae", {"region_enc_depth": 0}),
 ])
 def test_matches_official_transcription(variant, kw):
     torch.manual_seed(1)

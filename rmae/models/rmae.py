@@ -17,8 +17,7 @@ import torch.nn as nn
 
 from rmae import kernels
 from .regions import RegionLabels, check_region_labels, check_region_maps
-from .vit import Attention as _SelfAttention
-from .vit import Block, CrossAttention, LayerNorm, Mlp, PatchEmbed, fill_sincos_
+from .vit import Attention, Block, CrossAttention, LayerNorm, Mlp, PatchEmbed, fill_sincos_
 
 KERNEL_IMPLS = ("auto", "triton", "reference")
 
@@ -44,7 +43,7 @@ class DecoderBlock(nn.Module):
     def __init__(self, dim: int, enc_dim: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
         self.norm1 = LayerNorm(dim)
-        self.attn = _SelfAttention(dim, num_heads)
+        self.attn = Attention(dim, num_heads)
         self.norm2 = LayerNorm(dim)
         self.cross_attn = CrossAttention(dim, enc_dim, num_heads)
         self.norm3 = LayerNorm(dim)
@@ -63,7 +62,7 @@ class DecoderBlockWithExpansion(nn.Module):
     def __init__(self, dim: int, enc_dim: int, num_heads: int):
         super().__init__()
         self.norm1 = LayerNorm(dim)
-        self.attn = _SelfAttention(dim, num_heads)
+        self.attn = Attention(dim, num_heads)
         self.proj = nn.Linear(enc_dim, dim)
         self.norm3 = LayerNorm(dim)
         self.mlp = Mlp(dim, dim)
@@ -280,7 +279,7 @@ class RMAE(nn.Module):
     def forward_region_neck(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         x = self.region_cross_embed(latent)
         x = kernels.unshuffle_fill(x, self.region_cross_mask_token, ids_restore, self.region_cross_pos_embed,
-                               impl=self.kernel_impl)
+                                   impl=self.kernel_impl)
         for blk in self.region_cross_blocks:
             x = blk(x)
         return self.region_dec_norm(x)  # memory [B, N+1, Cd]
