@@ -347,7 +347,8 @@ int32_t segment(const SortedEdges& edges, double scale, int64_t min_size, int32_
     };
     auto link = [forest, size](int32_t a, int32_t b) {  // larger segment keeps its root
         const int32_t size_a = size[a], size_b = size[b];
-        const int32_t keep = size_a < size_b ? b : a, child = size_a < size_b ? a : b;  // cmov
+        const int32_t b_is_larger = -static_cast<int32_t>(size_a < size_b);  // all ones or zero
+        const int32_t keep = (b & b_is_larger) | (a & ~b_is_larger), child = a ^ b ^ keep;  // no branch
         forest[child] = keep;
         size[keep] = size_a + size_b;
         return keep;
@@ -359,7 +360,8 @@ int32_t segment(const SortedEdges& edges, double scale, int64_t min_size, int32_
         return (self & is_root) | (entry & ~is_root);
     };
     auto find_shallow = [forest, &find, &select](int32_t x, int32_t& root_entry_out) {
-        const int32_t up1 = select(forest[x], x);
+        const int32_t entry_x = forest[x];
+        const int32_t up1 = select(entry_x, x);
         const int32_t up2 = select(forest[up1], up1);
         const int32_t entry = forest[up2];
         if (__builtin_expect(entry >= 0, 0)) {
@@ -368,6 +370,7 @@ int32_t segment(const SortedEdges& edges, double scale, int64_t min_size, int32_
             root_entry_out = forest[root];
             return root;
         }
+        forest[x] = x == up2 ? entry_x : up2;  // point x straight at its root (a root keeps its entry)
         root_entry_out = entry;
         return up2;
     };
