@@ -1,9 +1,9 @@
-"""Image decoding shared by preprocessing and the data pipeline: any file Pillow reads → RGB uint8.
+"""Image decoding shared by preprocessing and the data pipeline: any file Pillow reads → RGB.
 
-Grayscale, palette, RGBA/LA (alpha dropped), CMYK and YCbCr convert through Pillow's ``convert("RGB")``
-as the original R-MAE code does. 16-bit and 32-bit integer images are scaled to 8 bits first (Pillow's
-own conversion would clip them to 255); float images are clipped to [0, 255]. The whole file is
-decoded eagerly, so a truncated or corrupt file raises here, not later.
+Every mode (L, LA, P, RGBA, CMYK, YCbCr, I;16, ...) goes through Pillow's ``convert("RGB")``, as the
+original R-MAE code does, so FH masks are computed on exactly the pixels the model is trained on.
+The whole file is decoded eagerly (no ``Image.draft``: DCT-domain downscaling differs from a full
+decode followed by the resize), so a truncated or corrupt file raises here, not later.
 """
 from __future__ import annotations
 
@@ -14,46 +14,34 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["ImageDecodeError", "load_rgb", "IMAGE_SUFFIXES"]
+__all__ = ["ImageDecodeError", "open_rgb", "load_rgb", "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif"}
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(OSError):
     """An image file that cannot be decoded: carries the path and the reason."""
 
     def __init__(self, path: str | os.PathLike, reason: str):
-        super().__init__(f"{path}: {reason}")
+        super().__init__(f"cannot decode image {path}: {reason}")
         self.path = str(path)
         self.reason = reason
 
 
-def _to_rgb(image: Image.Image) -> np.ndarray:
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        values = np.asarray(image, dtype=np.int64)
-        top = 65535 if image.mode.startswith("I;16") or values.max(initial=0) <= 65535 else values.max()
-        gray = np.clip(values * 255 // max(int(top), 1), 0, 255).astype(np.uint8)
-        return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=2))
-    if image.mode == "F":
-        gray = np.clip(np.asarray(image, dtype=np.float64), 0, 255).round().astype(np.uint8)
-        return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=2))
-    return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
+def open_rgb(source: str | os.PathLike | bytes | memoryview, name: str | os.PathLike | None = None) -> Image.Image:
+    """A fully decoded RGB PIL image from a file path or encoded bytes.
 
-
-def load_rgb(source: str | os.PathLike | bytes, name: str | os.PathLike | None = None) -> np.ndarray:
-    """Decodes a file path or encoded bytes to an RGB uint8 array [H, W, 3].
-
-    Raises ImageDecodeError (with the path, or ``name`` for bytes) for missing, unreadable,
+    Raises ImageDecodeError (naming the path, or ``name`` for bytes) for missing, unreadable,
     corrupt, truncated or empty images.
     """
-    label = name if name is not None else (source if not isinstance(source, bytes) else "<bytes>")
+    in_memory = isinstance(source, (bytes, memoryview))
+    label = name if name is not None else ("<bytes>" if in_memory else source)
     try:
-        handle = io.BytesIO(source) if isinstance(source, bytes) else Path(source).open("rb")
-        with handle, Image.open(handle) as image:
-            image.load()
-            if image.width == 0 or image.height == 0:
-                raise ImageDecodeError(label, "image has zero size")
-            return _to_rgb(image)
+        image = Image.open(io.BytesIO(source) if in_memory else Path(source))
+        image.load()
+        if image.width == 0 or image.height == 0:
+            raise ImageDecodeError(label, "image has zero size")
+        return image if image.mode == "RGB" else image.convert("RGB")
     except ImageDecodeError:
         raise
     except FileNotFoundError:
@@ -62,3 +50,8 @@ def load_rgb(source: str | os.PathLike | bytes, name: str | os.PathLike | None =
         raise ImageDecodeError(label, "not a recognised image format (corrupt or not an image)") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise ImageDecodeError(label, f"cannot decode ({error})") from None
+
+
+def load_rgb(source: str | os.PathLike | bytes | memoryview, name: str | os.PathLike | None = None) -> np.ndarray:
+    """``open_rgb`` as a C-contiguous uint8 array [H, W, 3]."""
+    return np.ascontiguousarray(np.asarray(open_rgb(source, name), dtype=np.uint8))

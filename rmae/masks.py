@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -79,23 +80,50 @@ def save_labels(path: str | os.PathLike, labels: np.ndarray) -> None:
         raise
 
 
-def load_labels(path: str | os.PathLike) -> np.ndarray:
-    """Reads labels [S, H, W] from our ``.npy.zst`` (uint16) or the original's ``.npy`` (uint8) file.
+_local = threading.local()  # a ZstdDecompressor must not be used by two threads at once
 
-    Raises FileNotFoundError for a missing file and MaskError for an unreadable one.
+
+def _parse_npy(raw) -> np.ndarray:
+    """An NPY stream as a (read-only) array view on ``raw``: no copy, unlike ``np.load``."""
+    stream = io.BytesIO(raw[:4096] if len(raw) > 4096 else raw)
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+    else:
+        raise ValueError(f"unsupported NPY version {version}")
+    if dtype.hasobject:
+        raise ValueError("object arrays are not label maps")
+    count = int(np.prod(shape)) if shape else 1
+    array = np.frombuffer(raw, dtype=dtype, count=count, offset=stream.tell())
+    return array.reshape(shape, order="F" if fortran else "C")
+
+
+def load_labels(source: str | os.PathLike | bytes | memoryview, name: str | os.PathLike | None = None) -> np.ndarray:
+    """Labels [S, H, W] from our ``.npy.zst`` (uint16) or the original's ``.npy`` (uint8) file.
+
+    ``source`` is a path, or the file's bytes (e.g. from an in-memory cache) with ``name`` naming the
+    file: its suffix decides the format. Zstandard decompresses straight into the array's buffer, so
+    the result may be read-only. Raises FileNotFoundError for a missing file and MaskError for an
+    unreadable one.
     """
-    path = Path(path)
+    if name is None:
+        name = source
     try:
-        raw = path.read_bytes()
-        if path.name.endswith(MASK_SUFFIX):
-            raw = zstandard.ZstdDecompressor().decompress(raw)
-        labels = np.load(io.BytesIO(raw), allow_pickle=False)
+        raw = source if isinstance(source, (bytes, memoryview)) else Path(source).read_bytes()
+        if str(name).endswith(MASK_SUFFIX):
+            decompressor = getattr(_local, "zstd", None)
+            if decompressor is None:
+                decompressor = _local.zstd = zstandard.ZstdDecompressor()
+            raw = decompressor.decompress(raw)
+        labels = _parse_npy(raw)
     except FileNotFoundError:
         raise
     except Exception as error:  # truncated zstd frame, bad NPY header, ...
-        raise MaskError(f"cannot read mask file {path}: {error}") from error
+        raise MaskError(f"cannot read mask file {name}: {error}") from error
     if labels.ndim == 2:
         labels = labels[None]
     if labels.ndim != 3 or labels.dtype.kind not in "iu":
-        raise MaskError(f"mask file {path} holds {labels.dtype} {labels.shape}, expected integer labels [S, H, W]")
+        raise MaskError(f"mask file {name} holds {labels.dtype} {labels.shape}, expected integer labels [S, H, W]")
     return labels
