@@ -181,6 +181,8 @@ class RMAE(nn.Module):
 
     # ------------------------------------------------------------------ init
     def initialize_weights(self) -> None:
+        # The official order of random draws (MAE's initialize_weights, then the region part, then a second
+        # pass over Linear/LayerNorm), with modules built in the official order: same seed -> same weights.
         grid = self.patch_embed.grid_size[0]
         fill_sincos_(self.pos_embed, grid, cls_token=True)
         w = self.patch_embed.proj.weight.data
@@ -189,6 +191,7 @@ class RMAE(nn.Module):
         if self.use_mae_loss:
             fill_sincos_(self.decoder_pos_embed, grid, cls_token=True)
             nn.init.normal_(self.mask_token, std=0.02)
+        self.apply(self._init_weights)
         if self.num_region > 0:
             fill_sincos_(self.region_pos_embed, grid, cls_token=True)
             w = self.region_patch_embed.proj.weight.data

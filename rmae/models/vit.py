@@ -20,13 +20,13 @@ LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
 
 # --------------------------------------------------------------------------
-# 2-D sin-cos position tables (MAE's util/pos_embed.py, same numbers)
+# 2-D sin-cos position tables (MAE's util/pos_embed.py as copied in R-MAE's utils/functional.py: bit-equal)
 # --------------------------------------------------------------------------
 def get_1d_sincos_pos_embed_from_grid(embed_dim: int, pos: np.ndarray) -> np.ndarray:
     """pos: positions, any shape -> [M, embed_dim] (sin half, then cos half)."""
     if embed_dim % 2 != 0:
         raise ValueError(f"sin-cos embedding needs an even dimension, got {embed_dim}")
-    omega = np.arange(embed_dim // 2, dtype=np.float64)
+    omega = np.arange(embed_dim // 2, dtype=np.float32)  # float32 as R-MAE's copy (MAE's uses float64)
     omega /= embed_dim / 2.0
     omega = 1.0 / 10000**omega  # [D/2]
     pos = pos.reshape(-1)  # [M]
