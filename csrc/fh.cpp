@@ -67,9 +67,11 @@ struct Workspace {
     std::vector<double> image, smoothed, padded, planes, squares, cost;
     std::vector<uint32_t> key, bucket_start;
     std::vector<SortedEdge> sorted, scratch;
-    std::vector<int32_t> parent, size;
-    std::vector<float> threshold;
-    std::vector<uint32_t> rejected;
+    struct ScaleBuffers {
+        std::vector<int32_t> entries, size;
+        std::vector<uint32_t> rejected;
+    };
+    std::vector<ScaleBuffers> forests;  // one per scale
 };
 
 Workspace& workspace() {
@@ -309,123 +311,159 @@ SortedEdges sorted_edges(const FloatImage& image) {
     return SortedEdges{H, W, sorted, n_edges};
 }
 
-int32_t segment(const SortedEdges& edges, double scale, int64_t min_size, int32_t* labels) {
-    const int64_t width = edges.width, n_pixels = edges.height * edges.width;
-    const int64_t offset[4] = {1, width, width + 1, width - 1};
-    const double scale01 = scale / 255.0;  // scikit-image rescales like the reference code
-    Workspace& ws = workspace();
-    PROF_START
-    // One int32 per pixel: a non-root holds its parent (>= 0); a root holds its merge threshold
-    // Int(C) + scale / |C| as float32 bits with the sign bit set (< 0). scikit-image keeps this
-    // threshold in a `cdef float32_t`; it changes only when the segment grows. Finding a root and
-    // reading its threshold is then one random access into a compact array.
-    int32_t* forest = grow(ws.parent, n_pixels);
-    int32_t* size = grow(ws.size, n_pixels);
-    auto root_entry = [](float threshold) {
-        uint32_t bits;
-        std::memcpy(&bits, &threshold, sizeof bits);
-        return static_cast<int32_t>(bits | 0x80000000u);
-    };
-    auto threshold_of = [](int32_t entry) {
-        const uint32_t bits = static_cast<uint32_t>(entry) & 0x7fffffffu;
-        float threshold;
-        std::memcpy(&threshold, &bits, sizeof threshold);
-        return threshold;
-    };
-    const int32_t single_pixel = root_entry(static_cast<float>(0.0 + scale01 / 1));
-    for (int64_t p = 0; p < n_pixels; ++p) {
-        forest[p] = single_pixel;
-        size[p] = 1;
+// Union-find state of one scale. One int32 per pixel: a non-root holds its parent (>= 0); a root
+// holds its merge threshold Int(C) + scale / |C| as float32 bits with the sign bit set (< 0).
+// scikit-image keeps this threshold in a `cdef float32_t`; it changes only when the segment grows.
+// Finding a root and reading its threshold is then one random access into a compact array.
+class Forest {
+  public:
+    Forest(int32_t* entries, int32_t* size, uint32_t* rejected, int64_t n_pixels, double scale)
+        : entry_(entries), size_(size), rejected_(rejected), n_pixels_(n_pixels), scale01_(scale / 255.0) {
+        // scale / 255: scikit-image rescales like the reference code.
+        const int32_t single_pixel = root_entry(static_cast<float>(0.0 + scale01_ / 1));
+        for (int64_t p = 0; p < n_pixels; ++p) {
+            entry_[p] = single_pixel;
+            size_[p] = 1;
+        }
     }
-    auto find = [forest](int32_t x) {
-        while (forest[x] >= 0) {
-            const int32_t up = forest[x];
-            if (forest[up] >= 0) forest[x] = forest[up];  // path halving
-            x = up;
-        }
-        return x;
-    };
-    auto link = [forest, size](int32_t a, int32_t b) {  // larger segment keeps its root
-        const int32_t size_a = size[a], size_b = size[b];
-        const int32_t b_is_larger = -static_cast<int32_t>(size_a < size_b);  // all ones or zero
-        const int32_t keep = (b & b_is_larger) | (a & ~b_is_larger), child = a ^ b ^ keep;  // no branch
-        forest[child] = keep;
-        size[keep] = size_a + size_b;
-        return keep;
-    };
-    // Root of x and its entry, without a data-dependent branch when x is within two links of its
-    // root (nearly always: deeper nodes are pointed straight at their root when met).
-    auto select = [](int32_t entry, int32_t self) {  // self if entry marks a root, else entry
-        const int32_t is_root = entry >> 31;          // all ones for a root entry
-        return (self & is_root) | (entry & ~is_root);
-    };
-    auto find_shallow = [forest, &find, &select](int32_t x, int32_t& root_entry_out) {
-        const int32_t entry_x = forest[x];
-        const int32_t up1 = select(entry_x, x);
-        const int32_t up2 = select(forest[up1], up1);
-        const int32_t entry = forest[up2];
-        if (__builtin_expect(entry >= 0, 0)) {
-            const int32_t root = find(up2);
-            forest[x] = root;
-            root_entry_out = forest[root];
-            return root;
-        }
-        forest[x] = x == up2 ? entry_x : up2;  // point x straight at its root (a root keeps its entry)
-        root_entry_out = entry;
-        return up2;
-    };
 
-    // Pass 1: merge across an edge when its cost is below both segments' thresholds. The common
-    // outcomes (same segment, rejected) are recorded without branching on them.
-    std::vector<uint32_t>& rejected = ws.rejected;
-    uint32_t* rejected_codes = grow(rejected, edges.count);
-    int64_t n_rejected = 0;
-    for (int64_t i = 0; i < edges.count; ++i) {
-        const SortedEdge& edge = edges.items[i];
-        const int32_t a = static_cast<int32_t>(edge.code & kPixelMask);
-        const int32_t b = static_cast<int32_t>(a + offset[edge.code >> 30]);
+    // Pass 1 step: merge across the edge (a, b) when its cost is below both segments' thresholds.
+    // The common outcomes (same segment, rejected) are recorded without branching on them.
+    inline void visit(const SortedEdge& edge, int32_t a, int32_t b) {
         int32_t entry_a, entry_b;
         const int32_t ra = find_shallow(a, entry_a), rb = find_shallow(b, entry_b);
         const float limit = std::min(threshold_of(entry_a), threshold_of(entry_b));
         const bool distinct = ra != rb;
         const bool merge = distinct & (edge.cost < static_cast<double>(limit));
-        rejected_codes[n_rejected] = edge.code;
-        n_rejected += distinct & !merge;
+        rejected_[n_rejected_] = edge.code;
+        n_rejected_ += distinct & !merge;
         if (merge) {
             const int32_t root = link(ra, rb);
-            forest[root] = root_entry(static_cast<float>(edge.cost + scale01 / size[root]));
+            entry_[root] = root_entry(static_cast<float>(edge.cost + scale01_ / size_[root]));
         }
     }
-    PROF("pass 1")
 
-    // Pass 2: absorb segments below min_size, in the same edge order. Edges accepted in pass 1
-    // join pixels of one segment, so only the rejected ones can merge anything here.
-    if (min_size > 1) {
-        for (int64_t i = 0; i < n_rejected; ++i) {
-            const uint32_t code = rejected_codes[i];
+    // Pass 2: absorb segments below min_size, in edge order. Edges accepted in pass 1 join pixels
+    // of one segment, so only the rejected ones can merge anything here.
+    void absorb_small(int64_t min_size, const int64_t* offset) {
+        if (min_size <= 1) return;
+        for (int64_t i = 0; i < n_rejected_; ++i) {
+            const uint32_t code = rejected_[i];
             const int32_t a = static_cast<int32_t>(code & kPixelMask);
             const int32_t b = static_cast<int32_t>(a + offset[code >> 30]);
             const int32_t ra = find(a), rb = find(b);
             if (ra == rb) continue;
-            if (size[ra] < min_size || size[rb] < min_size) {
-                const int32_t keep = forest[size[ra] < size[rb] ? rb : ra];  // any root entry works
-                forest[link(ra, rb)] = keep;
+            if (size_[ra] < min_size || size_[rb] < min_size) {
+                const int32_t kept = entry_[size_[ra] < size_[rb] ? rb : ra];  // any root entry will do
+                entry_[link(ra, rb)] = kept;
             }
         }
     }
-    PROF("pass 2")
 
-    // Labels 0..n-1 in raster order of each segment's first pixel (reusing `size` as the map).
-    int32_t* label_of_root = size;
-    for (int64_t p = 0; p < n_pixels; ++p) label_of_root[p] = -1;
-    int32_t next = 0;
-    for (int64_t p = 0; p < n_pixels; ++p) {
-        const int32_t r = find(static_cast<int32_t>(p));
-        if (label_of_root[r] < 0) label_of_root[r] = next++;
-        labels[p] = label_of_root[r];
+    // Labels 0..n-1 in raster order of each segment's first pixel (reuses the size array).
+    int32_t write_labels(int32_t* labels) {
+        int32_t* label_of_root = size_;
+        for (int64_t p = 0; p < n_pixels_; ++p) label_of_root[p] = -1;
+        int32_t next = 0;
+        for (int64_t p = 0; p < n_pixels_; ++p) {
+            const int32_t r = find(static_cast<int32_t>(p));
+            if (label_of_root[r] < 0) label_of_root[r] = next++;
+            labels[p] = label_of_root[r];
+        }
+        return next;
     }
-    PROF("labels")
-    return next;
+
+  private:
+    static int32_t root_entry(float threshold) {
+        uint32_t bits;
+        std::memcpy(&bits, &threshold, sizeof bits);
+        return static_cast<int32_t>(bits | 0x80000000u);
+    }
+    static float threshold_of(int32_t entry) {
+        const uint32_t bits = static_cast<uint32_t>(entry) & 0x7fffffffu;
+        float threshold;
+        std::memcpy(&threshold, &bits, sizeof threshold);
+        return threshold;
+    }
+    // `self` if `entry` marks a root, else `entry` (the parent), without a branch.
+    static int32_t select(int32_t entry, int32_t self) {
+        const int32_t is_root = entry >> 31;  // all ones for a root entry
+        return (self & is_root) | (entry & ~is_root);
+    }
+    int32_t find(int32_t x) {
+        while (entry_[x] >= 0) {
+            const int32_t up = entry_[x];
+            if (entry_[up] >= 0) entry_[x] = entry_[up];  // path halving
+            x = up;
+        }
+        return x;
+    }
+    // Root of x and its entry, without a data-dependent branch when x is within two links of its
+    // root (nearly always, since every visited pixel is pointed straight at its root).
+    int32_t find_shallow(int32_t x, int32_t& root_entry_out) {
+        const int32_t entry_x = entry_[x];
+        const int32_t up1 = select(entry_x, x);
+        const int32_t up2 = select(entry_[up1], up1);
+        const int32_t entry = entry_[up2];
+        if (__builtin_expect(entry >= 0, 0)) {
+            const int32_t root = find(up2);
+            entry_[x] = root;
+            root_entry_out = entry_[root];
+            return root;
+        }
+        entry_[x] = x == up2 ? entry_x : up2;  // a root keeps its entry
+        root_entry_out = entry;
+        return up2;
+    }
+    // Links two distinct roots, the larger segment keeping its root; returns that root.
+    int32_t link(int32_t a, int32_t b) {
+        const int32_t size_a = size_[a], size_b = size_[b];
+        const int32_t b_is_larger = -static_cast<int32_t>(size_a < size_b);  // all ones or zero
+        const int32_t keep = (b & b_is_larger) | (a & ~b_is_larger), child = a ^ b ^ keep;
+        entry_[child] = keep;
+        size_[keep] = size_a + size_b;
+        return keep;
+    }
+
+    int32_t* entry_;
+    int32_t* size_;
+    uint32_t* rejected_;
+    int64_t n_rejected_ = 0;
+    int64_t n_pixels_;
+    double scale01_;
+};
+
+std::vector<int32_t> segment(const SortedEdges& edges, const std::vector<double>& scales,
+                             const std::vector<int64_t>& min_sizes, int32_t* labels) {
+    const int64_t width = edges.width, n_pixels = edges.height * edges.width;
+    const int64_t offset[4] = {1, width, width + 1, width - 1};
+    const size_t n_scales = scales.size();
+    Workspace& ws = workspace();
+    PROF_START
+    if (ws.forests.size() < n_scales) ws.forests.resize(n_scales);
+    std::vector<Forest> forests;
+    forests.reserve(n_scales);
+    for (size_t s = 0; s < n_scales; ++s) {
+        Workspace::ScaleBuffers& buffers = ws.forests[s];
+        forests.emplace_back(grow(buffers.entries, n_pixels), grow(buffers.size, n_pixels),
+                             grow(buffers.rejected, edges.count), n_pixels, scales[s]);
+    }
+    // Pass 1 for all scales in one sweep: the edge is decoded once, and the scales' independent
+    // union-find lookups overlap in the CPU.
+    for (int64_t i = 0; i < edges.count; ++i) {
+        const SortedEdge& edge = edges.items[i];
+        const int32_t a = static_cast<int32_t>(edge.code & kPixelMask);
+        const int32_t b = static_cast<int32_t>(a + offset[edge.code >> 30]);
+        for (Forest& forest : forests) forest.visit(edge, a, b);
+    }
+    PROF("pass 1")
+    std::vector<int32_t> counts(n_scales);
+    for (size_t s = 0; s < n_scales; ++s) {
+        forests[s].absorb_small(min_sizes[s], offset);
+        counts[s] = forests[s].write_labels(labels + s * n_pixels);
+    }
+    PROF("pass 2 and labels")
+    return counts;
 }
 
 std::vector<int32_t> felzenszwalb_multi(const FloatImage& image, const std::vector<double>& weights,
@@ -436,12 +474,7 @@ std::vector<int32_t> felzenszwalb_multi(const FloatImage& image, const std::vect
     if (image.height * image.width >= kMaxPixels)
         throw std::invalid_argument("image too large for FH segmentation (at most 2^30 pixels)");
     gaussian_smooth(image, weights);
-    const SortedEdges edges = sorted_edges(image);
-    const int64_t n_pixels = image.height * image.width;
-    std::vector<int32_t> counts;
-    for (size_t s = 0; s < scales.size(); ++s)
-        counts.push_back(segment(edges, scales[s], min_sizes[s], labels + s * n_pixels));
-    return counts;
+    return segment(sorted_edges(image), scales, min_sizes, labels);
 }
 
 }  // namespace fh

@@ -56,9 +56,10 @@ void gaussian_smooth(const FloatImage& image, const std::vector<double>& weights
 // All 8-connected edges of the smoothed image, sorted by cost.
 SortedEdges sorted_edges(const FloatImage& image);
 
-// Segments one scale from the shared sorted edges; writes int32 labels [H * W].
-// Returns the number of segments.
-int32_t segment(const SortedEdges& edges, double scale, int64_t min_size, int32_t* labels);
+// Segments every scale from the shared sorted edges; writes int32 labels [S, H * W].
+// Returns the number of segments per scale.
+std::vector<int32_t> segment(const SortedEdges& edges, const std::vector<double>& scales,
+                             const std::vector<int64_t>& min_sizes, int32_t* labels);
 
 // Whole pipeline for several scales sharing one smoothing and one sort.
 // labels: S * H * W int32; returns the segment count per scale.
