@@ -547,3 +547,18 @@ def test_save_encoder_safetensors(tmp_path):
     loaded = load_file(str(tmp_path / "enc.safetensors"))
     exported = export_encoder(m)
     assert loaded.keys() == exported.keys() and all(torch.equal(loaded[k], exported[k]) for k in exported)
+
+
+def test_load_checkpoint_official_layout(tmp_path):
+    from rmae.models import load_checkpoint
+
+    torch.manual_seed(10)
+    src = tiny()
+    torch.save({"model": {"module." + k: v for k, v in src.state_dict().items()}, "epoch": 3}, tmp_path / "c.pth")
+    dst = tiny()
+    res = load_checkpoint(dst, tmp_path / "c.pth")
+    assert not res.missing_keys and not res.unexpected_keys
+    assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), dst.state_dict().values()))
+    mae = tiny("mae")  # an R-MAE state into the MAE variant: only region keys are extra
+    res = load_checkpoint(mae, src.state_dict(), strict=False)
+    assert not res.missing_keys and all(k.startswith("region_") for k in res.unexpected_keys)

@@ -55,3 +55,25 @@ def save_encoder(model: Union[nn.Module, Mapping[str, torch.Tensor]], path: str)
         save_file(state, str(path))
     else:
         torch.save(state, path)
+
+
+def load_checkpoint(model: nn.Module, source, strict: bool = True, weights_only: bool = True):
+    """Load a full model state (ours, the official R-MAE's or MAE's; the names are the same) into ``model``.
+
+    ``source``: a path (``.safetensors`` or a torch file), a state_dict, or a checkpoint dict holding it under
+    ``"model"``. ``_orig_mod.`` / ``module.`` prefixes are stripped. Returns ``load_state_dict``'s result.
+    Official MAE/R-MAE files that pickle other objects (e.g. ``args``) need ``weights_only=False``: only for
+    files you trust.
+    """
+    if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__"):
+        path = str(source)
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            source = load_file(path)
+        else:
+            source = torch.load(path, map_location="cpu", weights_only=weights_only)
+    if "model" in source and isinstance(source["model"], Mapping):
+        source = source["model"]
+    state = {clean_key(k): v for k, v in source.items()}
+    return model.load_state_dict(state, strict=strict)
