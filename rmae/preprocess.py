@@ -19,7 +19,7 @@ import os
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -29,26 +29,15 @@ from tqdm import tqdm
 from rmae import fh
 from rmae.image_io import IMAGE_SUFFIXES, ImageDecodeError, load_rgb
 from rmae.masks import MASK_SUFFIX, MaskError, load_labels, mask_path, save_labels
+from rmae.recipes import COCO_FH, IMAGENET_FH, FHRecipe
 
-__all__ = ["Recipe", "RECIPES", "dataset_folders", "list_images", "main", "preprocess"]
+__all__ = ["RECIPES", "dataset_folders", "list_images", "main", "preprocess"]
 
 FAILURES_FILE = "preprocess_failures.tsv"
 PARAMS_FILE = "fh_params.json"
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """FH parameters: one label map per scale, computed on the full-resolution image."""
-
-    scales: tuple[float, ...]
-    min_sizes: tuple[int, ...]
-    sigma: float = 0.8
-
-
-RECIPES = {
-    "coco": Recipe(scales=(500.0, 1000.0, 1500.0), min_sizes=(500, 1000, 1500)),
-    "imnet": Recipe(scales=(1000.0,), min_sizes=(1000,)),
-}
+RECIPES = {"coco": COCO_FH, "imnet": IMAGENET_FH}
 SPLITS = {"coco": ("train2017", "val2017", "unlabeled2017"), "imnet": ("train", "val")}
 
 
@@ -82,7 +71,7 @@ def list_images(folder: Path) -> list[Path]:
     )
 
 
-def _check_mask(mask_file: Path, image_file: Path, recipe: Recipe) -> str | None:
+def _check_mask(mask_file: Path, image_file: Path, recipe: FHRecipe) -> str | None:
     """Why an existing mask is bad, or None when it is sound."""
     try:
         labels = load_labels(mask_file)
@@ -103,13 +92,13 @@ def _check_mask(mask_file: Path, image_file: Path, recipe: Recipe) -> str | None
     return None
 
 
-def _segment_one(image_file: Path, mask_file: Path, recipe: Recipe) -> None:
+def _segment_one(image_file: Path, mask_file: Path, recipe: FHRecipe) -> None:
     image = load_rgb(image_file)
     labels = fh.felzenszwalb_multi(image, recipe.scales, recipe.sigma, recipe.min_sizes)
     save_labels(mask_file, labels)
 
 
-def _check_params(out: Path, recipe: Recipe, overwrite: bool) -> None:
+def _check_params(out: Path, recipe: FHRecipe, overwrite: bool) -> None:
     """Refuses to mix recipes in one mask folder; records the recipe for later runs."""
     params_file = out / PARAMS_FILE
     wanted = {**asdict(recipe), "format": f"uint16 [S, H, W] {MASK_SUFFIX}"}
@@ -130,7 +119,7 @@ def _check_params(out: Path, recipe: Recipe, overwrite: bool) -> None:
 
 
 def preprocess(
-    images: Path, out: Path, recipe: Recipe, workers: int, verify: bool = False, overwrite: bool = False
+    images: Path, out: Path, recipe: FHRecipe, workers: int, verify: bool = False, overwrite: bool = False
 ) -> dict:
     """Segments every image under ``images`` into ``out``; returns a summary dict."""
     _check_params(out, recipe, overwrite)
@@ -235,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{len(scales)} scales but {len(min_sizes)} min sizes")
     if args.workers < 1:
         parser.error("--workers must be at least 1")
-    chosen = Recipe(tuple(scales), tuple(min_sizes), base.sigma if args.sigma is None else args.sigma)
+    chosen = FHRecipe(tuple(float(s) for s in scales), tuple(min_sizes), base.sigma if args.sigma is None else args.sigma)
     try:  # validates the recipe before any work starts
         fh.felzenszwalb_multi(np.zeros((2, 2, 3), np.uint8), chosen.scales, chosen.sigma, chosen.min_sizes)
     except (ValueError, TypeError) as error:

@@ -14,6 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
+from rmae.recipes import COCO_FH, IMAGENET_FH, FHRecipe
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "DatasetNotFoundError",
@@ -37,17 +39,7 @@ class DatasetNotFoundError(FileNotFoundError):
     """A dataset folder that is missing or empty; the message shows the expected tree and how to prepare it."""
 
 
-@dataclass(frozen=True)
-class FHRecipe:
-    """FH parameters of a dataset's official recipe (min_size equals the scale)."""
 
-    scales: tuple[float, ...]
-    min_sizes: tuple[int, ...]
-    sigma: float = 0.8
-
-
-COCO_FH = FHRecipe((500.0, 1000.0, 1500.0), (500, 1000, 1500))
-IMAGENET_FH = FHRecipe((1000.0,), (1000,))
 
 
 @dataclass
