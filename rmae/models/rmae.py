@@ -78,6 +78,19 @@ class DecoderBlockWithExpansion(nn.Module):
 # The model
 # --------------------------------------------------------------------------
 class RMAE(nn.Module):
+    """R-MAE / MAE / RAE pre-training model (the official keyword names; defaults = official ViT-B/16 R-MAE).
+
+    ``forward(images, regions=None, noise=None, mask_ratio=0.75) -> RMAEOutput``
+
+    * ``images``: float [B, in_chans, img_size, img_size] (normalized).
+    * ``regions``: binary maps [B, k, H, W] (uint8 / bool; 0/1 float accepted) or ``RegionLabels``; required iff
+      ``num_region > 0``; moved to the images' device if needed.
+    * ``noise``: optional [B, N]; ``argsort(noise)`` is the per-image permutation (small = kept), exactly the
+      original's ``torch.rand(B, N)``. Pixel and region visible sets are prefixes of it.
+    * ``kernel_impl``: "auto" (Triton on CUDA or under TRITON_INTERPRET=1, else PyTorch), "triton", or
+      "reference" (plain PyTorch everywhere).
+    """
+
     def __init__(
         self,
         img_size: int = 224,
