@@ -212,6 +212,22 @@ def to_device(batch: dict, device: torch.device, num_region: int):
 # ----------------------------------------------------------------------------------------------------------------
 # Signals
 # ----------------------------------------------------------------------------------------------------------------
+class QuietWorkerInit:
+    """A DataLoader worker_init_fn that makes the worker ignore SIGTERM / SIGUSR1 / SIGINT (PyTorch installs a
+    dying SIGTERM handler in workers), then runs the pipeline's own init. Slurm and terminals signal the whole
+    process group; the main process then finishes the update and checkpoints while the workers keep serving.
+    Workers still exit when the loader shuts down or the main process dies."""
+
+    def __init__(self, fn=None):
+        self.fn = fn
+
+    def __call__(self, worker_id: int) -> None:
+        for s in StopFlag.SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        if self.fn is not None:
+            self.fn(worker_id)
+
+
 class StopFlag:
     """SIGTERM / SIGUSR1 / SIGINT set a flag; the loop checkpoints at the end of the current update and exits."""
 
@@ -219,8 +235,24 @@ class StopFlag:
         self.signal = None
         self._old = {}
 
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+    @contextlib.contextmanager
+    def ignored(self):
+        """Processes forked inside (DataLoader workers) ignore the signals, so Slurm's or the terminal's signal
+        to the whole process group does not kill them before the main process has saved a checkpoint."""
+        old = {}
+        for s in self.SIGNALS:
+            with contextlib.suppress(ValueError, OSError):
+                old[s] = signal.signal(s, signal.SIG_IGN)
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
     def install(self):
-        for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        for s in self.SIGNALS:
             try:
                 self._old[s] = signal.signal(s, self._handle)
             except (ValueError, OSError):  # not the main thread
@@ -324,6 +356,9 @@ def train(cfg, require_resume: bool = False) -> dict:
         if meta.get("scaler"):
             scaler.load_state_dict(meta["scaler"])
         ckpt.restore_rng(meta, rank, world, tr["seed"])
+        if meta.get("world_size") != world and dataset_section(cfg)["sampler"] == "shard" and dinfo.is_main:
+            logger.warning("sampler=shard with %s ranks instead of %s: each rank's shard changes, so the data "
+                           "order differs from an uninterrupted run", world, meta.get("world_size"))
         log.event("resume", step=step, file=str(resume_from), from_world_size=meta.get("world_size"),
                   world_size=world)
     elif dinfo.is_main and ckpt.list_checkpoints(run_dir):
@@ -344,8 +379,12 @@ def train(cfg, require_resume: bool = False) -> dict:
 
     # per-rank samples consumed so far: the global position split over ranks
     loader = data_loader(cfg, dinfo, b, position // world, img_size, raw.patch_size, num_region)
-    it = iter(loader)
-    stop = StopFlag().install()
+    stop = StopFlag()
+    if getattr(loader, "num_workers", 0) > 0:
+        loader.worker_init_fn = QuietWorkerInit(loader.worker_init_fn)
+    with stop.ignored():  # loader workers start here; a signal to the process group stops only the main loop
+        it = iter(loader)
+    stop.install()
     bar = progress_bar(max_update, step, dinfo.is_main and tr["progress_bar"])
     autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
                 else contextlib.nullcontext())
@@ -471,8 +510,8 @@ def train(cfg, require_resume: bool = False) -> dict:
         bar.close()
         log.close()
         with contextlib.suppress(Exception):
-            if hasattr(loader, "close"):
-                loader.close()
+            if "it" in locals() and hasattr(it, "_shutdown_workers"):
+                it._shutdown_workers()
     summary = {"run_dir": str(run_dir), "step": step, "losses": losses, "skipped": skipped,
                "interrupted": interrupted is not None}
     rdist.cleanup()
@@ -490,6 +529,7 @@ def export_now(model, optimizer, run_dir: Path, dinfo) -> None:
         sd = ckpt.clean_state_dict(sd)
         tmp = run_dir / ".encoder.safetensors.tmp"
         save_encoder(sd, str(tmp) + ".safetensors")
+        os.chmod(str(tmp) + ".safetensors", 0o644)
         os.replace(str(tmp) + ".safetensors", run_dir / "encoder.safetensors")
 
 

@@ -105,14 +105,17 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 def test_sigterm_saves_and_resume_matches(tmp_path):
     run = tmp_path / "killed"
-    args = [sys.executable, "-m", "rmae.train", *BASE, f"training.save_dir={run}", "training.max_update=400"]
-    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # one loader worker, and the signal goes to the whole process group (as Slurm and a terminal send it)
+    args = [sys.executable, "-m", "rmae.train", *BASE, f"training.save_dir={run}", "training.max_update=400",
+            "training.num_workers=1"]
+    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline:
         if (run / "log.jsonl").is_file() and len(log_records(run)) >= 3:
             break
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     (ev,) = log_records(run, "interrupted")
