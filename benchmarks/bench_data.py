@@ -23,7 +23,6 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -46,24 +45,12 @@ from rmae.data import (
 from rmae.data.sources import _load_sample_image
 from rmae.fh import felzenszwalb_multi
 from rmae.masks import mask_path, save_labels
+from common import machine
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
           "stereo_motorcycle:0"]
 SIZE = 224
 K = 8
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{cpu}, {cores} usable cores, {platform.system()} {platform.machine()}, torch {torch.__version__}"
 
 
 def make_tree(root: Path, count: int) -> Path:

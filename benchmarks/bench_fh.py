@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -25,20 +24,9 @@ from skimage.segmentation import felzenszwalb as skimage_felzenszwalb
 from skimage.transform import resize
 
 from rmae import fh
+from common import machine
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry"]
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} logical cores, {platform.system()} {platform.machine()}"
 
 
 def photos_640x480() -> list[np.ndarray]:

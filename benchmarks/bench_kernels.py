@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 
 from rmae import kernels
+from common import cpu_model
 
 # peak DRAM bandwidth, TB/s, by a substring of torch.cuda.get_device_name()
 PEAK_TBPS = [
@@ -47,16 +47,6 @@ PEAK_TBPS = [
 # ---------------------------------------------------------------------------------------------------
 # machine
 # ---------------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def machine_info(device: torch.device) -> dict:
     info = {
         "cpu": cpu_model(),

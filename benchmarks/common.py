@@ -1,0 +1,34 @@
+"""What every benchmark prints about the machine it ran on (imported by the bench_*.py scripts)."""
+from __future__ import annotations
+
+import os
+import platform
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (or what platform knows)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def machine() -> str:
+    """CPU model, usable cores, OS and architecture, and the GPU when torch sees one."""
+    description = f"{cpu_model()}, {usable_cores()} usable cores, {platform.system()} {platform.machine()}"
+    try:
+        import torch
+    except ImportError:
+        return description
+    description += f", torch {torch.__version__}"
+    if torch.cuda.is_available():
+        description += f", {torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
+    return description
