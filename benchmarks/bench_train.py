@@ -7,7 +7,7 @@ matmul FLOP/s (measured in the same run). The reference in every row is the eage
 
     python benchmarks/bench_train.py                       # CPU: tiny arch, 96 px, batch 16
     python benchmarks/bench_train.py --arch rmae_base_patch16 --img-size 224 --batch 128   # GPU default
-Writes ``benchmarks/results/bench_train.json`` and prints a markdown table.
+Writes ``benchmarks/out/bench_train.json`` and ``.md`` and prints the markdown table.
 """
 from __future__ import annotations
 
@@ -128,7 +128,7 @@ def bench_one(variant, arch, img_size, batch, device, dtype, compiled, steps, wa
     flops = 3 * forward_flops_per_image(model) * batch
     row = {"model": variant, "arch": arch, "img_size": img_size, "batch": batch, "dtype": dtype,
            "compiled": compiled, "step_ms": med * 1e3, "img_per_s": batch / med, "warmup_s": t_warm,
-           "tflops_per_s": flops / med / 1e12, "loss": float(loss),
+           "tflops_per_s": flops / med / 1e12, "loss": float(loss.detach()),
            "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
     if device.type == "cuda":
         row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -143,21 +143,26 @@ def main(argv=None):
     ap.add_argument("--img-size", type=int, default=224 if cuda else 96)
     ap.add_argument("--batch", type=int, default=128 if cuda else 16)
     ap.add_argument("--steps", type=int, default=20 if cuda else 5)
-    ap.add_argument("--warmup", type=int, default=5 if cuda else 2)
+    ap.add_argument("--warmup", type=int, default=5 if cuda else 3)
     ap.add_argument("--models", default="mae,rmae")
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--compile", default="eager,compiled", help="eager,compiled or one of them")
     ap.add_argument("--kernel-impl", default="auto")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_train.json"))
+    ap.add_argument("--out", default=str(Path(__file__).parent / "out" / "bench_train.json"))
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     peak = peak_bf16_matmul(device) if device.type == "cuda" else None
-    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
-               else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-                    f"{torch.get_num_threads()} threads")
+    try:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from common import machine as describe_machine
+
+        machine = describe_machine()
+    except ImportError:
+        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    machine += f", {torch.get_num_threads()} torch threads"
     rows = []
     for variant in args.models.split(","):
         base = None
@@ -176,13 +181,16 @@ def main(argv=None):
               "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
-    print(markdown(result))
+    table = markdown(result)
+    Path(args.out).with_suffix(".md").write_text(table + "\n")
+    print(table)
 
 
 def markdown(result) -> str:
     has_mfu = any("mfu" in r for r in result["rows"])
     r0 = result["rows"][0]
-    lines = [f"Machine: {result['machine']}, torch {result['torch']}"
+    torch_note = "" if f"torch {result['torch']}" in result["machine"] else f", torch {result['torch']}"
+    lines = [f"Machine: {result['machine']}{torch_note}"
              + (f", measured peak bf16 matmul {result['peak_bf16_tflops']:.0f} TFLOP/s" if has_mfu else "")
              + f". {r0['arch']}, {r0['img_size']} px, batch {r0['batch']}, k=8 regions for R-MAE; "
              "forward+backward+AdamW, median step.", "",

@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from rmae import distributed as rdist
@@ -139,26 +138,22 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: tor
                     rank: int = 0) -> dict:
     """Loads model (and optimizer) state into possibly sharded modules; returns the rest of the payload.
 
-    Under several ranks only rank 0 reads the file and broadcasts (``broadcast_from_rank0``).
+    Every rank memory-maps the file (no full copy in RAM) and keeps its own shards of the full state, so a
+    checkpoint written by any number of ranks loads on any other number.
     """
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
-    distributed = dist.is_initialized() and dist.get_world_size() > 1
-    payload = None
-    if rank == 0 or not distributed:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-        if payload.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{path}: unknown checkpoint format {payload.get('version')!r}")
-    meta = {k: v for k, v in payload.items() if k not in ("model", "optimizer")} if payload else None
-    meta = rdist.broadcast_object(meta)
-    msd = clean_state_dict(payload["model"]) if payload else {}
-    osd = payload["optimizer"] if payload and optimizer is not None else {}
-    opts = _options(broadcast_from_rank0=True) if distributed else _options()
+    payload = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    if payload.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: unknown checkpoint format {payload.get('version')!r}")
+    msd = clean_state_dict(payload.pop("model"))
+    osd = payload.pop("optimizer")
     if optimizer is None:
-        set_model_state_dict(model, msd, options=opts)
+        set_model_state_dict(model, msd, options=_options())
     else:
-        set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd, options=opts)
-    return meta
+        set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd, options=_options())
+    rdist.barrier()
+    return payload
 
 
 def restore_rng(meta: dict, rank: int, world_size: int, seed: int) -> None:

@@ -147,9 +147,16 @@ def test_torchrun_fsdp2_matches_single_process_and_resumes_on_one_rank(tmp_path)
     train(cfg_for(tmp_path / "single", "training.max_update=2"))
     torch.testing.assert_close(losses(dist_run), losses(tmp_path / "single"), rtol=1e-5, atol=1e-6)
     assert_models_close(final_model(dist_run), final_model(tmp_path / "single"))
-    # the 2-rank checkpoint continues on 1 rank like the single-process run
+    # the 2-rank checkpoint continues on 1 rank like the single-process run ...
     train(cfg_for(dist_run, "training.max_update=3"))
     train(cfg_for(tmp_path / "single", "training.max_update=3"))
+    assert_models_close(final_model(dist_run), final_model(tmp_path / "single"))
+    # ... and that 1-rank checkpoint continues on 2 ranks
+    r = subprocess.run(cmd[:-1] + ["training.max_update=4"], env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert log_records(dist_run, "resume")[-1]["from_world_size"] == 1
+    train(cfg_for(tmp_path / "single", "training.max_update=4"))
+    torch.testing.assert_close(losses(dist_run), losses(tmp_path / "single"), rtol=1e-5, atol=1e-6)
     assert_models_close(final_model(dist_run), final_model(tmp_path / "single"))
 
 
