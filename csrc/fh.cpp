@@ -176,9 +176,12 @@ void gaussian_smooth(const FloatImage& image, const std::vector<double>& weights
     double* padded = grow(ws.padded, (W + 2 * radius) * C);
     for (int64_t y = 0; y < H; ++y) {
         const double* src = smoothed + y * row;
-        for (int64_t j = 0; j < W + 2 * radius; ++j) {
-            const double* px = src + reflect_index(j - radius, W) * C;
-            std::copy(px, px + C, padded + j * C);
+        std::copy(src, src + row, padded + radius * C);
+        for (int64_t j = 0; j < radius; ++j) {  // reflected borders
+            const double* left = src + reflect_index(j - radius, W) * C;
+            const double* right = src + reflect_index(W + j, W) * C;
+            std::copy(left, left + C, padded + j * C);
+            std::copy(right, right + C, padded + (W + radius + j) * C);
         }
         double* out = image.data + y * row;
         const double* centre = padded + radius * C;
