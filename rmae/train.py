@@ -320,6 +320,8 @@ def train(cfg, require_resume: bool = False) -> dict:
     amp_dtype = AMP_DTYPES[tr["use_fp16"]]
     use_compile = tr["use_compile"] if tr["use_compile"] is not None else device.type == "cuda"
     sec = model_section(cfg)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls (use_fp16=none), as timm/MAE run
     if sec["mae_vit"]["params"].get("region_sample_type") == "random_fg":
         raise ConfigError("region_sample_type=random_fg is not implemented by this trainer (use random)")
 
