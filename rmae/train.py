@@ -606,7 +606,11 @@ def main(argv=None) -> int:
         port = cfg["distributed"]["port"] if cfg["distributed"]["port"] > 0 else rdist.free_port()
         mp.spawn(_spawned, args=(nproc, port, to_yaml(cfg), args.resume), nprocs=nproc, join=True)
         return 0
-    train(cfg, require_resume=args.resume)
+    try:
+        train(cfg, require_resume=args.resume)
+    except (ConfigError, FileNotFoundError) as e:  # bad settings, missing dataset or checkpoint: no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -243,3 +243,16 @@ def test_compiled_matches_eager(tmp_path):
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
     state = torch.load(ckpt.latest_checkpoint(tmp_path / "compiled"), map_location="cpu", weights_only=False)
     assert not any("_orig_mod" in k for k in state["model"])
+
+
+def test_cli_demo_config_runs(tmp_path):
+    """``python -m rmae.train`` without a config = the demo; here shortened to 2 updates."""
+    from rmae.train import main
+
+    run = tmp_path / "demo"
+    assert main(["training.max_update=2", f"training.save_dir={run}", "training.num_workers=0",
+                 "training.progress_bar=false", "model_config.rmae.mae_vit.params.kernel_impl=reference"]) == 0
+    start = log_records(run, "start")[0]
+    assert (start["arch"], start["img_size"], start["num_region"], start["batch_size"]) == ("rmae_tiny_patch16", 112, 8, 32)
+    assert (run / "encoder.safetensors").is_file() and list((run / "vis").glob("*.png"))
+    assert main(["--resume", f"training.save_dir={tmp_path / 'empty'}"]) == 2  # nothing to resume: a clear error
