@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -22,6 +20,7 @@ from pathlib import Path
 import torch
 
 from rmae.models import RegionLabels, build_model
+from common import machine as describe_machine
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -155,14 +154,7 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     peak = peak_bf16_matmul(device) if device.type == "cuda" else None
-    try:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from common import machine as describe_machine
-
-        machine = describe_machine()
-    except ImportError:
-        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
-    machine += f", {torch.get_num_threads()} torch threads"
+    machine = f"{describe_machine()}, {torch.get_num_threads()} torch threads"
     rows = []
     for variant in args.models.split(","):
         base = None
