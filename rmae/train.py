@@ -172,21 +172,23 @@ def data_split(cfg) -> str | None:
     return names[0] if len(names) == 1 else None
 
 
-def data_loader(cfg, dinfo: rdist.DistInfo, micro_batch: int, start: int, img_size: int, patch_size: int,
-                num_region: int):
+def data_loader(cfg, dinfo: rdist.DistInfo, micro_batch: int, start: int, model: nn.Module):
     """This rank's endless DataLoader of micro-batches, resuming after ``start`` per-rank samples.
 
     The sampler gives rank r the global draws r, r + W, ... and seeds each sample's augmentation by its draw,
-    so the samples of an update do not depend on the number of ranks."""
+    so the samples of an update do not depend on the number of ranks. With the original's
+    ``region_sample_type: random_fg`` the loader also draws each sample's masking permutation (its
+    ``noise``), so regions can be sampled among the labels of the visible patches."""
     from rmae.data import DataConfig, build_loader
 
     ds = dataset_section(cfg)
     tr = cfg["training"]
     dc = DataConfig(dataset=cfg["dataset"], split=data_split(cfg), root=ds["data_dir"],
-                    regions=ds["region_source"] if num_region > 0 else "none", train=True, img_size=img_size,
-                    num_regions=num_region, sampler=ds["sampler"], cache_bytes=ds["cache_bytes"],
+                    regions=ds["region_source"] if model.num_region > 0 else "none", train=True,
+                    img_size=model.img_size, num_regions=model.num_region, sampler=ds["sampler"], cache_bytes=ds["cache_bytes"],
                     label_resize=ds["label_resize"], min_region_patches=2 if ds["filter_small_patches"] else 0,
-                    patch_size=patch_size, scale=tuple(ds["crop_scale"]), ratio=tuple(ds["crop_ratio"]))
+                    patch_size=model.patch_size, scale=tuple(ds["crop_scale"]), ratio=tuple(ds["crop_ratio"]),
+                    region_sample=model.region_sample_type, region_mask_ratio=model.region_mask_ratio)
     return build_loader(dc, batch_size=micro_batch, num_workers=tr["num_workers"], rank=dinfo.rank,
                         world_size=dinfo.world_size, seed=tr["seed"], start=start,
                         pin_memory=tr["pin_memory"] and dinfo.device.type == "cuda")
@@ -322,8 +324,6 @@ def train(cfg, require_resume: bool = False) -> dict:
     sec = model_section(cfg)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls (use_fp16=none), as timm/MAE run
-    if sec["mae_vit"]["params"].get("region_sample_type") == "random_fg":
-        raise ConfigError("region_sample_type=random_fg is not implemented by this trainer (use random)")
 
     # Model: the same initial weights on every rank (seeded), then per-rank RNG streams.
     ckpt.seed_everything(tr["seed"])
@@ -380,7 +380,7 @@ def train(cfg, require_resume: bool = False) -> dict:
                   compile=use_compile, img_size=img_size, num_region=num_region, run_dir=str(run_dir))
 
     # per-rank samples consumed so far: the global position split over ranks
-    loader = data_loader(cfg, dinfo, b, position // world, img_size, raw.patch_size, num_region)
+    loader = data_loader(cfg, dinfo, b, position // world, raw)
     stop = StopFlag()
     if getattr(loader, "num_workers", 0) > 0:
         loader.worker_init_fn = QuietWorkerInit(loader.worker_init_fn)
@@ -428,6 +428,8 @@ def train(cfg, require_resume: bool = False) -> dict:
                 # rows of the step's noise table are the samples' offsets in the update (their sampler draw
                 # minus step * G): micro m of rank r holds offsets m*b*W + i*W + r
                 noise = noise_table[m * b * world:(m + 1) * b * world][rank::world].to(device)
+                if "noise" in batch:  # region_sample_type=random_fg: the loader drew the masks with the regions
+                    noise = batch["noise"].to(device)
                 if sharded:
                     model.set_requires_gradient_sync(m == A - 1)
                 with autocast:

@@ -1,6 +1,7 @@
 """Training loop on CPU: short run, exact resume (also after a real SIGTERM), accumulation, FSDP2 over gloo,
 resume on another rank count, non-finite steps skipped, schedule and parameter groups."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -256,3 +257,37 @@ def test_cli_demo_config_runs(tmp_path):
     assert (start["arch"], start["img_size"], start["num_region"], start["batch_size"]) == ("rmae_tiny_patch16", 112, 8, 32)
     assert (run / "encoder.safetensors").is_file() and list((run / "vis").glob("*.png"))
     assert main(["--resume", f"training.save_dir={tmp_path / 'empty'}"]) == 2  # nothing to resume: a clear error
+
+
+def test_random_fg_takes_masks_from_the_loader(tmp_path, monkeypatch):
+    """region_sample_type=random_fg (the original's option): the loader draws each sample's masking
+    permutation with its regions, and the model must be run with exactly that noise."""
+    from rmae import train as train_module
+    from rmae.models import RMAE
+
+    seen = []
+    original_forward = RMAE.forward
+
+    def spy(self, images, regions=None, noise=None, mask_ratio=0.75):
+        seen.append(noise.detach().cpu().clone())
+        return original_forward(self, images, regions, noise=noise, mask_ratio=mask_ratio)
+
+    monkeypatch.setattr(RMAE, "forward", spy)
+    loader_noise = []
+    original_to_device = train_module.to_device
+
+    def record(batch, device, num_region):
+        if "noise" in batch:  # training batches (the picture's batch keeps only images and regions)
+            loader_noise.append(batch["noise"].clone())
+        return original_to_device(batch, device, num_region)
+
+    monkeypatch.setattr(train_module, "to_device", record)
+    run = tmp_path / "fg"
+    assert train_module.main(["training.max_update=2", f"training.save_dir={run}", "training.num_workers=0",
+                              "training.batch_size=8", "training.progress_bar=false",
+                              "model_config.rmae.mae_vit.params.kernel_impl=reference",
+                              "model_config.rmae.mae_vit.params.region_sample_type=random_fg"]) == 0
+    assert len(loader_noise) == 2
+    for step, noise in enumerate(loader_noise):
+        assert torch.equal(seen[step], noise)
+    assert all(math.isfinite(r["loss"]) for r in log_records(run) if "loss" in r)
