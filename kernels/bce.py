@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from ._dispatch import (
     HAS_TRITON,
     check_float,
-    check_index_tensor,
     check_index_values,
     check_ndim,
     check_same_device,
@@ -32,7 +31,7 @@ from ._dispatch import (
     pick_configs,
     use_triton,
 )
-from .region_embed import LABEL_DTYPES, MAP_DTYPES, labels_to_maps
+from .region_embed import MAP_DTYPES, check_label_regions, labels_to_maps
 
 if HAS_TRITON:
     import triton
@@ -205,14 +204,7 @@ def _region_bce_triton(logits, src, sel, lid, region_mask, P, bg):
 def region_bce_loss_from_labels(logits, labels, scale_index, label_id, region_mask, patch_size,
                                 bg_weight: float = 1.0, impl: str = "auto"):
     """As :func:`region_bce_loss`, the maps given as ``labels[b, scale_index[b,i]] == label_id[b,i]``."""
-    check_ndim(labels, 4, "labels", "[B, S, H, W]")
-    if labels.dtype not in LABEL_DTYPES:
-        raise TypeError(f"labels must be an integer label map {LABEL_DTYPES}, got {labels.dtype}")
-    B, S, H, W = labels.shape
-    check_ndim(scale_index, 2, "scale_index", "[B, k]")
-    K = scale_index.shape[1]
-    check_index_tensor(scale_index, "scale_index", (B, K), "[B, k]")
-    check_index_tensor(label_id, "label_id", (B, K), "[B, k]")
+    B, S, H, W, K = check_label_regions(labels, scale_index, label_id)
     _validate(logits, B, K, H, W, region_mask, patch_size)
     check_same_device(logits=logits, labels=labels, scale_index=scale_index, label_id=label_id,
                       region_mask=region_mask)

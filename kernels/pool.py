@@ -16,7 +16,6 @@ from ._dispatch import (
     new_empty,
     on_tensor_device,
     opaque_to_compile,
-    next_pow2,
     pick_configs,
     use_triton,
 )

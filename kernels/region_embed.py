@@ -54,6 +54,20 @@ LABEL_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64) + (
 )
 
 
+def check_label_regions(labels, scale_index, label_id) -> tuple[int, int, int, int, int]:
+    """Validates regions given as label maps [B, S, H, W] plus (scale_index, label_id) [B, k];
+    returns B, S, H, W, k."""
+    check_ndim(labels, 4, "labels", "[B, S, H, W]")
+    if labels.dtype not in LABEL_DTYPES:
+        raise TypeError(f"labels must be an integer label map {LABEL_DTYPES}, got {labels.dtype}")
+    B, S, H, W = labels.shape
+    check_ndim(scale_index, 2, "scale_index", "[B, k]")
+    K = scale_index.shape[1]
+    check_index_tensor(scale_index, "scale_index", (B, K), "[B, k]")
+    check_index_tensor(label_id, "label_id", (B, K), "[B, k]")
+    return B, S, H, W, K
+
+
 # ---------------------------------------------------------------------------------------------------
 # reference
 # ---------------------------------------------------------------------------------------------------
@@ -411,14 +425,7 @@ def region_tokens_from_labels(labels, scale_index, label_id, ids_keep, weight, b
     Returns the same as ``region_tokens(labels_to_maps(labels, scale_index, label_id), ...)``; the
     Triton path compares labels while loading the visible patches (no binary maps are built).
     """
-    check_ndim(labels, 4, "labels", "[B, S, H, W]")
-    if labels.dtype not in LABEL_DTYPES:
-        raise TypeError(f"labels must be an integer label map {LABEL_DTYPES}, got {labels.dtype}")
-    B, S, H, W = labels.shape
-    check_ndim(scale_index, 2, "scale_index", "[B, k]")
-    K = scale_index.shape[1]
-    check_index_tensor(scale_index, "scale_index", (B, K), "[B, k]")
-    check_index_tensor(label_id, "label_id", (B, K), "[B, k]")
+    B, S, H, W, K = check_label_regions(labels, scale_index, label_id)
     _validate_params(B, H, W, ids_keep, weight, bias, pos_embed, patch_size)
     check_same_device(labels=labels, scale_index=scale_index, label_id=label_id, ids_keep=ids_keep,
                       weight=weight, bias=bias, pos_embed=pos_embed)
