@@ -161,6 +161,30 @@ def test_torchrun_fsdp2_matches_single_process_and_resumes_on_one_rank(tmp_path)
     assert_models_close(final_model(dist_run), final_model(tmp_path / "single"))
 
 
+def test_plain_launch_spawns_one_process_per_device(tmp_path, monkeypatch):
+    """``python -m rmae.train`` on a node with several devices spawns one rank each: the GPU rule
+    (all visible GPUs) is checked on the launcher's decision, and the spawn itself runs on CPU
+    (gloo, distributed.world_size=2) and matches one process."""
+    from rmae import distributed as rdist
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert rdist.resolve_launch({"world_size": None, "no_spawn": False}, None) == 4
+    assert rdist.resolve_launch({"world_size": None, "no_spawn": True}, None) == 0
+    assert rdist.resolve_launch({"world_size": None, "no_spawn": False}, "cpu") == 0
+    monkeypatch.undo()
+
+    spawned = tmp_path / "spawned"
+    cmd = [sys.executable, "-m", "rmae.train", *BASE, f"training.save_dir={spawned}", "training.max_update=2",
+           "training.device=cpu", "distributed.world_size=2"]
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert log_records(spawned, "start")[0]["world_size"] == 2
+    train(cfg_for(tmp_path / "single", "training.max_update=2"))
+    torch.testing.assert_close(losses(spawned), losses(tmp_path / "single"), rtol=1e-5, atol=1e-6)
+
+
 def test_nonfinite_step_is_skipped(tmp_path, monkeypatch):
     import rmae.train as rt
 
