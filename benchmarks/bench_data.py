@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import tempfile
 import time
@@ -45,7 +44,7 @@ from rmae.data import (
 from rmae.data.sources import _load_sample_image
 from rmae.fh import felzenszwalb_multi
 from rmae.masks import mask_path, save_labels
-from common import machine
+from common import machine, write_report
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
           "stereo_motorcycle:0"]
@@ -216,9 +215,7 @@ def main() -> None:
     ]
     table = "\n".join(lines)
     print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_data.json").write_text(json.dumps(result, indent=2))
-    (args.out / "bench_data.md").write_text(table + "\n")
+    write_report(args.out / "bench_data", result, table)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ before anything is timed. Reports per-image milliseconds, megapixels/s and the s
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from skimage.segmentation import felzenszwalb as skimage_felzenszwalb
 from skimage.transform import resize
 
 from rmae import fh
-from common import machine
+from common import machine, write_report
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry"]
 
@@ -209,9 +208,7 @@ def main() -> None:
         )
     table = "\n".join(lines)
     print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_fh.json").write_text(json.dumps(result, indent=2))
-    (args.out / "bench_fh.md").write_text(table + "\n")
+    write_report(args.out / "bench_fh", result, table)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from rmae import kernels
-from common import cpu_model
+from common import cpu_model, write_report
 
 # peak DRAM bandwidth, TB/s, by a substring of torch.cuda.get_device_name()
 PEAK_TBPS = [
@@ -71,7 +71,6 @@ def measure_copy_bandwidth(device) -> float:
     a = torch.empty(n, device=device, dtype=torch.float32)
     b = torch.empty_like(a)
     ms = time_ms(lambda: b.copy_(a), device, warmup=3, reps=20)
-    del a, b
     return 2 * n * 4 / (ms * 1e-3) / 1e12
 
 
@@ -360,11 +359,8 @@ def main(argv=None):
         if cuda:
             torch.cuda.empty_cache()
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "kernels.json").write_text(json.dumps(dict(machine=info, args=vars(args), rows=rows), indent=2))
     md = markdown(info, rows, args)
-    (out / "kernels.md").write_text(md)
+    write_report(Path(args.out) / "kernels", dict(machine=info, args=vars(args), rows=rows), md)
     print()
     print(md)
 

@@ -16,17 +16,15 @@ Writes JSON and a markdown table (default ``benchmarks/out/model.{json,md}``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from rmae.models import RegionLabels, build_model
 from rmae import kernels
-from common import machine
+from common import machine, write_report
 
 
 def make_inputs(batch, img, k, device, regions_as, seed=0):
@@ -159,10 +157,7 @@ def main(argv=None):
     ]
     table = "\n".join(lines)
     print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    out.with_suffix(".md").write_text(table + "\n")
+    write_report(args.out, result, table)
     return result
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from rmae.models import RegionLabels, build_model
-from common import machine as describe_machine
+from common import machine as describe_machine, write_report
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -171,10 +171,8 @@ def main(argv=None):
                 print(json.dumps(row), file=sys.stderr, flush=True)
     result = {"machine": machine, "torch": torch.__version__, "peak_bf16_tflops": peak / 1e12 if peak else None,
               "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
     table = markdown(result)
-    Path(args.out).with_suffix(".md").write_text(table + "\n")
+    write_report(args.out, result, table)
     print(table)
 
 

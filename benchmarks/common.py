@@ -32,3 +32,14 @@ def machine() -> str:
     if torch.cuda.is_available():
         description += f", {torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
     return description
+
+
+def write_report(path, result: dict, table: str) -> None:
+    """Writes ``path`` with suffixes .json (the figures) and .md (the table), creating the folder."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    path.with_suffix(".md").write_text(table.rstrip("\n") + "\n")
