@@ -86,6 +86,25 @@ Workspace& workspace() {
     return ws;
 }
 
+template <typename T>
+size_t capacity_bytes(const std::vector<T>& buffer) {
+    return buffer.capacity() * sizeof(T);
+}
+
+// Scratch kept between calls is bounded: about 270 bytes a pixel, so a COCO-sized image stays
+// cached and a huge one (a 12-megapixel photo needs 3 GB) is handed back to the allocator.
+constexpr size_t kMaxRetainedScratch = size_t(192) << 20;
+
+void release_large_workspace() {
+    Workspace& ws = workspace();
+    size_t bytes = capacity_bytes(ws.image) + capacity_bytes(ws.smoothed) + capacity_bytes(ws.padded) +
+                   capacity_bytes(ws.planes) + capacity_bytes(ws.squares) + capacity_bytes(ws.cost) +
+                   capacity_bytes(ws.key) + capacity_bytes(ws.sorted) + capacity_bytes(ws.scratch);
+    for (const Workspace::ScaleBuffers& scale : ws.forests)
+        bytes += capacity_bytes(scale.nodes) + capacity_bytes(scale.size) + capacity_bytes(scale.rejected);
+    if (bytes > kMaxRetainedScratch) ws = Workspace();
+}
+
 // The first n elements of a reused buffer (contents unspecified).
 template <typename T>
 T* grow(std::vector<T>& buffer, int64_t n) {
@@ -463,7 +482,9 @@ std::vector<int32_t> felzenszwalb_multi(const FloatImage& image, const std::vect
     if (image.height * image.width >= kMaxPixels)
         throw std::invalid_argument("image too large for FH segmentation (at most 2^30 pixels)");
     gaussian_smooth(image, weights);
-    return segment(sorted_edges(image), scales, min_sizes, labels);
+    std::vector<int32_t> counts = segment(sorted_edges(image), scales, min_sizes, labels);
+    release_large_workspace();
+    return counts;
 }
 
 }  // namespace fh

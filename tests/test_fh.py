@@ -233,6 +233,22 @@ def test_bad_images_raise_clear_errors(bad, error, message):
         fh.felzenszwalb(bad)
 
 
+def test_scratch_memory_of_a_huge_image_is_released():
+    """Per-thread scratch is reused between calls but bounded: after a 12-megapixel image (about 3 GB
+    of scratch) the process does not keep it."""
+
+    def rss_mb():
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmRSS"))
+
+    image = np.random.default_rng(0).integers(0, 256, (3000, 4000, 3), dtype=np.uint8)
+    before = rss_mb()
+    labels = fh.felzenszwalb_multi(image, [500, 1000, 1500], 0.8)
+    assert labels.shape == (3, 3000, 4000)
+    del labels
+    assert rss_mb() - before < 300
+
+
 def test_bad_parameters_raise_clear_errors():
     image = np.zeros((4, 4, 3), np.uint8)
     with pytest.raises(ValueError, match="scale"):
