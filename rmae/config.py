@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = "default.yaml"  # the small demo run of ``python -m rmae.train`` without arguments

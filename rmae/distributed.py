@@ -49,7 +49,7 @@ class DistInfo:
 # ------------------------------------------------------------------------------------------------------------
 def expand_nodelist(nodelist: str) -> list[str]:
     """``node[01-03,07],gpu5`` -> [node01, node02, node03, node07, gpu5] (scontrol's expansion, simple forms)."""
-    hosts, i, parts, depth, cur = [], 0, [], 0, ""
+    hosts, parts, depth, cur = [], [], 0, ""
     for ch in nodelist:  # split on commas outside brackets
         if ch == "[":
             depth += 1

@@ -21,7 +21,6 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
