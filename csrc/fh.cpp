@@ -79,6 +79,7 @@ struct Workspace {
         std::vector<uint32_t> rejected;
     };
     std::vector<ScaleBuffers> forests;  // one per scale
+    std::vector<uint32_t> last_merge;   // shared prefix: the edge that last grew each segment
 };
 
 Workspace& workspace() {
@@ -100,6 +101,7 @@ void release_large_workspace() {
     size_t bytes = capacity_bytes(ws.image) + capacity_bytes(ws.smoothed) + capacity_bytes(ws.padded) +
                    capacity_bytes(ws.planes) + capacity_bytes(ws.squares) + capacity_bytes(ws.cost) +
                    capacity_bytes(ws.key) + capacity_bytes(ws.sorted) + capacity_bytes(ws.scratch);
+    bytes += capacity_bytes(ws.last_merge);
     for (const Workspace::ScaleBuffers& scale : ws.forests)
         bytes += capacity_bytes(scale.nodes) + capacity_bytes(scale.size) + capacity_bytes(scale.rejected);
     if (bytes > kMaxRetainedScratch) ws = Workspace();
@@ -373,6 +375,46 @@ class Forest {
 
     void prefetch(int32_t pixel) const { __builtin_prefetch(node_ + pixel); }
 
+    // Shared prefix of several scales. While this forest (the smallest scale: the lowest
+    // thresholds) merges or skips every edge, so does every larger scale: with the same segments,
+    // Int(C) + scale / |C| only grows with the scale. So the sorted edges up to this forest's first
+    // rejection (a third to two thirds of them on photos) are visited once, not once per scale,
+    // recording in last_merge[root] the edge that last grew each segment. Returns the index of the
+    // first edge this forest would reject (not visited), or count.
+    int64_t merge_until_first_rejection(const SortedEdge* items, int64_t count, const int64_t* offset,
+                                        uint32_t* last_merge) {
+        constexpr int64_t kAhead = 12;
+        for (int64_t i = 0; i < count; ++i) {
+            if (i + kAhead < count) {
+                const uint32_t code = items[i + kAhead].code;
+                const int32_t a = static_cast<int32_t>(code & kPixelMask);
+                prefetch(a);
+                prefetch(static_cast<int32_t>(a + offset[code >> 30]));
+            }
+            const SortedEdge& edge = items[i];
+            const int32_t a = static_cast<int32_t>(edge.code & kPixelMask);
+            const int32_t ra = find(a), rb = find(static_cast<int32_t>(a + offset[edge.code >> 30]));
+            if (ra == rb) continue;
+            if (!(edge.cost < static_cast<double>(std::min(node_[ra].threshold, node_[rb].threshold)))) return i;
+            const int32_t root = link(ra, rb);
+            node_[root].threshold = static_cast<float>(edge.cost + scale01_ / size_[root]);
+            last_merge[root] = static_cast<uint32_t>(i);  // < 4 * kMaxPixels
+        }
+        return count;
+    }
+
+    // Takes the segments of the shared prefix from `lead`, with this scale's thresholds.
+    void copy_segments(const Forest& lead, const SortedEdge* items, const uint32_t* last_merge) {
+        std::copy(lead.node_, lead.node_ + n_pixels_, node_);
+        std::copy(lead.size_, lead.size_ + n_pixels_, size_);
+        const float single_pixel = static_cast<float>(0.0 + scale01_ / 1);
+        for (int64_t p = 0; p < n_pixels_; ++p) {
+            if (node_[p].parent != p) continue;
+            node_[p].threshold = size_[p] == 1 ? single_pixel
+                                               : static_cast<float>(items[last_merge[p]].cost + scale01_ / size_[p]);
+        }
+    }
+
     // Pass 2: absorb segments below min_size, in edge order. Edges accepted in pass 1 join pixels
     // of one segment, so only the rejected ones can merge anything here.
     void absorb_small(int64_t min_size, const int64_t* offset) {
@@ -439,13 +481,23 @@ std::vector<int32_t> segment(const SortedEdges& edges, const std::vector<double>
         forests.emplace_back(grow(buffers.nodes, n_pixels), grow(buffers.size, n_pixels),
                              grow(buffers.rejected, edges.count), n_pixels, scales[s]);
     }
-    // Pass 1 for all scales in one sweep: the edge is decoded once, and the scales' independent
-    // union-find lookups overlap in the CPU.
+    // Pass 1, first the prefix the scales share (see merge_until_first_rejection: 7-10% off the
+    // COCO recipe on 640x480 photos), then the rest for all scales in one sweep: the edge is
+    // decoded once, and the scales' independent union-find lookups overlap in the CPU.
+    int64_t first = 0;
+    if (n_scales > 1) {
+        const size_t lead = std::min_element(scales.begin(), scales.end()) - scales.begin();
+        uint32_t* last_merge = grow(ws.last_merge, n_pixels);
+        first = forests[lead].merge_until_first_rejection(edges.items, edges.count, offset, last_merge);
+        for (size_t s = 0; s < n_scales; ++s)
+            if (s != lead) forests[s].copy_segments(forests[lead], edges.items, last_merge);
+    }
+    PROF("shared prefix")
     // Edges visit pixels in random order: prefetching the nodes of both ends of the edge 12 ahead
     // measured 12% faster on three 640x480 scales (one end) and another 3-5% (both ends: the
     // second pixel is in the next row for three edge types out of four).
     constexpr int64_t kAhead = 12;
-    for (int64_t i = 0; i < edges.count; ++i) {
+    for (int64_t i = first; i < edges.count; ++i) {
         if (i + kAhead < edges.count) {
             const uint32_t code = edges.items[i + kAhead].code;
             const int32_t a = static_cast<int32_t>(code & kPixelMask);

@@ -7,8 +7,9 @@
 //   3. 8-connected edges (right, down, down-right, up-right) with Euclidean colour cost
 //      (channel sum in numpy's order)
 //   4. one stable sort of the edges by cost (ties keep scikit-image's edge order)
-//   5. per scale: greedy merge pass with float32 thresholds, then a min_size pass over the
-//      edges rejected by the first pass; labels 0..n-1 in raster order of first pixel.
+//   5. per scale: greedy merge pass with float32 thresholds (several scales visit the edges up to
+//      the smallest scale's first rejection once, together), then a min_size pass over the edges
+//      rejected by the first pass; labels 0..n-1 in raster order of first pixel.
 #pragma once
 
 #include <cstdint>

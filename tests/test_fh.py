@@ -163,6 +163,25 @@ def test_multi_scale_equals_single_scale_calls():
     np.testing.assert_array_equal(mixed[1], fh.felzenszwalb(image, 300, 0.5, 77))
 
 
+@pytest.mark.parametrize(
+    "image, scales, sigma",
+    [
+        (small_photo("coffee", (60, 80)), [1500, 1, 1500, 100, 0], 0.8),  # unsorted, repeated, zero
+        (small_photo("camera", (60, 80)), [1e9, 1e12], 0.5),  # nothing rejected: the prefix is every edge
+        (np.random.default_rng(5).integers(0, 256, (40, 50, 3), dtype=np.uint8), [300, 30, 3000], 0),  # ties
+        (np.random.default_rng(6).random((30, 40)), [0.5, 50, 5], 2.0),
+    ],
+)
+def test_multi_scale_shares_its_prefix_exactly(image, scales, sigma):
+    """The scales share the edges up to the smallest scale's first rejection; each result is still
+    scikit-image's (several scale orders, repeats, and prefixes from none to all of the edges)."""
+    min_sizes = [20] * len(scales)
+    multi = fh.felzenszwalb_multi(image, scales, sigma, min_sizes)
+    for s, scale in enumerate(scales):
+        assert same_partition(multi[s], reference(image, scale, sigma, 20)), f"scale {scale}"
+        np.testing.assert_array_equal(multi[s], fh.felzenszwalb(image, scale, sigma, 20))
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_batch_equals_one_by_one(threads):
     images = [small_photo(n, (64, 80)) for n in PHOTOS] + [np.random.default_rng(0).random((9, 31))]
