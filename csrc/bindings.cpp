@@ -103,7 +103,10 @@ py::array_t<double> smooth(const py::array& image, const std::vector<double>& we
         py::gil_scoped_release release;
         fh::FloatImage f = to_float(v);
         fh::gaussian_smooth(f, weights);
-        std::copy(f.data, f.data + f.size(), out.mutable_data());
+        const int64_t n = v.height * v.width;
+        double* hwc = out.mutable_data();
+        for (int64_t p = 0; p < n; ++p)  // planes -> channels last
+            for (int64_t c = 0; c < v.channels; ++c) hwc[p * v.channels + c] = f.data[c * n + p];
     }
     return out;
 }

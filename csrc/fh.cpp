@@ -70,7 +70,7 @@ struct Node {
 // Scratch buffers reused across calls on one thread: fresh multi-megabyte allocations would cost
 // more in page faults than the segmentation itself.
 struct Workspace {
-    std::vector<double> image, smoothed, padded, planes, squares, cost;
+    std::vector<double> image, smoothed, padded, squares, cost;
     std::vector<uint32_t> key, bucket_start;
     std::vector<SortedEdge> sorted, scratch;
     struct ScaleBuffers {
@@ -99,7 +99,7 @@ constexpr size_t kMaxRetainedScratch = size_t(192) << 20;
 void release_large_workspace() {
     Workspace& ws = workspace();
     size_t bytes = capacity_bytes(ws.image) + capacity_bytes(ws.smoothed) + capacity_bytes(ws.padded) +
-                   capacity_bytes(ws.planes) + capacity_bytes(ws.squares) + capacity_bytes(ws.cost) +
+                   capacity_bytes(ws.squares) + capacity_bytes(ws.cost) +
                    capacity_bytes(ws.key) + capacity_bytes(ws.sorted) + capacity_bytes(ws.scratch);
     bytes += capacity_bytes(ws.last_merge);
     for (const Workspace::ScaleBuffers& scale : ws.forests)
@@ -158,58 +158,63 @@ constexpr uint32_t kPixelMask = (uint32_t(1) << 30) - 1;
 
 FloatImage from_uint8(const uint8_t* src, int64_t height, int64_t width, int64_t channels) {
     FloatImage image{height, width, channels, nullptr};
-    image.data = grow(workspace().image, image.size());
+    const int64_t n = height * width;
+    double* planes = image.data = grow(workspace().image, image.size());
     const double inv = 1.0 / 255.0;  // skimage multiplies by the reciprocal
     double lut[256];
     for (int v = 0; v < 256; ++v) lut[v] = static_cast<double>(v) * inv;
-    for (int64_t i = 0; i < image.size(); ++i) image.data[i] = lut[src[i]];
+    if (channels == 3) {
+        for (int64_t p = 0; p < n; ++p) {
+            planes[p] = lut[src[3 * p]];
+            planes[n + p] = lut[src[3 * p + 1]];
+            planes[2 * n + p] = lut[src[3 * p + 2]];
+        }
+    } else {
+        for (int64_t p = 0; p < n; ++p)
+            for (int64_t c = 0; c < channels; ++c) planes[c * n + p] = lut[src[p * channels + c]];
+    }
     return image;
 }
 
 FloatImage from_float64(const double* src, int64_t height, int64_t width, int64_t channels) {
     FloatImage image{height, width, channels, nullptr};
-    image.data = grow(workspace().image, image.size());
-    std::copy(src, src + image.size(), image.data);
+    const int64_t n = height * width;
+    double* planes = image.data = grow(workspace().image, image.size());
+    for (int64_t p = 0; p < n; ++p)
+        for (int64_t c = 0; c < channels; ++c) planes[c * n + p] = src[p * channels + c];
     return image;
 }
 
-void gaussian_smooth(const FloatImage& image, const std::vector<double>& weights) {
+void gaussian_smooth(FloatImage& image, const std::vector<double>& weights) {
     if (weights.empty()) return;
     const int64_t radius = static_cast<int64_t>(weights.size() / 2);
     const double w0 = weights[radius];
-    const int64_t H = image.height, W = image.width, C = image.channels;
-    const int64_t row = W * C;
+    const int64_t H = image.height, W = image.width, n = H * W;
     Workspace& ws = workspace();
     double* smoothed = grow(ws.smoothed, image.size());
-
-    // Axis 0: every output row is a weighted sum of whole input rows (vectorises over x, c),
-    // summed as scipy's NI_Correlate1D: centre * w0, then (x[-k] + x[+k]) * w_k for k = r..1.
-    const double* in = image.data;
-    for (int64_t y = 0; y < H; ++y) {
-        double* out = smoothed + y * row;
-        scale_row(out, in + y * row, w0, row);
-        for (int64_t k = radius; k >= 1; --k)
-            add_pair_row(out, in + reflect_index(y - k, H) * row, in + reflect_index(y + k, H) * row,
-                         weights[radius - k], row);
-    }
-
-    // Axis 1: pad each row by reflection, then the same symmetric sum along x.
-    double* padded = grow(ws.padded, (W + 2 * radius) * C);
-    for (int64_t y = 0; y < H; ++y) {
-        const double* src = smoothed + y * row;
-        std::copy(src, src + row, padded + radius * C);
-        for (int64_t j = 0; j < radius; ++j) {  // reflected borders
-            const double* left = src + reflect_index(j - radius, W) * C;
-            const double* right = src + reflect_index(W + j, W) * C;
-            std::copy(left, left + C, padded + j * C);
-            std::copy(right, right + C, padded + (W + radius + j) * C);
+    double* padded = grow(ws.padded, W + 2 * radius);
+    double* centre = padded + radius;
+    // Row by row, both axes while the row is in cache. Each value is summed as scipy's
+    // NI_Correlate1D sums it (axis 0 over the whole image, then axis 1 over its result): centre *
+    // w0, then (x[-k] + x[+k]) * w_k for k = r..1; axis 1 reads the row padded by reflection.
+    for (int64_t c = 0; c < image.channels; ++c) {
+        const double* in = image.data + c * n;
+        for (int64_t y = 0; y < H; ++y) {
+            scale_row(centre, in + y * W, w0, W);
+            for (int64_t k = radius; k >= 1; --k)
+                add_pair_row(centre, in + reflect_index(y - k, H) * W, in + reflect_index(y + k, H) * W,
+                             weights[radius - k], W);
+            for (int64_t j = 0; j < radius; ++j) {
+                padded[j] = centre[reflect_index(j - radius, W)];
+                centre[W + j] = centre[reflect_index(W + j, W)];
+            }
+            double* out = smoothed + c * n + y * W;
+            scale_row(out, centre, w0, W);
+            for (int64_t k = radius; k >= 1; --k)
+                add_pair_row(out, centre - k, centre + k, weights[radius - k], W);
         }
-        double* out = image.data + y * row;
-        const double* centre = padded + radius * C;
-        scale_row(out, centre, w0, row);
-        for (int64_t k = radius; k >= 1; --k)
-            add_pair_row(out, centre - k * C, centre + k * C, weights[radius - k], row);
     }
+    image.data = smoothed;
 }
 
 // Stable insertion sort on the exact cost (strict >: equal costs keep their order). Linear on
@@ -263,35 +268,31 @@ SortedEdges sorted_edges(const FloatImage& image) {
     Workspace& ws = workspace();
     PROF_START
 
-    // 1. Costs per edge type and row, vectorised over x on channel planes, with their float32
-    //    keys (monotone in the cost). Edge e of type t from pixel p has code t << 30 | p;
-    //    scikit-image's edge order (right, down, down-right, up-right; raster) is ascending code.
-    double* planes = grow(ws.planes, C * HW);
-    if (C == 1) {
-        std::copy(image.data, image.data + HW, planes);
-    } else if (C == 3) {
-        for (int64_t p = 0; p < HW; ++p) {
-            planes[p] = image.data[3 * p];
-            planes[HW + p] = image.data[3 * p + 1];
-            planes[2 * HW + p] = image.data[3 * p + 2];
-        }
-    } else {
-        for (int64_t p = 0; p < HW; ++p)
-            for (int64_t c = 0; c < C; ++c) planes[c * HW + p] = image.data[p * C + c];
-    }
-    const int64_t n_edges = H * (W - 1) + (H - 1) * W + 2 * (H - 1) * (W - 1);
+    // 1. Costs row by row (each image row is read once for the four edge types), vectorised over
+    //    x on the channel planes, with their float32 keys (monotone in the cost), written in edge
+    //    order: right edges, then down, down-right and up-right ones, raster order within a type.
+    //    Edge e of type t from pixel p has code t << 30 | p: that order is ascending code. A
+    //    histogram of the keys' top bits (the buckets of step 2) is counted on the way.
+    constexpr int kTopShift = 18;
+    constexpr int kTopBuckets = 1 << (32 - kTopShift);
+    std::vector<uint32_t>& start = ws.bucket_start;
+    start.assign(kTopBuckets + 1, 0);
+    const double* planes = image.data;
+    const int64_t n_right = H * (W - 1), n_down = (H - 1) * W, n_diagonal = (H - 1) * (W - 1);
+    const int64_t n_edges = n_right + n_down + 2 * n_diagonal;
+    const int64_t first_of_type[4] = {0, n_right, n_right + n_down, n_right + n_down + n_diagonal};
     double* squares = grow(ws.squares, std::max<int64_t>(W, 1));
     double* cost = grow(ws.cost, n_edges);
     uint32_t* key = grow(ws.key, n_edges);
-    int64_t e = 0;
-    // One run of n edges whose first pixels are p0..p0+n-1 and second pixels q0..q0+n-1.
-    auto add_run = [&](int64_t p0, int64_t q0, int64_t n) {
+    std::vector<double> diff(C);
+    // One run of n edges whose first pixels are p0..p0+n-1 and second pixels q0..q0+n-1, stored
+    // from edge index e.
+    auto add_run = [&](int64_t p0, int64_t q0, int64_t n, int64_t e) {
         if (n <= 0) return;
         if (C < 8) {
             for (int64_t c = 0; c < C; ++c)
                 add_square_diff_row(squares, planes + c * HW + p0, planes + c * HW + q0, c == 0, n);
         } else {  // numpy sums 8 or more channels pairwise
-            std::vector<double> diff(C);
             for (int64_t i = 0; i < n; ++i) {
                 for (int64_t c = 0; c < C; ++c) {
                     const double d = planes[c * HW + q0 + i] - planes[c * HW + p0 + i];
@@ -301,23 +302,21 @@ SortedEdges sorted_edges(const FloatImage& image) {
             }
         }
         finish_cost_row(squares, cost + e, key + e, n);
-        e += n;
+        for (int64_t i = 0; i < n; ++i) ++start[(key[e + i] >> kTopShift) + 1];
     };
-    for (int64_t y = 0; y < H; ++y) add_run(y * W, y * W + 1, W - 1);
-    for (int64_t y = 0; y + 1 < H; ++y) add_run(y * W, y * W + W, W);
-    for (int64_t y = 0; y + 1 < H; ++y) add_run(y * W, y * W + W + 1, W - 1);
-    for (int64_t y = 0; y + 1 < H; ++y) add_run(y * W + 1, y * W + W, W - 1);
+    for (int64_t y = 0; y < H; ++y) {
+        add_run(y * W, y * W + 1, W - 1, first_of_type[0] + y * (W - 1));
+        if (y + 1 == H) break;
+        add_run(y * W, y * W + W, W, first_of_type[1] + y * W);
+        add_run(y * W, y * W + W + 1, W - 1, first_of_type[2] + y * (W - 1));
+        add_run(y * W + 1, y * W + W, W - 1, first_of_type[3] + y * (W - 1));
+    }
     PROF("costs")
 
     // 2. Stable scatter on the key's top 14 bits (sign, exponent, five mantissa bits: 32 buckets
     //    per octave), reading in edge order so codes ascend within a bucket; then each bucket is
     //    sorted on its low 18 bits (two 9-bit radix passes) while it sits in cache. These widths
     //    were the fastest of 12-16 top bits and 8-10 bit digits on 640x480 photos.
-    constexpr int kTopShift = 18;
-    constexpr int kTopBuckets = 1 << (32 - kTopShift);
-    std::vector<uint32_t>& start = ws.bucket_start;
-    start.assign(kTopBuckets + 1, 0);
-    for (int64_t i = 0; i < n_edges; ++i) ++start[(key[i] >> kTopShift) + 1];
     for (int b = 0; b < kTopBuckets; ++b) start[b + 1] += start[b];
     SortedEdge* sorted = grow(ws.sorted, n_edges);
     {
@@ -522,7 +521,7 @@ std::vector<int32_t> segment(const SortedEdges& edges, const std::vector<double>
     return counts;
 }
 
-std::vector<int32_t> felzenszwalb_multi(const FloatImage& image, const std::vector<double>& weights,
+std::vector<int32_t> felzenszwalb_multi(FloatImage image, const std::vector<double>& weights,
                                         const std::vector<double>& scales,
                                         const std::vector<int64_t>& min_sizes, int32_t* labels) {
     if (scales.size() != min_sizes.size())

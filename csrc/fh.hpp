@@ -34,8 +34,8 @@ struct SortedEdges {
     int64_t count = 0;
 };
 
-// An image in float64, channels last, contiguous: data[(y * width + x) * channels + c].
-// The pixels live in the calling thread's scratch space (valid until its next from_* call).
+// An image in float64 as channel planes: data[(c * height + y) * width + x]. The pixels live in
+// the calling thread's scratch space (valid until its next from_* call).
 struct FloatImage {
     int64_t height = 0, width = 0, channels = 0;
     double* data = nullptr;
@@ -45,14 +45,15 @@ struct FloatImage {
 // Largest number of pixels an image may have (edge codes keep the pixel index in 30 bits).
 constexpr int64_t kMaxPixels = int64_t(1) << 30;
 
-// uint8 [H, W, C] -> float64 in [0, 1], exactly as skimage.img_as_float64.
+// uint8 [H, W, C] channels last -> planes in [0, 1], exactly as skimage.img_as_float64.
 FloatImage from_uint8(const uint8_t* src, int64_t height, int64_t width, int64_t channels);
-// float64 [H, W, C] copied as is.
+// float64 [H, W, C] channels last -> planes, values as they are.
 FloatImage from_float64(const double* src, int64_t height, int64_t width, int64_t channels);
 
-// In-place Gaussian smoothing of both spatial axes; `weights` has 2r+1 symmetric taps
-// (scipy's kernel, computed by the caller). An empty kernel means no smoothing.
-void gaussian_smooth(const FloatImage& image, const std::vector<double>& weights);
+// Gaussian smoothing of both spatial axes; `weights` has 2r+1 symmetric taps (scipy's kernel,
+// computed by the caller). An empty kernel means no smoothing. The result is written to another
+// scratch buffer of the thread, and image.data then points to it.
+void gaussian_smooth(FloatImage& image, const std::vector<double>& weights);
 
 // All 8-connected edges of the smoothed image, sorted by cost.
 SortedEdges sorted_edges(const FloatImage& image);
@@ -64,7 +65,7 @@ std::vector<int32_t> segment(const SortedEdges& edges, const std::vector<double>
 
 // Whole pipeline for several scales sharing one smoothing and one sort.
 // labels: S * H * W int32; returns the segment count per scale.
-std::vector<int32_t> felzenszwalb_multi(const FloatImage& image, const std::vector<double>& weights,
+std::vector<int32_t> felzenszwalb_multi(FloatImage image, const std::vector<double>& weights,
                                         const std::vector<double>& scales,
                                         const std::vector<int64_t>& min_sizes, int32_t* labels);
 
