@@ -54,13 +54,6 @@ double numpy_pairwise_sum(const double* a, int64_t n) {
     return numpy_pairwise_sum(a, n2) + numpy_pairwise_sum(a + n2, n - n2);
 }
 
-inline uint32_t float32_bits(double value) {
-    const float f = static_cast<float>(value);
-    uint32_t bits;
-    std::memcpy(&bits, &f, sizeof bits);
-    return bits;
-}
-
 // A union-find node: parent link (self for a root) and, for a root, its merge threshold.
 struct Node {
     int32_t parent;
@@ -92,8 +85,8 @@ size_t capacity_bytes(const std::vector<T>& buffer) {
     return buffer.capacity() * sizeof(T);
 }
 
-// Scratch kept between calls is bounded: about 270 bytes a pixel, so a COCO-sized image stays
-// cached and a huge one (a 12-megapixel photo needs 3 GB) is handed back to the allocator.
+// Scratch kept between calls is bounded: about 250 bytes a pixel for three scales, so a COCO-sized
+// image stays cached and a huge one (a 12-megapixel photo needs 3 GB) is handed back to the allocator.
 constexpr size_t kMaxRetainedScratch = size_t(192) << 20;
 
 void release_large_workspace() {
