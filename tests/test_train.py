@@ -130,6 +130,32 @@ def test_sigterm_saves_and_resume_matches(tmp_path):
     assert resumed["step"] == n
 
 
+def test_sigusr1_checkpoints_and_exits_cleanly(tmp_path):
+    """Slurm's preemption signal (sbatch --signal=USR1@...) in the same process: the update in flight
+    finishes, a checkpoint is written, train() returns, and the previous handler is back."""
+    import threading
+
+    run = tmp_path / "preempted"
+    before = signal.getsignal(signal.SIGUSR1)
+
+    def send_when_running():
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if (run / "log.jsonl").is_file() and len(log_records(run)) >= 2:
+                os.kill(os.getpid(), signal.SIGUSR1)
+                return
+            time.sleep(0.05)
+
+    sender = threading.Thread(target=send_when_running, daemon=True)
+    sender.start()
+    summary = train(cfg_for(run, "training.max_update=400"))
+    sender.join(timeout=5)
+    (ev,) = log_records(run, "interrupted")
+    assert 2 <= ev["step"] < 400 and summary["step"] == ev["step"]
+    assert ckpt.latest_checkpoint(run).name == f"ckpt_{ev['step']:08d}.pt"
+    assert signal.getsignal(signal.SIGUSR1) == before
+
+
 def test_accumulation_equals_big_batch(tmp_path):
     train(cfg_for(tmp_path / "big", "training.max_update=2"))
     train(cfg_for(tmp_path / "acc", "training.max_update=2", "training.iter_per_update=2"))
