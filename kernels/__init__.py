@@ -4,7 +4,7 @@ Every public function takes ``impl="auto" | "triton" | "reference"`` (see ``_dis
 tensors or under ``TRITON_INTERPRET=1``, the PyTorch reference otherwise. Each Triton path has a Triton
 backward; each ``*_reference`` is plain PyTorch with autograd through PyTorch.
 """
-from ._dispatch import HAS_TRITON, interpreting, use_triton
+from ._dispatch import HAS_TRITON, interpreting, set_index_checks, use_triton
 from .bce import region_bce_loss, region_bce_loss_from_labels, region_bce_loss_reference
 from .gather import gather_visible, gather_visible_reference
 from .pool import region_query_pool, region_query_pool_reference
@@ -20,6 +20,7 @@ from .unshuffle import unshuffle_fill, unshuffle_fill_reference
 __all__ = [
     "HAS_TRITON",
     "interpreting",
+    "set_index_checks",
     "use_triton",
     "gather_visible",
     "gather_visible_reference",

@@ -9,7 +9,8 @@
 * ``"reference"``: force the PyTorch reference (plain ops, autograd through PyTorch).
 
 Index checks (range, and distinct entries where the backward relies on them) cost one host sync per
-call; set ``RMAE_KERNELS_CHECK_INDICES=0`` to skip them (e.g. under CUDA graphs).
+call; set ``RMAE_KERNELS_CHECK_INDICES=0`` or call ``set_index_checks(False)`` to skip them (e.g. under
+CUDA graphs).
 """
 from __future__ import annotations
 
@@ -36,7 +37,20 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+_index_checks: bool | None = None  # set_index_checks(); None: the environment decides
+
+
+def set_index_checks(enabled: bool | None) -> None:
+    """Turn the index checks on or off in this process (``None``: back to ``RMAE_KERNELS_CHECK_INDICES``,
+    default on). ``python -m rmae.train`` checks its first update, then turns them off: the indices come
+    from the model's own masking, and on a GPU each check is a host sync."""
+    global _index_checks
+    _index_checks = enabled
+
+
 def check_indices_enabled() -> bool:
+    if _index_checks is not None:
+        return _index_checks
     return os.environ.get("RMAE_KERNELS_CHECK_INDICES", "1") != "0"
 
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from rmae import checkpoint as ckpt
+from rmae import kernels
 from rmae import distributed as rdist
 from rmae.config import (DATASETS, MODELS, TASKS, ConfigError, dataset_section, legacy_keys_set, load_config,
                          model_section, to_yaml)
@@ -409,6 +410,7 @@ def train(cfg, require_resume: bool = False) -> dict:
         if dinfo.is_main:
             log.event("checkpoint", step=s, file=str(path))
 
+    first_step = step
     try:
         while step < max_update:
             t0 = time.perf_counter()
@@ -462,6 +464,9 @@ def train(cfg, require_resume: bool = False) -> dict:
             optimizer.zero_grad(set_to_none=True)
             lr = scheduler.get_last_lr()[0]
             step += 1
+            if step == first_step + 1 and "RMAE_KERNELS_CHECK_INDICES" not in os.environ:
+                # the first update has validated the masking indices; later ones skip the checks' host syncs
+                kernels.set_index_checks(False)
             t_step = time.perf_counter() - t0
             loss_v = flags[0].item()
             losses.append(loss_v)
@@ -509,6 +514,7 @@ def train(cfg, require_resume: bool = False) -> dict:
             log.event("interrupted", step=step, signal=stop.signal,
                       message="checkpoint saved; run the same command again to continue")
     finally:
+        kernels.set_index_checks(None)
         stop.restore()
         bar.close()
         log.close()

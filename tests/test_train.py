@@ -156,6 +156,21 @@ def test_sigusr1_checkpoints_and_exits_cleanly(tmp_path):
     assert signal.getsignal(signal.SIGUSR1) == before
 
 
+def test_kernel_index_checks_run_on_the_first_update_only(tmp_path, monkeypatch):
+    """Each index check is a host sync on a GPU: the loop validates its first update, then skips them,
+    and leaves the process as it found it."""
+    from rmae.kernels import _dispatch
+
+    monkeypatch.delenv("RMAE_KERNELS_CHECK_INDICES", raising=False)
+    seen = []
+    real = _dispatch.check_indices_enabled
+    monkeypatch.setattr(_dispatch, "check_indices_enabled", lambda: seen.append(real()) or seen[-1])
+    train(cfg_for(tmp_path / "run", "training.max_update=3"))
+    assert seen and seen[0] is True and seen[-1] is False  # checked in update 1, skipped in 2 and 3
+    assert seen.index(False) > 0 and all(not v for v in seen[seen.index(False):])
+    assert real() is True  # back to the environment's default after the run
+
+
 def test_accumulation_equals_big_batch(tmp_path):
     train(cfg_for(tmp_path / "big", "training.max_update=2"))
     train(cfg_for(tmp_path / "acc", "training.max_update=2", "training.iter_per_update=2"))
