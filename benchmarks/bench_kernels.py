@@ -359,10 +359,30 @@ def main(argv=None):
         if cuda:
             torch.cuda.empty_cache()
 
-    md = markdown(info, rows, args)
+    md = markdown(info, rows, args) + numerics_summary(rows, args.dtype)
     write_report(Path(args.out) / "kernels", dict(machine=info, args=vars(args), rows=rows), md)
     print()
     print(md)
+
+
+# Max |triton - reference| / max|reference| over outputs and input gradients that we accept at benchmark
+# shapes: looser than the unit tests' (small shapes) because long reductions round differently.
+NUMERICS_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
+
+
+def numerics_summary(rows, dtype: str) -> str:
+    """One line on the Triton-vs-reference check that ran before the timings (nothing when no Triton row)."""
+    errs = {r["kernel"]: r["triton_max_rel_err"] for r in rows
+            if r["impl"] == "triton" and r.get("triton_max_rel_err") is not None}
+    if not errs:
+        return ""
+    tol = NUMERICS_TOLERANCE[dtype]
+    bad = {k: e for k, e in errs.items() if not e <= tol}
+    worst = max(errs.values())
+    if bad:
+        listed = ", ".join(f"{k} {e:.2e}" for k, e in bad.items())
+        return f"\nNumerics: OUTSIDE tolerance {tol:g} ({dtype}): {listed}. Investigate before trusting the timings.\n"
+    return f"\nNumerics: Triton vs reference (outputs and gradients) within {tol:g} ({dtype}); worst {worst:.2e}.\n"
 
 
 if __name__ == "__main__":
