@@ -138,8 +138,8 @@ void release_large_workspace() {
     Workspace& ws = workspace();
     size_t bytes = capacity_bytes(ws.image) + capacity_bytes(ws.smoothed) + capacity_bytes(ws.padded) +
                    capacity_bytes(ws.squares) + capacity_bytes(ws.cost) +
-                   capacity_bytes(ws.key) + capacity_bytes(ws.sorted) + capacity_bytes(ws.scratch);
-    bytes += capacity_bytes(ws.last_merge);
+                   capacity_bytes(ws.key) + capacity_bytes(ws.sorted) + capacity_bytes(ws.scratch) +
+                   capacity_bytes(ws.last_merge);
     for (const Workspace::ScaleBuffers& scale : ws.forests)
         bytes += capacity_bytes(scale.nodes) + capacity_bytes(scale.size) + capacity_bytes(scale.rejected);
     if (bytes > kMaxRetainedScratch) ws = Workspace();
@@ -192,35 +192,49 @@ FH_MULTIVERSION void finish_cost_row(const double* __restrict squares, double* _
 
 constexpr uint32_t kPixelMask = (uint32_t(1) << 30) - 1;
 
+// The two pixels of the edge with code type << 30 | p: p and p + offset[type].
+struct EdgeEnds {
+    int32_t a, b;
+};
+inline EdgeEnds edge_ends(uint32_t code, const int64_t* offset) {
+    const int32_t a = static_cast<int32_t>(code & kPixelMask);
+    return {a, static_cast<int32_t>(a + offset[code >> 30])};
+}
+
 }  // namespace
 
-FloatImage from_uint8(const uint8_t* src, int64_t height, int64_t width, int64_t channels) {
+namespace {
+
+// Channels-last src [H, W, C] -> planes in the thread's scratch, value(src element) per element.
+template <typename T, typename Convert>
+FloatImage to_planes(const T* src, int64_t height, int64_t width, int64_t channels, Convert value) {
     FloatImage image{height, width, channels, nullptr};
     const int64_t n = height * width;
     double* planes = image.data = grow(workspace().image, image.size());
-    const double inv = 1.0 / 255.0;  // skimage multiplies by the reciprocal
-    double lut[256];
-    for (int v = 0; v < 256; ++v) lut[v] = static_cast<double>(v) * inv;
-    if (channels == 3) {
+    if (channels == 3) {  // the usual case, unrolled
         for (int64_t p = 0; p < n; ++p) {
-            planes[p] = lut[src[3 * p]];
-            planes[n + p] = lut[src[3 * p + 1]];
-            planes[2 * n + p] = lut[src[3 * p + 2]];
+            planes[p] = value(src[3 * p]);
+            planes[n + p] = value(src[3 * p + 1]);
+            planes[2 * n + p] = value(src[3 * p + 2]);
         }
     } else {
         for (int64_t p = 0; p < n; ++p)
-            for (int64_t c = 0; c < channels; ++c) planes[c * n + p] = lut[src[p * channels + c]];
+            for (int64_t c = 0; c < channels; ++c) planes[c * n + p] = value(src[p * channels + c]);
     }
     return image;
 }
 
+}  // namespace
+
+FloatImage from_uint8(const uint8_t* src, int64_t height, int64_t width, int64_t channels) {
+    const double inv = 1.0 / 255.0;  // skimage multiplies by the reciprocal
+    double lut[256];
+    for (int v = 0; v < 256; ++v) lut[v] = static_cast<double>(v) * inv;
+    return to_planes(src, height, width, channels, [&](uint8_t v) { return lut[v]; });
+}
+
 FloatImage from_float64(const double* src, int64_t height, int64_t width, int64_t channels) {
-    FloatImage image{height, width, channels, nullptr};
-    const int64_t n = height * width;
-    double* planes = image.data = grow(workspace().image, image.size());
-    for (int64_t p = 0; p < n; ++p)
-        for (int64_t c = 0; c < channels; ++c) planes[c * n + p] = src[p * channels + c];
-    return image;
+    return to_planes(src, height, width, channels, [](double v) { return v; });
 }
 
 void gaussian_smooth(FloatImage& image, const std::vector<double>& weights) {
@@ -391,7 +405,7 @@ class Forest {
     Forest(Node* nodes, int32_t* size, uint32_t* rejected, int64_t n_pixels, double scale)
         : node_(nodes), size_(size), rejected_(rejected), n_pixels_(n_pixels),
           scale01_(scale / 255.0) {  // scale / 255: scikit-image rescales like the reference code
-        const float single_pixel = static_cast<float>(0.0 + scale01_ / 1);
+        const float single_pixel = threshold(0.0, 1);
         for (int64_t p = 0; p < n_pixels; ++p) {
             node_[p] = {static_cast<int32_t>(p), single_pixel};
             size_[p] = 1;
@@ -404,7 +418,7 @@ class Forest {
         if (ra == rb) return;
         if (edge.cost < static_cast<double>(std::min(node_[ra].threshold, node_[rb].threshold))) {
             const int32_t root = link(ra, rb);
-            node_[root].threshold = static_cast<float>(edge.cost + scale01_ / size_[root]);
+            node_[root].threshold = threshold(edge.cost, size_[root]);
         } else {
             rejected_[n_rejected_++] = edge.code;
         }
@@ -423,18 +437,17 @@ class Forest {
         constexpr int64_t kAhead = 12;
         for (int64_t i = 0; i < count; ++i) {
             if (i + kAhead < count) {
-                const uint32_t code = items[i + kAhead].code;
-                const int32_t a = static_cast<int32_t>(code & kPixelMask);
-                prefetch(a);
-                prefetch(static_cast<int32_t>(a + offset[code >> 30]));
+                const EdgeEnds ahead = edge_ends(items[i + kAhead].code, offset);
+                prefetch(ahead.a);
+                prefetch(ahead.b);
             }
             const SortedEdge& edge = items[i];
-            const int32_t a = static_cast<int32_t>(edge.code & kPixelMask);
-            const int32_t ra = find(a), rb = find(static_cast<int32_t>(a + offset[edge.code >> 30]));
+            const EdgeEnds ends = edge_ends(edge.code, offset);
+            const int32_t ra = find(ends.a), rb = find(ends.b);
             if (ra == rb) continue;
             if (!(edge.cost < static_cast<double>(std::min(node_[ra].threshold, node_[rb].threshold)))) return i;
             const int32_t root = link(ra, rb);
-            node_[root].threshold = static_cast<float>(edge.cost + scale01_ / size_[root]);
+            node_[root].threshold = threshold(edge.cost, size_[root]);
             last_merge[root] = static_cast<uint32_t>(i);  // < 4 * kMaxPixels
         }
         return count;
@@ -444,12 +457,8 @@ class Forest {
     void copy_segments(const Forest& lead, const SortedEdge* items, const uint32_t* last_merge) {
         std::copy(lead.node_, lead.node_ + n_pixels_, node_);
         std::copy(lead.size_, lead.size_ + n_pixels_, size_);
-        const float single_pixel = static_cast<float>(0.0 + scale01_ / 1);
-        for (int64_t p = 0; p < n_pixels_; ++p) {
-            if (node_[p].parent != p) continue;
-            node_[p].threshold = size_[p] == 1 ? single_pixel
-                                               : static_cast<float>(items[last_merge[p]].cost + scale01_ / size_[p]);
-        }
+        for (int64_t p = 0; p < n_pixels_; ++p)
+            if (node_[p].parent == p) node_[p].threshold = threshold(size_[p] == 1 ? 0.0 : items[last_merge[p]].cost, size_[p]);
     }
 
     // Pass 2: absorb segments below min_size, in edge order. Edges accepted in pass 1 join pixels
@@ -457,10 +466,8 @@ class Forest {
     void absorb_small(int64_t min_size, const int64_t* offset) {
         if (min_size <= 1) return;
         for (int64_t i = 0; i < n_rejected_; ++i) {
-            const uint32_t code = rejected_[i];
-            const int32_t a = static_cast<int32_t>(code & kPixelMask);
-            const int32_t b = static_cast<int32_t>(a + offset[code >> 30]);
-            const int32_t ra = find(a), rb = find(b);
+            const EdgeEnds ends = edge_ends(rejected_[i], offset);
+            const int32_t ra = find(ends.a), rb = find(ends.b);
             if (ra == rb) continue;
             if (size_[ra] < min_size || size_[rb] < min_size) link(ra, rb);
         }
@@ -480,6 +487,9 @@ class Forest {
     }
 
   private:
+    // Int(C) + scale / |C| rounded to float32, as scikit-image computes it (Int = 0 for one pixel).
+    float threshold(double internal, int32_t size) const { return static_cast<float>(internal + scale01_ / size); }
+
     int32_t find(int32_t x) {
         while (node_[x].parent != x) {
             node_[x].parent = node_[node_[x].parent].parent;  // path halving
@@ -515,18 +525,15 @@ void sweep(const SortedEdges& edges, const int64_t* offset, Forest* forests, siz
     constexpr int64_t kAhead = 12;
     for (int64_t i = begin; i < edges.count; ++i) {
         if (i + kAhead < edges.count) {
-            const uint32_t code = edges.items[i + kAhead].code;
-            const int32_t a = static_cast<int32_t>(code & kPixelMask);
-            const int32_t b = static_cast<int32_t>(a + offset[code >> 30]);
+            const EdgeEnds ahead = edge_ends(edges.items[i + kAhead].code, offset);
             for (size_t f = 0; f < n; ++f) {
-                forests[f].prefetch(a);
-                forests[f].prefetch(b);
+                forests[f].prefetch(ahead.a);
+                forests[f].prefetch(ahead.b);
             }
         }
         const SortedEdge& edge = edges.items[i];
-        const int32_t a = static_cast<int32_t>(edge.code & kPixelMask);
-        const int32_t b = static_cast<int32_t>(a + offset[edge.code >> 30]);
-        for (size_t f = 0; f < n; ++f) forests[f].visit(edge, a, b);
+        const EdgeEnds ends = edge_ends(edge.code, offset);
+        for (size_t f = 0; f < n; ++f) forests[f].visit(edge, ends.a, ends.b);
     }
 }
 
