@@ -41,13 +41,10 @@ from rmae.data import (
     random_resized_crop_params,
     reference_regions,
 )
-from rmae.data.sources import _load_sample_image
 from rmae.fh import felzenszwalb_multi
 from rmae.masks import mask_path, save_labels
-from common import machine, write_report
+from common import machine, photo_640x480, write_report
 
-PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
-          "stereo_motorcycle:0"]
 SIZE = 224
 K = 8
 
@@ -59,9 +56,8 @@ def make_tree(root: Path, count: int) -> Path:
     images.mkdir(parents=True)
     original.mkdir()
     for n in range(count):
-        rgb = np.asarray(Image.fromarray(_load_sample_image(PHOTOS[n % len(PHOTOS)])).resize((640, 480), Image.BICUBIC))
         name = f"{n + 1:012d}.jpg"
-        Image.fromarray(rgb).save(images / name, quality=90)
+        photo_640x480(n).save(images / name, quality=90)
         decoded = np.asarray(Image.open(images / name).convert("RGB"))
         labels = felzenszwalb_multi(decoded, COCO_FH.scales, COCO_FH.sigma, COCO_FH.min_sizes)
         save_labels(mask_path(ours, name), labels)

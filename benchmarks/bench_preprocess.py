@@ -22,12 +22,9 @@ import numpy as np
 from PIL import Image
 from skimage.segmentation import felzenszwalb as skimage_felzenszwalb
 
-from rmae.data.sources import _load_sample_image
 from rmae.recipes import COCO_FH
-from common import machine, write_report
+from common import machine, photo_640x480, write_report
 
-PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
-          "stereo_motorcycle:0"]
 COCO_IMAGES = 118_287 + 123_403  # train2017 + unlabeled2017
 
 
@@ -35,8 +32,7 @@ def make_folder(root: Path, count: int) -> Path:
     images = root / "images"
     images.mkdir(parents=True)
     for n in range(count):
-        rgb = Image.fromarray(_load_sample_image(PHOTOS[n % len(PHOTOS)])).resize((640, 480), Image.BICUBIC)
-        rgb.save(images / f"{n:06d}.jpg", quality=90)
+        photo_640x480(n).save(images / f"{n:06d}.jpg", quality=90)
     return images
 
 

@@ -43,3 +43,18 @@ def write_report(path, result: dict, table: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     path.with_suffix(".md").write_text(table.rstrip("\n") + "\n")
+
+
+# The bundled photos the data and preprocessing benchmarks turn into 640×480 JPEGs (rmae's sample set names).
+SAMPLE_PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
+                 "stereo_motorcycle:0"]
+
+
+def photo_640x480(n: int):
+    """The n-th bundled photo (cycling through SAMPLE_PHOTOS) as a 640×480 RGB PIL image (bicubic)."""
+    from PIL import Image
+
+    from rmae.data.sources import _load_sample_image
+
+    rgb = _load_sample_image(SAMPLE_PHOTOS[n % len(SAMPLE_PHOTOS)])
+    return Image.fromarray(rgb).resize((640, 480), Image.BICUBIC)
