@@ -23,7 +23,9 @@ import numpy as np
 
 from rmae import _fh
 
-__all__ = ["felzenszwalb", "felzenszwalb_multi", "felzenszwalb_batch", "gaussian_weights"]
+__all__ = ["felzenszwalb", "felzenszwalb_multi", "felzenszwalb_batch", "gaussian_weights", "default_min_sizes"]
+
+MAX_MIN_SIZE = 2**63 - 1  # the C++ side takes int64; any min_size >= an image's pixel count acts as that count
 
 
 def gaussian_weights(sigma: float) -> list[float]:
@@ -62,6 +64,21 @@ def _as_image(image) -> np.ndarray:
     return np.ascontiguousarray(img_as_float64(image))
 
 
+def _check_scale(scale) -> float:
+    if not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale < 0:
+        raise ValueError(f"scale must be a finite number >= 0, got {scale!r}")
+    return float(scale)
+
+
+def default_min_sizes(scales: Sequence[float]) -> list[int]:
+    """The R-MAE default: each min_size equal to its scale, capped at ``_fh.MAX_PIXELS``.
+
+    The cap changes no partition: a segment is absorbed when its size is below min_size, and every
+    segment of an image with n < MAX_PIXELS pixels is smaller than n, so all min_sizes >= n act alike.
+    """
+    return [min(int(_check_scale(scale)), _fh.MAX_PIXELS) for scale in scales]
+
+
 def _check_params(scales: Sequence[float], sigma: float, min_sizes: Sequence[int]) -> tuple[list[float], list[int]]:
     if not isinstance(sigma, numbers.Real) or not math.isfinite(sigma) or sigma < 0:
         raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
@@ -71,13 +88,12 @@ def _check_params(scales: Sequence[float], sigma: float, min_sizes: Sequence[int
         raise ValueError("at least one scale is required")
     checked_scales, checked_sizes = [], []
     for scale, min_size in zip(scales, min_sizes):
-        if not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale < 0:
-            raise ValueError(f"scale must be a finite number >= 0, got {scale!r}")
+        _check_scale(scale)
         if isinstance(min_size, (bool, np.bool_)) or not isinstance(min_size, numbers.Integral):
             if not (isinstance(min_size, numbers.Real) and float(min_size).is_integer()):
                 raise TypeError(f"min_size must be an integer, got {min_size!r}")
-        if min_size < 0:
-            raise ValueError(f"min_size must be >= 0, got {min_size!r}")
+        if not 0 <= min_size <= MAX_MIN_SIZE:
+            raise ValueError(f"min_size must be in 0..{MAX_MIN_SIZE} (2**63 - 1), got {min_size!r}")
         checked_scales.append(float(scale))
         checked_sizes.append(int(min_size))
     return checked_scales, checked_sizes
@@ -100,7 +116,7 @@ def felzenszwalb_multi(
     ``felzenszwalb(image, scales[s], sigma, min_sizes[s])``.
     """
     if min_sizes is None:
-        min_sizes = [int(s) for s in scales]
+        min_sizes = default_min_sizes(scales)
     scales, min_sizes = _check_params(list(scales), sigma, list(min_sizes))
     return _fh.segment(_as_image(image), gaussian_weights(sigma), scales, min_sizes)
 
@@ -114,7 +130,7 @@ def felzenszwalb_batch(
 ) -> list[np.ndarray]:
     """``felzenszwalb_multi`` over many images on ``num_threads`` threads (default: all cores), GIL released."""
     if min_sizes is None:
-        min_sizes = [int(s) for s in scales]
+        min_sizes = default_min_sizes(scales)
     scales, min_sizes = _check_params(list(scales), sigma, list(min_sizes))
     if num_threads is None:
         num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
+import secrets
 import threading
 from pathlib import Path
 
@@ -41,10 +41,20 @@ def find_mask(mask_dir: str | os.PathLike, relative_image_path: str | os.PathLik
     return original if original.is_file() else None
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _create_temp(folder: Path) -> tuple[int, Path]:
+    """A new hidden temp file in ``folder``, open for writing: (fd, path).
+
+    The name is short (25 bytes), so it fits wherever the final mask name fits. The kernel gives the
+    file mode 0666 less the process umask, like any new file; the umask is never read or changed.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = folder / f".{secrets.token_hex(6)}{MASK_SUFFIX}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temp file name in {folder} after 100 tries")
 
 
 def save_labels(path: str | os.PathLike, labels: np.ndarray) -> None:
@@ -63,12 +73,11 @@ def save_labels(path: str | os.PathLike, labels: np.ndarray) -> None:
         )
     buffer = io.BytesIO()
     np.save(buffer, np.ascontiguousarray(labels, dtype=np.uint16))
-    payload = zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(buffer.getvalue())
+    payload = zstandard.ZstdCompressor(level=_ZSTD_LEVEL, write_checksum=True).compress(buffer.getvalue())
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _create_temp(path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; masks are ordinary data
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
             f.flush()

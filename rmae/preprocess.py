@@ -7,15 +7,18 @@
 Datasets live under ``$E2E_DATASETS`` (default ``.data``); masks go where the data pipeline reads
 them (``coco/image/fh_<split>/<stem>.npy.zst``, ``imagenet/fh_<split>/<class>/<stem>.npy.zst``) with
 the official recipes as defaults. Runs on all cores, shows a progress bar, skips finished files
-(every write is atomic, so a killed run is simply started again), lists undecodable images in
-``preprocess_failures.tsv`` and exits non-zero when there were any. ``--verify`` re-checks existing
-masks and regenerates the bad ones.
+(every write is atomic, so a killed run is simply started again; a killed ``--overwrite`` run is
+resumed too: ``fh_params.json`` marks it unfinished, and masks older than its start are redone),
+lists the images it could not segment (undecodable, broken links, two images sharing one mask name,
+...) in ``preprocess_failures.tsv`` and exits non-zero when there were any. ``--verify`` re-checks
+existing masks and regenerates the bad ones.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import stat
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -31,10 +34,11 @@ from rmae.image_io import IMAGE_SUFFIXES, ImageDecodeError, load_rgb
 from rmae.masks import MASK_SUFFIX, MaskError, load_labels, mask_path, save_labels
 from rmae.recipes import COCO_FH, IMAGENET_FH, FHRecipe
 
-__all__ = ["RECIPES", "dataset_folders", "list_images", "main", "preprocess"]
+__all__ = ["RECIPES", "dataset_folders", "list_images", "main", "preprocess", "scan_images"]
 
 FAILURES_FILE = "preprocess_failures.tsv"
 PARAMS_FILE = "fh_params.json"
+REDO_KEY = "redo_started_ns"  # in PARAMS_FILE while an --overwrite run (or its resumption) is unfinished
 
 
 RECIPES = {"coco": COCO_FH, "imnet": IMAGENET_FH}
@@ -49,9 +53,8 @@ def dataset_folders(dataset: str, split: str, root: Path) -> tuple[Path, Path]:
         images, masks = root / "coco" / "image" / split, root / "coco" / "image" / f"fh_{split}"
         layout = f"{root}/coco/image/{split}/<image>.jpg"
     else:
-        base = root / "imagenet"
-        if not base.is_dir() and (root / "imnet").is_dir():
-            base = root / "imnet"
+        bases = (root / "imagenet", root / "imnet")  # per split, as the data pipeline decides
+        base = next((b for b in bases if (b / split).is_dir()), bases[0])
         images, masks = base / split, base / f"fh_{split}"
         layout = f"{root}/imagenet/{split}/<class>/<image>.JPEG   (or {root}/imnet/...)"
     if not images.is_dir():
@@ -62,13 +65,62 @@ def dataset_folders(dataset: str, split: str, root: Path) -> tuple[Path, Path]:
     return images, masks
 
 
+def _folder_id(folder: Path) -> tuple[int, int]:
+    info = folder.stat()
+    return info.st_dev, info.st_ino
+
+
+def scan_images(folder: Path) -> tuple[list[Path], list[Path], list[tuple[Path, str]]]:
+    """(image files, broken links named like images, folders that cannot be listed with why) under
+    ``folder``, recursively, as sorted paths relative to it.
+
+    Follows symlinked folders as the data pipeline does, except a link back into its own ancestry (a
+    loop). Hidden files and folders are skipped.
+    """
+    found, broken, unlistable = [], [], []
+    pending = [(Path(), frozenset())]  # (folder relative to ``folder``, identities of its ancestors)
+    while pending:
+        relative, ancestors = pending.pop()
+        try:
+            here = _folder_id(folder / relative)
+            if here in ancestors:
+                continue
+            with os.scandir(folder / relative) as listing:
+                entries = list(listing)
+        except OSError as error:
+            unlistable.append((relative, f"cannot list folder ({error.strerror or error})"))
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                pending.append((relative / entry.name, ancestors | {here}))
+            elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
+                if entry.is_file():
+                    found.append(relative / entry.name)
+                elif entry.is_symlink():
+                    broken.append(relative / entry.name)
+    return sorted(found), sorted(broken), sorted(unlistable)
+
+
 def list_images(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursive), as sorted paths relative to it."""
-    return sorted(
-        path.relative_to(folder)
-        for path in folder.rglob("*")
-        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() and not path.name.startswith(".")
-    )
+    """Image files under ``folder`` (recursive, following symlinked folders), as sorted paths relative to it."""
+    return scan_images(folder)[0]
+
+
+def _mask_collisions(relative_paths: list[Path]) -> list[tuple[Path, str]]:
+    """Images that share their mask file with another image (x.jpg and x.png both map to x.npy.zst), with why."""
+    by_mask: dict[Path, list[Path]] = {}
+    for relative in relative_paths:
+        by_mask.setdefault(mask_path("", relative), []).append(relative)
+    collisions = []
+    for mask, group in by_mask.items():
+        if len(group) < 2:
+            continue
+        for relative in group:
+            others = ", ".join(str(other) for other in group if other != relative)
+            collisions.append((relative, f"same mask file {mask} as {others}: rename one of the images"))
+    return collisions
 
 
 def _check_mask(mask_file: Path, image_file: Path, recipe: FHRecipe) -> str | None:
@@ -98,38 +150,109 @@ def _segment_one(image_file: Path, mask_file: Path, recipe: FHRecipe) -> None:
     save_labels(mask_file, labels)
 
 
-def _check_params(out: Path, recipe: FHRecipe, overwrite: bool) -> None:
-    """Refuses to mix recipes in one mask folder; records the recipe for later runs."""
+def _recipe_params(recipe: FHRecipe) -> dict:
+    """The recipe as ``PARAMS_FILE`` records it."""
+    params = {**asdict(recipe), "format": f"uint16 [S, H, W] {MASK_SUFFIX}"}
+    params["scales"] = [float(s) for s in recipe.scales]
+    params["min_sizes"] = [int(m) for m in recipe.min_sizes]
+    params["sigma"] = float(recipe.sigma)
+    return params
+
+
+def _write_params(out: Path, params: dict) -> None:
     params_file = out / PARAMS_FILE
-    wanted = {**asdict(recipe), "format": f"uint16 [S, H, W] {MASK_SUFFIX}"}
-    wanted["scales"] = [float(s) for s in recipe.scales]
-    wanted["min_sizes"] = [int(m) for m in recipe.min_sizes]
-    wanted["sigma"] = float(recipe.sigma)
-    if params_file.is_file() and not overwrite:
-        found = json.loads(params_file.read_text())
+    tmp = params_file.with_name(params_file.name + ".tmp")
+    tmp.write_text(json.dumps(params, indent=2) + "\n")
+    os.replace(tmp, params_file)
+
+
+def _file_system_now(folder: Path) -> int:
+    """The clock that stamps mask mtimes (ns): the mtime of a file written in ``folder`` now."""
+    probe = folder / ".fh_clock.tmp"
+    probe.write_bytes(b"now")  # a write with data always stamps the mtime
+    try:
+        return probe.stat().st_mtime_ns
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def _check_params(out: Path, recipe: FHRecipe, overwrite: bool) -> int | None:
+    """Refuses to mix recipes in one mask folder and records the recipe; returns the start (mtime clock,
+    ns) of an unfinished redo, else None.
+
+    A redo is an --overwrite run, and the runs that resume it after a kill: ``PARAMS_FILE`` records its
+    start before any mask is recomputed, and masks not written after that start may be another recipe's,
+    so they do not count as done until ``_finish_redo``.
+    """
+    wanted = _recipe_params(recipe)
+    found = json.loads((out / PARAMS_FILE).read_text()) if (out / PARAMS_FILE).is_file() else None
+    if found is not None and not overwrite:
+        redo_since = found.pop(REDO_KEY, None)
         if found != wanted:
+            unfinished = " (an --overwrite run to it did not finish)" if redo_since is not None else ""
             raise SystemExit(
-                f"error: {out} holds masks made with {found}, not {wanted}.\n"
+                f"error: {out} holds masks made with {found}{unfinished}, not {wanted}.\n"
                 "Use another --out folder, or --overwrite to recompute every mask."
             )
+        return redo_since
     out.mkdir(parents=True, exist_ok=True)
-    tmp = params_file.with_name(params_file.name + ".tmp")
-    tmp.write_text(json.dumps(wanted, indent=2) + "\n")
-    os.replace(tmp, params_file)
+    redo_since = _file_system_now(out) if overwrite else None
+    _write_params(out, wanted if redo_since is None else {**wanted, REDO_KEY: redo_since})
+    return redo_since
+
+
+def _finish_redo(out: Path, recipe: FHRecipe) -> None:
+    """Records that every mask in ``out`` is now the recipe's (the redo is complete)."""
+    _write_params(out, _recipe_params(recipe))
+
+
+def _mask_done(mask_file: Path, redo_since: int | None) -> bool:
+    """Whether ``mask_file`` exists and, during a redo, was written after the redo started."""
+    try:
+        info = mask_file.stat()
+    except OSError:
+        return False
+    return stat.S_ISREG(info.st_mode) and (redo_since is None or info.st_mtime_ns > redo_since)
+
+
+def _drop_stale_mask(mask_file: Path, redo_since: int | None) -> None:
+    """During a redo, removes the mask of an image that gets no new one, unless the redo wrote it."""
+    if redo_since is not None and mask_file.is_file() and not _mask_done(mask_file, redo_since):
+        mask_file.unlink(missing_ok=True)
+
+
+def _failure_reason(error: Exception) -> str:
+    if isinstance(error, ValueError):  # e.g. more than 65535 segments
+        return str(error)
+    return f"{type(error).__name__}: {error}"
+
+
+def _shown(text: str) -> str:
+    """``text`` safe to print: file-name bytes that are not UTF-8 appear as \\xNN escapes."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def preprocess(
     images: Path, out: Path, recipe: FHRecipe, workers: int, verify: bool = False, overwrite: bool = False
 ) -> dict:
     """Segments every image under ``images`` into ``out``; returns a summary dict."""
-    _check_params(out, recipe, overwrite)
-    for stale in out.rglob(f".*{MASK_SUFFIX}.*.tmp"):  # left by a run killed mid-write
+    redo_since = _check_params(out, recipe, overwrite)
+    for stale in out.rglob(f".*{MASK_SUFFIX}*.tmp"):  # left by a run killed mid-write
         stale.unlink(missing_ok=True)
-    relative_paths = list_images(images)
+    relative_paths, broken_links, unlistable = scan_images(images)
+    not_segmented = [(relative, "broken symbolic link (its target does not exist)") for relative in broken_links]
+    not_segmented += _mask_collisions(relative_paths)
+    for relative, _ in not_segmented:
+        _drop_stale_mask(mask_path(out, relative), redo_since)
+    failures = [(str(images / relative), reason) for relative, reason in unlistable + not_segmented]
+    listing_failures = len(failures)
+    excluded = {relative for relative, _ in not_segmented}
     jobs, skipped, regenerated = [], 0, []
     for relative in relative_paths:
         mask_file = mask_path(out, relative)
-        if mask_file.is_file() and not overwrite:
+        if relative in excluded:
+            continue
+        if not overwrite and _mask_done(mask_file, redo_since):
             if verify and (problem := _check_mask(mask_file, images / relative, recipe)) is not None:
                 regenerated.append((str(mask_file), problem))
                 mask_file.unlink()
@@ -138,39 +261,42 @@ def preprocess(
                 continue
         jobs.append((images / relative, mask_file))
     for path, problem in regenerated:
-        print(f"bad mask, regenerating: {path}: {problem}", file=sys.stderr)
+        print(_shown(f"bad mask, regenerating: {path}: {problem}"), file=sys.stderr)
 
-    failures: list[tuple[str, str]] = []
     lock = threading.Lock()
 
     def work(job: tuple[Path, Path]) -> None:
         try:
             _segment_one(*job, recipe)
-        except ImageDecodeError as error:
+        except Exception as error:  # one image fails (bad file, name too long, MemoryError, ...), not the run
+            if isinstance(error, ImageDecodeError):
+                path, reason = error.path, error.reason
+            else:
+                path, reason = str(job[0]), _failure_reason(error)
+            _drop_stale_mask(job[1], redo_since)
             with lock:
-                failures.append((error.path, error.reason))
-            tqdm.write(f"skipped {error.path}: {error.reason}", file=sys.stderr)
-        except ValueError as error:  # e.g. more than 65535 segments
-            with lock:
-                failures.append((str(job[0]), str(error)))
-            tqdm.write(f"skipped {job[0]}: {error}", file=sys.stderr)
+                failures.append((path, reason))
+            tqdm.write(_shown(f"skipped {path}: {reason}"), file=sys.stderr)
 
     with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(
-        total=len(jobs), unit="img", desc=f"FH {out.name}", dynamic_ncols=True, mininterval=1.0
+        total=len(jobs), unit="img", desc=_shown(f"FH {out.name}"), dynamic_ncols=True, mininterval=1.0
     ) as progress:
         for _ in pool.map(work, jobs):
             progress.update()
+    if redo_since is not None and not unlistable:  # an unlisted folder may still hold old masks
+        _finish_redo(out, recipe)
 
     failures_file = out / FAILURES_FILE
     if failures:
         tmp = failures_file.with_name(failures_file.name + ".tmp")
-        tmp.write_text("".join(f"{path}\t{reason}\n" for path, reason in sorted(failures)))
+        text = "".join(f"{path}\t{reason}\n" for path, reason in sorted(failures))
+        tmp.write_text(text, encoding="utf-8", errors="surrogateescape")  # file names as their bytes
         os.replace(tmp, failures_file)
     else:
         failures_file.unlink(missing_ok=True)
     return {
-        "images": len(relative_paths),
-        "written": len(jobs) - len(failures),
+        "images": len(relative_paths) + len(broken_links),
+        "written": len(jobs) - (len(failures) - listing_failures),
         "skipped_existing": skipped,
         "regenerated": len(regenerated),
         "failed": len(failures),
@@ -219,7 +345,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         parser.error("give --dataset and --split, or --images and --out")
     scales = args.scales or base.scales
-    min_sizes = args.min_sizes or (tuple(int(s) for s in scales) if args.scales else base.min_sizes)
+    try:  # the default min sizes validate the scales (inf, nan, negative)
+        min_sizes = args.min_sizes or (tuple(fh.default_min_sizes(scales)) if args.scales else base.min_sizes)
+    except ValueError as error:
+        parser.error(str(error))
     if len(min_sizes) != len(scales):
         parser.error(f"{len(scales)} scales but {len(min_sizes)} min sizes")
     if args.workers < 1:
@@ -231,11 +360,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
 
     summary = preprocess(images, out, chosen, args.workers, verify=args.verify, overwrite=args.overwrite)
-    print(
+    print(_shown(
         f"{summary['images']} images: {summary['written']} written, {summary['skipped_existing']} already done, "
         f"{summary['regenerated']} regenerated, {summary['failed']} failed"
         + (f" (listed in {summary['failures_file']})" if summary["failed"] else "")
-    )
+    ))
     return 1 if summary["failed"] else 0
 
 

@@ -286,3 +286,24 @@ def test_bad_parameters_raise_clear_errors():
         fh.felzenszwalb_multi(image, [], 0.8, [])
     with pytest.raises(ValueError, match="num_threads"):
         fh.felzenszwalb_batch([image], [1], num_threads=0)
+
+
+@pytest.mark.parametrize("scale", [float("inf"), float("nan"), -1.0])
+def test_bad_scales_are_rejected_before_default_min_sizes(scale):
+    image = np.zeros((4, 4, 3), np.uint8)
+    with pytest.raises(ValueError, match="scale must be a finite number >= 0"):
+        fh.felzenszwalb_multi(image, [scale])
+    with pytest.raises(ValueError, match="scale must be a finite number >= 0"):
+        fh.felzenszwalb_batch([image], [scale], num_threads=1)
+
+
+def test_huge_min_sizes_are_range_checked_or_act_as_the_pixel_count():
+    image = np.random.default_rng(2).integers(0, 256, (7, 9, 3)).astype(np.uint8)
+    with pytest.raises(ValueError, match=r"min_size must be in 0\.\.9223372036854775807"):
+        fh.felzenszwalb(image, 5, 0.8, 2**63)
+    pixels = reference(image, 5, 0.8, 7 * 9)  # every min_size >= the pixel count acts alike
+    assert same_partition(fh.felzenszwalb(image, 5, 0.8, 2**63 - 1), pixels)
+    assert fh.default_min_sizes([1e300, 500.0]) == [_fh.MAX_PIXELS, 500]
+    huge_scale = fh.felzenszwalb_multi(image, [1e300])  # default min_size from the scale, capped
+    assert same_partition(huge_scale[0], reference(image, 1e300, 0.8, 7 * 9))
+    np.testing.assert_array_equal(fh.felzenszwalb_batch([image], [1e300], num_threads=1)[0], huge_scale)

@@ -1,4 +1,5 @@
 """python -m rmae.preprocess, the mask files and image decoding, on temporary dataset trees."""
+import io
 import os
 import signal
 import subprocess
@@ -8,13 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zstandard
 from PIL import Image
 from skimage import data
 
 from rmae import fh
+from rmae import preprocess as preprocess_module
 from rmae.image_io import ImageDecodeError, load_rgb
 from rmae.masks import MaskError, find_mask, load_labels, mask_path, save_labels
-from rmae.preprocess import main
+from rmae.preprocess import list_images, main
 
 SMALL = (72, 96)
 
@@ -142,7 +145,8 @@ def test_missing_dataset_and_bad_arguments_are_explained(tmp_path, capsys):
         main(["--dataset", "coco", "--split", "train2017", "--root", str(tmp_path)])
     with pytest.raises(SystemExit, match="splits"):
         main(["--dataset", "coco", "--split", "train", "--root", str(tmp_path)])
-    for bad in (["--dataset", "coco"], ["--images", str(tmp_path)], [], ["--images", str(tmp_path), "--out", "x", "--scales", "-5"]):
+    generic = ["--images", str(tmp_path), "--out", "x", "--scales"]
+    for bad in (["--dataset", "coco"], ["--images", str(tmp_path)], [], generic + ["-5"], generic + ["inf"], generic + ["nan"]):
         with pytest.raises(SystemExit) as exit_info:
             main(bad)
         assert exit_info.value.code == 2
@@ -196,3 +200,128 @@ def test_image_modes_convert_to_rgb(tmp_path):
     for bad in ("empty.jpg", "missing.jpg"):
         with pytest.raises(ImageDecodeError, match=bad):
             load_rgb(tmp_path / bad)
+
+
+def tiny(path: Path, seed: int, size=(8, 10)) -> Path:
+    """A small random RGB image at ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_killed_overwrite_is_resumed_and_its_old_masks_never_count_as_done(tmp_path, monkeypatch):
+    images = tmp_path / "in"
+    for i in range(3):
+        tiny(images / f"{i}.png", i)
+    out = tmp_path / "out"
+    generic = ["--images", str(images), "--out", str(out), "--workers", "1"]
+    assert main(generic + ["--scales", "1"]) == 0  # recipe A
+    (images / "2.png").write_bytes(b"no longer an image")
+    real_segment = preprocess_module._segment_one
+
+    def killed_at_second_image(image_file, mask_file, recipe):
+        if image_file.name == "1.png":
+            raise KeyboardInterrupt  # as if the run were killed here
+        real_segment(image_file, mask_file, recipe)
+
+    monkeypatch.setattr(preprocess_module, "_segment_one", killed_at_second_image)
+    with pytest.raises(KeyboardInterrupt):
+        main(generic + ["--scales", "300", "--overwrite"])  # recipe B, unfinished
+    monkeypatch.setattr(preprocess_module, "_segment_one", real_segment)
+    with pytest.raises(SystemExit, match="did not finish"):
+        main(generic + ["--scales", "50"])
+    assert main(generic + ["--scales", "300"]) == 1  # resumes B; 2.png fails
+    for i in range(2):
+        np.testing.assert_array_equal(load_labels(out / f"{i}.npy.zst")[0], fh.felzenszwalb(load_rgb(images / f"{i}.png"), 300, 0.8, 300))
+    assert not (out / "2.npy.zst").exists()  # recipe A's mask of an image that got none from B is gone
+    assert "redo_started_ns" not in (out / "fh_params.json").read_text()  # the redo is complete
+
+
+def test_symlinked_folders_are_followed_and_broken_links_reported(tmp_path):
+    tiny(tmp_path / "elsewhere" / "n01" / "a.png", 0)
+    images = tmp_path / "train"
+    tiny(images / "n02" / "b.png", 1)
+    (images / "n01").symlink_to(tmp_path / "elsewhere" / "n01", target_is_directory=True)
+    (images / "n02" / "loop").symlink_to(images, target_is_directory=True)  # must not recurse for ever
+    (images / "n02" / "c.png").symlink_to(tmp_path / "gone.png")
+    out = tmp_path / "out"
+    assert list_images(images) == [Path("n01/a.png"), Path("n02/b.png")]
+    assert main(["--images", str(images), "--out", str(out), "--workers", "1", "--scales", "10"]) == 1
+    assert (out / "n01" / "a.npy.zst").is_file() and (out / "n02" / "b.npy.zst").is_file()
+    failures = (out / "preprocess_failures.tsv").read_text()
+    assert failures == f"{images / 'n02' / 'c.png'}\tbroken symbolic link (its target does not exist)\n"
+
+
+def test_images_sharing_a_mask_file_are_failures(tmp_path):
+    images = tmp_path / "in"
+    for i, name in enumerate(["x.jpg", "x.png", "y.jpg", "y.JPG", "z.png"]):
+        tiny(images / name, i)
+    out = tmp_path / "out"
+    assert main(["--images", str(images), "--out", str(out), "--workers", "1", "--scales", "10"]) == 1
+    assert sorted(p.name for p in out.glob("*.npy.zst")) == ["z.npy.zst"]
+    failures = (out / "preprocess_failures.tsv").read_text().splitlines()
+    assert [line.split("\t")[0].rsplit("/", 1)[1] for line in failures] == ["x.jpg", "x.png", "y.JPG", "y.jpg"]
+    assert "same mask file x.npy.zst as x.png" in failures[0]
+
+
+def test_mask_files_carry_a_checksum_and_older_files_still_load(tmp_path):
+    labels = np.arange(600).reshape(1, 20, 30) % 7
+    save_labels(tmp_path / "a.npy.zst", labels)
+    good = (tmp_path / "a.npy.zst").read_bytes()
+    assert zstandard.get_frame_parameters(good).has_checksum
+    (tmp_path / "b.npy.zst").write_bytes(good[:-1] + bytes([good[-1] ^ 1]))  # content checksum is the last 4 bytes
+    with pytest.raises(MaskError, match="b.npy.zst"):
+        load_labels(tmp_path / "b.npy.zst")
+    buffer = io.BytesIO()
+    np.save(buffer, labels.astype(np.uint16))
+    (tmp_path / "old.npy.zst").write_bytes(zstandard.ZstdCompressor(level=3).compress(buffer.getvalue()))
+    np.testing.assert_array_equal(load_labels(tmp_path / "old.npy.zst"), labels)
+
+
+def test_other_per_image_errors_are_failures_and_long_names_fit(tmp_path, monkeypatch):
+    images = tmp_path / "in"
+    long_name = "a" * 240 + ".png"  # a 248-byte mask name: fits, and so must its temp file
+    for i, name in enumerate([long_name, "b.png", "c.png"]):
+        tiny(images / name, i)
+    real_load = preprocess_module.load_rgb
+
+    def out_of_memory_on_b(path):
+        if path.name == "b.png":
+            raise MemoryError("cannot allocate")
+        return real_load(path)
+
+    monkeypatch.setattr(preprocess_module, "load_rgb", out_of_memory_on_b)
+    out = tmp_path / "out"
+    assert main(["--images", str(images), "--out", str(out), "--workers", "1", "--scales", "10"]) == 1
+    assert (out / ("a" * 240 + ".npy.zst")).is_file() and (out / "c.npy.zst").is_file()
+    assert (out / "preprocess_failures.tsv").read_text() == f"{images / 'b.png'}\tMemoryError: cannot allocate\n"
+
+
+def test_failures_with_non_utf8_names_are_written_as_their_bytes(tmp_path, capsys):
+    images = tmp_path / "in"
+    tiny(images / "ok.png", 0)
+    (images / os.fsdecode(b"caf\xe9.png")).write_bytes(b"not an image")
+    out = tmp_path / os.fsdecode(b"out\xff")
+    assert main(["--images", str(images), "--out", str(out), "--workers", "1", "--scales", "10"]) == 1
+    failures = (out / "preprocess_failures.tsv").read_bytes()
+    assert failures.startswith(os.fsencode(images) + b"/caf\xe9.png\t")
+    assert not (out / "preprocess_failures.tsv.tmp").exists()
+    assert "1 failed" in capsys.readouterr().out
+
+
+def test_saving_masks_leaves_the_umask_alone(tmp_path, monkeypatch):
+    previous = os.umask(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", lambda mask: pytest.fail("save_labels changed the process umask"))
+        save_labels(tmp_path / "cls" / "x.npy.zst", np.zeros((1, 2, 2), np.uint16))
+    finally:
+        monkeypatch.undo()
+        os.umask(previous)
+    assert oct((tmp_path / "cls" / "x.npy.zst").stat().st_mode & 0o777) == oct(0o640)
+
+
+def test_imagenet_folder_falls_back_to_imnet_per_split(tmp_path):
+    tiny(tmp_path / "imagenet" / "val" / "n01" / "v.png", 0)
+    tiny(tmp_path / "imnet" / "train" / "n01" / "t.png", 1)
+    assert main(["--dataset", "imnet", "--split", "train", "--root", str(tmp_path), "--workers", "1"]) == 0
+    assert (tmp_path / "imnet" / "fh_train" / "n01" / "t.npy.zst").is_file()
