@@ -96,14 +96,19 @@ def _model_section() -> dict:
 
 
 def _dataset_section(image_folder, mask_folder, anno_file, region_source):
+    """``dataset_config.<dataset>_pretrain``; ``imdb_files.train`` decides the training folders (relative paths are
+    under <data_dir>/coco/ or <data_dir>/imagenet/ (else imnet/), absolute ones as they are)."""
     split = lambda i, m, a: {  # noqa: E731
-        "image_folder": Spec("strs", i, nullable=True),
-        "mask_folder": Spec("strs", m, nullable=True),
-        "anno_file": Spec("strs", a, nullable=True),
+        "image_folder": Spec("strs", i, nullable=True, doc="image folders"),
+        "mask_folder": Spec("strs", m, nullable=True,
+                            doc="FH mask folders, one per image folder; null: fh_<name> beside each image folder"),
+        "anno_file": Spec("strs", a, nullable=True,
+                          doc="COCO-style json listing each image folder's images; null: list the folder"),
     }
     return {
         "data_dir": _s(None, nullable=True, doc="dataset root; default $E2E_DATASETS or .data"),
-        "split": _s(None, nullable=True, doc="null: from imdb_files.train.image_folder (coco: train2017 or coco++)"),
+        "split": _s(None, nullable=True, doc="set: that split's standard folders, imdb_files.train unused; "
+                                             "null: the folders of imdb_files.train"),
         "sampler": _s("infinite", choices=("infinite", "shard")),
         "mask_type": _s("fh", choices=("fh",)),
         "region_source": _s(region_source, choices=("offline", "online", "online_crop", "none")),

@@ -153,23 +153,28 @@ def step_noise(seed: int, step: int, rows: int, num_patches: int) -> torch.Tenso
 # ----------------------------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------------------------
-def data_split(cfg) -> str | None:
-    """The pipeline's split from the original's ``imdb_files.train.image_folder`` (or ``split`` when set)."""
+def data_folders(cfg) -> dict:
+    """Where the training images are, as DataConfig fields: ``split`` when set (that split's standard folders),
+    else the original's ``imdb_files.train``: ``image_folder``, with ``mask_folder`` and ``anno_file`` paired
+    with it one to one (null: ``fh_<name>`` beside each image folder, and each folder's listing)."""
     ds = dataset_section(cfg)
     if ds["split"]:
-        return ds["split"]
-    folders = ds["imdb_files"]["train"]["image_folder"]
-    if folders is None:
-        return None
-    names = [Path(f).name for f in ([folders] if isinstance(folders, str) else folders)]
-    if cfg["dataset"] == "coco":
-        if sorted(names) == ["train2017", "unlabeled2017"]:
-            return "coco++"
-        if len(names) == 1:
-            return names[0]
-        raise ConfigError(f"dataset_config.coco_pretrain.imdb_files.train.image_folder={folders}: the pipeline "
-                          "reads image/train2017, image/unlabeled2017 (coco++) or image/val2017")
-    return names[0] if len(names) == 1 else None
+        return {"split": ds["split"]}
+    train = ds["imdb_files"]["train"]
+    if train["image_folder"] is None:
+        return {}
+    where = f"dataset_config.{cfg['dataset']}_pretrain.imdb_files.train"
+    if cfg["dataset"] == "sample":
+        raise ConfigError(f"{where}.image_folder is set, but the sample set has no folders; "
+                          "use --dataset coco or imnet")
+    folders = {key: None if value is None else [value] if isinstance(value, str) else list(value)
+               for key, value in train.items()}
+    count = len(folders["image_folder"])
+    for key in ("mask_folder", "anno_file"):
+        if folders[key] is not None and len(folders[key]) != count:
+            raise ConfigError(f"{where}.{key} has {len(folders[key])} entries but {where}.image_folder has {count}: "
+                              f"they pair up one to one (or set {key} to null for the defaults)")
+    return folders
 
 
 def data_loader(cfg, dinfo: rdist.DistInfo, micro_batch: int, start: int, model: nn.Module):
@@ -183,7 +188,7 @@ def data_loader(cfg, dinfo: rdist.DistInfo, micro_batch: int, start: int, model:
 
     ds = dataset_section(cfg)
     tr = cfg["training"]
-    dc = DataConfig(dataset=cfg["dataset"], split=data_split(cfg), root=ds["data_dir"],
+    dc = DataConfig(dataset=cfg["dataset"], **data_folders(cfg), root=ds["data_dir"],
                     regions=ds["region_source"] if model.num_region > 0 else "none", train=True,
                     img_size=model.img_size, num_regions=model.num_region, sampler=ds["sampler"], cache_bytes=ds["cache_bytes"],
                     label_resize=ds["label_resize"], min_region_patches=2 if ds["filter_small_patches"] else 0,

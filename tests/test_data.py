@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+import types
 import warnings
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from PIL import Image
 
 from rmae.data import (
     COCO_FH,
+    IMAGENET_FH,
     DataConfig,
     DatasetNotFoundError,
     FHRecipe,
@@ -27,6 +29,7 @@ from rmae.data import (
     build_loader,
     decode_image,
     nearest_indices,
+    open_image_list,
     random_resized_crop_params,
     reference_regions,
     region_maps,
@@ -363,6 +366,79 @@ def test_sample_dataset_and_modes():
     assert dataset[(8, 0)]["image"].shape == (3, SMALL, SMALL)  # the RGBA logo
 
 
+def test_in_memory_labels_follow_each_datasets_recipe():
+    """The list keeps the labels of its own recipe; a dataset with another recipe does not get them."""
+    images = ImageList("two", [(Path("<memory>"), Path("<memory>"))], np.array([b"a", b"b"]), np.zeros(2, np.uint8),
+                       COCO_FH, arrays=[_photo("coffee", (64, 48)), _photo("rocket", (64, 48))])
+    coco_scales = RegionDataset(images, "offline", img_size=32)
+    imagenet_scales = RegionDataset(images, "offline", img_size=32, fh=IMAGENET_FH)
+    assert coco_scales[(0, 0)]["region_labels"].shape[0] == 3
+    assert imagenet_scales[(0, 0)]["region_labels"].shape[0] == 1
+    assert RegionDataset(images, "offline", img_size=32)._memory_labels is images.labels  # computed once
+
+
+def _trainer_loader(root, *overrides, config="RMAE/COCO/rmae_fh_4000eps.yaml", section="coco_pretrain"):
+    """``rmae.train.data_loader`` of a config with ``imdb_files.train`` overrides (the trainer's path)."""
+    from rmae import train
+    from rmae.config import load_config
+
+    prefix = f"dataset_config.{section}"
+    cfg = load_config(config, ["training.num_workers=0", f"{prefix}.data_dir={root}"]
+                      + [f"{prefix}.imdb_files.train.{o}" for o in overrides])
+    model = types.SimpleNamespace(num_region=2, img_size=32, patch_size=16, region_sample_type="random",
+                                  region_mask_ratio=0.75)
+    dinfo = types.SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"))
+    return train.data_loader(cfg, dinfo, 2, 0, model)
+
+
+def test_imdb_files_choose_image_mask_and_annotation_folders(tree, tmp_path):
+    root = _copy_tree(tree, tmp_path)
+    coco = root / "coco"
+    shutil.move(coco / "image" / "train2017", coco / "mine" / "pictures")
+    shutil.move(coco / "image" / "fh_train2017", tmp_path / "elsewhere")  # an absolute mask folder
+    (coco / "lists").mkdir()
+    (coco / "lists" / "two.json").write_text(json.dumps({"images": [{"id": 2, "file_name": "000000000002.jpg"},
+                                                                    {"id": 1, "file_name": "000000000001.jpg"}]}))
+    dataset = _trainer_loader(root, "image_folder=[mine/pictures]", f"mask_folder=[{tmp_path / 'elsewhere'}]",
+                              "anno_file=[lists/two.json]").dataset
+    assert dataset.images.roots == [(coco / "mine" / "pictures", tmp_path / "elsewhere")]
+    assert [dataset.images.relative(i) for i in range(len(dataset))] == ["000000000001.jpg", "000000000002.jpg"]
+    assert dataset[(1, 0)]["region_labels"].shape == (3, 32, 32)  # the original's .npy, read from elsewhere/
+    # null mask folder and annotation file: fh_<name> beside the image folder, and the folder's listing
+    shutil.copytree(tmp_path / "elsewhere", coco / "mine" / "fh_pictures")
+    listed = _trainer_loader(root, "image_folder=mine/pictures", "mask_folder=null", "anno_file=null").dataset
+    assert listed.images.roots == [(coco / "mine" / "pictures", coco / "mine" / "fh_pictures")]
+    assert len(listed) == len(PHOTOS)
+
+
+def test_imdb_files_that_do_not_pair_up_are_refused(tree, tmp_path):
+    from rmae.config import ConfigError
+
+    root = _copy_tree(tree, tmp_path)
+    with pytest.raises(ConfigError, match=r"imdb_files\.train\.mask_folder has 1 entries .*"
+                                          r"imdb_files\.train\.image_folder has 2"):
+        _trainer_loader(root, "image_folder=[image/train2017,image/train2017]")
+    with pytest.raises(DatasetNotFoundError, match=r"lists/none\.json not found"):  # a named list must exist
+        _trainer_loader(root, "anno_file=[lists/none.json]")
+
+
+def test_bundled_imdb_files_read_the_standard_folders(tree, tmp_path):
+    """The shipped configs' imdb_files give exactly the lists of the standard splits."""
+    root = _copy_tree(tree, tmp_path)
+    for folder in ("", "fh_"):
+        shutil.copytree(root / "coco" / "image" / f"{folder}train2017", root / "coco" / "image" / f"{folder}unlabeled2017")
+    shutil.move(root / "imagenet", root / "imnet")
+    cases = [("RMAE/COCO/rmae_fh_4000eps.yaml", "coco", "train2017"),
+             ("RMAE/COCO/rmae_fh_ccplus_4000eps.yaml", "coco", "coco++"),
+             ("RMAE/ImageNet/rmae_fh_800eps.yaml", "imnet", "train")]
+    for config, dataset, split in cases:
+        ours = _trainer_loader(root, config=config, section=f"{dataset}_pretrain").dataset.images
+        expected = open_image_list(dataset, split, root)
+        assert (ours.name, ours.roots, ours.commands) == (expected.name, expected.roots, expected.commands)
+        assert np.array_equal(ours.paths, expected.paths) and np.array_equal(ours.root_ids, expected.root_ids)
+    assert expected.roots == [(root / "imnet" / "train", root / "imnet" / "fh_train")]
+
+
 @pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16"])
 def test_decode_converts_modes_like_pillow(tmp_path, mode):
     rgb = _photo("coffee", (64, 48))
@@ -466,6 +542,15 @@ def test_size_mismatch_names_both_files(tree, tmp_path):
         _coco(root)[(0, 0)]
 
 
+def test_mask_with_another_scale_count_names_the_file(tree, tmp_path):
+    root = _copy_tree(tree, tmp_path)
+    folder = root / "coco" / "image" / "fh_train2017"
+    save_labels(folder / "000000000001.npy.zst", _labels_of(_coco(root), 0)[:1])  # one scale of three
+    with pytest.raises(ValueError, match=r"000000000001\.npy\.zst holds 1 FH scale\(s\) but the recipe has 3 "
+                                         r".*python -m rmae\.preprocess --dataset coco --split train2017 --verify"):
+        _coco(root)[(0, 0)]
+
+
 # ------------------------------------------------------------------------------------------------
 # samplers and loaders
 # ------------------------------------------------------------------------------------------------
@@ -491,6 +576,23 @@ def test_sampler_resume_and_epochs():
     single = [i for i, _ in take(InfiniteSampler(50, 0, 1, seed=7), 100)]
     assert sorted(single[:50]) == sorted(single[50:]) == list(range(50)) and single[:50] != single[50:]
     assert take(ShardSampler(9, 0, 2, seed=1, start=4), 3) == take(ShardSampler(9, 0, 2, seed=1), 7)[4:]
+
+
+def test_sampler_and_sample_random_streams_are_distinct():
+    """numpy seeds [s, 1] and [s, 1, 0] alike: no epoch permutation may be the stream of a sample's augmentation."""
+    n, seed = 64, 5
+    dataset = _block_dataset()
+    dataset.seed = seed
+    streams = [dataset._rng((0, draw))[1].permutation(n) for draw in range(4)]
+    for epoch in range(3):
+        dataset.set_epoch(epoch)
+        streams += [dataset._rng(index)[1].permutation(n) for index in range(2)]
+    infinite = [i for i, _ in itertools.islice(iter(InfiniteSampler(n, seed=seed)), 3 * n)]
+    streams += [np.array(infinite[e * n : (e + 1) * n]) for e in range(3)]
+    for rank in range(4):
+        shard = [i for i, _ in itertools.islice(iter(ShardSampler(4 * n, rank, 4, seed=seed)), 3 * n)]
+        streams += [(np.array(shard[e * n : (e + 1) * n]) - rank) // 4 for e in range(3)]
+    assert len({s.tobytes() for s in streams}) == len(streams)
 
 
 def test_loader_is_reproducible_and_epochs_differ(tree):

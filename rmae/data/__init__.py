@@ -28,6 +28,7 @@ from .sources import (
     coco,
     dataset_root,
     imagenet,
+    open_folders,
     open_image_list,
     read_coco_file_names,
     sample,
@@ -47,6 +48,6 @@ __all__ = [
     "CorruptImageError", "decode_image", "decode_labels", "region_maps", "reference_regions",
     "region_patch_counts", "regions_in_patches", "relabel_crop", "sample_regions",
     "COCO_FH", "IMAGENET_FH", "DatasetNotFoundError", "FHRecipe", "ImageList", "coco", "imagenet", "sample",
-    "dataset_root", "open_image_list", "read_coco_file_names", "IMAGENET_MEAN", "IMAGENET_STD", "crop_resize",
-    "nearest_indices", "random_resized_crop_params", "to_normalized_chw",
+    "dataset_root", "open_folders", "open_image_list", "read_coco_file_names", "IMAGENET_MEAN", "IMAGENET_STD",
+    "crop_resize", "nearest_indices", "random_resized_crop_params", "to_normalized_chw",
 ]

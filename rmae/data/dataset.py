@@ -32,6 +32,7 @@ from rmae.masks import MaskError, find_mask, mask_path
 from .cache import ShardCache
 from .decode import CorruptImageError, decode_image, decode_labels
 from .regions import region_patch_counts, regions_in_patches, relabel_crop, sample_regions
+from .samplers import DRAW_STREAM, INDEX_STREAM
 from .sources import FHRecipe, ImageList, missing_masks_message
 from .transforms import crop_resize, nearest_indices, random_resized_crop_params, to_normalized_chw
 
@@ -103,12 +104,22 @@ class RegionDataset(Dataset):
         self.cache = cache
         self._errors = torch.zeros(_MAX_WORKER_SLOTS, dtype=torch.int64).share_memory_()
         self._warned: set[str] = set()
-        if regions == "offline" and images.arrays is not None and images.labels is None:
-            images.labels = felzenszwalb_batch(images.arrays, self.fh.scales, self.fh.sigma, self.fh.min_sizes)
+        self._memory_labels = self._fh_of_arrays() if regions == "offline" and images.arrays is not None else None
         if regions == "offline" and images.arrays is None:
             for _, mask_dir in images.roots:
                 if not mask_dir.is_dir():
                     raise MissingMaskError(missing_masks_message(images, mask_dir))
+
+    def _fh_of_arrays(self) -> list[np.ndarray]:
+        """FH labels of the in-memory images for this dataset's recipe. The list keeps those of its own recipe
+        (computed once, shared by its datasets); another recipe's are computed for this dataset alone."""
+        images, fh = self.images, self.fh
+        if fh == images.recipe and images.labels is not None:
+            return images.labels
+        labels = felzenszwalb_batch(images.arrays, fh.scales, fh.sigma, fh.min_sizes)
+        if fh == images.recipe:
+            images.labels = labels
+        return labels
 
     # ----------------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -126,9 +137,9 @@ class RegionDataset(Dataset):
     def _rng(self, key) -> tuple[int, np.random.Generator]:
         if isinstance(key, (tuple, list)):
             index, draw = int(key[0]), int(key[1])
-            return index, np.random.default_rng([self.seed, 1, draw])
+            return index, np.random.default_rng([self.seed, DRAW_STREAM, draw])
         index = int(key)
-        return index, np.random.default_rng([self.seed, 0, self.epoch, index])
+        return index, np.random.default_rng([self.seed, INDEX_STREAM, self.epoch, index])
 
     def __getitem__(self, key) -> dict[str, torch.Tensor]:
         index, rng = self._rng(key)
@@ -163,8 +174,8 @@ class RegionDataset(Dataset):
         return decode_image(data if data is not None else path, path)
 
     def _read_labels(self, index: int, image_size: tuple[int, int]) -> np.ndarray:
-        if self.images.labels is not None:
-            labels = self.images.labels[index]
+        if self._memory_labels is not None:
+            labels = self._memory_labels[index]
         else:
             cached = self.cache.mask(index) if self.cache is not None else None
             if cached is not None:
@@ -180,6 +191,7 @@ class RegionDataset(Dataset):
                         "or use regions='online' / 'online_crop'."
                     )
                 labels = decode_labels(found, found)
+            self._check_scales(labels, found, index)
             width, height = image_size
             if labels.shape[1:] != (height, width):
                 raise ValueError(
@@ -187,6 +199,17 @@ class RegionDataset(Dataset):
                     f"{self.images.image_file(index)} is {width}x{height}: the mask was made from another image"
                 )
         return labels
+
+    def _check_scales(self, labels: np.ndarray, found, index: int) -> None:
+        """A mask must hold one label map per scale of the recipe (a batch stacks them)."""
+        expected = len(self.fh.scales)
+        if labels.shape[0] != expected:
+            scales = ", ".join(f"{s:g}" for s in self.fh.scales)
+            raise ValueError(
+                f"mask {found} holds {labels.shape[0]} FH scale(s) but the recipe has {expected} ({scales}): "
+                f"it was made with another recipe. Regenerate the bad masks with: {self.images.command(index)} "
+                "--verify (or --overwrite to recompute them all), or use regions='online' / 'online_crop'."
+            )
 
     def _load(self, index: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         image = self._read_image(index)

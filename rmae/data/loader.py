@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from .cache import ShardCache
 from .dataset import RegionDataset
 from .samplers import InfiniteSampler, SequentialShardSampler, ShardSampler
-from .sources import open_image_list
+from .sources import open_folders, open_image_list
 
 __all__ = ["DataConfig", "build_dataset", "build_loader"]
 
@@ -27,6 +27,12 @@ class DataConfig:
     dataset: str = "sample"  # coco | coco++ | imagenet | imnet | sample
     split: str | None = None  # coco: train2017 | val2017 | unlabeled2017 | coco++; imagenet: train | val
     root: str | None = None  # default $E2E_DATASETS, else .data
+    # Or the folders themselves (the original's imdb_files keys; instead of split): relative to <root>/coco/ or
+    # <root>/imagenet/ (else imnet/), absolute as they are. mask_folder and anno_file pair up with image_folder;
+    # null: fh_<name> beside each image folder, and each folder's listing.
+    image_folder: str | list | None = None
+    mask_folder: str | list | None = None
+    anno_file: str | list | None = None
     regions: str = "offline"  # offline | online | online_crop | none
     train: bool = True  # RandomResizedCrop + flip; False: plain resize
     img_size: int = 224
@@ -56,9 +62,20 @@ class DataConfig:
         return cls(**dict(cfg))
 
 
+def _image_list(cfg: DataConfig):
+    """The configured images: ``image_folder`` (with its mask folders and annotation files) or ``split``."""
+    if cfg.image_folder is None:
+        if cfg.mask_folder is not None or cfg.anno_file is not None:
+            raise ValueError("mask_folder and anno_file pair up with image_folder, which is not set")
+        return open_image_list(cfg.dataset, cfg.split, cfg.root)
+    if cfg.split is not None:
+        raise ValueError(f"set split ({cfg.split!r}) or image_folder ({cfg.image_folder!r}), not both")
+    return open_folders(cfg.dataset, cfg.image_folder, cfg.mask_folder, cfg.anno_file, cfg.root)
+
+
 def build_dataset(cfg=None, seed: int = 0, cache: ShardCache | None = None) -> RegionDataset:
     cfg = DataConfig.from_any(cfg)
-    images = open_image_list(cfg.dataset, cfg.split, cfg.root)
+    images = _image_list(cfg)
     return RegionDataset(
         images, cfg.regions, train=cfg.train, img_size=cfg.img_size, num_regions=cfg.num_regions,
         scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), label_resize=cfg.label_resize,

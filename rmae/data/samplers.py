@@ -15,6 +15,14 @@ from torch.utils.data import Sampler
 
 __all__ = ["InfiniteSampler", "ShardSampler", "SequentialShardSampler", "shard_indices"]
 
+# Each random stream seeds numpy with [seed, tag, ...], its kind's own non-zero tag right after the seed: numpy's
+# SeedSequence ignores trailing zeros ([s, 1] seeds as [s, 1, 0]), so without distinct tags an epoch's permutation
+# could be the same stream as some sample's augmentation.
+DRAW_STREAM = 1  # a sample's augmentation: [seed, 1, draw] (RegionDataset)
+INFINITE_STREAM = 2  # InfiniteSampler's permutation of an epoch: [seed, 2, epoch]
+SHARD_STREAM = 3  # ShardSampler's permutation of a rank's shard in an epoch: [seed, 3, epoch, rank]
+INDEX_STREAM = 4  # augmentation of a plain integer index: [seed, 4, epoch, index] (RegionDataset)
+
 
 def shard_indices(size: int, rank: int, world_size: int) -> np.ndarray:
     """The fixed shard of ``rank``: every world_size-th index starting at rank (disjoint, covering all)."""
@@ -70,7 +78,7 @@ class InfiniteSampler(_PositionSampler):
     def _order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
             return np.arange(self.size, dtype=np.int64)
-        return np.random.default_rng([self.seed, epoch]).permutation(self.size)
+        return np.random.default_rng([self.seed, INFINITE_STREAM, epoch]).permutation(self.size)
 
     def _at(self, position: int) -> tuple[int, int]:
         draw = position * self.world_size + self.rank
@@ -91,7 +99,8 @@ class ShardSampler(_PositionSampler):
     def _order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
             return self.indices
-        return self.indices[np.random.default_rng([self.seed, epoch, self.rank]).permutation(self.indices.size)]
+        rng = np.random.default_rng([self.seed, SHARD_STREAM, epoch, self.rank])
+        return self.indices[rng.permutation(self.indices.size)]
 
     def _at(self, position: int) -> tuple[int, int]:
         epoch, offset = divmod(position, self.indices.size)

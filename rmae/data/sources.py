@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -25,6 +26,7 @@ __all__ = [
     "coco",
     "imagenet",
     "sample",
+    "open_folders",
     "open_image_list",
     "read_coco_file_names",
 ]
@@ -33,6 +35,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 COCO_SPLITS = ("train2017", "val2017", "unlabeled2017")
 COCO_UNION = {"coco++": ("train2017", "unlabeled2017")}
 IMAGENET_SPLITS = ("train", "val")
+IMAGENET_DIRS = ("imagenet", "imnet")  # relative ImageNet folders are looked for under each, in this order
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -54,7 +57,8 @@ class ImageList:
     preprocess_hint: str = ""
     layout: str = ""  # the expected tree, for error messages
     arrays: list[np.ndarray] | None = None  # in-memory RGB images (the bundled sample set)
-    labels: list[np.ndarray] | None = field(default=None, repr=False)  # in-memory FH labels (sample set)
+    labels: list[np.ndarray] | None = field(default=None, repr=False)  # FH labels of ``arrays`` made with ``recipe``
+    commands: list[str] = field(default_factory=list)  # per root: the preprocessing command that writes its masks
 
     def __len__(self) -> int:
         return int(self.paths.shape[0])
@@ -67,6 +71,13 @@ class ImageList:
 
     def mask_dir(self, index: int) -> Path:
         return self.roots[self.root_ids[index]][1]
+
+    def command(self, index: int) -> str:
+        """The preprocessing command that writes the mask of image ``index``."""
+        if self.commands:
+            return self.commands[self.root_ids[index]]
+        image_dir, mask_dir = self.roots[self.root_ids[index]]
+        return folder_command(image_dir, mask_dir, self.recipe)
 
 
 def dataset_root(root: str | os.PathLike | None = None) -> Path:
@@ -164,56 +175,172 @@ IMAGENET_TREE = """\
     imagenet/fh_train/<class>/<stem>.npy.zst   (masks, for regions='offline')"""
 
 
+@dataclass(frozen=True)
+class Folder:
+    """One image folder of a dataset: where its images, FH masks and (optional) annotation file are."""
+
+    label: str  # for messages: "COCO train2017", "ImageNet train"
+    images: Path
+    masks: Path
+    annotations: Path | None = None  # a COCO-style json listing the images; None: the folder is listed
+    annotations_optional: bool = False  # a missing file means "list the folder" (the standard COCO files)
+    searched: tuple[Path, ...] = ()  # where the image folder was looked for, when in more than one place
+    command: str = ""  # the preprocessing command that writes ``masks``
+
+
+def _under(base: Path, path: str | os.PathLike) -> Path:
+    """``path`` as it is when absolute, else relative to ``base``."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def default_mask_dir(image_dir: Path) -> Path:
+    """``fh_<name>`` beside the image folder ``<name>``: where preprocessing writes its masks."""
+    return image_dir.parent / f"fh_{image_dir.name}"
+
+
+def _coco_annotation(split: str) -> str:
+    """The standard annotation file of a COCO split, relative to ``coco/``."""
+    return "annotations/" + ("image_info_unlabeled2017.json" if split == "unlabeled2017" else f"instances_{split}.json")
+
+
+def _standard_split(dataset: str, root: Path, images: Path, masks: Path) -> str | None:
+    """The split whose standard folders (DESIGN.md's tree) ``images`` and ``masks`` are, else None."""
+    if dataset == "coco":
+        parents, splits = (root / "coco" / "image",), COCO_SPLITS
+    else:
+        parents, splits = tuple(root / d for d in IMAGENET_DIRS), IMAGENET_SPLITS
+    standard = images.parent in parents and images.name in splits and masks == default_mask_dir(images)
+    return images.name if standard else None
+
+
+def _preprocess_command(dataset: str, root: Path, images: Path, masks: Path, recipe: FHRecipe) -> str:
+    """The command that writes ``masks``: by dataset and split for a standard folder, else by folder."""
+    split = _standard_split(dataset, root, images, masks)
+    if split is not None:
+        return f"python -m rmae.preprocess --dataset {dataset} --split {split}"
+    return folder_command(images, masks, recipe)
+
+
+def folder_command(images: Path, masks: Path, recipe: FHRecipe) -> str:
+    """The preprocessing command (generic mode) that writes the masks of ``images`` into ``masks``."""
+    command = f"python -m rmae.preprocess --images {shlex.quote(str(images))} --out {shlex.quote(str(masks))}"
+    if (recipe.scales, recipe.min_sizes) != (COCO_FH.scales, COCO_FH.min_sizes):  # generic mode's default recipe
+        command += (f" --scales {','.join(f'{s:g}' for s in recipe.scales)}"
+                    f" --min-sizes {','.join(str(m) for m in recipe.min_sizes)}")
+    if recipe.sigma != COCO_FH.sigma:
+        command += f" --sigma {recipe.sigma:g}"
+    return command
+
+
+def _coco_folder(root: Path, image_folder, mask_folder=None, anno_file=None) -> Folder:
+    """A COCO image folder; relative paths are under ``<root>/coco/``."""
+    base = root / "coco"
+    images = _under(base, image_folder)
+    masks = default_mask_dir(images) if mask_folder is None else _under(base, mask_folder)
+    annotations = None if anno_file is None else _under(base, anno_file)
+    split = _standard_split("coco", root, images, default_mask_dir(images))
+    optional = split is not None and annotations == base / _coco_annotation(split)
+    return Folder(f"COCO {images.name}", images, masks, annotations, optional,
+                  command=_preprocess_command("coco", root, images, masks, COCO_FH))
+
+
+def _imagenet_folder(root: Path, image_folder, mask_folder=None, anno_file=None) -> Folder:
+    """An ImageNet image folder; relative paths are under ``<root>/imagenet/``, or ``<root>/imnet/`` when that one
+    holds the image folder (decided per folder); masks and annotations follow their image folder's choice."""
+    bases = [root / d for d in IMAGENET_DIRS]
+    if Path(image_folder).expanduser().is_absolute():
+        bases = [next((b for b in bases if b.is_dir()), bases[0])]
+    searched = tuple(_under(b, image_folder) for b in bases)
+    base, images = next(((b, i) for b, i in zip(bases, searched) if i.is_dir()), (bases[0], searched[0]))
+    masks = default_mask_dir(images) if mask_folder is None else _under(base, mask_folder)
+    annotations = None if anno_file is None else _under(base, anno_file)
+    return Folder(f"ImageNet {image_folder}", images, masks, annotations, searched=searched,
+                  command=_preprocess_command("imnet", root, images, masks, IMAGENET_FH))
+
+
+def _folder_names(folder: Folder, root: Path, tree: str, hint: str) -> list[str]:
+    """The folder's image paths, from its annotation file or its listing; a missing or empty folder is explained."""
+    if not folder.images.is_dir():
+        where = (f"neither {folder.searched[0]} nor {folder.searched[1]} exists." if len(folder.searched) > 1
+                 else f"image folder {folder.images} not found.")
+        raise DatasetNotFoundError(_tree_message(root, f"{folder.label}: {where}", tree, hint))
+    if folder.annotations is not None and folder.annotations.is_file():
+        names = read_coco_file_names(folder.annotations)
+    elif folder.annotations is not None and not folder.annotations_optional:
+        raise DatasetNotFoundError(
+            f"{folder.label}: annotation file {folder.annotations} not found (anno_file: a COCO-style json whose "
+            f"images[].file_name lists the images of {folder.images}; null lists the folder instead)")
+    else:
+        names = _list_images(folder.images)
+    if not names:
+        raise DatasetNotFoundError(_tree_message(root, f"{folder.label}: no images in {folder.images}.", tree, hint))
+    return names
+
+
+def _open(dataset: str, folders: list[Folder], recipe: FHRecipe, root: Path, tree: str) -> ImageList:
+    """The images of ``folders`` in order, each with its own mask folder."""
+    hint = " && ".join(f.command for f in folders)
+    names = [_folder_names(f, root, tree, hint) for f in folders]
+    root_ids = np.concatenate([np.full(len(n), i, dtype=np.uint8) for i, n in enumerate(names)])
+    parts = tuple(f.images.name for f in folders)
+    union = next((key for key, value in COCO_UNION.items() if value == parts), None) if dataset == "coco" else None
+    return ImageList(f"{dataset}/{union or '+'.join(parts)}", [(f.images, f.masks) for f in folders],
+                     _pack([p for n in names for p in n]), root_ids, recipe, hint, tree,
+                     commands=[f.command for f in folders])
+
+
+def _as_list(value) -> list:
+    return [value] if isinstance(value, (str, os.PathLike)) else list(value)
+
+
+def _paired(key: str, values, count: int) -> list:
+    """``values`` (the original's ``key``) as one entry per image folder; None: the default for each."""
+    if values is None:
+        return [None] * count
+    values = _as_list(values)
+    if len(values) != count:
+        raise ValueError(f"{key} has {len(values)} entries ({values}) but image_folder has {count}: they pair up "
+                         f"one to one (or leave {key} null for the defaults)")
+    return values
+
+
+def open_folders(dataset: str, image_folders, mask_folders=None, anno_files=None,
+                 root: str | os.PathLike | None = None) -> ImageList:
+    """The images of the given folders: the original's ``imdb_files`` (image_folder, mask_folder, anno_file).
+
+    ``dataset`` ∈ {coco, imagenet, imnet}. Relative paths are under ``<root>/coco/``, or ``<root>/imagenet/`` (else
+    ``imnet/``); absolute ones are used as they are. ``mask_folders`` and ``anno_files`` pair up with
+    ``image_folders``; None: ``fh_<name>`` beside each image folder, and each folder's listing.
+    """
+    images = _as_list(image_folders)
+    if not 0 < len(images) <= 256:
+        raise ValueError(f"image_folder must name 1 to 256 folders, got {len(images)}")
+    triples = list(zip(images, _paired("mask_folder", mask_folders, len(images)),
+                       _paired("anno_file", anno_files, len(images))))
+    base = dataset_root(root)
+    if dataset == "coco":
+        return _open("coco", [_coco_folder(base, *t) for t in triples], COCO_FH, base, COCO_TREE)
+    if dataset in ("imagenet", "imnet"):
+        return _open("imagenet", [_imagenet_folder(base, *t) for t in triples], IMAGENET_FH, base, IMAGENET_TREE)
+    raise ValueError(f"image folders are read for coco, imagenet or imnet, not for dataset {dataset!r}")
+
+
 def coco(split: str = "train2017", root: str | os.PathLike | None = None) -> ImageList:
     """COCO ``train2017``, ``val2017``, ``unlabeled2017`` or ``coco++`` (train2017 + unlabeled2017)."""
-    base = dataset_root(root)
     parts = COCO_UNION.get(split, (split,))
     for part in parts:
         if part not in COCO_SPLITS:
             raise ValueError(f"unknown COCO split {split!r}; expected one of {COCO_SPLITS + tuple(COCO_UNION)}")
-    roots, all_paths, all_ids = [], [], []
-    hint = " && ".join(f"python -m rmae.preprocess --dataset coco --split {p}" for p in parts)
-    for part in parts:
-        image_dir = base / "coco" / "image" / part
-        mask_dir = base / "coco" / "image" / f"fh_{part}"
-        if not image_dir.is_dir():
-            raise DatasetNotFoundError(
-                _tree_message(base, f"COCO {part}: image folder {image_dir} not found.", COCO_TREE, hint)
-            )
-        annotation = base / "coco" / "annotations" / (
-            "image_info_unlabeled2017.json" if part == "unlabeled2017" else f"instances_{part}.json"
-        )
-        names = read_coco_file_names(annotation) if annotation.is_file() else _list_images(image_dir)
-        if not names:
-            raise DatasetNotFoundError(_tree_message(base, f"COCO {part}: no images in {image_dir}.", COCO_TREE, hint))
-        all_ids.append(np.full(len(names), len(roots), dtype=np.uint8))
-        roots.append((image_dir, mask_dir))
-        all_paths.extend(names)
-    return ImageList(f"coco/{split}", roots, _pack(all_paths), np.concatenate(all_ids), COCO_FH, hint, COCO_TREE)
+    return open_folders("coco", [f"image/{p}" for p in parts], [f"image/fh_{p}" for p in parts],
+                        [_coco_annotation(p) for p in parts], root)
 
 
 def imagenet(split: str = "train", root: str | os.PathLike | None = None) -> ImageList:
     """ImageNet ``train`` or ``val`` in class folders, under ``imagenet/`` or ``imnet/``."""
     if split not in IMAGENET_SPLITS:
         raise ValueError(f"unknown ImageNet split {split!r}; expected one of {IMAGENET_SPLITS}")
-    base = dataset_root(root)
-    hint = f"python -m rmae.preprocess --dataset imnet --split {split}"
-    for folder in ("imagenet", "imnet"):
-        image_dir = base / folder / split
-        if image_dir.is_dir():
-            break
-    else:
-        raise DatasetNotFoundError(
-            _tree_message(base, f"ImageNet {split}: neither {base / 'imagenet' / split} nor "
-                          f"{base / 'imnet' / split} exists.", IMAGENET_TREE, hint)
-        )
-    names = _list_images(image_dir)
-    if not names:
-        raise DatasetNotFoundError(
-            _tree_message(base, f"ImageNet {split}: no images in {image_dir}.", IMAGENET_TREE, hint))
-    mask_dir = image_dir.parent / f"fh_{split}"
-    return ImageList(f"imagenet/{split}", [(image_dir, mask_dir)], _pack(names), np.zeros(len(names), np.uint8),
-                     IMAGENET_FH, hint, IMAGENET_TREE)
+    return open_folders("imagenet", [split], root=root)
 
 
 # Colour photographs bundled with scikit-image (no download). ``logo`` is RGBA → RGB as PIL converts it.
