@@ -8,7 +8,10 @@ number of ranks, or in a plain single process), keyed by clean parameter names (
 ``model``, ``optimizer`` (keyed by parameter name), ``scheduler``, ``scaler``, ``rng`` (one entry per rank:
 python, numpy, torch, cuda), ``step``, ``data_position``, ``config``, ``world_size``, ``version``.
 
-Writes are atomic (temporary file, fsync, rename); only the newest ``keep`` checkpoints are kept.
+Writes are atomic (temporary file, fsync, rename); only the newest ``keep`` checkpoints up to the one just
+written are kept (a checkpoint with a higher step is never deleted). A run folder holds one history: files of
+an earlier run that the new one does not continue are moved to ``previous/<time>/`` (``set_aside``). Resuming
+from the newest checkpoint falls back to the next older one when it cannot be read (``read_latest``).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import glob
 import os
 import random
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +28,19 @@ import torch
 import torch.nn as nn
 
 from rmae import distributed as rdist
+from rmae.logging_utils import logger
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
 _PREFIXES = ("_orig_mod.", "module.")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message names the file and what is wrong."""
+
+
+class CorruptCheckpoint(CheckpointError):
+    """A checkpoint file that cannot be read (truncated, damaged, not a checkpoint)."""
 
 
 def clean_key(key: str) -> str:
@@ -59,6 +72,38 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     c = list_checkpoints(run_dir)
     return c[-1] if c else None
+
+
+def step_of(path: str | os.PathLike) -> int:
+    return int(_NAME.match(Path(path).name).group(1))
+
+
+def set_aside(run_dir: str | os.PathLike, files: tuple[str, ...], keep_up_to: int | None = None) -> Path | None:
+    """Moves an earlier history out of the run folder into ``previous/<time>/``, so two runs never mix: the
+    checkpoints after step ``keep_up_to`` (all, with .corrupt ones, when None), and then also the run's
+    ``files`` (log, config, pictures...). Nothing happens when there are no such checkpoints and (for None)
+    no non-empty log. Returns the folder the files went to, or None."""
+    run_dir = Path(run_dir)
+    ckpts = list_checkpoints(run_dir)
+    later = ckpts if keep_up_to is None else [p for p in ckpts if step_of(p) > keep_up_to]
+    log = run_dir / "log.jsonl"
+    if not later and not (keep_up_to is None and log.is_file() and log.stat().st_size > 0):
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest, n = run_dir / "previous" / stamp, 1
+    while dest.exists():
+        dest, n = run_dir / "previous" / f"{stamp}-{n}", n + 1
+    dest.mkdir(parents=True)
+    if keep_up_to is None and checkpoint_dir(run_dir).is_dir():
+        os.replace(checkpoint_dir(run_dir), checkpoint_dir(dest))
+    elif later:
+        checkpoint_dir(dest).mkdir()
+        for p in later:
+            os.replace(p, checkpoint_dir(dest) / p.name)
+    for name in files:
+        if (run_dir / name).exists():
+            os.replace(run_dir / name, dest / name)
+    return dest
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -125,7 +170,7 @@ def save_checkpoint(run_dir: str | os.PathLike, *, model: nn.Module, optimizer: 
             os.close(fd)
         except OSError:
             pass
-        for old in list_checkpoints(run_dir)[:-keep]:
+        for old in [p for p in list_checkpoints(run_dir) if step_of(p) <= step][:-keep]:
             old.unlink(missing_ok=True)
         for stale in glob.glob(str(d / ".ckpt_*.tmp.*")):
             if not stale.endswith(f".{os.getpid()}"):
@@ -134,18 +179,74 @@ def save_checkpoint(run_dir: str | os.PathLike, *, model: nn.Module, optimizer: 
     return path
 
 
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """The payload of a checkpoint file, tensors memory-mapped (no full copy in RAM). CorruptCheckpoint naming
+    the file when it cannot be read, CheckpointError when it has another format version."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:  # truncated or damaged zip, bad pickle, ...
+        raise CorruptCheckpoint(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from e
+    if not isinstance(payload, dict) or "model" not in payload or "step" not in payload:
+        raise CorruptCheckpoint(f"checkpoint {path} is not an rmae checkpoint (no model state or step)")
+    if payload.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {payload.get('version')!r}; this version "
+                              f"of rmae reads version {FORMAT_VERSION}")
+    return payload
+
+
+def read_on_all_ranks(path: str | os.PathLike) -> dict:
+    """``read_checkpoint`` on every rank (collective): the same CheckpointError on all when one rank fails."""
+    payload, error = None, None
+    try:
+        payload = read_checkpoint(path)
+    except CheckpointError as e:
+        error = e
+    errors = [e for e in rdist.all_gather_object(error) if e is not None]
+    if errors:
+        raise errors[0]
+    return payload
+
+
+def read_latest(run_dir: str | os.PathLike, is_main: bool = True) -> tuple[Path | None, dict | None, list[str]]:
+    """The newest checkpoint of the run that can be read, its payload, and the newer ones that could not.
+
+    A newer unreadable checkpoint is reported with a warning and, once an older one has loaded, renamed
+    ``*.corrupt`` (kept to look at, not retried). When none can be read, nothing is renamed and a
+    CheckpointError names every file. (None, None, []) when the run has no checkpoint."""
+    bad: list[tuple[Path, str]] = []
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            payload = read_on_all_ranks(path)
+        except CorruptCheckpoint as e:
+            if is_main:
+                logger.warning("%s; trying the next older checkpoint", e)
+            bad.append((path, str(e)))
+            continue
+        rdist.barrier()  # every rank has given up on the bad files before rank 0 renames them
+        for p, _ in bad:
+            if is_main:
+                os.replace(p, p.with_name(p.name + ".corrupt"))
+                logger.warning("resuming from %s; the unreadable %s is renamed %s.corrupt", path, p, p.name)
+        return path, payload, [str(p) for p, _ in bad]
+    if bad:
+        raise CheckpointError(f"no checkpoint in {checkpoint_dir(run_dir)} can be read:\n  "
+                              + "\n  ".join(m for _, m in bad)
+                              + "\nto start over, set training.resume=false (they are then moved to previous/ in "
+                              "the run folder), or set training.resume_file to a good checkpoint")
+    return None, None, []
+
+
 def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                    rank: int = 0) -> dict:
+                    rank: int = 0, payload: dict | None = None) -> dict:
     """Loads model (and optimizer) state into possibly sharded modules; returns the rest of the payload.
 
     Every rank memory-maps the file (no full copy in RAM) and keeps its own shards of the full state, so a
-    checkpoint written by any number of ranks loads on any other number.
+    checkpoint written by any number of ranks loads on any other number. ``payload``: the file already read
+    (``read_checkpoint``).
     """
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
-    payload = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    if payload.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: unknown checkpoint format {payload.get('version')!r}")
+    payload = dict(payload) if payload is not None else read_checkpoint(path)
     msd = clean_state_dict(payload.pop("model"))
     osd = payload.pop("optimizer")
     if optimizer is None:

@@ -309,6 +309,62 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
+def back_off(scaler: torch.amp.GradScaler) -> None:
+    """After a skipped step, what ``GradScaler.update()`` does when it found an overflow: scale times
+    ``backoff_factor``, growth tracker back to 0. The loop decides the skip itself (on every rank alike: loss
+    or global gradient norm not finite), so it sets that state rather than relying on the scaler's own check
+    of this rank's gradient shards."""
+    if not scaler.is_enabled():
+        return
+    state = scaler.state_dict()
+    state.update(scale=state["scale"] * state["backoff_factor"], _growth_tracker=0)
+    scaler.update(state["scale"])  # ends the iteration (clears the unscale_ record)
+    scaler.load_state_dict(state)
+
+
+# Files of a run besides its checkpoints, moved with them by ckpt.set_aside
+RUN_FILES = ("log.jsonl", "config.yaml", "encoder.safetensors", "vis", "tensorboard")
+
+
+def history_step(run_dir: Path, resume_from: Path | None, meta: dict | None) -> int | None:
+    """The last step of the history the run continues in ``run_dir``: the resumed step when its checkpoint is
+    one of the folder's own (later ones belong to another history), else None (none of the folder's files do)."""
+    if meta is None or resume_from.resolve().parent != ckpt.checkpoint_dir(run_dir).resolve():
+        return None
+    return int(meta["step"])
+
+
+def model_settings(c: dict) -> dict:
+    """``model`` and ``model_config.<model>`` (dotted keys below it), less the kernel choice (the same model)."""
+    out, todo = {"model": c["model"]}, [("", model_section(c))]
+    while todo:
+        prefix, d = todo.pop()
+        for k, v in d.items():
+            if isinstance(v, dict):
+                todo.append((f"{prefix}{k}.", v))
+            else:
+                out[f"{prefix}{k}"] = v
+    out.pop("mae_vit.params.kernel_impl", None)
+    return out
+
+
+def check_model_config(cfg, meta: dict, path: Path) -> None:
+    """ConfigError naming the settings that differ when the checkpoint's model is not the configured one."""
+    from omegaconf import OmegaConf
+
+    if not meta.get("config"):
+        return
+    then = model_settings(OmegaConf.to_container(OmegaConf.create(meta["config"]), resolve=True))
+    now = model_settings(OmegaConf.to_container(OmegaConf.create(cfg), resolve=True))
+    section = f"model_config.{now['model'] if now['model'] == then['model'] else '<model>'}."
+    diff = [f"{'' if k == 'model' else section}{k}: {then.get(k)!r} in the checkpoint, {now.get(k)!r} now"
+            for k in sorted(set(now) | set(then), key=lambda k: (k != "model", k)) if now.get(k) != then.get(k)]
+    if diff:
+        raise ConfigError(f"checkpoint {path} is of another model:\n  " + "\n  ".join(diff) + "\nto start a new "
+                          "run instead, use another training.save_dir, or training.resume=false (and no "
+                          "training.resume_file): the earlier run's files then move to previous/ in the run folder")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------------
@@ -345,20 +401,34 @@ def train(cfg, require_resume: bool = False) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     params = [p for p in model.parameters() if p.requires_grad]
 
-    step, position = 0, 0
-    log = RunLogger(run_dir, dinfo.is_main, tr["tensorboard"], tr["tensorboard_logdir"])
-    resume_from = None
+    step, position, skipped = 0, 0, 0
+    resume_from, meta, unreadable = None, None, []
     if tr["resume_file"]:
         resume_from = Path(tr["resume_file"])
         if not resume_from.is_file():
             raise FileNotFoundError(f"training.resume_file {resume_from} does not exist")
+        meta = ckpt.read_on_all_ranks(resume_from)  # an explicit file that cannot be read: an error, no fallback
     elif tr["resume"]:
-        resume_from = ckpt.latest_checkpoint(run_dir)
+        resume_from, meta, unreadable = ckpt.read_latest(run_dir, dinfo.is_main)
     if require_resume and resume_from is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {ckpt.checkpoint_dir(run_dir)}")
-    if resume_from is not None:
-        meta = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, rank=rank)
+    if meta is not None:
+        check_model_config(cfg, meta, resume_from)
+    moved = None
+    if dinfo.is_main:
+        moved = ckpt.set_aside(run_dir, RUN_FILES, keep_up_to=history_step(run_dir, resume_from, meta))
+        if moved is not None:
+            logger.warning("%s: the earlier run's files in %s (%s) were moved to %s, so the two runs do not mix",
+                           "starting over" if meta is None else f"continuing from {resume_from}", run_dir,
+                           ", ".join(sorted(os.listdir(moved))), moved)
+    rdist.barrier()
+    log = RunLogger(run_dir, dinfo.is_main, tr["tensorboard"], tr["tensorboard_logdir"])
+    if moved is not None:
+        log.event("moved_earlier_run", to=str(moved))
+    if meta is not None:
+        meta = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, rank=rank, payload=meta)
         step, position = int(meta["step"]), int(meta["data_position"])
+        skipped = int(meta.get("skipped", 0))  # checkpoints before it was stored: 0
         scheduler.load_state_dict(meta["scheduler"])
         if meta.get("scaler"):
             scaler.load_state_dict(meta["scaler"])
@@ -367,9 +437,7 @@ def train(cfg, require_resume: bool = False) -> dict:
             logger.warning("sampler=shard with %s ranks instead of %s: each rank's shard changes, so the data "
                            "order differs from an uninterrupted run", world, meta.get("world_size"))
         log.event("resume", step=step, file=str(resume_from), from_world_size=meta.get("world_size"),
-                  world_size=world)
-    elif dinfo.is_main and ckpt.list_checkpoints(run_dir):
-        logger.warning("training.resume=false: starting over in %s (existing checkpoints will be replaced)", run_dir)
+                  world_size=world, **({"unreadable": unreadable} if unreadable else {}))
     if dinfo.is_main:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         for k in legacy_keys_set(cfg):
@@ -396,7 +464,6 @@ def train(cfg, require_resume: bool = False) -> dict:
     autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
                 else contextlib.nullcontext())
     sharded = world > 1
-    skipped = 0
     losses: list[float] = []
     win = {"loss": 0.0, "mae_loss": 0.0, "region_loss": 0.0, "grad_norm": 0.0, "n": 0, "data": 0.0, "step": 0.0}
     vis_batch = None
@@ -408,7 +475,7 @@ def train(cfg, require_resume: bool = False) -> dict:
     def checkpoint_now(s: int):
         nonlocal last_ckpt
         extra = {"data_position": position, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                 "config": to_yaml(cfg)}
+                 "skipped": skipped, "config": to_yaml(cfg)}
         path = ckpt.save_checkpoint(run_dir, model=model, optimizer=optimizer, step=s, extra=extra,
                                     keep=tr["num_checkpoint"], is_main=dinfo.is_main)
         last_ckpt = s
@@ -463,8 +530,7 @@ def train(cfg, require_resume: bool = False) -> dict:
                 scaler.update()
             else:
                 skipped += 1
-                if scaler.is_enabled():
-                    scaler.update(scaler.get_scale() * 0.5)
+                back_off(scaler)
                 log.event("skip", step=step, loss=flags[0].item(), grad_norm=gnorm.item(), skipped=skipped)
             optimizer.zero_grad(set_to_none=True)
             lr = scheduler.get_last_lr()[0]
@@ -589,7 +655,7 @@ def parse_args(argv=None):
                    "training.resume=false")
     p.add_argument("--print-config", action="store_true", help="print the merged config and exit")
     p.add_argument("overrides", nargs="*", help="dotted.key=value")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may come before, between and after the options
 
 
 def _spawned(local_rank: int, world_size: int, port: int, cfg_yaml: str, require_resume: bool) -> None:
@@ -620,7 +686,8 @@ def main(argv=None) -> int:
         return 0
     try:
         train(cfg, require_resume=args.resume)
-    except (ConfigError, FileNotFoundError) as e:  # bad settings, missing dataset or checkpoint: no traceback
+    except (ConfigError, FileNotFoundError, ckpt.CheckpointError) as e:
+        # bad settings, missing dataset, missing or unreadable checkpoint: a message, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,5 +1,6 @@
 """Training loop on CPU: short run, exact resume (also after a real SIGTERM), accumulation, FSDP2 over gloo,
-resume on another rank count, non-finite steps skipped, schedule and parameter groups."""
+resume on another rank count, non-finite steps skipped, one history per run folder, corrupt checkpoints, the
+command line, schedule and parameter groups."""
 import json
 import math
 import os
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from rmae import checkpoint as ckpt
-from rmae.config import load_config
+from rmae.config import ConfigError, load_config
 from rmae.distributed import apply_slurm_env, expand_nodelist
 from rmae.train import WarmupCosine, build_model_from_config, param_groups, train
 
@@ -226,32 +227,158 @@ def test_plain_launch_spawns_one_process_per_device(tmp_path, monkeypatch):
     torch.testing.assert_close(losses(spawned), losses(tmp_path / "single"), rtol=1e-5, atol=1e-6)
 
 
-def test_nonfinite_step_is_skipped(tmp_path, monkeypatch):
+def _poison_second_forward(monkeypatch, value):
+    """The loss of the second update (forward call 2) becomes ``value`` times itself."""
     import rmae.train as rt
 
     real = rt.build_model_from_config
 
     def poisoned(cfg, device=None):
         model = real(cfg, device)
-        forward = model.forward
-        calls = {"n": 0}
+        forward, calls = model.forward, {"n": 0}
 
         def fwd(*a, **k):
             out = forward(*a, **k)
             calls["n"] += 1
             if calls["n"] == 2:
-                out.loss = out.loss * float("nan")
+                out.loss = out.loss * value
             return out
 
         model.forward = fwd
         return model
 
     monkeypatch.setattr(rt, "build_model_from_config", poisoned)
+
+
+def test_nonfinite_step_is_skipped(tmp_path, monkeypatch):
+    _poison_second_forward(monkeypatch, float("nan"))
     run = tmp_path / "nan"
     summary = train(cfg_for(run, "training.max_update=3"))
     assert summary["skipped"] == 1 and log_records(run, "skip")[0]["step"] == 1
     assert log_records(run)[-1]["skipped"] == 1
     assert all(torch.isfinite(v).all() for v in final_model(run).values() if v.is_floating_point())
+
+
+def test_fresh_start_moves_the_earlier_run_aside(tmp_path):
+    """training.resume=false in a folder with checkpoints: the earlier run goes to previous/<time>/ whole, so
+    pruning cannot favour its later steps and a plain rerun continues the new run."""
+    run = tmp_path / "run"
+    train(cfg_for(run, "training.max_update=4", "training.checkpoint_interval=2"))  # ckpt 2, 4
+    train(cfg_for(run, "training.max_update=3", "training.checkpoint_interval=1", "training.resume=false"))
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["ckpt_00000002.pt", "ckpt_00000003.pt"]
+    (old,) = (run / "previous").iterdir()
+    assert [p.name for p in ckpt.list_checkpoints(old)] == ["ckpt_00000002.pt", "ckpt_00000004.pt"]
+    assert [r["step"] for r in log_records(old)] == [1, 2, 3, 4]
+    assert log_records(run, "moved_earlier_run")[0]["to"] == str(old)
+    train(cfg_for(run, "training.max_update=4"))
+    assert log_records(run, "resume")[0]["file"].endswith("ckpt_00000003.pt")
+    assert [r["step"] for r in log_records(run)] == [1, 2, 3, 4] and len(log_records(run, "start")) == 1
+
+
+def test_resume_file_moves_later_checkpoints_aside(tmp_path):
+    """Continuing from an earlier checkpoint of the folder: the checkpoints after it (another history) and the
+    log go to previous/<time>/; the ones up to it stay. Pruning never deletes a later checkpoint."""
+    run = tmp_path / "run"
+    train(cfg_for(run, "training.max_update=4", "training.checkpoint_interval=2"))  # ckpt 2, 4
+    two = ckpt.checkpoint_dir(run) / "ckpt_00000002.pt"
+    train(cfg_for(run, "training.max_update=3", f"training.resume_file={two}"))
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["ckpt_00000002.pt", "ckpt_00000003.pt"]
+    (old,) = (run / "previous").iterdir()
+    assert [p.name for p in ckpt.list_checkpoints(old)] == ["ckpt_00000004.pt"]
+    assert [r["step"] for r in log_records(old)] == [1, 2, 3, 4]
+    assert log_records(run, "resume")[0]["step"] == 2 and [r["step"] for r in log_records(run)] == [3]
+
+
+def test_pruning_never_deletes_a_later_checkpoint(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    ckpt.checkpoint_dir(tmp_path).mkdir()
+    (ckpt.checkpoint_dir(tmp_path) / "ckpt_00000009.pt").write_bytes(b"later")
+    for step in (1, 2, 3):
+        ckpt.save_checkpoint(tmp_path, model=model, optimizer=opt, step=step, extra={}, keep=1)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["ckpt_00000003.pt", "ckpt_00000009.pt"]
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
+    from rmae.train import main
+
+    run = tmp_path / "run"
+    train(cfg_for(run, "training.max_update=4", "training.checkpoint_interval=2"))  # ckpt 2, 4
+    four = ckpt.checkpoint_dir(run) / "ckpt_00000004.pt"
+    four.write_bytes(four.read_bytes()[:1000])  # truncated, as by a crash or a full disk
+    summary = train(cfg_for(run, "training.max_update=5"))
+    (ev,) = log_records(run, "resume")
+    assert ev["step"] == 2 and ev["unreadable"] == [str(four)] and summary["step"] == 5
+    assert four.with_name("ckpt_00000004.pt.corrupt").is_file()  # kept to look at, not retried
+    # none readable: a clear error naming every file, nothing renamed
+    for p in ckpt.list_checkpoints(run):
+        p.write_bytes(b"garbage")
+    assert main([*BASE, f"training.save_dir={run}", "training.max_update=6"]) == 2
+    err = capsys.readouterr().err
+    assert "ckpt_00000002.pt" in err and "ckpt_00000005.pt" in err and "Traceback" not in err
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["ckpt_00000002.pt", "ckpt_00000005.pt"]
+    # an explicit resume_file that cannot be read: an error naming it, no fallback
+    two = ckpt.checkpoint_dir(run) / "ckpt_00000002.pt"
+    with pytest.raises(ckpt.CheckpointError, match="ckpt_00000002.pt cannot be read"):
+        train(cfg_for(run, "training.max_update=6", f"training.resume_file={two}"))
+
+
+def test_demo_variants_have_their_own_run_folders():
+    from rmae.train import run_dir_of
+
+    assert [run_dir_of(load_config(None, [], model=m)) for m in ("rmae", "mae", "rae")] == [
+        Path("runs/demo_rmae"), Path("runs/demo_mae"), Path("runs/demo_rae")]
+
+
+def test_resuming_another_model_is_a_clear_error(tmp_path):
+    run = tmp_path / "run"
+    train(cfg_for(run, "training.max_update=1"))
+    mae = cfg_for(run, "model=mae", "model_config.mae.mae_vit.arch=rmae_tiny_patch16",
+                  "model_config.mae.mae_vit.params.img_size=32")
+    with pytest.raises(ConfigError, match=r"(?s)ckpt_00000001.pt is of another model:\n  model: 'rmae' in the "
+                                          r"checkpoint, 'mae' now.*training.resume=false"):
+        train(mae)
+    with pytest.raises(ConfigError, match=r"model_config.rmae.mask_ratio: 0.75 in the checkpoint, 0.5 now"):
+        train(cfg_for(run, "model_config.rmae.mask_ratio=0.5"))
+
+
+def test_skipped_count_survives_resume(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    _poison_second_forward(monkeypatch, float("nan"))
+    assert train(cfg_for(run, "training.max_update=2"))["skipped"] == 1
+    monkeypatch.undo()
+    assert train(cfg_for(run, "training.max_update=3"))["skipped"] == 1
+    assert log_records(run)[-1]["skipped"] == 1 and log_records(run, "done")[-1]["skipped"] == 1
+
+
+def test_fp16_skip_backs_off_like_grad_scaler(tmp_path, monkeypatch):
+    """An overflow step halves the scale and restarts the growth count, as GradScaler.update() does."""
+    run = tmp_path / "run"
+    _poison_second_forward(monkeypatch, float("inf"))
+    assert train(cfg_for(run, "training.max_update=4", "training.use_fp16=float16"))["skipped"] == 1
+    state = torch.load(ckpt.latest_checkpoint(run), map_location="cpu", weights_only=False)["scaler"]
+    scaler = torch.amp.GradScaler("cpu")
+    p = torch.nn.Parameter(torch.ones(1))
+    opt = torch.optim.SGD([p], lr=0.1)
+    for factor in (1.0, float("inf"), 1.0, 1.0):  # good, overflow, good, good
+        scaler.scale((p * factor).sum()).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    assert state == scaler.state_dict() and state["_growth_tracker"] == 2
+
+
+def test_cli_overrides_around_options(capsys):
+    from rmae.train import main, parse_args
+
+    args = parse_args(["training.save_dir=x", "--resume", "training.max_update=5", "--model", "mae",
+                       "training.seed=3", "--config", "default.yaml", "--task", "pretrain", "--dataset", "sample"])
+    assert args.overrides == ["training.save_dir=x", "training.max_update=5", "training.seed=3"]
+    assert (args.resume, args.model, args.config, args.task, args.dataset) == (True, "mae", "default.yaml",
+                                                                                "pretrain", "sample")
+    assert main(["training.max_update=5", "--print-config", "training.seed=3", "--model", "mae"]) == 0
+    out = capsys.readouterr().out
+    assert "max_update: 5" in out and "seed: 3" in out and "model: mae" in out
 
 
 # ---------------------------------------------------------------------------------------------------------------
