@@ -58,7 +58,7 @@ def _create_temp(folder: Path) -> tuple[int, Path]:
 
 
 def save_labels(path: str | os.PathLike, labels: np.ndarray) -> None:
-    """Writes labels [S, H, W] (or [H, W]) atomically as uint16; raises ValueError beyond 65535 segments."""
+    """Writes labels [S, H, W] (or [H, W]) atomically as uint16; raises ValueError beyond 65536 segments (a label above 65535)."""
     labels = np.asarray(labels)
     if labels.ndim == 2:
         labels = labels[None]

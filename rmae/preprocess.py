@@ -46,7 +46,7 @@ SPLITS = {"coco": ("train2017", "val2017", "unlabeled2017"), "imnet": ("train", 
 
 
 def dataset_folders(dataset: str, split: str, root: Path) -> tuple[Path, Path]:
-    """(image folder, mask folder) of a dataset split under ``root``, as DESIGN.md lays them out."""
+    """(image folder, mask folder) of a dataset split under ``root``, as the README's Datasets section lays them out."""
     if split not in SPLITS[dataset]:
         raise SystemExit(f"error: --dataset {dataset} has splits {', '.join(SPLITS[dataset])}; got {split!r}")
     if dataset == "coco":
@@ -222,7 +222,7 @@ def _drop_stale_mask(mask_file: Path, redo_since: int | None) -> None:
 
 
 def _failure_reason(error: Exception) -> str:
-    if isinstance(error, ValueError):  # e.g. more than 65535 segments
+    if isinstance(error, ValueError):  # e.g. more than 65536 segments
         return str(error)
     return f"{type(error).__name__}: {error}"
 

@@ -1,6 +1,6 @@
 """Faithfulness tests for rmae.models (CPU, tiny shapes).
 
-The expected parameter names below are written from DESIGN.md "Model" (the official facebookresearch/r-mae
+The expected parameter names below are written from the project's design notes, "Model" (the official facebookresearch/r-mae
 names), not generated from the model. ``official_forward`` is an independent, straightforward transcription of
 the official forward (full-length region tokens then gather, explicit softmax attention, expansion over N+1 then
 drop cls) that reuses only the model's weights.
@@ -45,7 +45,7 @@ def inputs(B=2, seed=0, k=K):
     return imgs, maps, rl, noise
 
 
-# ----------------------------------------------------------------------------- expected names (DESIGN.md)
+# ----------------------------------------------------------------------------- expected names (design notes)
 def _block_keys(prefix, dim, mlp_hidden):
     shapes = {
         "norm1.weight": [dim], "norm1.bias": [dim],

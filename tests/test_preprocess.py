@@ -325,3 +325,21 @@ def test_imagenet_folder_falls_back_to_imnet_per_split(tmp_path):
     tiny(tmp_path / "imnet" / "train" / "n01" / "t.png", 1)
     assert main(["--dataset", "imnet", "--split", "train", "--root", str(tmp_path), "--workers", "1"]) == 0
     assert (tmp_path / "imnet" / "fh_train" / "n01" / "t.npy.zst").is_file()
+
+
+def test_preprocessing_and_the_loader_list_the_same_images(tmp_path):
+    """Every image the loader can read gets a mask, and no mask is made for a file the loader skips."""
+    from rmae.data.sources import _list_images
+
+    pixels = np.zeros((4, 4, 3), np.uint8)
+    for name in ("a.jpg", "b.gif", "c.PNG", "d.webp", ".hidden.jpg", "notes.txt", "cls/e.tiff", "cls/f.bmp"):
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith(".txt"):
+            path.write_text("not an image")
+        else:
+            Image.fromarray(pixels).save(path, format={"jpg": "JPEG", "tiff": "TIFF"}.get(
+                path.suffix[1:].lower(), path.suffix[1:].upper()))
+    by_preprocessing = [str(p) for p in list_images(tmp_path)]
+    assert by_preprocessing == _list_images(tmp_path)
+    assert by_preprocessing == ["a.jpg", "b.gif", "c.PNG", "cls/e.tiff", "cls/f.bmp", "d.webp"]

@@ -15,6 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
+from rmae.image_io import IMAGE_SUFFIXES
 from rmae.recipes import COCO_FH, IMAGENET_FH, FHRecipe
 
 __all__ = [
@@ -31,7 +32,7 @@ __all__ = [
     "read_coco_file_names",
 ]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = tuple(sorted(IMAGE_SUFFIXES))  # the files preprocessing segments, no more, no fewer
 COCO_SPLITS = ("train2017", "val2017", "unlabeled2017")
 COCO_UNION = {"coco++": ("train2017", "unlabeled2017")}
 IMAGENET_SPLITS = ("train", "val")
@@ -205,7 +206,7 @@ def _coco_annotation(split: str) -> str:
 
 
 def _standard_split(dataset: str, root: Path, images: Path, masks: Path) -> str | None:
-    """The split whose standard folders (DESIGN.md's tree) ``images`` and ``masks`` are, else None."""
+    """The split whose standard folders (the README's dataset tree) ``images`` and ``masks`` are, else None."""
     if dataset == "coco":
         parents, splits = (root / "coco" / "image",), COCO_SPLITS
     else:

@@ -1,7 +1,7 @@
 """R-MAE: masked pixel reconstruction (MAE) + masked region reconstruction with region queries.
 
 Reads top to bottom like facebookresearch/mae's ``models_mae.py``; architecture, parameter names and init follow
-facebookresearch/r-mae (``RegionQueryRMAE``), see DESIGN.md "Model". Variants:
+facebookresearch/r-mae (``RegionQueryRMAE``). Variants:
 
 * MAE      ``num_region=0``                 (no region parameters)
 * RAE      ``use_mae_loss=False``            (no pixel decoder parameters)
