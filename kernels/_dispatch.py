@@ -32,9 +32,14 @@ except Exception:  # pragma: no cover - depends on the platform
 IMPLS = ("auto", "triton", "reference")
 
 
+# Read once, at import: @triton.jit picks interpreter or compiled mode when the kernel modules are imported
+# (right after this one), so a later change of the variable cannot change how they run.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def interpreting() -> bool:
-    """True when Triton runs through its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    """True when the kernels run through Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
+    return _INTERPRETING
 
 
 _index_checks: bool | None = None  # set_index_checks(); None: the environment decides

@@ -28,6 +28,7 @@ from rmae.kernels import (
     use_triton,
 )
 from rmae.kernels import region_embed as _re
+from rmae.kernels import _dispatch as dispatch
 from rmae.kernels._dispatch import poison_outputs
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py must set TRITON_INTERPRET=1"
@@ -89,6 +90,9 @@ def test_dispatch_rules(monkeypatch):
     with pytest.raises(ValueError, match="impl must be one of"):
         use_triton("cuda", x)
     monkeypatch.delenv("TRITON_INTERPRET")
+    assert use_triton("auto", x)  # the kernels were built for the interpreter at import: that decides
+    monkeypatch.setattr(dispatch, "_INTERPRETING", False)  # as if imported without TRITON_INTERPRET=1
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # set too late: jit has already chosen compiled kernels
     assert not use_triton("auto", x)  # CPU tensors, no interpreter → reference
     with pytest.raises(RuntimeError, match="needs CUDA tensors or TRITON_INTERPRET=1"):
         use_triton("triton", x)
@@ -100,7 +104,7 @@ def test_auto_picks_triton_under_interpreter_and_reference_without(monkeypatch):
     ids, _ = mask_ids(2, 16, 5, g)
     assert backward_name(gather_visible(x, ids)[0]) == "_GatherVisibleBackward"
     assert backward_name(gather_visible(x, ids, impl="reference")[0]) == "GatherBackward0"
-    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setattr(dispatch, "_INTERPRETING", False)
     assert backward_name(gather_visible(x, ids)[0]) == "GatherBackward0"
     assert backward_name(region_query_pool(x[:, None], impl="auto")) == "MeanBackward1"
 

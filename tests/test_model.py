@@ -490,6 +490,16 @@ def test_bad_inputs_raise_clear_errors():
         m(imgs, maps.to(torch.int32))
     with pytest.raises(ValueError, match="only 0 and 1"):
         m(imgs, maps.float() * 0.5)
+    with pytest.raises(ValueError, match="uint8 region maps must contain only 0 and 1"):
+        m(imgs, maps.to(torch.uint8) * 255)  # 0/255 masks would give an unbounded loss
+    with pytest.raises(TypeError, match="images are torch.float64 but the model's weights are torch.float32"):
+        m(imgs.double(), maps)
+    for ratio in (0.0, 1.0, -0.5, 0.99):  # no removed patch (NaN loss) or no visible one (16 patches)
+        with pytest.raises(ValueError, match="mask_ratio must be in"):
+            m(imgs, maps, mask_ratio=ratio)
+    for ratio in (0.0, 1.0, 1.5, -0.5):
+        with pytest.raises(ValueError, match="region_mask_ratio must be in"):
+            tiny(region_mask_ratio=ratio)
     with pytest.raises(ValueError, match=r"noise must be \[B, N\] = \[2, 16\]"):
         m(imgs, maps, noise=torch.rand(2, 15))
     with pytest.raises(ValueError, match="scale_index"):
@@ -562,3 +572,12 @@ def test_load_checkpoint_official_layout(tmp_path):
     mae = tiny("mae")  # an R-MAE state into the MAE variant: only region keys are extra
     res = load_checkpoint(mae, src.state_dict(), strict=False)
     assert not res.missing_keys and all(k.startswith("region_") for k in res.unexpected_keys)
+
+
+def test_load_checkpoint_takes_a_bytes_path(tmp_path):
+    from rmae.models import load_checkpoint
+
+    src = tiny()
+    torch.save({"model": src.state_dict()}, tmp_path / "c.pth")
+    res = load_checkpoint(tiny(), bytes(tmp_path / "c.pth"))
+    assert not res.missing_keys and not res.unexpected_keys

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from typing import Union
@@ -66,7 +67,7 @@ def load_checkpoint(model: nn.Module, source, strict: bool = True, weights_only:
     files you trust.
     """
     if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__"):
-        path = str(source)
+        path = os.fsdecode(source)
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
 

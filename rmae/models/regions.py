@@ -74,10 +74,10 @@ def check_region_maps(maps: torch.Tensor, batch: int, num_region: int, img_size:
         raise ValueError(f"region maps must be [B, k, H, W] = {list(expected)}, got {list(maps.shape)}")
     if maps.shape[1] != num_region:
         raise ValueError(f"got {maps.shape[1]} regions per image but the model has num_region={num_region}")
-    if maps.dtype in (torch.uint8, torch.bool):
+    if maps.dtype == torch.bool:
         return maps
-    if maps.is_floating_point():
+    if maps.dtype == torch.uint8 or maps.is_floating_point():
         if not bool(((maps == 0) | (maps == 1)).all()):
-            raise ValueError("float region maps must contain only 0 and 1")
+            raise ValueError(f"{maps.dtype} region maps must contain only 0 and 1 (e.g. 0/255 masks: divide by 255)")
         return maps.to(torch.uint8)
     raise TypeError(f"region maps must be uint8, bool or 0/1 float, got {maps.dtype}")

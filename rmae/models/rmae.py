@@ -22,6 +22,18 @@ from .vit import Attention, Block, CrossAttention, LayerNorm, Mlp, PatchEmbed, f
 KERNEL_IMPLS = ("auto", "triton", "reference")
 
 
+def visible_count(num_patches: int, ratio: float, name: str) -> int:
+    """Patches left visible by masking ``ratio`` of ``num_patches`` (the official ``int(N * (1 - ratio))``).
+
+    The losses are means over the removed patches and the encoders need a visible one, so at least one of
+    each is required: a clear error here instead of a NaN loss or a failure deep in a kernel."""
+    keep = int(num_patches * (1 - ratio)) if 0.0 < ratio < 1.0 else -1
+    if not 1 <= keep < num_patches:
+        raise ValueError(f"{name} must be in (0, 1) and leave at least one of the {num_patches} patches visible "
+                         f"and one removed, got {ratio}")
+    return keep
+
+
 @dataclass
 class RMAEOutput:
     loss: torch.Tensor                      # mae_loss_weight * mae_loss + region_loss_weight * region_loss
@@ -149,6 +161,8 @@ class RMAE(nn.Module):
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         num_patches = self.patch_embed.num_patches
         self.num_patches = num_patches
+        if num_region > 0:
+            visible_count(num_patches, region_mask_ratio, "region_mask_ratio")
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])
@@ -194,8 +208,9 @@ class RMAE(nn.Module):
 
     # ------------------------------------------------------------------ init
     def initialize_weights(self) -> None:
-        # The official order of random draws (MAE's initialize_weights, then the region part, then a second
-        # pass over Linear/LayerNorm), with modules built in the official order: same seed -> same weights.
+        # The official initialisation (MAE's initialize_weights, then the region part, then a second pass over
+        # Linear/LayerNorm): the same distributions. Not the same random draws for a seed: the official code
+        # runs MAE's pass once more, before the region modules exist.
         grid = self.patch_embed.grid_size[0]
         fill_sincos_(self.pos_embed, grid, cls_token=True)
         w = self.patch_embed.proj.weight.data
@@ -349,6 +364,10 @@ class RMAE(nn.Module):
                              f"img_size={self.img_size}), got {list(imgs.shape)}")
         if not imgs.is_floating_point():
             raise TypeError(f"images must be a float tensor (normalized), got {imgs.dtype}")
+        weight = self.patch_embed.proj.weight
+        if imgs.dtype != weight.dtype and not torch.is_autocast_enabled(imgs.device.type):
+            raise TypeError(f"images are {imgs.dtype} but the model's weights are {weight.dtype}: convert them "
+                            f"(images.to({weight.dtype})) or run under torch.autocast")
         B = imgs.shape[0]
         if noise is not None:
             if not isinstance(noise, torch.Tensor) or tuple(noise.shape) != (B, self.num_patches):
@@ -373,9 +392,8 @@ class RMAE(nn.Module):
     def forward(self, images: torch.Tensor, regions: Union[torch.Tensor, RegionLabels, None] = None,
                 noise: Optional[torch.Tensor] = None, mask_ratio: float = 0.75) -> RMAEOutput:
         regions = self._check_inputs(images, regions, noise)
-        if not 0.0 <= mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
         B, N = images.shape[0], self.num_patches
+        len_keep = visible_count(N, mask_ratio, "mask_ratio")
         if noise is None:
             if self.region_sample_type == "random_fg":
                 raise ValueError("region_sample_type='random_fg' needs the caller's permutation: pass noise")
@@ -388,7 +406,7 @@ class RMAE(nn.Module):
         elif regions is not None and regions.device != dev:
             regions = regions.to(dev, non_blocking=True)
         ids_shuffle, ids_restore = self.random_masking(noise)
-        ids_keep, mask = self._prefix_mask(ids_shuffle, ids_restore, int(N * (1 - mask_ratio)))
+        ids_keep, mask = self._prefix_mask(ids_shuffle, ids_restore, len_keep)
 
         latent = self.forward_encoder(images, ids_keep)
 
@@ -400,7 +418,7 @@ class RMAE(nn.Module):
         region_loss = region_pred = region_mask = None
         if self.num_region > 0:
             region_ids_keep, region_mask = self._prefix_mask(ids_shuffle, ids_restore,
-                                                             int(N * (1 - self.region_mask_ratio)))
+                                                             visible_count(N, self.region_mask_ratio, "region_mask_ratio"))
             tokens = self.embed_regions(regions, region_ids_keep)        # [B, k, Lr, De]
             queries = self.forward_region_encoder(tokens)                # [B, k, De]
             memory = self.forward_region_neck(latent, ids_restore)       # [B, N+1, Cd]
