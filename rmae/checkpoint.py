@@ -16,6 +16,7 @@ from the newest checkpoint falls back to the next older one when it cannot be re
 from __future__ import annotations
 
 import glob
+import json
 import os
 import random
 import re
@@ -32,6 +33,7 @@ from rmae.logging_utils import logger
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
+_CORRUPT = re.compile(r"^ckpt_(\d{8})\.pt\.corrupt$")
 _PREFIXES = ("_orig_mod.", "module.")
 
 
@@ -78,16 +80,39 @@ def step_of(path: str | os.PathLike) -> int:
     return int(_NAME.match(Path(path).name).group(1))
 
 
+def corrupt_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, file) of the checkpoints that ``read_latest`` renamed ``*.corrupt``."""
+    d = checkpoint_dir(run_dir)
+    if not d.is_dir():
+        return []
+    return [(int(m.group(1)), d / n) for n in os.listdir(d) if (m := _CORRUPT.match(n))]
+
+
+def records_a_step(log: Path) -> bool:
+    """Whether a run log records any step (an update, a checkpoint, a resume), not only a start that failed."""
+    if not log.is_file():
+        return False
+    with open(log) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line cut short by a crash
+                continue
+            if isinstance(record, dict) and "step" in record:
+                return True
+    return False
+
+
 def set_aside(run_dir: str | os.PathLike, files: tuple[str, ...], keep_up_to: int | None = None) -> Path | None:
     """Moves an earlier history out of the run folder into ``previous/<time>/``, so two runs never mix: the
-    checkpoints after step ``keep_up_to`` (all, with .corrupt ones, when None), and then also the run's
+    checkpoints after step ``keep_up_to`` (all when None), .corrupt ones included, and then also the run's
     ``files`` (log, config, pictures...). Nothing happens when there are no such checkpoints and (for None)
-    no non-empty log. Returns the folder the files went to, or None."""
+    no log that records a step (a start that failed before its first update is no history). Returns the
+    folder the files went to, or None."""
     run_dir = Path(run_dir)
-    ckpts = list_checkpoints(run_dir)
-    later = ckpts if keep_up_to is None else [p for p in ckpts if step_of(p) > keep_up_to]
-    log = run_dir / "log.jsonl"
-    if not later and not (keep_up_to is None and log.is_file() and log.stat().st_size > 0):
+    found = [(step_of(p), p) for p in list_checkpoints(run_dir)] + corrupt_checkpoints(run_dir)
+    later = [p for s, p in found if keep_up_to is None or s > keep_up_to]
+    if not later and not (keep_up_to is None and records_a_step(run_dir / "log.jsonl")):
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S")
     dest, n = run_dir / "previous" / stamp, 1

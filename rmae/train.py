@@ -177,6 +177,16 @@ def data_folders(cfg) -> dict:
     return folders
 
 
+def region_source(cfg, num_region: int) -> str:
+    """Where the loader takes each sample's regions from: ``region_source``; none for a model without regions.
+    A model with regions under a recipe without them (an MAE recipe with --model rmae or rae) reads the FH
+    masks (offline), as the R-MAE recipes do, so that every recipe runs with any --model."""
+    source = dataset_section(cfg)["region_source"]
+    if num_region == 0:
+        return "none"
+    return "offline" if source == "none" else source
+
+
 def data_loader(cfg, dinfo: rdist.DistInfo, micro_batch: int, start: int, model: nn.Module):
     """This rank's endless DataLoader of micro-batches, resuming after ``start`` per-rank samples.
 
@@ -189,7 +199,7 @@ def data_loader(cfg, dinfo: rdist.DistInfo, micro_batch: int, start: int, model:
     ds = dataset_section(cfg)
     tr = cfg["training"]
     dc = DataConfig(dataset=cfg["dataset"], **data_folders(cfg), root=ds["data_dir"],
-                    regions=ds["region_source"] if model.num_region > 0 else "none", train=True,
+                    regions=region_source(cfg, model.num_region), train=True,
                     img_size=model.img_size, num_regions=model.num_region, sampler=ds["sampler"], cache_bytes=ds["cache_bytes"],
                     label_resize=ds["label_resize"], min_region_patches=2 if ds["filter_small_patches"] else 0,
                     patch_size=model.patch_size, scale=tuple(ds["crop_scale"]), ratio=tuple(ds["crop_ratio"]),
@@ -197,6 +207,22 @@ def data_loader(cfg, dinfo: rdist.DistInfo, micro_batch: int, start: int, model:
     return build_loader(dc, batch_size=micro_batch, num_workers=tr["num_workers"], rank=dinfo.rank,
                         world_size=dinfo.world_size, seed=tr["seed"], start=start,
                         pin_memory=tr["pin_memory"] and dinfo.device.type == "cuda")
+
+
+class DataError(Exception):
+    """Training data that cannot be used (a mask made from another image, ...); the message names the files."""
+
+
+def next_batch(it) -> dict:
+    """The next micro-batch. A ValueError or FileNotFoundError of the data pipeline becomes a DataError with the
+    pipeline's message (from a loader worker, without the worker's traceback that the loader adds to it)."""
+    try:
+        return next(it)
+    except (ValueError, FileNotFoundError) as e:
+        message = str(e)
+        if "Original Traceback" in message:  # re-raised from a worker: its last line is "<Type>: <message>"
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        raise DataError(message) from e
 
 
 def data_errors(loader) -> int:
@@ -452,8 +478,18 @@ def train(cfg, require_resume: bool = False) -> dict:
                   device=str(device), batch_size=G, micro_batch=b, iter_per_update=A, amp=tr["use_fp16"],
                   compile=use_compile, img_size=img_size, num_region=num_region, run_dir=str(run_dir))
 
+    source = dataset_section(cfg)["region_source"]
+    if num_region > 0 and source == "none":  # an MAE recipe with --model rmae or rae
+        key = f"dataset_config.{cfg['dataset']}_pretrain.region_source"
+        log.event("region_source", source=region_source(cfg, num_region),
+                  message=f"{key} is none but model {cfg['model']} has {num_region} regions: reading the FH "
+                          f"masks (offline), as the R-MAE recipes do; set {key} to choose")
     # per-rank samples consumed so far: the global position split over ranks
     loader = data_loader(cfg, dinfo, b, position // world, raw)
+    cache = getattr(loader.dataset, "cache", None)
+    if cache is not None:  # sampler=shard: this rank's encoded images (and masks) in memory
+        log.event("shard_cache", rank=rank, items=cache.items, of=cache.total_items,
+                  mib=cache.nbytes / 2**20, limit_mib=cache.limit_bytes / 2**20)
     stop = StopFlag()
     if getattr(loader, "num_workers", 0) > 0:
         loader.worker_init_fn = QuietWorkerInit(loader.worker_init_fn)
@@ -483,7 +519,9 @@ def train(cfg, require_resume: bool = False) -> dict:
             log.event("checkpoint", step=s, file=str(path))
 
     first_step = step
+    console = contextlib.ExitStack()
     try:
+        console.enter_context(console_above(bar))
         while step < max_update:
             t0 = time.perf_counter()
             t_data = 0.0
@@ -492,7 +530,7 @@ def train(cfg, require_resume: bool = False) -> dict:
             noise_table = step_noise(tr["seed"], step, G, num_patches)
             for m in range(A):
                 td = time.perf_counter()
-                batch = next(it)
+                batch = next_batch(it)
                 t_data += time.perf_counter() - td
                 images, regions = to_device(batch, device, num_region)
                 if vis_batch is None:
@@ -531,7 +569,8 @@ def train(cfg, require_resume: bool = False) -> dict:
             else:
                 skipped += 1
                 back_off(scaler)
-                log.event("skip", step=step, loss=flags[0].item(), grad_norm=gnorm.item(), skipped=skipped)
+                # numbered as the update's metric record and checkpoint (step counts it below)
+                log.event("skip", step=step + 1, loss=flags[0].item(), grad_norm=gnorm.item(), skipped=skipped)
             optimizer.zero_grad(set_to_none=True)
             lr = scheduler.get_last_lr()[0]
             step += 1
@@ -587,6 +626,7 @@ def train(cfg, require_resume: bool = False) -> dict:
     finally:
         kernels.set_index_checks(None)
         stop.restore()
+        console.close()
         bar.close()
         log.close()
         with contextlib.suppress(Exception):
@@ -596,6 +636,15 @@ def train(cfg, require_resume: bool = False) -> dict:
                "interrupted": interrupted is not None}
     rdist.cleanup()
     return summary
+
+
+def console_above(bar):
+    """While a tqdm bar is on, the console log lines go through ``tqdm.write``: above the bar, not glued onto it."""
+    if not hasattr(bar, "disable"):  # the silent stand-in
+        return contextlib.nullcontext()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm(loggers=[logger], tqdm_class=type(bar))
 
 
 def export_now(model, optimizer, run_dir: Path, dinfo) -> None:
@@ -686,8 +735,8 @@ def main(argv=None) -> int:
         return 0
     try:
         train(cfg, require_resume=args.resume)
-    except (ConfigError, FileNotFoundError, ckpt.CheckpointError) as e:
-        # bad settings, missing dataset, missing or unreadable checkpoint: a message, no traceback
+    except (ConfigError, FileNotFoundError, ckpt.CheckpointError, DataError) as e:
+        # bad settings, missing dataset, unusable data, missing or unreadable checkpoint: a message, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

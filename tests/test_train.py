@@ -4,12 +4,15 @@ command line, schedule and parameter groups."""
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -59,6 +62,32 @@ def assert_models_close(a, b, rtol=1e-4, atol=2e-5):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
+
+
+@pytest.fixture(scope="module")
+def coco_tree(tmp_path_factory):
+    """A COCO-shaped folder: 6 small images and their FH masks (the COCO recipe's 3 scales)."""
+    from PIL import Image
+
+    from rmae.data import COCO_FH
+    from rmae.fh import felzenszwalb_multi
+    from rmae.masks import mask_path, save_labels
+
+    root = tmp_path_factory.mktemp("data")
+    images, masks = root / "coco" / "image" / "train2017", root / "coco" / "image" / "fh_train2017"
+    images.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for n in range(6):
+        name = f"{n + 1:012d}.jpg"
+        Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(images / name)
+        decoded = np.asarray(Image.open(images / name).convert("RGB"))
+        labels = felzenszwalb_multi(decoded, COCO_FH.scales, COCO_FH.sigma, COCO_FH.min_sizes)
+        save_labels(mask_path(masks, name), labels)
+    return root
+
+
+def coco_args(root, *extra):
+    return ["--dataset", "coco", f"dataset_config.coco_pretrain.data_dir={root}", *extra]
 
 
 @pytest.fixture(autouse=True)
@@ -254,8 +283,9 @@ def test_nonfinite_step_is_skipped(tmp_path, monkeypatch):
     _poison_second_forward(monkeypatch, float("nan"))
     run = tmp_path / "nan"
     summary = train(cfg_for(run, "training.max_update=3"))
-    assert summary["skipped"] == 1 and log_records(run, "skip")[0]["step"] == 1
-    assert log_records(run)[-1]["skipped"] == 1
+    # the skip carries the number of its update, as the update's metric record does
+    assert summary["skipped"] == 1 and log_records(run, "skip")[0]["step"] == 2
+    assert [(r["step"], r["skipped"]) for r in log_records(run)] == [(1, 0), (2, 1), (3, 1)]
     assert all(torch.isfinite(v).all() for v in final_model(run).values() if v.is_floating_point())
 
 
@@ -309,7 +339,8 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caps
     summary = train(cfg_for(run, "training.max_update=5"))
     (ev,) = log_records(run, "resume")
     assert ev["step"] == 2 and ev["unreadable"] == [str(four)] and summary["step"] == 5
-    assert four.with_name("ckpt_00000004.pt.corrupt").is_file()  # kept to look at, not retried
+    (old,) = (run / "previous").iterdir()  # renamed, kept to look at (not retried), with the history after 2
+    assert (ckpt.checkpoint_dir(old) / "ckpt_00000004.pt.corrupt").is_file()
     # none readable: a clear error naming every file, nothing renamed
     for p in ckpt.list_checkpoints(run):
         p.write_bytes(b"garbage")
@@ -321,6 +352,105 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caps
     two = ckpt.checkpoint_dir(run) / "ckpt_00000002.pt"
     with pytest.raises(ckpt.CheckpointError, match="ckpt_00000002.pt cannot be read"):
         train(cfg_for(run, "training.max_update=6", f"training.resume_file={two}"))
+
+
+def test_fallback_resume_sets_the_later_history_aside(tmp_path):
+    """Falling back from a corrupt newest checkpoint (6) to step 4 sets the later history aside (the .corrupt
+    file, log, config, encoder, pictures) as a resume_file at step 4 does."""
+    moved = {}
+    for how in ("fallback", "resume_file"):
+        run = tmp_path / how
+        train(cfg_for(run, "training.max_update=6", "training.checkpoint_interval=2"))  # ckpt 4, 6; vis 6
+        six, four = ckpt.checkpoint_dir(run) / "ckpt_00000006.pt", ckpt.checkpoint_dir(run) / "ckpt_00000004.pt"
+        if how == "fallback":
+            six.write_bytes(six.read_bytes()[:1000])
+            train(cfg_for(run, "training.max_update=5"))
+        else:
+            train(cfg_for(run, "training.max_update=5", f"training.resume_file={four}"))
+        (old,) = (run / "previous").iterdir()
+        moved[how] = sorted(os.listdir(old))
+        assert [p.name for p in ckpt.checkpoint_dir(old).iterdir()] == [six.name + ".corrupt" * (how == "fallback")]
+        assert [r["step"] for r in log_records(old)] == [1, 2, 3, 4, 5, 6] and log_records(old, "done")
+        assert (old / "vis" / "step_00000006.png").is_file() and not (run / "vis" / "step_00000006.png").exists()
+        assert [r["step"] for r in log_records(run)] == [5] and [r["step"] for r in log_records(run, "done")] == [5]
+        assert [p.name for p in ckpt.list_checkpoints(run)] == ["ckpt_00000004.pt", "ckpt_00000005.pt"]
+    assert moved["fallback"] == moved["resume_file"] == ["checkpoints", "config.yaml", "encoder.safetensors",
+                                                         "log.jsonl", "vis"]
+
+
+def test_a_failed_start_is_not_set_aside(tmp_path):
+    """A start that failed before its first update (here: no dataset) leaves no history: a retry does not move
+    its config and start record to previous/. A log with steps but no checkpoint is still set aside."""
+    from rmae.train import main
+
+    run = tmp_path / "run"
+    missing = [*BASE, f"training.save_dir={run}", "training.max_update=2",
+               *coco_args(tmp_path / "no_data")]
+    assert main(missing) == 2 and (run / "log.jsonl").is_file()
+    assert main(missing) == 2
+    train(cfg_for(run, "training.max_update=2"))
+    assert not (run / "previous").exists()
+    assert [r["step"] for r in log_records(run)] == [1, 2] and len(log_records(run, "start")) == 3
+    shutil.rmtree(ckpt.checkpoint_dir(run))  # as a crash before the first checkpoint
+    train(cfg_for(run, "training.max_update=1"))
+    (old,) = (run / "previous").iterdir()
+    assert [r["step"] for r in log_records(old)] == [1, 2] and [r["step"] for r in log_records(run)] == [1]
+
+
+@pytest.mark.parametrize("model", ["rmae", "rae"])
+def test_mae_recipe_runs_with_a_region_model(tmp_path, coco_tree, model):
+    """official_models.yaml: every recipe runs with any --model. An MAE recipe (region_source: none) with a
+    model that has regions reads the FH masks, as the R-MAE recipes do, and says so."""
+    from rmae.train import main
+
+    run = tmp_path / model
+    tiny = [f"model_config.{model}.mae_vit.arch=rmae_tiny_patch16", f"model_config.{model}.mae_vit.params.img_size=32",
+            f"model_config.{model}.mae_vit.params.kernel_impl=reference", "training.use_fp16=none",
+            "training.tensorboard=false"]
+    assert main(["--config", "MAE/COCO/mae_4000eps.yaml", "--model", model, *BASE, *tiny, "training.max_update=1",
+                 f"training.save_dir={run}", *coco_args(coco_tree)]) == 0
+    (ev,) = log_records(run, "region_source")
+    assert ev["source"] == "offline" and "dataset_config.coco_pretrain.region_source" in ev["message"]
+    assert math.isfinite(log_records(run)[-1]["region_loss"])
+
+
+def test_shard_cache_size_is_reported(tmp_path, coco_tree):
+    run = tmp_path / "shard"
+    train(load_config(None, BASE + [f"training.save_dir={run}", "training.max_update=1",
+                                    f"dataset_config.coco_pretrain.data_dir={coco_tree}",
+                                    "dataset_config.coco_pretrain.sampler=shard"], dataset="coco"))
+    (ev,) = log_records(run, "shard_cache")
+    assert ev["rank"] == 0 and ev["items"] == ev["of"] == 6 and 0 < ev["mib"] < ev["limit_mib"] == 8192
+
+
+def test_log_lines_are_not_glued_to_the_progress_bar(tmp_path, coco_tree):
+    """With the bar on, console lines go through tqdm.write: each starts a line of its own."""
+    run = tmp_path / "bar"
+    args = [sys.executable, "-m", "rmae.train", *BASE, f"training.save_dir={run}", "training.max_update=2",
+            "training.checkpoint_interval=1", "training.progress_bar=true",
+            *coco_args(coco_tree, "dataset_config.coco_pretrain.sampler=shard")]
+    proc = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if " INFO " in line]
+    assert any("event=checkpoint step=1" in line for line in lines), proc.stderr
+    assert any("event=shard_cache" in line for line in lines), proc.stderr  # the cache size reaches the console
+    assert all(re.match(r"\d\d:\d\d:\d\d INFO ", line) for line in lines), lines
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_image_and_mask_of_different_sizes_is_a_clean_error(tmp_path, coco_tree, capsys, workers):
+    from rmae.masks import save_labels
+    from rmae.train import main
+
+    root = tmp_path / "data"
+    shutil.copytree(coco_tree, root)
+    save_labels(root / "coco" / "image" / "fh_train2017" / "000000000001.npy.zst", np.zeros((3, 10, 10), np.uint16))
+    assert main([*BASE, f"training.save_dir={tmp_path / 'run'}", "training.max_update=1",
+                 f"training.num_workers={workers}", *coco_args(root)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"error: mask \S*fh_train2017/000000000001\.npy\.zst is 10x10 \(WxH\) but image "
+                     r"\S*train2017/000000000001\.jpg is 64x48", err), err
+    assert "Traceback" not in err
 
 
 def test_demo_variants_have_their_own_run_folders():
