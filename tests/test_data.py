@@ -630,3 +630,28 @@ def test_shard_cache_serves_identical_samples(tree):
     assert set(next(iter(workers))["index"].tolist()) <= {1, 3, 5}  # forked workers read the shared cache
     small = ShardCache(uncached.images, [1, 3, 5], limit_bytes=cache.nbytes - 1)  # bounded: the last one is left out
     assert small.items == 2 and small.nbytes <= cache.nbytes - 1 and small.image(5) is None
+
+
+def test_shard_cache_never_keeps_a_file_cut_short(tree, monkeypatch):
+    """A file rewritten between listing and reading (here: listed 100 bytes shorter than it is) is served
+    from disk, not from a cut copy."""
+    import os
+
+    from rmae.data import cache as cache_module
+
+    images = _coco(tree, img_size=32).images
+    grown = str(images.image_file(3))
+    real_stat = os.stat
+
+    def stat(path, *args, **kwargs):
+        result = real_stat(path, *args, **kwargs)
+        if str(path) == grown:
+            fields = list(result)
+            fields[6] -= 100  # st_size
+            return os.stat_result(fields)
+        return result
+
+    monkeypatch.setattr(cache_module.os, "stat", stat)
+    cache = ShardCache(images, [1, 3, 5], limit_bytes=1 << 30, masks=False)
+    monkeypatch.undo()
+    assert cache.image(3) is None and cache.image(1) is not None and cache.items == 2

@@ -67,6 +67,9 @@ class ShardCache:
             try:
                 for path, offset, length in parts:
                     with open(path, "rb") as f:
+                        # the size now, not the one listed: a file rewritten since (longer or shorter) is not cut
+                        if os.fstat(f.fileno()).st_size != length:
+                            return False
                         if f.readinto(memoryview(self.buffer)[offset : offset + length]) != length:
                             return False
             except OSError:

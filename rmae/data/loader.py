@@ -108,7 +108,8 @@ def build_loader(
     """
     cfg = DataConfig.from_any(cfg)
     if num_workers is None:
-        num_workers = min(8, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        num_workers = min(8, cores)
     dataset = build_dataset(cfg, seed=seed)
     if cfg.sampler == "infinite":
         sampler = InfiniteSampler(len(dataset), rank, world_size, seed, shuffle=cfg.train, start=start)
