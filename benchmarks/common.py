@@ -1,8 +1,9 @@
 """What every benchmark prints about the machine it ran on (imported by the bench_*.py scripts)."""
 from __future__ import annotations
 
-import os
 import platform
+
+from rmae import usable_cores
 
 
 def cpu_model() -> str:
@@ -15,10 +16,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def machine() -> str:

@@ -62,13 +62,17 @@ def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (temporary files of an interrupted write are ignored)."""
+def _numbered_files(run_dir: str | os.PathLike, name: re.Pattern) -> list[tuple[int, Path]]:
+    """(step, file) of the files in the run's checkpoint folder whose name matches ``name``, oldest first."""
     d = checkpoint_dir(run_dir)
     if not d.is_dir():
         return []
-    found = [(int(m.group(1)), d / n) for n in os.listdir(d) if (m := _NAME.match(n))]
-    return [p for _, p in sorted(found)]
+    return sorted((int(m.group(1)), d / n) for n in os.listdir(d) if (m := name.match(n)))
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary files of an interrupted write are ignored)."""
+    return [p for _, p in _numbered_files(run_dir, _NAME)]
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
@@ -82,10 +86,7 @@ def step_of(path: str | os.PathLike) -> int:
 
 def corrupt_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     """(step, file) of the checkpoints that ``read_latest`` renamed ``*.corrupt``."""
-    d = checkpoint_dir(run_dir)
-    if not d.is_dir():
-        return []
-    return [(int(m.group(1)), d / n) for n in os.listdir(d) if (m := _CORRUPT.match(n))]
+    return _numbered_files(run_dir, _CORRUPT)
 
 
 def records_a_step(log: Path) -> bool:
@@ -110,7 +111,7 @@ def set_aside(run_dir: str | os.PathLike, files: tuple[str, ...], keep_up_to: in
     no log that records a step (a start that failed before its first update is no history). Returns the
     folder the files went to, or None."""
     run_dir = Path(run_dir)
-    found = [(step_of(p), p) for p in list_checkpoints(run_dir)] + corrupt_checkpoints(run_dir)
+    found = _numbered_files(run_dir, _NAME) + corrupt_checkpoints(run_dir)
     later = [p for s, p in found if keep_up_to is None or s > keep_up_to]
     if not later and not (keep_up_to is None and records_a_step(run_dir / "log.jsonl")):
         return None

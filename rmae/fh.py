@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 from typing import Sequence
 
 import numpy as np
 
-from rmae import _fh
+from rmae import _fh, usable_cores
 
 __all__ = ["felzenszwalb", "felzenszwalb_multi", "felzenszwalb_batch", "gaussian_weights", "default_min_sizes"]
 
@@ -133,7 +132,7 @@ def felzenszwalb_batch(
         min_sizes = default_min_sizes(scales)
     scales, min_sizes = _check_params(list(scales), sigma, list(min_sizes))
     if num_threads is None:
-        num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        num_threads = usable_cores()
     if num_threads < 1:
         raise ValueError(f"num_threads must be >= 1, got {num_threads}")
     arrays = [_as_image(image) for image in images]

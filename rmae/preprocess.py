@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from rmae import fh
+from rmae import fh, usable_cores
 from rmae.image_io import IMAGE_SUFFIXES, ImageDecodeError, load_rgb
 from rmae.masks import MASK_SUFFIX, MaskError, load_labels, mask_path, save_labels
 from rmae.recipes import COCO_FH, IMAGENET_FH, FHRecipe
@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     recipe.add_argument("--scales", type=lambda t: _parse_numbers(t, float), help="e.g. 500,1000,1500")
     recipe.add_argument("--min-sizes", type=lambda t: _parse_numbers(t, int), help="default: equal to the scales")
     recipe.add_argument("--sigma", type=float, help="Gaussian sigma (default 0.8)")
-    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="threads (default: all cores)")
+    parser.add_argument("--workers", type=int, default=usable_cores(), help="threads (default: all cores)")
     parser.add_argument("--verify", action="store_true", help="re-check existing masks; regenerate bad ones")
     parser.add_argument("--overwrite", action="store_true", help="recompute every mask (also after a recipe change)")
     args = parser.parse_args(argv)

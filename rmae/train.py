@@ -478,10 +478,10 @@ def train(cfg, require_resume: bool = False) -> dict:
                   device=str(device), batch_size=G, micro_batch=b, iter_per_update=A, amp=tr["use_fp16"],
                   compile=use_compile, img_size=img_size, num_region=num_region, run_dir=str(run_dir))
 
-    source = dataset_section(cfg)["region_source"]
-    if num_region > 0 and source == "none":  # an MAE recipe with --model rmae or rae
+    source = region_source(cfg, num_region)
+    if num_region > 0 and source != dataset_section(cfg)["region_source"]:  # an MAE recipe with --model rmae or rae
         key = f"dataset_config.{cfg['dataset']}_pretrain.region_source"
-        log.event("region_source", source=region_source(cfg, num_region),
+        log.event("region_source", source=source,
                   message=f"{key} is none but model {cfg['model']} has {num_region} regions: reading the FH "
                           f"masks (offline), as the R-MAE recipes do; set {key} to choose")
     # per-rank samples consumed so far: the global position split over ranks

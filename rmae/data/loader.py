@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 import torch
 from torch.utils.data import DataLoader
+
+from rmae import usable_cores
 
 from .cache import ShardCache
 from .dataset import RegionDataset
@@ -108,8 +109,7 @@ def build_loader(
     """
     cfg = DataConfig.from_any(cfg)
     if num_workers is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        num_workers = min(8, cores)
+        num_workers = min(8, usable_cores())
     dataset = build_dataset(cfg, seed=seed)
     if cfg.sampler == "infinite":
         sampler = InfiniteSampler(len(dataset), rank, world_size, seed, shuffle=cfg.train, start=start)
