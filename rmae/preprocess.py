@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from rmae import fh, usable_cores
+from rmae import fh, listing, usable_cores
 from rmae.image_io import IMAGE_SUFFIXES, ImageDecodeError, load_rgb
 from rmae.masks import MASK_SUFFIX, MaskError, load_labels, mask_path, save_labels
 from rmae.recipes import COCO_FH, IMAGENET_FH, FHRecipe
@@ -65,46 +65,17 @@ def dataset_folders(dataset: str, split: str, root: Path) -> tuple[Path, Path]:
     return images, masks
 
 
-def _folder_id(folder: Path) -> tuple[int, int]:
-    info = folder.stat()
-    return info.st_dev, info.st_ino
-
-
 def scan_images(folder: Path) -> tuple[list[Path], list[Path], list[tuple[Path, str]]]:
     """(image files, broken links named like images, folders that cannot be listed with why) under
-    ``folder``, recursively, as sorted paths relative to it.
-
-    Follows symlinked folders as the data pipeline does, except a link back into its own ancestry (a
-    loop). Hidden files and folders are skipped.
-    """
-    found, broken, unlistable = [], [], []
-    pending = [(Path(), frozenset())]  # (folder relative to ``folder``, identities of its ancestors)
-    while pending:
-        relative, ancestors = pending.pop()
-        try:
-            here = _folder_id(folder / relative)
-            if here in ancestors:
-                continue
-            with os.scandir(folder / relative) as listing:
-                entries = list(listing)
-        except OSError as error:
-            unlistable.append((relative, f"cannot list folder ({error.strerror or error})"))
-            continue
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            if entry.is_dir():
-                pending.append((relative / entry.name, ancestors | {here}))
-            elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
-                if entry.is_file():
-                    found.append(relative / entry.name)
-                elif entry.is_symlink():
-                    broken.append(relative / entry.name)
-    return sorted(found), sorted(broken), sorted(unlistable)
+    ``folder``, recursively, as paths relative to it: exactly the images the data pipeline lists
+    (``rmae.listing.scan_images``: symlinked folders followed, hidden files skipped)."""
+    scan = listing.scan_images(folder)
+    return ([Path(p) for p in scan.images], [Path(p) for p in scan.broken_links],
+            [(Path(p), why) for p, why in scan.unlistable])
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursive, following symlinked folders), as sorted paths relative to it."""
+    """Image files under ``folder`` (recursive, following symlinked folders), as paths relative to it."""
     return scan_images(folder)[0]
 
 

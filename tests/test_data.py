@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import shutil
 import types
 import warnings
@@ -533,6 +534,31 @@ def test_missing_mask_names_the_path(tree, tmp_path):
     with pytest.raises(MissingMaskError, match=r"fh_train2017/000000000001\.npy\.zst"):
         _coco(root)[(0, 0)]
     assert _coco(root, regions="online")[(0, 0)]["index"].item() == 0
+
+
+def test_images_sharing_a_mask_name_are_explained(tree, tmp_path):
+    """x.jpg and x.png map to one mask, so preprocessing segments neither: the loader says so, rather than
+    pointing to the preprocessing command that refuses them again."""
+    root = _copy_tree(tree, tmp_path)
+    images = root / "coco" / "image" / "train2017"
+    shutil.copy(images / "000000000001.jpg", images / "000000000001.png")
+    (root / "coco" / "image" / "fh_train2017" / "000000000001.npy.zst").unlink()
+    with pytest.raises(MissingMaskError, match=r"shares the mask name 000000000001\.npy\.zst with "
+                                               r"000000000001\.png .*Rename one"):
+        _coco(root)[(0, 0)]
+
+
+def test_file_names_that_are_not_utf8_are_read(tree, tmp_path):
+    """A Latin-1 file name (as preprocessing writes its mask) is listed, opened and given its mask."""
+    root = _copy_tree(tree, tmp_path)
+    odd = os.fsdecode(b"caf\xe9.jpg")
+    shutil.copy(root / "coco" / "image" / "train2017" / "000000000003.jpg", root / "coco" / "image" / "train2017" / odd)
+    masks = root / "coco" / "image" / "fh_train2017"
+    shutil.copy(masks / "000000000003.npy.zst", mask_path(masks, odd))
+    dataset = _coco(root)
+    names = [dataset.images.relative(i) for i in range(len(dataset.images))]
+    assert names[-1] == odd and len(names) == len(PHOTOS) + 1
+    assert dataset[(len(names) - 1, 0)]["index"].item() == len(names) - 1
 
 
 def test_size_mismatch_names_both_files(tree, tmp_path):

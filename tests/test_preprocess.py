@@ -343,3 +343,44 @@ def test_preprocessing_and_the_loader_list_the_same_images(tmp_path):
     by_preprocessing = [str(p) for p in list_images(tmp_path)]
     assert by_preprocessing == _list_images(tmp_path)
     assert by_preprocessing == ["a.jpg", "b.gif", "c.PNG", "cls/e.tiff", "cls/f.bmp", "d.webp"]
+
+
+def test_loader_and_preprocessing_agree_below_the_first_level(tmp_path):
+    """Symlinked folders deep in the tree are followed, broken links and links back up are not listed by the
+    loader, and a file name that is not valid UTF-8 is listed by both."""
+    from rmae.data.sources import _list_images
+
+    pixels = np.zeros((4, 4, 3), np.uint8)
+    odd = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes: not valid UTF-8
+    for name in ("n01/a.png", "extra/b.png", f"n01/{odd}"):
+        (tmp_path / "train" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(tmp_path / "train" / name)
+    (tmp_path / "train" / "n01" / "more").symlink_to(tmp_path / "train" / "extra", target_is_directory=True)
+    (tmp_path / "train" / "n01" / "loop").symlink_to(tmp_path / "train", target_is_directory=True)
+    (tmp_path / "train" / "n01" / "broken.png").symlink_to(tmp_path / "nowhere.png")
+    images = ["extra/b.png", "n01/a.png", f"n01/{odd}", "n01/more/b.png"]
+    assert [str(p) for p in list_images(tmp_path / "train")] == images
+    assert _list_images(tmp_path / "train") == images
+    assert _list_images(tmp_path / "train", num_threads=1) == images
+    assert main(["--images", str(tmp_path / "train"), "--out", str(tmp_path / "masks"), "--workers", "1"]) == 1
+    assert sorted(str(p.relative_to(tmp_path / "masks")) for p in (tmp_path / "masks").rglob("*.npy.zst")) == [
+        "extra/b.npy.zst", "n01/a.npy.zst", "n01/" + odd.replace(".png", ".npy.zst"), "n01/more/b.npy.zst"]
+
+
+def test_the_loader_reports_folders_it_cannot_list(tmp_path, monkeypatch):
+    from rmae import listing
+    from rmae.data.sources import _list_images
+
+    for name in ("n01/a.png", "n02/b.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / name)
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if str(path).endswith("n02"):
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+
+    monkeypatch.setattr(listing.os, "scandir", scandir)
+    with pytest.warns(UserWarning, match=r"1 folder\(s\) under .* cannot be listed.*n02: cannot list folder \(Permission denied\)"):
+        assert _list_images(tmp_path) == ["n01/a.png"]

@@ -19,6 +19,7 @@ number of workers and a resumed run repeats the same crops.
 """
 from __future__ import annotations
 
+import glob
 import warnings
 
 import numpy as np
@@ -27,6 +28,7 @@ from PIL import Image
 from torch.utils.data import Dataset, get_worker_info
 
 from rmae.fh import felzenszwalb_batch, felzenszwalb_multi
+from rmae.image_io import IMAGE_SUFFIXES
 from rmae.masks import MaskError, find_mask, mask_path
 
 from .cache import ShardCache
@@ -184,12 +186,7 @@ class RegionDataset(Dataset):
             else:
                 found = find_mask(self.images.mask_dir(index), self.images.relative(index))
                 if found is None:
-                    expected = mask_path(self.images.mask_dir(index), self.images.relative(index))
-                    raise MissingMaskError(
-                        f"no FH mask for {self.images.image_file(index)}: expected {expected} "
-                        f"(or the original's .npy beside it). Make masks with: {self.images.preprocess_hint}, "
-                        "or use regions='online' / 'online_crop'."
-                    )
+                    raise MissingMaskError(self._missing_mask_message(index))
                 labels = decode_labels(found, found)
             self._check_scales(labels, found, index)
             width, height = image_size
@@ -199,6 +196,18 @@ class RegionDataset(Dataset):
                     f"{self.images.image_file(index)} is {width}x{height}: the mask was made from another image"
                 )
         return labels
+
+    def _missing_mask_message(self, index: int) -> str:
+        image_file = self.images.image_file(index)
+        expected = mask_path(self.images.mask_dir(index), self.images.relative(index))
+        twins = sorted(p.name for p in image_file.parent.glob(glob.escape(image_file.stem) + ".*")
+                       if p != image_file and p.suffix.lower() in IMAGE_SUFFIXES)
+        if twins:  # x.jpg and x.png: preprocessing leaves both out rather than give them one mask
+            return (f"no FH mask for {image_file}: it shares the mask name {expected.name} with "
+                    f"{', '.join(twins)} in the same folder, so preprocessing segments neither. Rename one of "
+                    f"them and run: {self.images.preprocess_hint}; or use regions='online' / 'online_crop'.")
+        return (f"no FH mask for {image_file}: expected {expected} (or the original's .npy beside it). "
+                f"Make masks with: {self.images.preprocess_hint}, or use regions='online' / 'online_crop'.")
 
     def _check_scales(self, labels: np.ndarray, found, index: int) -> None:
         """A mask must hold one label map per scale of the recipe (a batch stacks them)."""

@@ -9,12 +9,14 @@ import json
 import os
 import re
 import shlex
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from rmae import listing
 from rmae.image_io import IMAGE_SUFFIXES
 from rmae.recipes import COCO_FH, IMAGENET_FH, FHRecipe
 
@@ -52,7 +54,7 @@ class ImageList:
 
     name: str
     roots: list[tuple[Path, Path]]  # (image_dir, mask_dir)
-    paths: np.ndarray  # bytes 'S' [N]: image path relative to its root's image_dir, utf-8
+    paths: np.ndarray  # bytes 'S' [N]: image path relative to its root's image_dir (os.fsencode)
     root_ids: np.ndarray  # uint8 [N]
     recipe: FHRecipe
     preprocess_hint: str = ""
@@ -65,7 +67,7 @@ class ImageList:
         return int(self.paths.shape[0])
 
     def relative(self, index: int) -> str:
-        return self.paths[index].decode("utf-8")
+        return os.fsdecode(self.paths[index])
 
     def image_file(self, index: int) -> Path:
         return self.roots[self.root_ids[index]][0] / self.relative(index)
@@ -104,7 +106,7 @@ def _tree_message(root: Path, what: str, tree: str, command: str) -> str:
 
 
 def _pack(paths: Sequence[str]) -> np.ndarray:
-    encoded = [p.encode("utf-8") for p in paths]
+    encoded = [os.fsencode(p) for p in paths]  # also names that are not valid UTF-8 (surrogate escapes)
     return np.array(encoded, dtype=f"S{max((len(p) for p in encoded), default=1)}")
 
 
@@ -136,33 +138,17 @@ def read_coco_file_names(annotation_file: str | os.PathLike) -> list[str]:
     return [e[2] for e in entries]
 
 
-def _walk(folder: Path, sub: str) -> list[str]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder / sub if sub else folder):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        rel = os.path.relpath(dirpath, folder)
-        for name in filenames:
-            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
-                found.append(name if rel == "." else os.path.join(rel, name))
-    return found
-
-
 def _list_images(folder: Path, num_threads: int = 16) -> list[str]:
-    """Image files under ``folder`` (recursively), relative, sorted. Subfolders (ImageNet's 1000 classes) are
-    listed on ``num_threads`` threads: on network file systems listing is latency-bound."""
-    with os.scandir(folder) as entries:
-        entries = list(entries)
-    found = [e.name for e in entries
-             if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS) and not e.name.startswith(".")]
-    subdirs = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
-    if subdirs:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max(1, min(num_threads, len(subdirs)))) as pool:
-            for part in pool.map(lambda sub: _walk(folder, sub), subdirs):
-                found.extend(part)
-    found.sort()
-    return found
+    """Image files under ``folder`` (recursively, symlinked folders followed), relative, sorted: the images
+    preprocessing segments (``rmae.listing``). Broken links are left out; folders that cannot be listed are
+    reported, not silently dropped."""
+    scan = listing.scan_images(folder, num_threads)
+    if scan.unlistable:
+        shown = "; ".join(f"{folder / p}: {why}" for p, why in scan.unlistable[:5])
+        more = f" (and {len(scan.unlistable) - 5} more)" if len(scan.unlistable) > 5 else ""
+        warnings.warn(f"{len(scan.unlistable)} folder(s) under {folder} cannot be listed; their images are "
+                      f"left out: {shown}{more}", stacklevel=2)
+    return scan.images
 
 
 COCO_TREE = """\
