@@ -5,6 +5,10 @@
 #include <pybind11/stl.h>
 
 #include <atomic>
+#include <exception>
+#include <new>
+#include <stdexcept>
+#include <string>
 #include <thread>
 
 #include "fh.hpp"
@@ -42,6 +46,32 @@ fh::FloatImage to_float(const ImageView& v) {
     return fh::from_float64(static_cast<const double*>(v.data), v.height, v.width, v.channels);
 }
 
+// Raises, as a Python exception, the error that image i of a batch threw: the type pybind11 would
+// give it (std::bad_alloc -> MemoryError, std::invalid_argument -> ValueError, ...) with the message
+// prefixed by "image i: ". Called with the GIL held.
+[[noreturn]] void raise_for_image(size_t i, const std::exception_ptr& error) {
+    const std::string prefix = "image " + std::to_string(i) + ": ";
+    try {
+        std::rethrow_exception(error);
+    } catch (const std::exception& e) {
+        // pybind11's translation order (detail/internals.h, translate_exception).
+        PyObject* type = PyExc_RuntimeError;
+        if (dynamic_cast<const std::bad_alloc*>(&e)) {
+            type = PyExc_MemoryError;
+        } else if (dynamic_cast<const std::domain_error*>(&e) || dynamic_cast<const std::invalid_argument*>(&e) ||
+                   dynamic_cast<const std::length_error*>(&e) || dynamic_cast<const std::range_error*>(&e)) {
+            type = PyExc_ValueError;
+        } else if (dynamic_cast<const std::out_of_range*>(&e)) {
+            type = PyExc_IndexError;
+        } else if (dynamic_cast<const std::overflow_error*>(&e)) {
+            type = PyExc_OverflowError;
+        }
+        PyErr_SetString(type, (prefix + e.what()).c_str());
+        throw py::error_already_set();
+    }
+    // Anything else propagates unchanged (pybind11 translates it).
+}
+
 py::array_t<int32_t> segment(const py::array& image, const std::vector<double>& weights,
                              const std::vector<double>& scales, const std::vector<int64_t>& min_sizes) {
     const ImageView v = view_of(image);
@@ -56,7 +86,7 @@ py::array_t<int32_t> segment(const py::array& image, const std::vector<double>& 
 
 py::list segment_batch(const py::list& images, const std::vector<double>& weights,
                        const std::vector<double>& scales, const std::vector<int64_t>& min_sizes,
-                       int num_threads) {
+                       int64_t num_threads) {
     const size_t n = images.size();
     std::vector<ImageView> views;
     std::vector<py::array> keep_alive;
@@ -70,7 +100,7 @@ py::list segment_batch(const py::list& images, const std::vector<double>& weight
                                                   views.back().width});
         out_ptrs.push_back(outputs.back().mutable_data());
     }
-    std::vector<std::string> errors(n);
+    std::vector<std::exception_ptr> errors(n);
     {
         py::gil_scoped_release release;
         std::atomic<size_t> next{0};
@@ -78,19 +108,24 @@ py::list segment_batch(const py::list& images, const std::vector<double>& weight
             for (size_t i = next++; i < n; i = next++) {
                 try {
                     fh::felzenszwalb_multi(to_float(views[i]), weights, scales, min_sizes, out_ptrs[i]);
-                } catch (const std::exception& e) {
-                    errors[i] = e.what();
+                } catch (...) {
+                    errors[i] = std::current_exception();
                 }
             }
         };
-        const int threads = std::max(1, std::min<int>(num_threads, static_cast<int>(n)));
+        const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(num_threads, static_cast<int64_t>(n)));
         std::vector<std::thread> pool;
-        for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
+        try {
+            for (int64_t t = 1; t < threads; ++t) pool.emplace_back(worker);
+        } catch (const std::exception&) {
+            // No more threads to be had (std::system_error, std::bad_alloc): the ones started and
+            // this one still take every image.
+        }
         worker();
         for (auto& t : pool) t.join();
     }
     for (size_t i = 0; i < n; ++i)
-        if (!errors[i].empty()) throw std::invalid_argument("image " + std::to_string(i) + ": " + errors[i]);
+        if (errors[i]) raise_for_image(i, errors[i]);
     py::list result;
     for (auto& o : outputs) result.append(o);
     return result;

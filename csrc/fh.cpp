@@ -179,14 +179,18 @@ FH_MULTIVERSION void add_square_diff_row(double* __restrict squares, const doubl
     }
 }
 
-// cost = sqrt(sum of squares), key = its float32 bit pattern.
+// cost = sqrt(sum of squares), key = its float32 bit pattern; every NaN (from inputs that overflow
+// in the smoothing) gets the largest key, whatever its sign bit, so NaNs sort last in edge order, as
+// numpy's stable argsort puts them.
 FH_MULTIVERSION void finish_cost_row(const double* __restrict squares, double* __restrict cost,
                                      uint32_t* __restrict key, int64_t n) {
     for (int64_t i = 0; i < n; ++i) {
         const double c = std::sqrt(squares[i]);
         cost[i] = c;
         const float f = static_cast<float>(c);
-        std::memcpy(key + i, &f, sizeof f);
+        uint32_t bits;
+        std::memcpy(&bits, &f, sizeof f);
+        key[i] = c == c ? bits : UINT32_MAX;
     }
 }
 
@@ -284,6 +288,60 @@ void insertion_sort_by_cost(SortedEdge* first, int64_t n) {
     }
 }
 
+// Kept out of the hot scan below (inlined, the rare path slowed the scan measurably).
+#if defined(__GNUC__)
+#define FH_COLD __attribute__((noinline, cold))
+#else
+#define FH_COLD
+#endif
+
+// Orders the run of equal keys that holds the inversion at items i - 1, i (everything before i is
+// in order); returns the run's end. Insertion sort from i, as long as its moves stay linear in the
+// run's length; past that budget (a long run far from cost order), a merge sort of the whole run
+// (the insertions made so far kept equal costs in edge order, so it is still stable).
+FH_COLD int64_t order_run_by_cost(SortedEdge* first, int64_t n, int64_t i) {
+    const uint32_t key = first[i].key;
+    int64_t budget = 64;
+    int64_t end = i;
+    for (; end < n && first[end].key == key; ++end) {
+        budget += 8;
+        if (!(first[end - 1].cost > first[end].cost)) continue;
+        const SortedEdge item = first[end];
+        int64_t hole = end;
+        while (hole > 0 && first[hole - 1].cost > item.cost) {  // stops at the run's start: smaller key
+            first[hole] = first[hole - 1];
+            --hole;
+        }
+        first[hole] = item;
+        budget -= end - hole;
+        if (budget < 0) {
+            int64_t begin = hole;
+            while (begin > 0 && first[begin - 1].key == key) --begin;
+            while (end < n && first[end].key == key) ++end;
+            std::stable_sort(first + begin, first + end,
+                             [](const SortedEdge& a, const SortedEdge& b) { return a.cost < b.cost; });
+            return end;
+        }
+    }
+    return end;
+}
+
+// Orders a range sorted by key by the exact cost, stably. Distinct costs can share a float32 key
+// (and every cost does when the costs lie outside float32's range: images scaled by 1e40 or 1e-50
+// round every key to inf or 0, float32 subnormals near 1e-40 keep few bits), so only runs of equal
+// keys can be out of order. One scan finds each inversion (as rare on photos as the shared keys);
+// the run of equal keys around it is then sorted, by insertion while that stays linear and by a
+// merge sort past it, so no input is quadratic. A run's costs are all NaN or none is, so `<` orders
+// it strictly weakly (NaNs compare false: no inversion, they stay in edge order).
+void order_equal_keys_by_cost(SortedEdge* first, int64_t n) {
+    for (int64_t i = 1; i < n; ++i) {
+        if (!(first[i - 1].cost > first[i].cost)) continue;  // in order: the usual case
+        // An inversion: items i - 1 and i share a key (distinct keys order their costs). Items
+        // end - 1 and end have distinct keys, so the scan resumes at end + 1.
+        i = order_run_by_cost(first, n, i);
+    }
+}
+
 // Stable sort of one bucket: LSD radix on the low `bits` bits of the float32 key, then exact costs.
 void sort_bucket(SortedEdge* first, int64_t n, int bits, SortedEdge* scratch) {
     if (n < 2) return;
@@ -310,9 +368,8 @@ void sort_bucket(SortedEdge* first, int64_t n, int bits, SortedEdge* scratch) {
         std::swap(src, dst);
     }
     if (src != first) std::copy(src, src + n, first);
-    // Distinct costs can share a float32 key; the array is now sorted but for such short runs,
-    // which one insertion pass orders by the exact cost while the bucket is in cache.
-    insertion_sort_by_cost(first, n);
+    // Sorted by key; runs of equal keys are ordered by the exact cost while the bucket is in cache.
+    order_equal_keys_by_cost(first, n);
 }
 
 SortedEdges sorted_edges(const FloatImage& image) {
@@ -586,8 +643,14 @@ std::vector<int32_t> felzenszwalb_multi(FloatImage image, const std::vector<doub
         throw std::invalid_argument("scales and min_sizes must have the same length");
     if (image.height * image.width >= kMaxPixels)
         throw std::invalid_argument("image too large for FH segmentation (at most 2^30 pixels)");
-    gaussian_smooth(image, weights);
-    std::vector<int32_t> counts = segment(sorted_edges(image), scales, min_sizes, labels);
+    std::vector<int32_t> counts;
+    try {
+        gaussian_smooth(image, weights);
+        counts = segment(sorted_edges(image), scales, min_sizes, labels);
+    } catch (...) {  // std::bad_alloc half way: hand back what was grown for this image, as on success
+        release_large_workspace();
+        throw;
+    }
     release_large_workspace();
     return counts;
 }

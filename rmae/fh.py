@@ -27,27 +27,64 @@ __all__ = ["felzenszwalb", "felzenszwalb_multi", "felzenszwalb_batch", "gaussian
 MAX_MIN_SIZE = 2**63 - 1  # the C++ side takes int64; any min_size >= an image's pixel count acts as that count
 
 
-def gaussian_weights(sigma: float) -> list[float]:
-    """scipy.ndimage's Gaussian kernel for ``sigma`` (truncate 4), or [] when scipy would skip the axis."""
-    if sigma <= 1e-15:
+def _real(value, name: str):
+    """``value`` as a real scalar, unchanged where it is one (a numpy scalar keeps its type, which
+    decides the precision scipy computes the kernel in); a 0-d numeric array becomes its numpy scalar.
+    TypeError for anything else, as scikit-image raises for a non-number."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]
+    if isinstance(value, np.generic):
+        if value.dtype.kind not in "biuf":
+            raise TypeError(f"{name} must be a real number, got {value!r} ({value.dtype})")
+        return value
+    if not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}"[:200])
+    return value
+
+
+def _check_sigma(sigma):
+    sigma = _real(sigma, "sigma")
+    if not math.isfinite(sigma) or sigma < 0:
+        raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
+    return sigma
+
+
+def gaussian_weights(sigma: float, truncate: float = 4.0) -> list[float]:
+    """scipy.ndimage's Gaussian kernel for ``sigma``, or [] when scipy would skip the axis.
+
+    Computed exactly as ``scipy.ndimage.gaussian_filter1d`` does (radius ``int(truncate * float(sigma)
+    + 0.5)``, then ``_gaussian_kernel1d(sigma, 0, radius)[::-1]`` as float64), on the sigma object
+    itself: a numpy float32 or float16 sigma squares and divides in its own precision there, and so here.
+    """
+    sigma = _check_sigma(sigma)
+    if not sigma > 1e-15:  # gaussian_filter's test for skipping an axis
         return []
-    radius = int(4.0 * float(sigma) + 0.5)
-    # The same numpy expression as scipy.ndimage._filters._gaussian_kernel1d, so the taps are bit-identical.
+    radius = int(truncate * float(sigma) + 0.5)
+    # scipy.ndimage._filters._gaussian_kernel1d(sigma, 0, radius), expression for expression.
+    sigma2 = sigma * sigma
     x = np.arange(-radius, radius + 1)
-    phi = np.exp(-0.5 / (float(sigma) * float(sigma)) * x**2)
-    return (phi / phi.sum()).tolist()
+    phi_x = np.exp(-0.5 / sigma2 * x**2)
+    phi_x = phi_x / phi_x.sum()
+    # correlate1d (the kernel reversed for correlation) takes the weights as float64.
+    return np.asarray(phi_x[::-1], dtype=np.float64).tolist()
 
 
 def _as_image(image) -> np.ndarray:
     """Validates ``image`` and returns a C-contiguous uint8 or float64 [H, W, C] array."""
     if not isinstance(image, np.ndarray):
         raise TypeError(f"image must be a numpy array [H, W] or [H, W, C], got {type(image).__name__}")
+    # A plain ndarray of the same data: a masked array's mask is dropped (scikit-image segments the
+    # values underneath it, masked or not), as is np.matrix's type.
+    image = np.asarray(image)
     if image.ndim not in (2, 3):
         raise ValueError(f"image must be 2-D [H, W] or 3-D channels-last [H, W, C], got shape {image.shape}")
     if image.size == 0:
         raise ValueError(f"image is empty (shape {image.shape})")
     if image.dtype.kind not in "biuf":
         raise TypeError(f"image dtype must be bool, integer or floating point, got {image.dtype}")
+    if image.dtype.kind == "f" and image.dtype.itemsize > 8:
+        # np.longdouble (float96/float128): scikit-image's img_as_float64 refuses it with this message.
+        raise ValueError(f"Cannot convert from {image.dtype} to float64 (long double images are not supported)")
     if image.ndim == 2:
         image = image[:, :, None]
     if image.shape[0] * image.shape[1] >= _fh.MAX_PIXELS:
@@ -55,18 +92,32 @@ def _as_image(image) -> np.ndarray:
     if image.dtype == np.uint8:
         return np.ascontiguousarray(image)
     if image.dtype.kind == "f":
-        if not np.isfinite(image).all():
+        converted = np.ascontiguousarray(image, dtype=np.float64)  # exact for float16/32/64
+        if not np.isfinite(converted).all():  # checked on what the C++ side reads
             raise ValueError("image contains NaN or infinite values")
-        return np.ascontiguousarray(image, dtype=np.float64)
+        return converted
     from skimage.util import img_as_float64  # integer and bool types scale exactly as scikit-image
 
     return np.ascontiguousarray(img_as_float64(image))
 
 
 def _check_scale(scale) -> float:
-    if not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale < 0:
+    scale = _real(scale, "scale")
+    if not math.isfinite(scale) or scale < 0:
         raise ValueError(f"scale must be a finite number >= 0, got {scale!r}")
     return float(scale)
+
+
+def _check_min_size(min_size) -> int:
+    if isinstance(min_size, np.ndarray) and min_size.ndim == 0:
+        min_size = min_size[()]
+    if isinstance(min_size, (bool, np.bool_)) or not isinstance(min_size, numbers.Integral):
+        if not (isinstance(min_size, numbers.Real) and float(min_size).is_integer()):
+            raise TypeError(f"min_size must be an integer, got {min_size!r}")
+    value = int(min_size)  # range-checked as an int: numpy would compare np.float64(2**63) <= 2**63 - 1 as True
+    if not 0 <= value <= MAX_MIN_SIZE:
+        raise ValueError(f"min_size must be in 0..{MAX_MIN_SIZE} (2**63 - 1), got {min_size!r}")
+    return value
 
 
 def default_min_sizes(scales: Sequence[float]) -> list[int]:
@@ -78,24 +129,40 @@ def default_min_sizes(scales: Sequence[float]) -> list[int]:
     return [min(int(_check_scale(scale)), _fh.MAX_PIXELS) for scale in scales]
 
 
-def _check_params(scales: Sequence[float], sigma: float, min_sizes: Sequence[int]) -> tuple[list[float], list[int]]:
-    if not isinstance(sigma, numbers.Real) or not math.isfinite(sigma) or sigma < 0:
-        raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
+def _check_params(scales: Sequence[float], sigma, min_sizes: Sequence[int]) -> tuple[list[float], list[int]]:
+    _check_sigma(sigma)
     if len(scales) != len(min_sizes):
         raise ValueError(f"got {len(scales)} scales but {len(min_sizes)} min_sizes")
     if len(scales) == 0:
         raise ValueError("at least one scale is required")
-    checked_scales, checked_sizes = [], []
-    for scale, min_size in zip(scales, min_sizes):
-        _check_scale(scale)
-        if isinstance(min_size, (bool, np.bool_)) or not isinstance(min_size, numbers.Integral):
-            if not (isinstance(min_size, numbers.Real) and float(min_size).is_integer()):
-                raise TypeError(f"min_size must be an integer, got {min_size!r}")
-        if not 0 <= min_size <= MAX_MIN_SIZE:
-            raise ValueError(f"min_size must be in 0..{MAX_MIN_SIZE} (2**63 - 1), got {min_size!r}")
-        checked_scales.append(float(scale))
-        checked_sizes.append(int(min_size))
+    checked_scales = [_check_scale(scale) for scale in scales]
+    checked_sizes = [_check_min_size(min_size) for min_size in min_sizes]
     return checked_scales, checked_sizes
+
+
+def _check_num_threads(num_threads) -> int:
+    if isinstance(num_threads, np.ndarray) and num_threads.ndim == 0:
+        num_threads = num_threads[()]
+    if isinstance(num_threads, (bool, np.bool_)) or not isinstance(num_threads, numbers.Integral):
+        raise TypeError(f"num_threads must be an integer, got {num_threads!r}")
+    num_threads = int(num_threads)
+    if num_threads < 1:
+        raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+    return num_threads
+
+
+def _as_batch_image(index: int, image) -> np.ndarray:
+    """_as_image for image ``index`` of a batch: its errors say which image, keeping their type."""
+    try:
+        return _as_image(image)
+    except (TypeError, ValueError) as error:
+        base = TypeError if isinstance(error, TypeError) else ValueError
+        message = f"image {index}: {error}"
+        try:
+            raised = type(error)(message)
+        except Exception:  # a subclass that takes other arguments (numpy's UFuncTypeError...)
+            raised = base(message)
+        raise raised from error
 
 
 def felzenszwalb(image: np.ndarray, scale: float = 1, sigma: float = 0.8, min_size: int = 20) -> np.ndarray:
@@ -114,9 +181,10 @@ def felzenszwalb_multi(
     ``min_sizes`` defaults to the scales themselves (the R-MAE recipes). Each [s] equals
     ``felzenszwalb(image, scales[s], sigma, min_sizes[s])``.
     """
+    scales = list(scales)  # an iterator is read once, also when it gives the default min_sizes
     if min_sizes is None:
         min_sizes = default_min_sizes(scales)
-    scales, min_sizes = _check_params(list(scales), sigma, list(min_sizes))
+    scales, min_sizes = _check_params(scales, sigma, list(min_sizes))
     return _fh.segment(_as_image(image), gaussian_weights(sigma), scales, min_sizes)
 
 
@@ -128,12 +196,11 @@ def felzenszwalb_batch(
     num_threads: int | None = None,
 ) -> list[np.ndarray]:
     """``felzenszwalb_multi`` over many images on ``num_threads`` threads (default: all cores), GIL released."""
+    scales = list(scales)  # an iterator is read once, also when it gives the default min_sizes
     if min_sizes is None:
         min_sizes = default_min_sizes(scales)
-    scales, min_sizes = _check_params(list(scales), sigma, list(min_sizes))
-    if num_threads is None:
-        num_threads = usable_cores()
-    if num_threads < 1:
-        raise ValueError(f"num_threads must be >= 1, got {num_threads}")
-    arrays = [_as_image(image) for image in images]
-    return _fh.segment_batch(arrays, gaussian_weights(sigma), scales, min_sizes, int(num_threads))
+    scales, min_sizes = _check_params(scales, sigma, list(min_sizes))
+    num_threads = _check_num_threads(usable_cores() if num_threads is None else num_threads)
+    arrays = [_as_batch_image(i, image) for i, image in enumerate(images)]
+    num_threads = min(num_threads, max(len(arrays), 1))  # more threads than images would only idle
+    return _fh.segment_batch(arrays, gaussian_weights(sigma), scales, min_sizes, num_threads)

@@ -8,6 +8,9 @@ argsort made stable, which fixes the tie order and nothing else; where no tie de
 (every photo with sigma > 0), stock scikit-image is compared too.
 """
 import contextlib
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import numpy as np
@@ -202,10 +205,8 @@ def test_smoothing_is_bit_identical_to_scipy(shape, sigma):
     np.testing.assert_array_equal(_fh.smooth(photo, fh.gaussian_weights(sigma)), expected)
 
 
-@pytest.mark.parametrize("channels", [1, 3, 10])
-def test_edges_are_scikit_image_costs_in_stable_sorted_order(channels):
-    rng = np.random.default_rng(channels)
-    image = np.round(rng.random((23, 31, channels)) * 8) / 8  # many exactly tied costs
+def scikit_image_edge_order(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(costs, codes) of an [H, W, C] image's edges as scikit-image computes them, sorted stably."""
     height, width = image.shape[:2]
     # scikit-image's cost expressions and edge order, sorted stably.
     down = np.sqrt(np.sum((image[1:] - image[:-1]) * (image[1:] - image[:-1]), axis=-1))
@@ -219,9 +220,31 @@ def test_edges_are_scikit_image_costs_in_stable_sorted_order(channels):
     )
     types = np.repeat(np.arange(4), [right.size, down.size, dright.size, uright.size])
     order = np.argsort(costs, kind="stable")
+    return costs[order], (types[order] << 30) | first[order]
+
+
+def test_nan_costs_of_either_sign_sort_last_in_edge_order():
+    """NaN costs (inputs that overflow in the smoothing) go last in edge order, as numpy's stable argsort
+    puts them, whatever their sign bit (x86's default NaN is negative)."""
+    nan, negative_nan = np.nan, np.copysign(np.nan, -1)
+    rng = np.random.default_rng(5)
+    image = rng.random((9, 11, 1))
+    image[rng.random(image.shape) < 0.3] = nan
+    image[rng.random(image.shape) < 0.3] = negative_nan
+    expected_costs, expected_codes = scikit_image_edge_order(image)
+    sorted_costs, codes = _fh.sorted_edges(np.ascontiguousarray(image))
+    np.testing.assert_array_equal(codes, expected_codes)
+    np.testing.assert_array_equal(sorted_costs, expected_costs)
+
+
+@pytest.mark.parametrize("channels", [1, 3, 10])
+def test_edges_are_scikit_image_costs_in_stable_sorted_order(channels):
+    rng = np.random.default_rng(channels)
+    image = np.round(rng.random((23, 31, channels)) * 8) / 8  # many exactly tied costs
+    expected_costs, expected_codes = scikit_image_edge_order(image)
     sorted_costs, codes = _fh.sorted_edges(image)
-    np.testing.assert_array_equal(sorted_costs, costs[order])
-    np.testing.assert_array_equal(codes, (types[order] << 30) | first[order])
+    np.testing.assert_array_equal(sorted_costs, expected_costs)
+    np.testing.assert_array_equal(codes, expected_codes)
 
 
 def test_gaussian_weights_are_scipys_kernel():
@@ -307,3 +330,196 @@ def test_huge_min_sizes_are_range_checked_or_act_as_the_pixel_count():
     huge_scale = fh.felzenszwalb_multi(image, [1e300])  # default min_size from the scale, capped
     assert same_partition(huge_scale[0], reference(image, 1e300, 0.8, 7 * 9))
     np.testing.assert_array_equal(fh.felzenszwalb_batch([image], [1e300], num_threads=1)[0], huge_scale)
+
+
+@pytest.mark.parametrize(
+    "name, size, scale, sigma",
+    [("camera", (120, 160), 1, np.float32(0.3)), ("astronaut", (96, 128), 1000, np.float16(0.8))],
+)
+def test_numpy_float32_and_float16_sigmas_match_scikit_image(name, size, scale, sigma):
+    """scipy squares and divides a numpy sigma in its own precision (float32(0.3)**2 != 0.3**2 in
+    float64): the kernel, and with it the partition, must follow."""
+    from scipy.ndimage._filters import _gaussian_kernel1d
+
+    image = small_photo(name, size)
+    expected = stock_reference(image, scale, sigma, 20)
+    assert same_partition(fh.felzenszwalb(image, scale, sigma, 20), expected)
+    assert same_partition(fh.felzenszwalb_multi(image, [scale, 500], sigma, [20, 500])[0], expected)
+    batch = fh.felzenszwalb_batch([image, image[::-1]], [scale], sigma, [20], num_threads=2)
+    assert same_partition(batch[0][0], expected)
+    assert same_partition(batch[1][0], stock_reference(np.ascontiguousarray(image[::-1]), scale, sigma, 20))
+    for s in (sigma, np.float32(0.8), np.float16(0.3), np.float32(1.3), np.float16(2.0), np.array(np.float32(0.5))):
+        weights = fh.gaussian_weights(s)
+        expected_weights = _gaussian_kernel1d(s, 0, int(4 * float(s) + 0.5))[::-1]
+        np.testing.assert_array_equal(weights, expected_weights)  # bit for bit
+        photo = small_photo("coffee", (40, 50)) * (1 / 255)
+        np.testing.assert_array_equal(
+            _fh.smooth(photo, weights), ndi.gaussian_filter(photo, [s, s, 0], mode="reflect")
+        )
+
+
+@pytest.mark.parametrize(
+    "magnitude, scales",
+    [(1e-50, [0, 1e-48]), (1e40, [100]), (1e-40, [0, 1e-38, 1e-37]), (1e-300, [0])],
+)
+def test_costs_outside_float32_range_sort_in_n_log_n_and_match(magnitude, scales):
+    """Edge costs below or above float32's range all round to one float32 sort key (0 or inf), so the
+    edges fall in one bucket that only the exact costs order; costs near 1e-40 are float32 subnormals,
+    whose keys are coarse. This once ran an insertion sort over the whole bucket: quadratic, about 15 s
+    for each 300x300 call here (3 s at 200x200), now a few milliseconds. The size keeps that visible in
+    the test's run time; the assertions are the partition and the exact stable edge order."""
+    image = np.random.default_rng(0).random((300, 300, 3)) * magnitude
+    for scale in scales:
+        for sigma in (0, 0.8):
+            for min_size in (5, 20):
+                assert same_partition(
+                    fh.felzenszwalb(image, scale, sigma, min_size), reference(image, scale, sigma, min_size)
+                ), (scale, sigma, min_size)
+    tied = np.round(np.random.default_rng(1).random((40, 50, 3)) * 8) / 8 * magnitude  # long runs of equal costs
+    for array in (image[:60, :70], tied):
+        expected_costs, expected_codes = scikit_image_edge_order(array)
+        sorted_costs, codes = _fh.sorted_edges(np.ascontiguousarray(array))
+        np.testing.assert_array_equal(sorted_costs, expected_costs)
+        np.testing.assert_array_equal(codes, expected_codes)
+
+
+def test_masked_arrays_are_their_data_and_long_double_is_refused():
+    rng = np.random.default_rng(4)
+    data_ = rng.random((20, 30))
+    masked = np.ma.masked_array(data_, mask=data_ > 0.5)
+    np.testing.assert_array_equal(fh.felzenszwalb(masked, 100, 0.8, 5), fh.felzenszwalb(data_, 100, 0.8, 5))
+    assert same_partition(fh.felzenszwalb(masked, 100, 0.8, 5), reference(masked, 100, 0.8, 5))
+    with_nan = data_.copy()
+    with_nan[3, 4] = np.nan
+    with_nan[10, 10] = np.copysign(np.nan, -1)
+    with pytest.raises(ValueError, match="NaN"):  # NaN under the mask is still NaN
+        fh.felzenszwalb(np.ma.masked_invalid(with_nan), 1, 0, 2)
+    with pytest.raises(ValueError, match="image 1: image contains NaN"):
+        fh.felzenszwalb_batch([data_, np.ma.masked_invalid(with_nan)], [1], 0, [2], num_threads=1)
+    if np.dtype(np.longdouble).itemsize > 8:  # float96/float128: scikit-image refuses it, and so do we
+        huge = np.full((6, 7), 0.5, dtype=np.longdouble)
+        huge[2, 3] = np.longdouble("1e400")  # finite as a long double, inf as float64
+        for image in (huge, np.full((6, 7), 0.5, dtype=np.longdouble)):
+            with pytest.raises(ValueError, match="Cannot convert from float(96|128) to float64"):
+                fh.felzenszwalb(image, 100, 0.8, 2)
+            with pytest.raises(ValueError, match="Cannot convert"):
+                stock_reference(image, 100, 0.8, 2)
+
+
+@pytest.mark.parametrize("min_size", [np.float64(2**63), np.float32(2**63), 2.0**63, np.float64(1e19), np.uint64(2**63)])
+def test_float_min_sizes_beyond_int64_are_range_checked(min_size):
+    image = np.zeros((4, 4, 3), np.uint8)
+    with pytest.raises(ValueError, match=r"min_size must be in 0\.\.9223372036854775807"):
+        fh.felzenszwalb(image, 5, 0.8, min_size)
+    with pytest.raises(ValueError, match=r"min_size must be in 0\.\.9223372036854775807"):
+        fh.felzenszwalb_batch([image], [5], 0.8, [min_size], num_threads=1)
+
+
+def test_num_threads_is_validated_and_clamped():
+    images = [small_photo("coffee", (30, 40)), np.random.default_rng(0).random((9, 31))]
+    expected = [fh.felzenszwalb_multi(image, [100, 1000], 0.8) for image in images]
+    for threads in (2**31, 2**40, 10**20, np.int64(2**62), np.array(3), 1, 2):
+        result = fh.felzenszwalb_batch(images, [100, 1000], 0.8, num_threads=threads)
+        for labels, want in zip(result, expected):
+            np.testing.assert_array_equal(labels, want)
+    for threads in (float("nan"), float("inf"), 2.0, np.float64(2.5), "2", True, [2]):
+        with pytest.raises(TypeError, match="num_threads must be an integer"):
+            fh.felzenszwalb_batch(images, [100], num_threads=threads)
+    for threads in (0, -1, -(2**40)):
+        with pytest.raises(ValueError, match="num_threads must be >= 1"):
+            fh.felzenszwalb_batch(images, [100], num_threads=threads)
+    assert fh.felzenszwalb_batch([], [100], num_threads=2**31) == []
+
+
+def test_cpp_errors_in_a_batch_name_the_image():
+    """An error thrown in a worker thread reaches Python with its pybind11 type and the image index.
+    An [H, W, 0] image holds no data, so a 2**30-pixel one costs nothing but trips the C++ size check
+    (rmae.fh refuses it before, so the extension is called directly)."""
+    ok = np.zeros((4, 5, 3), np.uint8)
+    too_many_pixels = np.zeros((2**15, 2**15, 0))
+    with pytest.raises(ValueError, match=r"^image 2: image too large"):
+        _fh.segment_batch([ok, ok, too_many_pixels, ok, too_many_pixels], [], [], [], 2)
+    with pytest.raises(ValueError, match=r"^image 0: scales and min_sizes"):
+        _fh.segment_batch([ok, ok], [], [1.0], [], 2)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="address-space limit via RLIMIT_AS")
+def test_out_of_memory_in_a_batch_is_memory_error():
+    """A failed allocation inside a batch raises MemoryError naming the image, as outside a batch. Run
+    in a child process whose address space is capped just above what it already uses."""
+    script = textwrap.dedent(
+        """
+        import resource
+        import numpy as np
+        from rmae import fh
+        image = np.random.default_rng(0).integers(0, 256, (1500, 2000, 3), dtype=np.uint8)
+        small = np.zeros((8, 9, 3), np.uint8)
+        with open("/proc/self/status") as status:
+            used = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize"))
+        resource.setrlimit(resource.RLIMIT_AS, (used + (150 << 20), resource.RLIM_INFINITY))
+        for call in (lambda: fh.felzenszwalb_multi(image, [100]),
+                     lambda: fh.felzenszwalb_batch([small, image], [100], num_threads=1)):
+            try:
+                call()
+                print("no error")
+            except MemoryError as error:
+                print("MemoryError", error)
+            except Exception as error:
+                print(type(error).__name__, error)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    lines = result.stdout.splitlines()
+    assert result.returncode == 0 and len(lines) == 2, (result.stdout, result.stderr)
+    assert lines[0].startswith("MemoryError"), lines
+    assert lines[1].startswith("MemoryError image 1: "), lines
+
+
+def test_scales_may_be_an_iterator():
+    image = small_photo("chelsea", (40, 50))
+    expected = fh.felzenszwalb_multi(image, [100, 1000], 0.8)
+    np.testing.assert_array_equal(fh.felzenszwalb_multi(image, iter([100, 1000]), 0.8), expected)
+    np.testing.assert_array_equal(fh.felzenszwalb_multi(image, (s for s in (100, 1000)), 0.8), expected)
+    batch = fh.felzenszwalb_batch([image], (s for s in (100, 1000)), 0.8, num_threads=1)
+    np.testing.assert_array_equal(batch[0], expected)
+    np.testing.assert_array_equal(
+        fh.felzenszwalb_multi(image, iter([100, 1000]), 0.8, iter([20, 1000])),
+        fh.felzenszwalb_multi(image, [100, 1000], 0.8, [20, 1000]),
+    )
+
+
+def test_batch_input_errors_name_the_image():
+    ok = np.zeros((4, 5, 3), np.uint8)
+    with pytest.raises(ValueError, match=r"^image 3: image contains NaN or infinite values"):
+        fh.felzenszwalb_batch([ok, ok, ok, np.array([[np.nan, 1.0]])], [100])
+    with pytest.raises(TypeError, match=r"^image 1: image must be a numpy array"):
+        fh.felzenszwalb_batch([ok, [[1, 2]], ok], [100])
+    with pytest.raises(ValueError, match=r"^image 0: image is empty"):
+        fh.felzenszwalb_batch([np.zeros((0, 3))], [100])
+    with pytest.raises(TypeError, match=r"^image 2: image dtype"):
+        fh.felzenszwalb_batch([ok, ok, np.zeros((2, 2), complex)], [100])
+
+
+def test_non_numbers_are_type_errors_and_0d_arrays_are_scalars():
+    image = small_photo("coffee", (40, 50))
+    for bad in ("100", None, 3 + 0j, [100.0], np.array([100.0]), np.complex128(1)):
+        with pytest.raises(TypeError, match="scale must be a real number"):
+            fh.felzenszwalb(image, bad, 0.8, 5)
+        with pytest.raises(TypeError, match="scale must be a real number"):
+            fh.felzenszwalb_multi(image, [100, bad])
+        with pytest.raises(TypeError, match="sigma must be a real number"):
+            fh.felzenszwalb(image, 100, bad, 5)
+        with pytest.raises(TypeError, match="sigma must be a real number"):
+            fh.gaussian_weights(bad)
+    for scale, sigma, min_size in [
+        (np.array(100.0), np.array(0.8), 5),
+        (np.array(300), np.array(np.float32(0.3)), np.array(20)),
+        (np.array(50.0), 0.5, 10),
+    ]:
+        expected = stock_reference(image, scale, sigma, int(min_size))
+        assert same_partition(fh.felzenszwalb(image, scale, sigma, min_size), expected)
+        assert same_partition(fh.felzenszwalb_multi(image, [scale], sigma)[0], reference(image, scale, sigma, int(scale)))
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        fh.felzenszwalb(image, np.array(-1.0))
+    with pytest.raises(ValueError, match="sigma must be a finite number"):
+        fh.felzenszwalb(image, 100, np.array(np.inf))
