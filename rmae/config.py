@@ -1,21 +1,29 @@
 """Configuration: the original's key names, merged defaults <- ``includes:`` <- file <- command line.
 
 A config file is read from a path, or by name from the package (``RMAE/COCO/rmae_fh_4000eps.yaml``; a leading
-``config/`` or ``configs/`` as in the original's ``includes:`` is accepted). Every key is checked against
-``SCHEMA``: an unknown key is an error that names the closest valid keys, and every value is type-checked.
+``config/`` or ``configs/`` as in the original's ``includes:`` is accepted). An include of a file outside the
+package is looked up next to that file, then in the current directory, then in the package (and a note says
+when the package's copy is used). Every key is checked against ``SCHEMA``: an unknown key is an error that names
+the closest valid keys, every value is type-checked (before interpolations are resolved) and range-checked, and
+the model the settings describe is checked (dimensions, heads, image and patch sizes). A section left empty
+(``optimizer:`` with nothing below it, or ``section=null`` on the command line) changes nothing, as the
+original's ``optimizer: {}`` does; a section given a value that is not a mapping is an error.
 
 ``${scaled_lr:BASE}`` is ``BASE * training.batch_size / 256`` (the paper's rule), so overriding the batch size
-rescales the learning rate of the shipped recipes.
+rescales the learning rate of the shipped recipes (the demo, ``default.yaml``, fixes its own).
 """
 from __future__ import annotations
 
 import difflib
+import math
 import os
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = "default.yaml"  # the small demo run of ``python -m rmae.train`` without arguments
@@ -33,6 +41,37 @@ class ConfigError(ValueError):
 # Schema: every valid key, its type and its default
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class Range:
+    """The values a number may take: ``lo``/``hi`` bounds (None: unbounded), open or closed."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, x) -> bool:
+        if self.lo is not None and (x <= self.lo if self.lo_open else x < self.lo):
+            return False
+        if self.hi is not None and (x >= self.hi if self.hi_open else x > self.hi):
+            return False
+        return True
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo}"
+        if self.lo is None:
+            return f"{'<' if self.hi_open else '<='} {self.hi}"
+        return f"in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
+
+
+POSITIVE = Range(0, lo_open=True)  # > 0
+NONNEG = Range(0)  # >= 0
+AT_LEAST_1 = Range(1)
+OPEN_UNIT = Range(0, 1, lo_open=True, hi_open=True)  # (0, 1)
+UNIT = Range(0, 1)  # [0, 1]
+
+
+@dataclass(frozen=True)
 class Spec:
     kind: str  # int | float | bool | str | floats | strs | any
     default: Any = None
@@ -41,6 +80,11 @@ class Spec:
     length: int | None = None  # for floats
     doc: str = ""
     legacy: bool = False  # accepted for compatibility with the original's files, no effect here
+    range: Range | None = None  # numbers (each element of floats)
+    special: tuple = ()  # values allowed outside ``range`` (distributed.port=-1)
+    ordered: bool = False  # floats: non-decreasing (low <= high)
+    pattern: str | None = None  # str: a regular expression the whole value must match
+    pattern_doc: str = ""  # what ``pattern`` accepts, in words
 
 
 def _i(d, **kw):
@@ -66,29 +110,29 @@ def _legacy(d=None):
 def _model_section() -> dict:
     """``model_config.<model>``; params left null take the architecture's (``rmae.models.ARCHS``) values."""
     return {
-    "mask_ratio": _f(0.75),
+    "mask_ratio": _f(0.75, range=OPEN_UNIT),
     "mae_vit": {
         "arch": _s("rmae_base_patch16"),
         "params": {
-            "img_size": _i(None, nullable=True),
+            "img_size": _i(None, nullable=True, range=POSITIVE, doc="a multiple of the patch size"),
             "norm_pix_loss": _b(None, nullable=True),
             "use_mae_loss": _b(None, nullable=True),
-            "num_region": _i(None, nullable=True),
-            "mae_loss_weight": _f(None, nullable=True),
-            "bg_loss_weight": _f(None, nullable=True),
-            "region_loss_weight": _f(None, nullable=True),
-            "region_mask_ratio": _f(None, nullable=True),
-            "region_enc_dim": _i(None, nullable=True),
-            "region_enc_depth": _i(None, nullable=True),
-            "region_enc_num_heads": _i(None, nullable=True),
-            "region_dec_dim": _i(None, nullable=True),
-            "region_dec_depth": _i(None, nullable=True),
-            "region_dec_num_heads": _i(None, nullable=True),
+            "num_region": _i(None, nullable=True, range=NONNEG),
+            "mae_loss_weight": _f(None, nullable=True, range=NONNEG),
+            "bg_loss_weight": _f(None, nullable=True, range=NONNEG),
+            "region_loss_weight": _f(None, nullable=True, range=NONNEG),
+            "region_mask_ratio": _f(None, nullable=True, range=OPEN_UNIT),
+            "region_enc_dim": _i(None, nullable=True, range=POSITIVE),
+            "region_enc_depth": _i(None, nullable=True, range=NONNEG),
+            "region_enc_num_heads": _i(None, nullable=True, range=AT_LEAST_1),
+            "region_dec_dim": _i(None, nullable=True, range=POSITIVE),
+            "region_dec_depth": _i(None, nullable=True, range=AT_LEAST_1),
+            "region_dec_num_heads": _i(None, nullable=True, range=AT_LEAST_1),
             "region_sample_type": _s(None, nullable=True, choices=("random", "random_fg")),
-            "region_cross_layer": _i(None, nullable=True),
-            "decoder_embed_dim": _i(None, nullable=True),
-            "decoder_depth": _i(None, nullable=True),
-            "decoder_num_heads": _i(None, nullable=True),
+            "region_cross_layer": _i(None, nullable=True, range=NONNEG),
+            "decoder_embed_dim": _i(None, nullable=True, range=POSITIVE),
+            "decoder_depth": _i(None, nullable=True, range=NONNEG),
+            "decoder_num_heads": _i(None, nullable=True, range=AT_LEAST_1),
             "kernel_impl": _s(None, nullable=True, choices=("auto", "triton", "reference")),
         },
     },
@@ -97,7 +141,8 @@ def _model_section() -> dict:
 
 def _dataset_section(image_folder, mask_folder, anno_file, region_source):
     """``dataset_config.<dataset>_pretrain``; ``imdb_files.train`` decides the training folders (relative paths are
-    under <data_dir>/coco/ or <data_dir>/imagenet/ (else imnet/), absolute ones as they are)."""
+    under <data_dir>/coco/ or <data_dir>/imagenet/ (else imnet/), absolute ones as they are). The original's
+    ``imdb_files.val`` (validation folders) is accepted and has no effect: there is no validation pass."""
     split = lambda i, m, a: {  # noqa: E731
         "image_folder": Spec("strs", i, nullable=True, doc="image folders"),
         "mask_folder": Spec("strs", m, nullable=True,
@@ -112,14 +157,16 @@ def _dataset_section(image_folder, mask_folder, anno_file, region_source):
         "sampler": _s("infinite", choices=("infinite", "shard")),
         "mask_type": _s("fh", choices=("fh",)),
         "region_source": _s(region_source, choices=("offline", "online", "online_crop", "none")),
-        "cache_bytes": _i(8 << 30, doc="shard sampler: per-rank bound on cached encoded bytes"),
+        "cache_bytes": _i(8 << 30, range=NONNEG, doc="shard sampler: per-rank bound on cached encoded bytes"),
         "filter_small_patches": _b(False),
         "label_resize": _s("center", choices=("center", "floor")),
-        "crop_scale": Spec("floats", [0.2, 1.0], length=2),
-        "crop_ratio": Spec("floats", [0.75, 4.0 / 3.0], length=2),
+        "crop_scale": Spec("floats", [0.2, 1.0], length=2, range=Range(0, 1, lo_open=True), ordered=True,
+                           doc="RandomResizedCrop area fraction (low, high)"),
+        "crop_ratio": Spec("floats", [0.75, 4.0 / 3.0], length=2, range=POSITIVE, ordered=True,
+                           doc="RandomResizedCrop aspect ratio (low, high)"),
         "cache_mask": _legacy(),
-        "imdb_files": {"train": split(*image_folder[0:1], *mask_folder[0:1], *anno_file[0:1]),
-                       "val": split(*image_folder[1:2], *mask_folder[1:2], *anno_file[1:2])},
+        "cache_mode": _legacy(),
+        "imdb_files": {"train": split(image_folder, mask_folder, anno_file), "val": _legacy()},
         "processors": _legacy(),
     }
 
@@ -131,27 +178,29 @@ SCHEMA: dict = {
     "task": _s("pretrain", choices=TASKS),
     "dataset": _s("sample", choices=DATASETS),
     "training": {
-        "max_update": _i(144000),
-        "batch_size": _i(4096, doc="global batch (all ranks, all accumulation steps)"),
-        "iter_per_update": _i(1),
+        "max_update": _i(144000, range=POSITIVE),
+        "batch_size": _i(4096, range=POSITIVE, doc="global batch (all ranks, all accumulation steps)"),
+        "iter_per_update": _i(1, range=POSITIVE),
         "use_fp16": _s("none", choices=("none", "float16", "bfloat16")),
         "use_compile": _b(None, nullable=True, doc="null: on for CUDA, off on CPU"),
-        "max_norm": _f(0.0),
-        "seed": _i(0),
-        "log_interval": _i(200),
-        "checkpoint_interval": _i(1000),
-        "num_checkpoint": _i(2),
+        "max_norm": _f(0.0, range=NONNEG, doc="0: no clipping"),
+        "seed": _i(0, range=Range(0, 2**32, hi_open=True)),
+        "log_interval": _i(200, range=POSITIVE),
+        "checkpoint_interval": _i(1000, range=POSITIVE),
+        "num_checkpoint": _i(2, range=AT_LEAST_1),
         "save_dir": _s(None, nullable=True, doc="run folder; null: runs/<experiment_name>"),
         "experiment_name": _s(None, nullable=True),
-        "num_workers": _i(4),
+        "num_workers": _i(4, range=NONNEG, doc="0: load in the main process"),
         "pin_memory": _b(True),
         "tensorboard": _b(False),
         "tensorboard_logdir": _s(None, nullable=True),
         "resume": _b(True, doc="continue from the newest checkpoint in the run folder when there is one"),
         "resume_file": _s(None, nullable=True),
-        "visualize_interval": _i(0, doc="0: only at the end"),
+        "visualize_interval": _i(0, range=NONNEG, doc="0: only at the end"),
         "progress_bar": _b(True),
-        "device": _s(None, nullable=True, doc="null: cuda when available, else cpu"),
+        "device": _s(None, nullable=True, pattern=r"cpu|cuda(:\d+)?",
+                     pattern_doc="cpu, cuda, cuda:N (one process on GPU N), or null (cuda when available, else cpu)",
+                     doc="null: cuda when available, else cpu"),
         # Keys of the original's files that have no effect here.
         "trainer": _legacy(), "max_epoch": _legacy(), "run_type": _legacy(), "evaluation_interval": _legacy(),
         "find_unused_parameters": _legacy(), "iou_type": _legacy(), "logger_level": _legacy(),
@@ -160,39 +209,39 @@ SCHEMA: dict = {
     },
     "model_config": {"mae": _model_section(), "rae": _model_section(), "rmae": _model_section()},
     "dataset_config": {
-        "coco_pretrain": _dataset_section(
-            [["image/train2017"], ["image/val2017"]], [["image/fh_train2017"], ["image/fh_val2017"]],
-            [["annotations/instances_train2017.json"], ["annotations/instances_val2017.json"]], "offline"),
-        "imnet_pretrain": _dataset_section([["train"], ["val"]], [["fh_train"], ["fh_val"]], [None, None], "offline"),
-        "sample_pretrain": _dataset_section([None, None], [None, None], [None, None], "online"),
+        "coco_pretrain": _dataset_section(["image/train2017"], ["image/fh_train2017"],
+                                          ["annotations/instances_train2017.json"], "offline"),
+        "imnet_pretrain": _dataset_section(["train"], ["fh_train"], None, "offline"),
+        "sample_pretrain": _dataset_section(None, None, None, "online"),
     },
     "optimizer": {
         "type": _s("adamw", choices=("adamw",)),
         "params": {
-            "lr": _f("${scaled_lr:1.5e-4}", doc="1.5e-4 * training.batch_size / 256"),
-            "weight_decay": _f(0.05),
-            "wd_norm": _f(0.0),
-            "wd_bias": _f(0.0),
-            "eps": _f(1e-8),
-            "betas": Spec("floats", [0.9, 0.95], length=2),
+            "lr": _f("${scaled_lr:1.5e-4}", range=NONNEG, doc="1.5e-4 * training.batch_size / 256"),
+            "weight_decay": _f(0.05, range=NONNEG),
+            "wd_norm": _f(0.0, range=NONNEG),
+            "wd_bias": _f(0.0, range=NONNEG),
+            "eps": _f(1e-8, range=NONNEG),
+            "betas": Spec("floats", [0.9, 0.95], length=2, range=Range(0, 1, hi_open=True)),
             "use_oss": _legacy(False),
         },
     },
     "scheduler": {
         "type": _s("cosine_annealing", choices=("cosine_annealing",)),
         "params": {
-            "T_max": _i("${training.max_update}"),
-            "eta_min": _f(0.0),
+            "T_max": _i("${training.max_update}", range=POSITIVE),
+            "eta_min": _f(0.0, range=NONNEG),
             "use_warmup": _b(True),
-            "warmup_factor": _f(0.0),
-            "warmup_iterations": _i(12000),
+            "warmup_factor": _f(0.0, range=UNIT, doc="the warm-up starts at warmup_factor * lr"),
+            "warmup_iterations": _i(12000, range=NONNEG),
         },
     },
     "distributed": {
         "backend": _s(None, nullable=True, choices=("nccl", "gloo"), doc="null: nccl on GPU, gloo on CPU"),
         "init_method": _s(None, nullable=True),
-        "port": _i(-1),
-        "world_size": _i(None, nullable=True, doc="processes to spawn on one node; null: all visible GPUs"),
+        "port": _i(-1, range=Range(1, 65535), special=(-1,), doc="-1: a free port"),
+        "world_size": _i(None, nullable=True, range=AT_LEAST_1,
+                         doc="processes to spawn on one node; null: all visible GPUs"),
         "no_spawn": _b(False),
         "rank": _legacy(0),
     },
@@ -234,7 +283,15 @@ def _scaled_lr(base, batch_size) -> float:
 
 
 def _scaled_lr_resolver(base, _root_):
-    return _scaled_lr(base, _root_.training.batch_size)
+    # Literal values are type-checked before resolving; this catches a batch size that is itself an interpolation.
+    batch_size = _root_.training.batch_size if isinstance(_root_.get("training"), DictConfig) else None
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int):
+        raise ConfigError(f"training.batch_size must be an integer (the learning rate ${{scaled_lr:{base}}} is "
+                          f"scaled by it), got {batch_size!r} ({type(batch_size).__name__})")
+    try:
+        return _scaled_lr(base, batch_size)
+    except (TypeError, ValueError):
+        raise ConfigError(f"${{scaled_lr:BASE}} needs a number BASE, got {base!r}") from None
 
 
 if not OmegaConf.has_resolver("scaled_lr"):
@@ -253,28 +310,63 @@ def shipped_configs() -> list[str]:
     return sorted(str(p.relative_to(CONFIG_ROOT)) for p in CONFIG_ROOT.rglob("*.yaml"))
 
 
-def find_config(name: str | os.PathLike, relative_to: Path | None = None) -> Path:
-    """A config path: as given, relative to the including file, or by name inside the package."""
-    name = str(name)
-    stripped = name
+def _strip_prefix(name: str) -> str:
     for prefix in ("pretrain/config/", "config/", "configs/"):
-        if stripped.startswith(prefix):
-            stripped = stripped[len(prefix):]
-    if relative_to is not None:  # an include: next to the including file, then the package, then the cwd
-        candidates = [relative_to / name, CONFIG_ROOT / stripped, Path(name).expanduser()]
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
+def _in_package(path: Path) -> bool:
+    try:
+        path.resolve().relative_to(CONFIG_ROOT)
+        return True
+    except ValueError:
+        return False
+
+
+def find_config(name: str | os.PathLike, relative_to: Path | None = None) -> Path:
+    """A config path. ``--config``: the path as given, else the name inside the package. An include
+    (``relative_to``: the including file's folder): next to the including file, then (for a file outside the
+    package) in the current directory, then inside the package. The first of these that exists is used, so a
+    user's own ``config/MAE/base_mae.yaml`` (the original's layout) wins over the package's copy."""
+    name = str(name)
+    stripped = _strip_prefix(name)
+    literal = Path(name).expanduser()
+    if relative_to is not None:
+        candidates = [relative_to / literal]
+        if not _in_package(relative_to):  # the package's own includes never depend on the current directory
+            candidates.append(literal)
+        candidates.append(CONFIG_ROOT / stripped)
     else:
-        candidates = [Path(name).expanduser(), CONFIG_ROOT / stripped]
+        candidates = [literal, CONFIG_ROOT / stripped]
     for c in candidates:
+        if c.is_dir():
+            if _in_package(c):  # the shipped names below it
+                rel = c.resolve().relative_to(CONFIG_ROOT).as_posix()
+                inside = [n for n in shipped_configs() if rel == "." or n.startswith(rel + "/")][:5]
+            else:  # this folder only: it may be a large tree
+                inside = [str(c / n) for n in sorted(p.name for p in c.glob("*.yaml"))[:5]]
+            raise ConfigError(f"config file {name!r} is a directory ({c}): give a .yaml file"
+                              f"{', such as ' + ', '.join(inside) if inside else ''}")
         if c.is_file():
             return c
     close = difflib.get_close_matches(stripped, shipped_configs(), n=3, cutoff=0.4)
     hint = f"; did you mean {', '.join(close)}?" if close else f"; shipped configs: {', '.join(shipped_configs())}"
-    raise ConfigError(f"config file {name!r} not found (as a path or in the package){hint}")
+    where = "as a path or in the package" if relative_to is None else \
+        f"next to the including file in {relative_to}, in the current directory or in the package"
+    raise ConfigError(f"config file {name!r} not found ({where}){hint}")
+
+
+def _note(message: str) -> None:
+    """A line on stderr from the launching process (rank 0 under torchrun / srun), not from every rank."""
+    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+        print(f"note: {message}", file=sys.stderr)
 
 
 def _load_file(path: Path, seen: tuple = ()) -> DictConfig:
     """The file merged over its ``includes:`` (each include first merged over its own includes)."""
-    if path in seen:
+    if path.resolve() in [p.resolve() for p in seen]:
         raise ConfigError(f"config includes form a cycle: {' -> '.join(map(str, seen + (path,)))}")
     try:
         cfg = OmegaConf.load(path)
@@ -282,13 +374,32 @@ def _load_file(path: Path, seen: tuple = ()) -> DictConfig:
         raise ConfigError(f"cannot parse config file {path}: {e}") from e
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"config file {path} must hold a mapping, got {type(cfg).__name__}")
+    if len(cfg) == 0:
+        raise ConfigError(f"config file {path} is empty: give the keys to set (and includes: to start from)")
     includes = cfg.pop("includes", None) or []
+    if isinstance(includes, (DictConfig, ListConfig)):
+        includes = OmegaConf.to_container(includes, resolve=False)
     if isinstance(includes, str):
         includes = [includes]
+    if not isinstance(includes, list) or any(not isinstance(i, str) for i in includes):
+        raise ConfigError(f"includes in config file {path} must be a file name or a list of file names, "
+                          f"got {includes!r}")
+    tree = _normalize(OmegaConf.to_container(cfg, resolve=False), where=str(path))
     merged = OmegaConf.create({})
     for inc in includes:
-        merged = OmegaConf.merge(merged, _load_file(find_config(inc, relative_to=path.parent), seen + (path,)))
-    return OmegaConf.merge(merged, cfg)
+        found = find_config(inc, relative_to=path.parent)
+        if _in_package(found) and not _in_package(path):
+            _note(f"{path}: include {inc!r} is not a file next to it or in the current directory; "
+                  f"using the package's {found}")
+        merged = _merge(merged, _load_file(found, seen + (path,)), where=str(found))
+    return _merge(merged, OmegaConf.create(tree), where=str(path))
+
+
+def _merge(base: DictConfig, top: DictConfig, where: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, top)
+    except Exception as e:  # e.g. a mapping merged onto a list
+        raise ConfigError(f"cannot merge {where} over the values before it: {e}") from e
 
 
 def parse_overrides(overrides: Iterable[str]) -> DictConfig:
@@ -297,8 +408,15 @@ def parse_overrides(overrides: Iterable[str]) -> DictConfig:
         if "=" not in o:
             raise ConfigError(f"command-line override {o!r} is not of the form dotted.key=value")
         key = o.split("=", 1)[0].lstrip("+")
+        if key.split(".")[0] in ("includes", "config"):
+            raise ConfigError(f"command-line override {o!r}: {key.split('.')[0]} cannot be set on the command line; "
+                              "give the config file with --config FILE (a file can list other files under includes:)")
         _check_key(key, where="command line")
-    return OmegaConf.from_dotlist([o.lstrip("+") for o in items])
+    try:
+        cfg = OmegaConf.from_dotlist([o.lstrip("+") for o in items])
+    except Exception as e:
+        raise ConfigError(f"cannot parse the command-line overrides: {e}") from e
+    return OmegaConf.create(_normalize(OmegaConf.to_container(cfg, resolve=False), where="command line"))
 
 
 def load_config(config: str | os.PathLike | None = None, overrides: Iterable[str] = (), *,
@@ -306,10 +424,8 @@ def load_config(config: str | os.PathLike | None = None, overrides: Iterable[str
     """defaults <- includes <- file <- overrides (<- --model/--task/--dataset), validated and resolved."""
     cfg = OmegaConf.create(defaults())
     path = find_config(config if config is not None else DEFAULT_CONFIG)
-    file_cfg = _load_file(path)
-    _check_tree(OmegaConf.to_container(file_cfg, resolve=False), where=str(path))
-    cfg = OmegaConf.merge(cfg, file_cfg)
-    cfg = OmegaConf.merge(cfg, parse_overrides(overrides))
+    cfg = _merge(cfg, _load_file(path), where=str(path))
+    cfg = _merge(cfg, parse_overrides(overrides), where="the command-line overrides")
     cfg.config = str(path)
     for key, value in (("model", model), ("task", task), ("dataset", dataset)):
         if value is not None:
@@ -317,48 +433,120 @@ def load_config(config: str | os.PathLike | None = None, overrides: Iterable[str
     return validate(cfg)
 
 
-def validate(cfg: DictConfig) -> DictConfig:
-    """Resolves interpolations and checks every key and value; returns a fresh, resolved config."""
-    try:
-        container = OmegaConf.to_container(cfg, resolve=True)
-    except Exception as e:
-        raise ConfigError(f"cannot resolve config: {e}") from e
-    _check_tree(container, where="config")
+def _is_interpolation(value) -> bool:
+    return isinstance(value, str) and "${" in value
+
+
+def _value_errors(tree: dict, skip_interpolations: bool = False) -> list[str]:
     errors = []
     for key, spec in FLAT_SCHEMA.items():
-        value = _get(container, key)
+        value = _get(tree, key)
+        if skip_interpolations and _is_interpolation(value):
+            continue
         err = _check_value(key, value, spec)
         if err:
             errors.append(err)
+    return errors
+
+
+def _raise(errors: list[str]) -> None:
     if errors:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
-    c = container
+        raise ConfigError(errors[0] if len(errors) == 1 else "invalid config:\n  " + "\n  ".join(errors))
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Checks every key, value type and range (before interpolations are resolved too, so that an interpolation
+    using a bad value is not what the error names), resolves the interpolations, checks again, then the model the
+    settings describe; returns a fresh, resolved config. Every error names its full key."""
+    raw = _normalize(OmegaConf.to_container(cfg, resolve=False), where="config")
+    _raise(_value_errors(raw, skip_interpolations=True))
+    try:
+        container = OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
+    except Exception as e:
+        cause = e
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise ConfigError(str(cause)) from None
+        raise ConfigError(f"cannot resolve config: {e}") from e
+    c = _normalize(container, where="config")
+    _raise(_value_errors(c))
+    errors = []
     tr = c["training"]
-    for k in ("max_update", "batch_size", "iter_per_update", "log_interval", "checkpoint_interval"):
-        if tr[k] is not None and tr[k] <= 0:
-            errors.append(f"training.{k} must be > 0, got {tr[k]}")
-    if tr["num_checkpoint"] < 1:
-        errors.append(f"training.num_checkpoint must be >= 1, got {tr['num_checkpoint']}")
     if tr["batch_size"] % tr["iter_per_update"]:
         errors.append(f"training.batch_size ({tr['batch_size']}) must be divisible by training.iter_per_update "
                       f"({tr['iter_per_update']})")
-    if tr["max_norm"] < 0:
-        errors.append(f"training.max_norm must be >= 0 (0 = no clipping), got {tr['max_norm']}")
+    errors += _model_errors(c)
+    _raise(errors)
+    return OmegaConf.create(c)
+
+
+def _arch_values(arch: str, variant: str) -> dict:
+    """The keyword arguments ``build_model`` gives the model before the config's params: the model's defaults,
+    the architecture's values, the variant's."""
+    import inspect
+
+    from rmae.models.factory import ARCHS as ARCH_VALUES, VARIANTS
+    from rmae.models.rmae import RMAE
+
+    name = arch if arch.startswith("rmae_") else "rmae_" + arch.removeprefix("mae_")
+    defaults_ = {k: p.default for k, p in inspect.signature(RMAE.__init__).parameters.items()
+                 if p.default is not inspect.Parameter.empty}
+    return {**defaults_, **ARCH_VALUES[name], **VARIANTS.get(variant, {})}
+
+
+def _model_errors(c: dict) -> list[str]:
+    """The model of ``model_config.<model>`` as ``build_model`` would make it: sizes that fit together."""
+    model = c["model"]
     sec = model_section(c)
-    if sec["mae_vit"]["arch"] not in ARCHS and _arch_alias(sec["mae_vit"]["arch"]) not in ARCHS:
-        close = difflib.get_close_matches(sec["mae_vit"]["arch"], ARCHS, n=2, cutoff=0.3)
-        errors.append(f"model_config.{c['model']}.mae_vit.arch={sec['mae_vit']['arch']!r} is not an architecture "
-                      f"(valid: {', '.join(ARCHS)}){'; did you mean ' + ' or '.join(close) + '?' if close else ''}")
-    for k in ("mask_ratio",):
-        if not 0.0 <= sec[k] < 1.0:
-            errors.append(f"model_config.{c['model']}.{k} must be in [0, 1), got {sec[k]}")
-    sp = c["scheduler"]["params"]
-    if sp["warmup_iterations"] < 0 or sp["T_max"] <= 0:
-        errors.append(f"scheduler.params: need warmup_iterations >= 0 and T_max > 0, got {sp['warmup_iterations']}, "
-                      f"{sp['T_max']}")
-    if errors:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
-    return OmegaConf.create(container)
+    pre = f"model_config.{model}"
+    arch = sec["mae_vit"]["arch"]
+    if arch not in ARCHS and _arch_alias(arch) not in ARCHS:
+        close = difflib.get_close_matches(arch, ARCHS, n=2, cutoff=0.3)
+        return [f"{pre}.mae_vit.arch={arch!r} is not an architecture (valid: {', '.join(ARCHS)})"
+                f"{'; did you mean ' + ' or '.join(close) + '?' if close else ''}"]
+    given = {k: v for k, v in sec["mae_vit"]["params"].items() if v is not None}
+    arch_values = _arch_values(arch, model)
+    p = {**arch_values, **given}
+
+    def name(k):  # the key and its value (and where it comes from when the config leaves it null)
+        return f"{pre}.mae_vit.params.{k} ({p[k]}{'' if k in given else f', the {arch} value'})"
+
+    errors = []
+    if model == "mae" and p["num_region"] != 0:
+        errors.append(f"{pre}.mae_vit.params.num_region must be 0 for --model mae (no region branch), "
+                      f"got {p['num_region']}")
+    if model == "rae" and p["use_mae_loss"]:
+        errors.append(f"{pre}.mae_vit.params.use_mae_loss must be false for --model rae (no pixel decoder)")
+    if not p["use_mae_loss"] and p["num_region"] == 0:
+        errors.append(f"{pre}.mae_vit.params: use_mae_loss is false and num_region is 0: the model has no loss")
+    patch = arch_values["patch_size"]
+    if p["img_size"] % patch:
+        errors.append(f"{pre}.mae_vit.params.img_size must be a multiple of the patch size {patch} of {arch}, "
+                      f"got {p['img_size']}")
+        return errors
+    num_patches = (p["img_size"] // patch) ** 2
+
+    def visible(key, ratio):
+        keep = int(num_patches * (1 - ratio))
+        if not 1 <= keep < num_patches:
+            errors.append(f"{key}={ratio} leaves {keep} of the {num_patches} patches of a {p['img_size']} px image "
+                          f"visible: at least one must stay visible and one be masked")
+
+    visible(f"{pre}.mask_ratio", sec["mask_ratio"])
+    if p["num_region"] > 0:
+        visible(f"{pre}.mae_vit.params.region_mask_ratio", p["region_mask_ratio"])
+    dims = []
+    if p["use_mae_loss"]:
+        dims.append(("decoder_embed_dim", "decoder_num_heads"))
+    if p["num_region"] > 0:
+        dims += [("region_enc_dim", "region_enc_num_heads"), ("region_dec_dim", "region_dec_num_heads")]
+    for dim, heads in dims:
+        if p[dim] % 4:
+            errors.append(f"{name(dim)} must be a multiple of 4 (its 2-D sin-cos position table)")
+        if p[dim] % p[heads]:
+            errors.append(f"{name(heads)} must divide {name(dim)}")
+    return errors
 
 
 def model_section(cfg) -> dict:
@@ -426,19 +614,29 @@ def _check_key(key: str, where: str) -> None:
     raise ConfigError(f"unknown config key {key!r} ({where}){_suggest(key)}")
 
 
-def _check_tree(tree: dict, where: str, prefix: str = "") -> None:
+def _normalize(tree: dict, where: str, prefix: str = "") -> dict:
+    """``tree`` with every key checked; a section left null (``optimizer:`` with nothing below it, every child
+    commented out, or ``section=null``) becomes an empty mapping, which changes nothing when merged (as the
+    original's ``optimizer: {}``). A section given a value that is not a mapping is an error."""
+    out = {}
     for k, v in tree.items():
         key = f"{prefix}{k}"
         if prefix == "" and k == "includes":
+            out[k] = v
             continue
         _check_key(key, where)
         spec = FLAT_SCHEMA.get(key)
         if spec is not None:
-            continue  # leaf (its value is checked after merging)
-        if isinstance(v, dict):
-            _check_tree(v, where, key + ".")
-        elif v is not None:
-            raise ConfigError(f"config key {key!r} ({where}) is a section and needs a mapping, got {v!r}")
+            out[k] = v  # leaf (its value is checked after merging)
+        elif isinstance(v, dict):
+            out[k] = _normalize(v, where, key + ".")
+        elif v is None:
+            out[k] = {}
+        else:
+            child = next((c for c in sorted(FLAT_SCHEMA) if c.startswith(key + ".")), key + ".<key>")
+            raise ConfigError(f"{key} must be a mapping (it is a section of keys such as {child}), got {v!r} "
+                              f"({type(v).__name__}, {where})")
+    return out
 
 
 def _check_value(key: str, value: Any, spec: Spec) -> str | None:
@@ -470,12 +668,24 @@ def _check_value(key: str, value: Any, spec: Spec) -> str | None:
             return None
         if not isinstance(value, list) or any(not isinstance(x, str) for x in value):
             bad = "a string or a list of strings"
+    if bad is None and kind in ("float", "floats"):
+        if not all(math.isfinite(x) for x in (value if kind == "floats" else [value])):
+            bad = "a finite number" if kind == "float" else "a list of finite numbers"
     if bad:
         return f"{key} must be {bad}, got {value!r} ({type(value).__name__})"
     if spec.choices is not None and value not in spec.choices:
         close = difflib.get_close_matches(str(value), [str(c) for c in spec.choices], n=1, cutoff=0.5)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         return f"{key}={value!r} is not one of {', '.join(map(repr, spec.choices))}{hint}"
+    if spec.pattern is not None and not re.fullmatch(spec.pattern, value):
+        return f"{key}={value!r} is not valid: use {spec.pattern_doc}"
+    if spec.range is not None:
+        items = value if kind == "floats" else [value]
+        if any(x not in spec.range and x not in spec.special for x in items):
+            allowed = " or ".join([*map(str, spec.special), str(spec.range)])
+            return f"{key} must {'have each value' if kind == 'floats' else 'be'} {allowed}, got {value!r}"
+    if spec.ordered and any(a > b for a, b in zip(value, value[1:])):
+        return f"{key} must be ordered (low <= high), got {value!r}"
     return None
 
 

@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from rmae.config import ConfigError
+
 
 @dataclass
 class DistInfo:
@@ -118,16 +120,48 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def check_device(device_pref: str | None, world_size: int = 1) -> int | None:
+    """``training.device``: null (cuda when available, else cpu), ``cpu``, ``cuda`` (each rank the GPU of its
+    local rank) or ``cuda:N`` (GPU N, one process). ConfigError when CUDA is asked for and not available, when N
+    is not a visible GPU, or for ``cuda:N`` with several processes. Returns N for ``cuda:N``, else None."""
+    if device_pref is None or device_pref == "cpu":
+        return None
+    m = re.fullmatch(r"cuda(?::(\d+))?", device_pref)
+    if m is None:
+        raise ConfigError(f"training.device={device_pref!r} is not valid: use cpu, cuda, cuda:N (one process on "
+                          "GPU N), or null (cuda when available, else cpu)")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"training.device={device_pref!r} but CUDA is not available here "
+                          "(torch.cuda.is_available() is false): use training.device=cpu, or null for cuda when "
+                          "available, else cpu")
+    if m.group(1) is None:
+        return None
+    index, count = int(m.group(1)), torch.cuda.device_count()
+    if index >= count:
+        raise ConfigError(f"training.device={device_pref!r} but {count} CUDA device(s) are visible "
+                          f"(cuda:0 to cuda:{count - 1})")
+    if world_size > 1:
+        raise ConfigError(f"training.device={device_pref!r} names one GPU but the run has {world_size} processes, "
+                          "each on the GPU of its local rank: use training.device=cuda (CUDA_VISIBLE_DEVICES "
+                          "chooses the GPUs)")
+    return index
+
+
 def resolve_launch(dist_cfg: dict, device_pref: str | None) -> int:
     """How many processes this launcher should spawn: 0 when the environment already defines the ranks
-    (torchrun / srun) or when one process is enough."""
+    (torchrun / srun) or when one process is enough. Checks ``training.device`` first (``check_device``)."""
     apply_slurm_env()
     if "RANK" in os.environ:
+        check_device(device_pref, int(os.environ.get("WORLD_SIZE", 1)))
         return 0
+    one_gpu = check_device(device_pref, 1) is not None
     if dist_cfg.get("no_spawn"):
         return 0
     if (device_pref or "cuda").startswith("cpu") or not torch.cuda.is_available():
         n = dist_cfg.get("world_size") or 1  # CPU: several gloo processes only when asked for
+    elif one_gpu:  # cuda:N: one process on GPU N
+        n = dist_cfg.get("world_size") or 1
+        check_device(device_pref, n)
     else:
         n = dist_cfg.get("world_size") or torch.cuda.device_count()
     return n if n > 1 else 0
@@ -144,10 +178,11 @@ def init_distributed(dist_cfg: dict, device_pref: str | None = None) -> DistInfo
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    index = check_device(device_pref, world)
     use_cuda = torch.cuda.is_available() and not (device_pref or "").startswith("cpu")
     if use_cuda:
         ndev = torch.cuda.device_count()
-        device = torch.device("cuda", local_rank % ndev)
+        device = torch.device("cuda", local_rank % ndev if index is None else index)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")

@@ -87,8 +87,9 @@ class WarmupCosine:
 # Model and optimizer
 # ----------------------------------------------------------------------------------------------------------------
 def model_kwargs(cfg) -> dict:
-    params = {k: v for k, v in model_section(cfg)["mae_vit"]["params"].items() if v is not None}
-    return params
+    """The model's keyword arguments: ``mae_vit.params`` less the keys left null (the architecture's values)."""
+    params = model_section(cfg)["mae_vit"]["params"] or {}  # load_config makes an empty section {}; be safe
+    return {k: v for k, v in params.items() if v is not None}
 
 
 def build_model_from_config(cfg, device: torch.device | str | None = None) -> nn.Module:
@@ -726,7 +727,14 @@ def main(argv=None) -> int:
     if args.print_config:
         print(to_yaml(cfg))
         return 0
-    nproc = rdist.resolve_launch(cfg["distributed"], cfg["training"]["device"])
+    try:
+        # The model and optimizer the settings describe, on the meta device (no memory, a fraction of a second):
+        # a setting they refuse (ValueError) is an error now, before any process starts or any file is written.
+        build_optimizer(cfg, build_model_from_config(cfg, "meta"))
+        nproc = rdist.resolve_launch(cfg["distributed"], cfg["training"]["device"])  # checks training.device
+    except ValueError as e:  # ConfigError included
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if nproc > 1:
         import torch.multiprocessing as mp
 

@@ -1,4 +1,6 @@
 """Config system: shipped recipes parse and build, bad keys/values are rejected with close matches."""
+import shutil
+
 import pytest
 import torch
 
@@ -121,3 +123,312 @@ def test_meta_build_of_huge():
     model = build_model_from_config(cfg, "meta")
     assert next(model.parameters()).device == torch.device("meta")
     assert model.patch_size == 14
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad settings are errors at config time: a message naming the key, exit status 2, no traceback
+# ---------------------------------------------------------------------------------------------------------------
+def run_main(capsys, *argv):
+    rc = main(list(argv))
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return rc, err
+
+
+def test_iter_per_update_zero_is_a_message(capsys):
+    rc, err = run_main(capsys, "--print-config", "training.iter_per_update=0")
+    assert rc == 2 and "error: training.iter_per_update must be > 0, got 0" in err
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+@pytest.mark.parametrize("value, fragment", [("abc", "must be an integer"), ("[32]", "must be an integer"),
+                                             ("null", "must not be null")])
+def test_batch_size_type_named_before_the_lr_interpolation(name, value, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config(name, [f"training.batch_size={value}"])
+    assert f"training.batch_size {fragment}" in str(e.value)
+    assert "optimizer.params.lr" not in str(e.value) and "interpolation" not in str(e.value)
+
+
+def test_interpolated_batch_size_named_by_the_lr_resolver():
+    with pytest.raises(ConfigError) as e:
+        load_config("RMAE/COCO/rmae_fh_4000eps.yaml", ["training.batch_size=${training.use_fp16}"])
+    assert "training.batch_size must be an integer" in str(e.value) and "bfloat16" in str(e.value)
+
+
+def test_section_given_a_value_must_be_a_mapping(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="training must be a mapping"):
+        load_config("RMAE/COCO/rmae_fh_4000eps.yaml", ["training=5"])
+    f = tmp_path / "sec.yaml"
+    f.write_text("includes: [base.yaml]\noptimizer:\n  params: 0.1\n")
+    with pytest.raises(ConfigError, match="optimizer.params must be a mapping"):
+        load_config(str(f))
+    rc, err = run_main(capsys, "--print-config", "training=5")
+    assert rc == 2 and "error: training must be a mapping" in err
+
+
+def test_empty_sections_change_nothing(tmp_path):
+    """The original's files hold empty sections (its default.yaml: ``optimizer: {}``, ``model_config: {}``); a
+    section left null (nothing below it, every child commented out, ``section=null``) means the same: no change.
+    It never wipes the inherited values (it did: lr, betas... gone, or ``params: null`` crashing the build)."""
+    ref = load_config("RMAE/COCO/rmae_fh_4000eps.yaml")
+    f = tmp_path / "empty_sections.yaml"
+    f.write_text("includes: [RMAE/COCO/rmae_fh_4000eps.yaml]\noptimizer:\nscheduler: {}\ntraining:\n"
+                 "model_config:\n  rmae:\n    mae_vit:\n      params:\n      #  num_region: 4\n")
+    for cfg in (load_config(str(f)),
+                load_config("RMAE/COCO/rmae_fh_4000eps.yaml", ["model_config.rmae.mae_vit.params=null",
+                                                               "optimizer=null", "scheduler.params=null"])):
+        for section in ("optimizer", "scheduler", "training", "model_config"):
+            assert cfg[section] == ref[section]
+        assert build_model_from_config(cfg, "meta").num_region == 8
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("model_config.rmae.mask_ratio=0", "model_config.rmae.mask_ratio must be in (0, 1), got 0"),
+    ("model_config.rmae.mask_ratio=1.0", "model_config.rmae.mask_ratio must be in (0, 1)"),
+    ("model_config.rmae.mask_ratio=0.99", "model_config.rmae.mask_ratio=0.99 leaves 0 of the 49 patches"),
+    ("model_config.rmae.mae_vit.params.region_mask_ratio=0", "region_mask_ratio must be in (0, 1)"),
+    ("model_config.rmae.mae_vit.params.region_mask_ratio=1.5", "region_mask_ratio must be in (0, 1)"),
+    ("model_config.rmae.mae_vit.params.img_size=0", "img_size must be > 0"),
+    ("model_config.rmae.mae_vit.params.img_size=100", "img_size must be a multiple of the patch size 16"),
+    ("model_config.rmae.mae_vit.params.num_region=-3", "num_region must be >= 0"),
+    ("model_config.rmae.mae_vit.params.region_enc_num_heads=0", "region_enc_num_heads must be >= 1"),
+    ("model_config.rmae.mae_vit.params.region_enc_num_heads=5", "region_enc_num_heads (5) must divide"),
+    ("model_config.rmae.mae_vit.params.decoder_num_heads=7", "decoder_num_heads (7) must divide "
+                                                             "model_config.rmae.mae_vit.params.decoder_embed_dim (128"),
+    ("model_config.rmae.mae_vit.params.region_enc_dim=-128", "region_enc_dim must be > 0"),
+    ("model_config.rmae.mae_vit.params.region_dec_dim=66", "region_dec_dim (66) must be a multiple of 4"),
+    ("model_config.rmae.mae_vit.params.region_dec_depth=0", "region_dec_depth must be >= 1"),
+    ("model_config.rmae.mae_vit.params.decoder_depth=-1", "decoder_depth must be >= 0"),
+    ("model_config.rmae.mae_vit.params.mae_loss_weight=-1", "mae_loss_weight must be >= 0"),
+    ("model_config.rmae.mae_vit.params.use_mae_loss=false", None),  # R-MAE without pixels = RAE: allowed
+    ("optimizer.params.lr=-1", "optimizer.params.lr must be >= 0"),
+    ("optimizer.params.lr=.nan", "optimizer.params.lr must be a finite number"),
+    ("optimizer.params.eps=-1", "optimizer.params.eps must be >= 0"),
+    ("optimizer.params.weight_decay=-0.05", "optimizer.params.weight_decay must be >= 0"),
+    ("optimizer.params.wd_norm=-1", "optimizer.params.wd_norm must be >= 0"),
+    ("optimizer.params.betas=[0.9,1.0]", "optimizer.params.betas must have each value in [0, 1)"),
+    ("optimizer.params.betas=[-0.1,0.9]", "optimizer.params.betas must have each value in [0, 1)"),
+    ("scheduler.params.eta_min=-0.001", "scheduler.params.eta_min must be >= 0"),
+    ("scheduler.params.warmup_factor=2", "scheduler.params.warmup_factor must be in [0, 1]"),
+    ("scheduler.params.warmup_iterations=-1", "scheduler.params.warmup_iterations must be >= 0"),
+    ("scheduler.params.T_max=0", "scheduler.params.T_max must be > 0"),
+    ("training.num_workers=-1", "training.num_workers must be >= 0"),
+    ("training.visualize_interval=-5", "training.visualize_interval must be >= 0"),
+    ("training.log_interval=-10", "training.log_interval must be > 0"),
+    ("training.checkpoint_interval=0", "training.checkpoint_interval must be > 0"),
+    ("training.max_norm=-1", "training.max_norm must be >= 0"),
+    ("training.seed=-1", "training.seed must be in [0, 4294967296)"),
+    ("distributed.world_size=0", "distributed.world_size must be >= 1"),
+    ("distributed.port=0", "distributed.port must be -1 or in [1, 65535]"),
+    ("distributed.port=70000", "distributed.port must be -1 or in [1, 65535]"),
+    ("dataset_config.coco_pretrain.cache_bytes=-1", "dataset_config.coco_pretrain.cache_bytes must be >= 0"),
+    ("dataset_config.sample_pretrain.crop_scale=[0.5,0.2]", "crop_scale must be ordered (low <= high)"),
+    ("dataset_config.sample_pretrain.crop_scale=[0,1]", "crop_scale must have each value in (0, 1]"),
+    ("dataset_config.sample_pretrain.crop_ratio=[1.5,0.75]", "crop_ratio must be ordered"),
+    ("dataset_config.sample_pretrain.crop_ratio=[-1,1]", "crop_ratio must have each value > 0"),
+])
+def test_ranges_checked_at_config_time(override, fragment):
+    if fragment is None:
+        cfg = load_config(None, [override])
+        build_model_from_config(cfg, "meta")
+        return
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert fragment in str(e.value)
+
+
+def test_model_variant_rules_at_config_time():
+    with pytest.raises(ConfigError, match="num_region must be 0 for --model mae"):
+        load_config(None, ["model_config.mae.mae_vit.params.num_region=3"], model="mae")
+    with pytest.raises(ConfigError, match="use_mae_loss must be false for --model rae"):
+        load_config(None, ["model_config.rae.mae_vit.params.use_mae_loss=true"], model="rae")
+    with pytest.raises(ConfigError, match="the model has no loss"):
+        load_config(None, ["model_config.rmae.mae_vit.params.use_mae_loss=false",
+                           "model_config.rmae.mae_vit.params.num_region=0"])
+
+
+def test_every_range_is_declared():
+    """Every number of the schema has a range (legacy keys, which have no effect, aside)."""
+    from rmae.config import FLAT_SCHEMA
+
+    missing = [k for k, s in FLAT_SCHEMA.items() if s.kind in ("int", "float", "floats") and s.range is None]
+    assert missing == []
+
+
+def test_main_reports_a_model_or_optimizer_value_error(tmp_path, monkeypatch, capsys):
+    """Backstop: a ValueError of the model or optimizer build is a message (exit 2) before any file is written."""
+    import rmae.train as rt
+
+    def refuse(*a, **k):
+        raise ValueError("this model cannot be built")
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(rt, "build_model_from_config", refuse)
+    rc, err = run_main(capsys, f"training.save_dir={run}", "training.device=cpu")
+    assert rc == 2 and "error: this model cannot be built" in err and not run.exists()
+    monkeypatch.undo()
+    monkeypatch.setattr(rt, "build_optimizer", refuse)
+    rc, err = run_main(capsys, f"training.save_dir={run}", "training.device=cpu")
+    assert rc == 2 and "error: this model cannot be built" in err and not run.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The original's files and keys
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", shipped_configs())
+def test_shipped_configs_set_no_legacy_keys(name):
+    """No run of a shipped config warns "accepted for compatibility ... but has no effect"."""
+    from rmae.config import legacy_keys_set
+
+    assert legacy_keys_set(load_config(name)) == []
+
+
+ORIGINAL_MAE_COCO = """includes:
+  - config/MAE/base_mae.yaml
+
+dataset_config:
+  coco_pretrain:
+    cache_mode: false
+    sampler: infinite
+    filter_small_patches: false
+    imdb_files:
+      train:
+        image_folder:
+          - image/train2017
+      val:
+        image_folder:
+          - image/val2017
+    processors:
+      image_test_processor:
+        type: compose
+        params:
+          preprocessors:
+            - type: to_tensor
+              params: {}
+
+training:
+  run_type: train_val
+  evaluation_interval: 50
+  checkpoint_interval: 10
+"""
+
+
+def test_original_files_keys_accepted_and_reported(tmp_path):
+    """The original's MAE recipes set ``cache_mode`` and ``imdb_files.val``: accepted, reported as no-effect."""
+    from rmae.config import legacy_keys_set
+
+    f = tmp_path / "mae_4000eps.yaml"
+    f.write_text(ORIGINAL_MAE_COCO)
+    cfg = load_config(str(f), model="mae", dataset="coco")
+    assert cfg.training.checkpoint_interval == 10 and cfg.model_config.mae.mae_vit.params.decoder_depth == 8
+    legacy = legacy_keys_set(cfg)
+    assert {"dataset_config.coco_pretrain.cache_mode", "dataset_config.coco_pretrain.imdb_files.val"} <= set(legacy)
+    cfg = load_config(None, ["dataset_config.imnet_pretrain.imdb_files.val.image_folder=val"])
+    assert legacy_keys_set(cfg) == ["dataset_config.imnet_pretrain.imdb_files.val"]
+
+
+def test_include_prefers_the_users_file(tmp_path, monkeypatch, capsys):
+    """An include written as a path (the original's ``config/MAE/base_mae.yaml``) is the user's file at that path -
+    next to the including file, else from the current directory - before the package's copy, which is used (and
+    named on stderr) only when there is none."""
+    mine = tmp_path / "recipes" / "mine.yaml"
+    mine.parent.mkdir()
+    mine.write_text("includes:\n  - config/MAE/base_mae.yaml\ntraining:\n  log_interval: 3\n")
+    cwd_copy = tmp_path / "config" / "MAE" / "base_mae.yaml"
+    cwd_copy.parent.mkdir(parents=True)
+    cwd_copy.write_text("includes: [base.yaml]\nmodel: mae\ntraining:\n  max_update: 5\n")
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    cfg = load_config(str(mine))
+    assert (cfg.model, cfg.training.max_update, cfg.training.log_interval) == ("mae", 5, 3)
+    err = capsys.readouterr().err
+    assert str(find_config("MAE/base_mae.yaml")) not in err and str(find_config("base.yaml")) in err  # its include
+    beside = mine.parent / "config" / "MAE" / "base_mae.yaml"
+    beside.parent.mkdir(parents=True)
+    beside.write_text("includes: [base.yaml]\nmodel: mae\ntraining:\n  max_update: 6\n")
+    assert load_config(str(mine)).training.max_update == 6
+    shutil.rmtree(tmp_path / "config")
+    shutil.rmtree(mine.parent / "config")
+    cfg = load_config(str(mine))
+    assert cfg.model == "mae" and cfg.training.max_update == 144000  # the package's MAE/base_mae.yaml
+    err = capsys.readouterr().err
+    assert "config/MAE/base_mae.yaml" in err and str(find_config("MAE/base_mae.yaml")) in err
+
+
+def test_shipped_includes_ignore_the_current_directory(tmp_path, monkeypatch):
+    (tmp_path / "MAE").mkdir()
+    (tmp_path / "MAE" / "base_mae.yaml").write_text("training:\n  max_update: 5\n")
+    (tmp_path / "base.yaml").write_text("training:\n  batch_size: 8\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("MAE/COCO/mae_4000eps.yaml")
+    assert cfg.training.max_update == 144000 and cfg.training.batch_size == 4096
+
+
+@pytest.mark.parametrize("override", ["includes=[MAE/base_mae.yaml]", "config=MAE/COCO/mae_4000eps.yaml",
+                                      "+includes=[base.yaml]"])
+def test_includes_and_config_refused_on_the_command_line(override):
+    with pytest.raises(ConfigError, match="use|--config FILE") as e:
+        load_config(None, [override])
+    assert "--config" in str(e.value)
+
+
+@pytest.mark.parametrize("device, ok", [(None, True), ("cpu", True), ("cuda", True), ("cuda:1", True),
+                                        ("gpu0", False), ("cuda:x", False), ("cuda1", False), ("CPU", False)])
+def test_device_values(device, ok):
+    override = [f"training.device={'null' if device is None else device}"]
+    if ok:
+        assert load_config(None, override).training.device == device
+    else:
+        with pytest.raises(ConfigError, match="training.device=.* is not valid: use cpu, cuda, cuda:N"):
+            load_config(None, override)
+
+
+def test_device_must_exist(monkeypatch, capsys):
+    from rmae import distributed as rdist
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:0"):
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            rdist.check_device(device)
+        rc, err = run_main(capsys, f"training.device={device}")
+        assert rc == 2 and "error: training.device=" in err and "CUDA is not available" in err
+    assert rdist.check_device("cpu") is None and rdist.check_device(None) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert rdist.check_device("cuda") is None and rdist.check_device("cuda:1") == 1
+    with pytest.raises(ConfigError, match=r"'cuda:2' but 2 CUDA device\(s\) are visible"):
+        rdist.check_device("cuda:2")
+    with pytest.raises(ConfigError, match="names one GPU but the run has 2 processes"):
+        rdist.check_device("cuda:1", world_size=2)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("SLURM_PROCID", raising=False)
+    # cuda:N is one process on GPU N (a plain launch on a node of several GPUs would spawn one per GPU)
+    assert rdist.resolve_launch({"world_size": None, "no_spawn": False}, "cuda:1") == 0
+    assert rdist.resolve_launch({"world_size": None, "no_spawn": False}, "cuda") == 2
+    with pytest.raises(ConfigError, match="names one GPU"):
+        rdist.resolve_launch({"world_size": 2, "no_spawn": False}, "cuda:1")
+
+
+def test_config_directory_and_empty_file(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(str(tmp_path))
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config("RMAE")
+    for text in ("", "# nothing but a comment\n"):
+        f = tmp_path / "empty.yaml"
+        f.write_text(text)
+        with pytest.raises(ConfigError, match=f"config file {f} is empty"):
+            load_config(str(f))
+    inc = tmp_path / "inc.yaml"
+    inc.write_text("includes: [empty.yaml]\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        load_config(str(inc))
+
+
+def test_demo_lr_is_fixed_recipes_scale():
+    """README: the recipes' lr is 1.5e-4 x batch/256; the demo (default.yaml) fixes 1.5e-3 whatever the batch."""
+    assert load_config(None).optimizer.params.lr == load_config(None, ["training.batch_size=64"]).optimizer.params.lr \
+        == pytest.approx(1.5e-3)
+    for name in RECIPES:
+        assert load_config(name, ["training.batch_size=512"]).optimizer.params.lr == pytest.approx(1.5e-4 * 2)
