@@ -182,15 +182,20 @@ FH_MULTIVERSION void add_square_diff_row(double* __restrict squares, const doubl
 // cost = sqrt(sum of squares), key = its float32 bit pattern; every NaN (from inputs that overflow
 // in the smoothing) gets the largest key, whatever its sign bit, so NaNs sort last in edge order, as
 // numpy's stable argsort puts them.
+const double kNaNLast = [] {
+    const uint64_t all_ones = ~uint64_t(0);
+    double nan;
+    std::memcpy(&nan, &all_ones, sizeof nan);
+    return nan;
+}();
+
 FH_MULTIVERSION void finish_cost_row(const double* __restrict squares, double* __restrict cost,
                                      uint32_t* __restrict key, int64_t n) {
     for (int64_t i = 0; i < n; ++i) {
         const double c = std::sqrt(squares[i]);
         cost[i] = c;
-        const float f = static_cast<float>(c);
-        uint32_t bits;
-        std::memcpy(&bits, &f, sizeof f);
-        key[i] = c == c ? bits : UINT32_MAX;
+        const float f = static_cast<float>(c == c ? c : kNaNLast);  // float(kNaNLast) has bits 0xFFFFFFFF
+        std::memcpy(key + i, &f, sizeof f);
     }
 }
 
