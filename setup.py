@@ -6,6 +6,7 @@ fh_extension = Pybind11Extension(
     "rmae._fh",
     sources=["csrc/fh.cpp", "csrc/bindings.cpp"],
     include_dirs=["csrc"],
+    depends=["csrc/fh.hpp"],  # rebuilt when the header changes, and shipped in the source distribution
     cxx_std=17,
     # -ffp-contract=off: no fused multiply-add, so smoothing and edge costs are bit-identical to scipy/numpy.
     extra_compile_args=["-O3", "-ffp-contract=off", "-fno-math-errno"],
