@@ -708,11 +708,19 @@ def parse_args(argv=None):
     return p.parse_intermixed_args(argv)  # overrides may come before, between and after the options
 
 
+# Bad settings, missing dataset, unusable data, missing or unreadable checkpoint: a message, no traceback.
+USER_ERRORS = (ConfigError, FileNotFoundError, ckpt.CheckpointError, DataError)
+
+
 def _spawned(local_rank: int, world_size: int, port: int, cfg_yaml: str, require_resume: bool) -> None:
     from omegaconf import OmegaConf
 
     rdist.spawn_env(local_rank, world_size, port)
-    train(OmegaConf.create(cfg_yaml), require_resume=require_resume)
+    try:
+        train(OmegaConf.create(cfg_yaml), require_resume=require_resume)
+    except USER_ERRORS as e:  # as on one process: a message and exit status 2, which main() passes on
+        print(f"error{'' if local_rank == 0 else f' (rank {local_rank})'}: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def main(argv=None) -> int:
@@ -739,11 +747,14 @@ def main(argv=None) -> int:
         import torch.multiprocessing as mp
 
         port = cfg["distributed"]["port"] if cfg["distributed"]["port"] > 0 else rdist.free_port()
-        mp.spawn(_spawned, args=(nproc, port, to_yaml(cfg), args.resume), nprocs=nproc, join=True)
+        try:
+            mp.spawn(_spawned, args=(nproc, port, to_yaml(cfg), args.resume), nprocs=nproc, join=True)
+        except mp.ProcessExitedException as e:  # a rank exited (its message is printed); the others are stopped
+            return e.exit_code if e.exit_code and e.exit_code > 0 else 1
         return 0
     try:
         train(cfg, require_resume=args.resume)
-    except (ConfigError, FileNotFoundError, ckpt.CheckpointError, DataError) as e:
+    except USER_ERRORS as e:
         # bad settings, missing dataset, unusable data, missing or unreadable checkpoint: a message, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

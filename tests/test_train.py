@@ -256,6 +256,31 @@ def test_plain_launch_spawns_one_process_per_device(tmp_path, monkeypatch):
     torch.testing.assert_close(losses(spawned), losses(tmp_path / "single"), rtol=1e-5, atol=1e-6)
 
 
+def test_spawned_ranks_report_user_errors_like_one_process(tmp_path):
+    """A self-spawned multi-process run that cannot start (here: --resume with no checkpoint) prints
+    ``error:`` and exits 2, as one process does, instead of a traceback per rank."""
+    cmd = [sys.executable, "-m", "rmae.train", "--resume", *BASE, f"training.save_dir={tmp_path / 'empty'}",
+           "training.max_update=2", "training.device=cpu", "distributed.world_size=2"]
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "error" in r.stderr and "checkpoint" in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+
+
+def test_mae_model_trains_and_exports(tmp_path):
+    """--model mae: pixels only (no region branch, no region loss), checkpoints and encoder written."""
+    from rmae.train import main
+
+    run = tmp_path / "mae"
+    tiny = [a.replace("model_config.rmae.", "model_config.mae.") for a in BASE]
+    assert main(["--model", "mae", *tiny, "training.max_update=2", f"training.save_dir={run}"]) == 0
+    start = log_records(run, "start")[0]
+    assert start["num_region"] == 0 and start["arch"] == "rmae_tiny_patch16"
+    records = log_records(run)
+    assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
+    assert all("region_loss" not in r or r["region_loss"] in (None, 0.0) for r in records)
+    assert (run / "encoder.safetensors").is_file() and ckpt.latest_checkpoint(run) is not None
+
+
 def _poison_second_forward(monkeypatch, value):
     """The loss of the second update (forward call 2) becomes ``value`` times itself."""
     import rmae.train as rt
