@@ -21,7 +21,7 @@ import os
 import stat
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict
 from pathlib import Path
 
@@ -147,6 +147,20 @@ def _file_system_now(folder: Path) -> int:
         probe.unlink(missing_ok=True)
 
 
+def _read_params(params_file: Path) -> dict:
+    """The recipe a mask folder records; a file that is not one this tool wrote is a clear error."""
+    try:
+        found = json.loads(params_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        found, reason = None, f"{type(error).__name__}: {error}"
+    else:
+        reason = "not a JSON object"
+    if not isinstance(found, dict):
+        raise SystemExit(f"error: {params_file} cannot be read as the recipe of the masks in its folder ({reason}).\n"
+                         "It is written by this tool; --overwrite recomputes every mask and rewrites it.")
+    return found
+
+
 def _check_params(out: Path, recipe: FHRecipe, overwrite: bool) -> int | None:
     """Refuses to mix recipes in one mask folder and records the recipe; returns the start (mtime clock,
     ns) of an unfinished redo, else None.
@@ -156,8 +170,8 @@ def _check_params(out: Path, recipe: FHRecipe, overwrite: bool) -> int | None:
     so they do not count as done until ``_finish_redo``.
     """
     wanted = _recipe_params(recipe)
-    found = json.loads((out / PARAMS_FILE).read_text()) if (out / PARAMS_FILE).is_file() else None
-    if found is not None and not overwrite:
+    found = _read_params(out / PARAMS_FILE) if (out / PARAMS_FILE).is_file() and not overwrite else None
+    if found is not None:
         redo_since = found.pop(REDO_KEY, None)
         if found != wanted:
             unfinished = " (an --overwrite run to it did not finish)" if redo_since is not None else ""
@@ -198,6 +212,47 @@ def _failure_reason(error: Exception) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+def _tsv_field(text: str) -> str:
+    """``text`` as one field of a tab-separated line: backslash, tab and line breaks escaped."""
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def _write_failures(failures_file: Path, failures: list[tuple[str, str]]) -> bool:
+    """Writes (atomically) or removes the failures file; False (and the list on stderr) when it cannot be written."""
+    try:
+        if not failures:
+            failures_file.unlink(missing_ok=True)
+            return True
+        tmp = failures_file.with_name(failures_file.name + ".tmp")
+        text = "".join(f"{_tsv_field(path)}\t{_tsv_field(reason)}\n" for path, reason in sorted(failures))
+        tmp.write_text(text, encoding="utf-8", errors="surrogateescape")  # file names as their bytes
+        os.replace(tmp, failures_file)
+        return True
+    except OSError as error:
+        print(_shown(f"warning: cannot write {failures_file} ({error}); the failures:"), file=sys.stderr)
+        for path, reason in sorted(failures):
+            print(_shown(f"  {path}: {reason}"), file=sys.stderr)
+        return False
+
+
+def _run_bounded(pool: ThreadPoolExecutor, work, jobs: list, limit: int, on_done) -> None:
+    """``work(job)`` for every job on ``pool`` with at most ``limit`` queued at a time (a million pending futures
+    would cost gigabytes before the first image is done); ``on_done()`` after each."""
+    pending = set()
+    for job in jobs:
+        if len(pending) >= limit:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                future.result()
+                on_done()
+        pending.add(pool.submit(work, job))
+    while pending:
+        done, pending = wait(pending, return_when=FIRST_COMPLETED)
+        for future in done:
+            future.result()
+            on_done()
+
+
 def _shown(text: str) -> str:
     """``text`` safe to print: file-name bytes that are not UTF-8 appear as \\xNN escapes."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
@@ -216,70 +271,77 @@ def preprocess(
     for relative, _ in not_segmented:
         _drop_stale_mask(mask_path(out, relative), redo_since)
     failures = [(str(images / relative), reason) for relative, reason in unlistable + not_segmented]
-    listing_failures = len(failures)
     excluded = {relative for relative, _ in not_segmented}
-    jobs, skipped, regenerated = [], 0, []
+    jobs, skipped = [], 0  # (image, mask, whether an existing mask is checked first)
     for relative in relative_paths:
         mask_file = mask_path(out, relative)
         if relative in excluded:
             continue
         if not overwrite and _mask_done(mask_file, redo_since):
-            if verify and (problem := _check_mask(mask_file, images / relative, recipe)) is not None:
-                regenerated.append((str(mask_file), problem))
-                mask_file.unlink()
+            if verify:
+                jobs.append((images / relative, mask_file, True))
             else:
                 skipped += 1
-                continue
-        jobs.append((images / relative, mask_file))
-    for path, problem in regenerated:
-        print(_shown(f"bad mask, regenerating: {path}: {problem}"), file=sys.stderr)
+            continue
+        jobs.append((images / relative, mask_file, False))
+    if any(not check for _, _, check in jobs) and not os.access(out, os.W_OK):
+        raise PermissionError(f"cannot write masks into {out}: the folder is not writable")
 
     lock = threading.Lock()
+    counts = {"written": 0, "skipped": skipped, "regenerated": 0}
 
-    def work(job: tuple[Path, Path]) -> None:
+    def work(job: tuple[Path, Path, bool]) -> None:
+        image_file, mask_file, check_first = job
         try:
-            _segment_one(*job, recipe)
+            if check_first:
+                problem = _check_mask(mask_file, image_file, recipe)
+                with lock:
+                    counts["skipped" if problem is None else "regenerated"] += 1
+                if problem is None:
+                    return
+                tqdm.write(_shown(f"bad mask, regenerating: {mask_file}: {problem}"), file=sys.stderr)
+                mask_file.unlink(missing_ok=True)
+            _segment_one(image_file, mask_file, recipe)
         except Exception as error:  # one image fails (bad file, name too long, MemoryError, ...), not the run
             if isinstance(error, ImageDecodeError):
                 path, reason = error.path, error.reason
             else:
-                path, reason = str(job[0]), _failure_reason(error)
-            _drop_stale_mask(job[1], redo_since)
+                path, reason = str(image_file), _failure_reason(error)
+            _drop_stale_mask(mask_file, redo_since)
             with lock:
                 failures.append((path, reason))
             tqdm.write(_shown(f"skipped {path}: {reason}"), file=sys.stderr)
+            return
+        with lock:
+            counts["written"] += 1
 
     with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(
         total=len(jobs), unit="img", desc=_shown(f"FH {out.name}"), dynamic_ncols=True, mininterval=1.0
     ) as progress:
-        for _ in pool.map(work, jobs):
-            progress.update()
+        _run_bounded(pool, work, jobs, limit=4 * workers, on_done=progress.update)
     if redo_since is not None and not unlistable:  # an unlisted folder may still hold old masks
         _finish_redo(out, recipe)
 
     failures_file = out / FAILURES_FILE
-    if failures:
-        tmp = failures_file.with_name(failures_file.name + ".tmp")
-        text = "".join(f"{path}\t{reason}\n" for path, reason in sorted(failures))
-        tmp.write_text(text, encoding="utf-8", errors="surrogateescape")  # file names as their bytes
-        os.replace(tmp, failures_file)
-    else:
-        failures_file.unlink(missing_ok=True)
+    listed = _write_failures(failures_file, failures)
     return {
         "images": len(relative_paths) + len(broken_links),
-        "written": len(jobs) - (len(failures) - listing_failures),
-        "skipped_existing": skipped,
-        "regenerated": len(regenerated),
+        "written": counts["written"],
+        "skipped_existing": counts["skipped"],
+        "regenerated": counts["regenerated"],
         "failed": len(failures),
-        "failures_file": str(failures_file) if failures else None,
+        "failures_file": str(failures_file) if failures and listed else None,
     }
 
 
 def _parse_numbers(text: str, kind: type) -> tuple:
     try:
-        return tuple(kind(item) for item in text.split(",") if item.strip())
+        numbers = tuple(kind(item) for item in text.split(",") if item.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        numbers = ()
+    if not numbers:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+    return numbers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -289,8 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_argument_group("what to segment (a dataset split, or any folder)")
     source.add_argument("--dataset", choices=sorted(RECIPES), help="dataset under $E2E_DATASETS / --root")
     source.add_argument("--split", help="coco: train2017, val2017, unlabeled2017; imnet: train, val")
-    source.add_argument("--root", type=Path, default=Path(os.environ.get("E2E_DATASETS", ".data")),
-                        help="datasets root (default: $E2E_DATASETS or .data)")
+    source.add_argument("--root", type=Path, help="datasets root (default: $E2E_DATASETS or .data)")
     source.add_argument("--images", type=Path, help="generic mode: a folder of images (recursive)")
     source.add_argument("--out", type=Path, help="generic mode: the mask folder (mirrors --images)")
     recipe = parser.add_argument_group("FH recipe (defaults: the dataset's official one; generic mode: COCO's)")
@@ -305,13 +366,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.images is not None or args.out is not None:
         if args.dataset is not None or args.images is None or args.out is None:
             parser.error("generic mode takes both --images and --out, and no --dataset")
+        if args.split is not None or args.root is not None:
+            parser.error("--split and --root choose a dataset's folders; generic mode takes --images and --out only")
         if not args.images.is_dir():
             parser.error(f"--images {args.images} is not a folder")
+        if args.out.exists() and not args.out.is_dir():
+            parser.error(f"--out {args.out} exists and is not a folder")
         images, out, base = args.images, args.out, RECIPES["coco"]
     elif args.dataset is not None:
         if args.split is None:
             parser.error(f"--dataset {args.dataset} needs --split ({', '.join(SPLITS[args.dataset])})")
-        images, out = dataset_folders(args.dataset, args.split, args.root)
+        root = args.root if args.root is not None else Path(os.environ.get("E2E_DATASETS", ".data"))
+        images, out = dataset_folders(args.dataset, args.split, root)
         base = RECIPES[args.dataset]
     else:
         parser.error("give --dataset and --split, or --images and --out")
@@ -329,12 +395,19 @@ def main(argv: list[str] | None = None) -> int:
         fh.felzenszwalb_multi(np.zeros((2, 2, 3), np.uint8), chosen.scales, chosen.sigma, chosen.min_sizes)
     except (ValueError, TypeError) as error:
         parser.error(str(error))
+    except (OverflowError, MemoryError) as error:  # a kernel of radius 4 sigma that cannot be built
+        parser.error(f"--sigma {chosen.sigma:g} is too large: its Gaussian kernel cannot be built "
+                     f"({type(error).__name__}: {error})")
 
-    summary = preprocess(images, out, chosen, args.workers, verify=args.verify, overwrite=args.overwrite)
+    try:
+        summary = preprocess(images, out, chosen, args.workers, verify=args.verify, overwrite=args.overwrite)
+    except OSError as error:  # the mask folder cannot be made or written (read-only, a file in the way, ...)
+        print(_shown(f"error: {error}"), file=sys.stderr)
+        return 2
     print(_shown(
         f"{summary['images']} images: {summary['written']} written, {summary['skipped_existing']} already done, "
         f"{summary['regenerated']} regenerated, {summary['failed']} failed"
-        + (f" (listed in {summary['failures_file']})" if summary["failed"] else "")
+        + (f" (listed in {summary['failures_file']})" if summary["failures_file"] else "")
     ))
     return 1 if summary["failed"] else 0
 

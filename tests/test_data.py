@@ -465,11 +465,20 @@ def test_decode_labels_equals_load_labels(tree):
         decode_labels(b"\x93NUMPY garbage", "x.npy")
 
 
+def test_preprocess_hint_names_the_root_only_when_needed(tmp_path, monkeypatch):
+    monkeypatch.setenv("E2E_DATASETS", str(tmp_path))
+    with pytest.raises(DatasetNotFoundError) as error:
+        build_dataset(DataConfig(dataset="coco", split="train2017"))
+    text = str(error.value)
+    assert "python -m rmae.preprocess --dataset coco --split train2017" in text and "--root" not in text
+
+
 def test_missing_dataset_is_explained(tmp_path):
     with pytest.raises(DatasetNotFoundError) as error:
         build_dataset(DataConfig(dataset="coco", split="train2017", root=str(tmp_path)))
     text = str(error.value)
     assert "coco/image/train2017" in text and "python -m rmae.preprocess --dataset coco --split train2017" in text
+    assert f"--root {tmp_path}" in text  # the command must find the data where the config's data_dir points
     with pytest.raises(DatasetNotFoundError, match="--dataset imnet --split train"):
         build_dataset(DataConfig(dataset="imagenet", root=str(tmp_path)))
     with pytest.raises(DatasetNotFoundError, match="unlabeled2017"):

@@ -384,3 +384,99 @@ def test_the_loader_reports_folders_it_cannot_list(tmp_path, monkeypatch):
     monkeypatch.setattr(listing.os, "scandir", scandir)
     with pytest.warns(UserWarning, match=r"1 folder\(s\) under .* cannot be listed.*n02: cannot list folder \(Permission denied\)"):
         assert _list_images(tmp_path) == ["n01/a.png"]
+
+
+def test_unwritable_mask_folder_is_an_error_not_a_traceback(tmp_path, capsys, monkeypatch):
+    tiny(tmp_path / "in" / "a.png", 0)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit) as exit_info:  # --out is a file
+        main(["--images", str(tmp_path / "in"), "--out", str(tmp_path / "afile")])
+    assert exit_info.value.code == 2 and "not a folder" in capsys.readouterr().err
+    # dataset mode: the mask folder's name is taken by a file (as a read-only tree, it cannot be made)
+    tiny(tmp_path / "coco" / "image" / "val2017" / "1.jpg", 1)
+    (tmp_path / "coco" / "image" / "fh_val2017").write_text("x")
+    assert main(["--dataset", "coco", "--split", "val2017", "--root", str(tmp_path)]) == 2
+    assert "error:" in capsys.readouterr().err
+    # a folder that exists but cannot be written (os.access as on a read-only mount; root bypasses chmod)
+    out = tmp_path / "out"
+    assert main(["--images", str(tmp_path / "in"), "--out", str(out)]) == 0
+    tiny(tmp_path / "in" / "b.png", 2)
+    monkeypatch.setattr(preprocess_module.os, "access", lambda path, mode: False)
+    assert main(["--images", str(tmp_path / "in"), "--out", str(out)]) == 2
+    assert "not writable" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert main(["--images", str(tmp_path / "in"), "--out", str(out)]) == 0  # nothing new to write: fine
+
+
+def test_failures_file_that_cannot_be_written_still_reports(tmp_path, capsys):
+    tiny(tmp_path / "in" / "a.png", 0)
+    (tmp_path / "in" / "bad.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    (out / "preprocess_failures.tsv.tmp").mkdir(parents=True)  # the write fails: a folder is in the way
+    assert main(["--images", str(tmp_path / "in"), "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert "cannot write" in captured.err and "bad.png" in captured.err
+    assert "1 written" in captured.out and "1 failed" in captured.out and "listed in" not in captured.out
+
+
+@pytest.mark.parametrize("content", ['{"scales": [500.0', "[]", "\xff"])
+def test_damaged_recipe_file_is_a_clear_error(tmp_path, content):
+    tiny(tmp_path / "in" / "a.png", 0)
+    out = tmp_path / "out"
+    assert main(["--images", str(tmp_path / "in"), "--out", str(out)]) == 0
+    (out / "fh_params.json").write_bytes(content.encode("latin-1"))
+    with pytest.raises(SystemExit, match=r"fh_params\.json cannot be read.*\n.*--overwrite"):
+        main(["--images", str(tmp_path / "in"), "--out", str(out)])
+    assert main(["--images", str(tmp_path / "in"), "--out", str(out), "--overwrite"]) == 0
+
+
+def test_verify_runs_in_the_pool_and_counts(coco_tree, capsys):
+    args = ["--dataset", "coco", "--split", "val2017", "--root", str(coco_tree), "--workers", "2"]
+    main(args)
+    masks = coco_tree / "coco" / "image" / "fh_val2017"
+    save_labels(masks / "000000000002.npy.zst", np.zeros((3, 5, 5), np.uint16))
+    capsys.readouterr()
+    assert main(args + ["--verify"]) == 1  # the two undecodable files still fail
+    out = capsys.readouterr().out
+    assert "1 written, 4 already done, 1 regenerated, 2 failed" in out
+
+
+def test_options_that_would_be_ignored_are_refused(tmp_path, capsys):
+    tiny(tmp_path / "in" / "a.png", 0)
+    generic = ["--images", str(tmp_path / "in"), "--out", str(tmp_path / "out")]
+    for bad in (["--scales", ""], ["--min-sizes", ","], ["--split", "val2017"], ["--root", str(tmp_path)],
+                ["--sigma", "1e308"], ["--sigma", "1e12"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(generic + bad)
+        assert exit_info.value.code == 2, bad
+    assert "--sigma 1e+12 is too large" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_failure_lines_escape_tabs_and_line_breaks(tmp_path):
+    tiny(tmp_path / "in" / "a.png", 0)
+    (tmp_path / "in" / "bad\tname\nx.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "out"
+    assert main(["--images", str(tmp_path / "in"), "--out", str(out)]) == 1
+    (line,) = (out / "preprocess_failures.tsv").read_text().splitlines()
+    path, reason = line.split("\t")
+    assert path.endswith("bad\\tname\\nx.jpg") and reason
+
+
+def test_jobs_are_queued_a_few_at_a_time():
+    from concurrent.futures import ThreadPoolExecutor
+
+    pulled, finished, most = [0], [0], [0]
+
+    def jobs():
+        for i in range(50):
+            pulled[0] += 1
+            most[0] = max(most[0], pulled[0] - finished[0])
+            yield i
+
+    def done():
+        finished[0] += 1
+
+    with ThreadPoolExecutor(2) as pool:
+        preprocess_module._run_bounded(pool, lambda job: time.sleep(0.001), jobs(), limit=4, on_done=done)
+    assert finished[0] == 50 and most[0] <= 5

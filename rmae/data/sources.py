@@ -205,7 +205,10 @@ def _preprocess_command(dataset: str, root: Path, images: Path, masks: Path, rec
     """The command that writes ``masks``: by dataset and split for a standard folder, else by folder."""
     split = _standard_split(dataset, root, images, masks)
     if split is not None:
-        return f"python -m rmae.preprocess --dataset {dataset} --split {split}"
+        command = f"python -m rmae.preprocess --dataset {dataset} --split {split}"
+        if Path(root).resolve() != Path(os.environ.get("E2E_DATASETS", ".data")).resolve():
+            command += f" --root {shlex.quote(str(root))}"  # data_dir= in the config, not the preprocessing default
+        return command
     return folder_command(images, masks, recipe)
 
 
