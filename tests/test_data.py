@@ -582,7 +582,7 @@ def test_mask_with_another_scale_count_names_the_file(tree, tmp_path):
     folder = root / "coco" / "image" / "fh_train2017"
     save_labels(folder / "000000000001.npy.zst", _labels_of(_coco(root), 0)[:1])  # one scale of three
     with pytest.raises(ValueError, match=r"000000000001\.npy\.zst holds 1 FH scale\(s\) but the recipe has 3 "
-                                         r".*python -m rmae\.preprocess --dataset coco --split train2017 --verify"):
+                                         r".*python -m rmae\.preprocess --dataset coco --split train2017 --root \S+ --verify"):
         _coco(root)[(0, 0)]
 
 
