@@ -34,7 +34,17 @@ IMPLS = ("auto", "triton", "reference")
 
 # Read once, at import: @triton.jit picks interpreter or compiled mode when the kernel modules are imported
 # (right after this one), so a later change of the variable cannot change how they run.
-_INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+def _triton_interprets() -> bool:
+    """Triton's own reading of TRITON_INTERPRET (it takes 1, true, on, yes)."""
+    try:
+        from triton import knobs
+
+        return bool(knobs.runtime.interpret)
+    except Exception:  # older Triton without knobs, or no Triton
+        return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+_INTERPRETING = HAS_TRITON and _triton_interprets()
 
 
 def interpreting() -> bool:

@@ -174,6 +174,10 @@ def _launch_bwd(g, ids_restore, L, x_dtype, m_dtype, pos_dtype, need_x, need_m, 
     2 under the interpreter so the split path is exercised)."""
     B, NP1, C = g.shape
     dev = g.device
+    if B == 0:  # nothing to launch: no rows, zero parameter gradients
+        return (new_empty((0, L + 1, C), dev, x_dtype) if need_x else None,
+                torch.zeros((1, 1, C), device=dev, dtype=m_dtype) if need_m else None,
+                torch.zeros((1, NP1, C), device=dev, dtype=pos_dtype) if need_pos else None)
     n_rb = triton.cdiv(NP1, _BWD_BLOCK_R)
     if bsplit is None:
         if interpreting():

@@ -251,12 +251,14 @@ def shard_model(model: nn.Module, param_dtype: torch.dtype | None = None) -> nn.
     """``fully_shard`` every transformer block (every element of every ``nn.ModuleList``), then the root.
 
     ``param_dtype`` (bf16 / fp16) is FSDP2's compute dtype for parameters; gradients are reduced in fp32.
+    Inputs are not cast (``cast_forward_inputs=False``): the masking noise must stay fp32 (rounded to bf16 it
+    ties, and argsort then keeps other patches than on one process), and autocast chooses compute precision.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     # The model returns views (e.g. ``x[:, 1:]``) and never modifies them in place; FSDP2 warns on every call.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for module in list(model.modules()):
         if isinstance(module, nn.ModuleList):
             for block in module:

@@ -285,6 +285,33 @@ def test_unshuffle_fill_backward_batch_split(bsplit):
         close(a, b, torch.float32)
 
 
+def test_unshuffle_fill_empty_batch():
+    g = gen(15)
+    N, L, C = 16, 3, 8
+    x = torch.zeros((0, L + 1, C), requires_grad=True)
+    m, pos = randn((1, 1, C), g, grad=True), randn((1, N + 1, C), g, grad=True)
+    ids_restore = torch.zeros((0, N), dtype=torch.int64)
+    out = unshuffle_fill(x, m, ids_restore, pos, impl="triton")
+    ref = unshuffle_fill_reference(x, m, ids_restore, pos)
+    assert out.shape == ref.shape == (0, N + 1, C)
+    gt = torch.autograd.grad(out.sum(), [x, m, pos])
+    gr = torch.autograd.grad(ref.sum(), [x, m, pos])
+    for a, b in zip(gt, gr):
+        assert a.shape == b.shape and torch.equal(a, b)
+
+
+def test_interpreter_switch_is_read_as_triton_reads_it():
+    """TRITON_INTERPRET=true turns Triton's interpreter on; rmae must then take it for the interpreter too."""
+    import subprocess
+    import sys
+
+    code = "from rmae.kernels import _dispatch as d; print(d.interpreting())"
+    for value, expected in (("true", "True"), ("1", "True"), ("0", "False")):
+        env = {**os.environ, "TRITON_INTERPRET": value}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == expected, (value, out.stdout, out.stderr)
+
+
 def test_unshuffle_fill_errors():
     g = gen(13)
     B, N, L, C = 2, 16, 5, 24
