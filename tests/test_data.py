@@ -507,6 +507,32 @@ def test_coco_json_listing_and_fallback(tree, tmp_path):
     assert len(union) == 2 + len(PHOTOS) and union[len(union) - 1]["region_labels"].shape[0] == 3
 
 
+
+def test_image_listed_but_missing_is_an_error_not_a_substitute(tree, tmp_path):
+    """A partly extracted folder: the annotation file lists an image that is not there. Replacing it with a random
+    other image (as a corrupt file is) would train on duplicates without a word."""
+    from rmae.data import MissingImageError
+
+    root = _copy_tree(tree, tmp_path)
+    annotations = root / "coco" / "annotations"
+    annotations.mkdir()
+    images = [{"id": 1, "file_name": "000000000001.jpg"}, {"id": 99, "file_name": "000000000099.jpg"}]
+    (annotations / "instances_train2017.json").write_text(json.dumps({"images": images}))
+    dataset = _coco(root)
+    with pytest.raises(MissingImageError, match=r"000000000099\.jpg is listed but does not exist"):
+        dataset[(1, 0)]
+    assert dataset.error_count == 0
+
+
+def test_mask_with_labels_out_of_range_names_the_file(tree, tmp_path):
+    root = _copy_tree(tree, tmp_path)
+    folder = root / "coco" / "image" / "fh_train2017"
+    (folder / "000000000001.npy.zst").unlink()
+    np.save(folder / "000000000001.npy", np.full((3, *_labels_of(_coco(tree), 0).shape[1:]), -1, np.int32))
+    with pytest.raises(ValueError, match=r"mask .*000000000001\.npy: labels outside"):
+        _coco(root)[(0, 0)]
+
+
 # ------------------------------------------------------------------------------------------------
 # robustness
 # ------------------------------------------------------------------------------------------------

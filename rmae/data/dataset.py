@@ -38,7 +38,7 @@ from .samplers import DRAW_STREAM, INDEX_STREAM
 from .sources import FHRecipe, ImageList, missing_masks_message
 from .transforms import crop_resize, nearest_indices, random_resized_crop_params, to_normalized_chw
 
-__all__ = ["REGION_SOURCES", "RegionDataset", "MissingMaskError"]
+__all__ = ["REGION_SOURCES", "RegionDataset", "MissingImageError", "MissingMaskError"]
 
 REGION_SOURCES = ("offline", "online", "online_crop", "none")
 _MAX_WORKER_SLOTS = 256
@@ -46,6 +46,11 @@ _MAX_WORKER_SLOTS = 256
 
 class MissingMaskError(FileNotFoundError):
     """An image without its FH mask file while regions='offline'."""
+
+
+class MissingImageError(FileNotFoundError):
+    """An image the annotation file lists but the image folder lacks (an incomplete download or extraction):
+    an error, not a corrupt sample to replace, since every missing image would silently become another one."""
 
 
 class RegionDataset(Dataset):
@@ -173,9 +178,19 @@ class RegionDataset(Dataset):
             return Image.fromarray(self.images.arrays[index])
         path = self.images.image_file(index)
         data = self.cache.image(index) if self.cache is not None else None
-        return decode_image(data if data is not None else path, path)
+        try:
+            return decode_image(data if data is not None else path, path)
+        except CorruptImageError:
+            if data is None and not path.exists():
+                raise MissingImageError(
+                    f"image {path} is listed but does not exist: the image folder {self.images.roots[self.images.root_ids[index]][0]} is incomplete "
+                    "(a partial download or extraction?). Restore the file, or remove it from the annotation file."
+                ) from None
+            raise
 
-    def _read_labels(self, index: int, image_size: tuple[int, int]) -> np.ndarray:
+    def _read_labels(self, index: int, image_size: tuple[int, int]) -> tuple[np.ndarray, str]:
+        """The label maps [S, H, W] of image ``index`` and where they came from (for error messages)."""
+        found = f"in-memory FH labels of {self.images.image_file(index)}"
         if self._memory_labels is not None:
             labels = self._memory_labels[index]
         else:
@@ -195,7 +210,7 @@ class RegionDataset(Dataset):
                     f"mask {found} is {labels.shape[2]}x{labels.shape[1]} (WxH) but image "
                     f"{self.images.image_file(index)} is {width}x{height}: the mask was made from another image"
                 )
-        return labels
+        return labels, str(found)
 
     def _missing_mask_message(self, index: int) -> str:
         image_file = self.images.image_file(index)
@@ -229,9 +244,9 @@ class RegionDataset(Dataset):
             flip = bool(rng.random() < self.hflip)
         else:
             box, flip = (0, 0, height, width), False
-        labels = None
+        labels, label_source = None, None
         if self.regions == "offline":
-            labels = self._read_labels(index, image.size)
+            labels, label_source = self._read_labels(index, image.size)
         elif self.regions == "online":
             labels = felzenszwalb_multi(np.asarray(image), self.fh.scales, self.fh.sigma, self.fh.min_sizes)
 
@@ -252,7 +267,11 @@ class RegionDataset(Dataset):
                 xs = nearest_indices(j, w, size, self.label_resize)
                 if flip:
                     xs = np.ascontiguousarray(xs[::-1])
-                compact, counts = relabel_crop(labels, ys, xs)
+                try:
+                    compact, counts = relabel_crop(labels, ys, xs)
+                except ValueError as error:  # labels out of range, too many segments: name the file
+                    raise ValueError(f"mask {label_source or 'of ' + str(self.images.image_file(index))}: {error}; "
+                                     "FH masks hold labels 0..n-1 (rmae.preprocess --verify checks them)") from None
             keep = None
             if self.min_region_patches > 1:
                 keep = region_patch_counts(compact, counts, self.patch_size) >= self.min_region_patches
