@@ -238,19 +238,20 @@ def _write_failures(failures_file: Path, failures: list[tuple[str, str]]) -> boo
 def _run_bounded(pool: ThreadPoolExecutor, work, jobs: list, limit: int, on_done) -> None:
     """``work(job)`` for every job on ``pool`` with at most ``limit`` queued at a time (a million pending futures
     would cost gigabytes before the first image is done); ``on_done()`` after each."""
-    pending = set()
-    for job in jobs:
-        if len(pending) >= limit:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                future.result()
-                on_done()
-        pending.add(pool.submit(work, job))
-    while pending:
+    def finish_some(pending: set) -> set:
         done, pending = wait(pending, return_when=FIRST_COMPLETED)
         for future in done:
             future.result()
             on_done()
+        return pending
+
+    pending = set()
+    for job in jobs:
+        if len(pending) >= limit:
+            pending = finish_some(pending)
+        pending.add(pool.submit(work, job))
+    while pending:
+        pending = finish_some(pending)
 
 
 def _shown(text: str) -> str:

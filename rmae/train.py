@@ -755,7 +755,6 @@ def main(argv=None) -> int:
     try:
         train(cfg, require_resume=args.resume)
     except USER_ERRORS as e:
-        # bad settings, missing dataset, unusable data, missing or unreadable checkpoint: a message, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

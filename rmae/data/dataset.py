@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import glob
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -182,15 +183,16 @@ class RegionDataset(Dataset):
             return decode_image(data if data is not None else path, path)
         except CorruptImageError:
             if data is None and not path.exists():
+                image_dir = self.images.roots[self.images.root_ids[index]][0]
                 raise MissingImageError(
-                    f"image {path} is listed but does not exist: the image folder {self.images.roots[self.images.root_ids[index]][0]} is incomplete "
+                    f"image {path} is listed but does not exist: the image folder {image_dir} is incomplete "
                     "(a partial download or extraction?). Restore the file, or remove it from the annotation file."
                 ) from None
             raise
 
-    def _read_labels(self, index: int, image_size: tuple[int, int]) -> tuple[np.ndarray, str]:
-        """The label maps [S, H, W] of image ``index`` and where they came from (for error messages)."""
-        found = f"in-memory FH labels of {self.images.image_file(index)}"
+    def _read_labels(self, index: int, image_size: tuple[int, int]) -> tuple[np.ndarray, Path | str | None]:
+        """The label maps [S, H, W] of image ``index`` and the mask file they came from (None: in memory)."""
+        found = None
         if self._memory_labels is not None:
             labels = self._memory_labels[index]
         else:
@@ -210,7 +212,7 @@ class RegionDataset(Dataset):
                     f"mask {found} is {labels.shape[2]}x{labels.shape[1]} (WxH) but image "
                     f"{self.images.image_file(index)} is {width}x{height}: the mask was made from another image"
                 )
-        return labels, str(found)
+        return labels, found
 
     def _missing_mask_message(self, index: int) -> str:
         image_file = self.images.image_file(index)

@@ -206,7 +206,7 @@ def _preprocess_command(dataset: str, root: Path, images: Path, masks: Path, rec
     split = _standard_split(dataset, root, images, masks)
     if split is not None:
         command = f"python -m rmae.preprocess --dataset {dataset} --split {split}"
-        if Path(root).resolve() != Path(os.environ.get("E2E_DATASETS", ".data")).resolve():
+        if Path(root).resolve() != dataset_root().resolve():
             command += f" --root {shlex.quote(str(root))}"  # data_dir= in the config, not the preprocessing default
         return command
     return folder_command(images, masks, recipe)
