@@ -137,6 +137,26 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
                              weight_decay=p["weight_decay"], fused=fused)
 
 
+def apply_optimizer_settings(cfg, optimizer: torch.optim.Optimizer, base_lrs: list[float]) -> list[str]:
+    """After loading a checkpoint's optimizer state (which carries the hyperparameters it was saved with): the
+    configured weight decays, betas, eps and base lr again, so that the run trains with what config.yaml records.
+    Returns the settings that differed, as ``"optimizer.params.<key>: then -> now"``."""
+    p = cfg["optimizer"]["params"]
+    decay_key = {"decay": "weight_decay", "norm": "wd_norm", "bias": "wd_bias"}
+    changed: dict[str, str] = {}
+    for g, base_lr in zip(optimizer.param_groups, base_lrs):
+        wd_key = decay_key.get(g.get("name"), "weight_decay")
+        wanted = {wd_key: ("weight_decay", p[wd_key]), "betas": ("betas", tuple(p["betas"])),
+                  "eps": ("eps", p["eps"]), "lr": ("initial_lr", base_lr)}
+        for key, (group_key, now) in wanted.items():
+            then = g.get(group_key)
+            then = tuple(then) if isinstance(then, (list, tuple)) else then
+            if then != now:
+                changed.setdefault(key, f"optimizer.params.{key}: {then!r} -> {now!r}")
+            g[group_key] = now
+    return list(changed.values())
+
+
 def build_scheduler(cfg, optimizer) -> WarmupCosine:
     s = cfg["scheduler"]["params"]
     return WarmupCosine(optimizer, T_max=s["T_max"], eta_min=s["eta_min"], use_warmup=s["use_warmup"],
@@ -456,7 +476,12 @@ def train(cfg, require_resume: bool = False) -> dict:
         meta = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, rank=rank, payload=meta)
         step, position = int(meta["step"]), int(meta["data_position"])
         skipped = int(meta.get("skipped", 0))  # checkpoints before it was stored: 0
+        changed = apply_optimizer_settings(cfg, optimizer, scheduler.base_lrs)
         scheduler.load_state_dict(meta["scheduler"])
+        if changed and dinfo.is_main:
+            logger.warning("optimizer settings differ from the checkpoint's; training on with the configured "
+                           "ones:\n  %s", "\n  ".join(changed))
+            log.event("optimizer_settings_changed", changed=changed)
         if meta.get("scaler"):
             scaler.load_state_dict(meta["scaler"])
         ckpt.restore_rng(meta, rank, world, tr["seed"])
