@@ -92,12 +92,33 @@ def slurm_master_addr(nodelist: str) -> str:
     return expand_nodelist(nodelist)[0]
 
 
-def apply_slurm_env(env: dict | None = None) -> bool:
-    """Under ``srun`` (and not torchrun), fill the torch.distributed variables from Slurm's. True if applied."""
+def slurm_step_tasks(env: dict) -> int:
+    """Tasks of the Slurm job step this process belongs to: > 1 only for a task started by ``srun`` with several
+    tasks. 0 outside a step: a batch script (sbatch) or an salloc shell also carries SLURM_PROCID=0 and the
+    allocation's SLURM_NTASKS, but it is one process, not rank 0 of them (only srun sets SLURM_STEP_ID)."""
+    if "SLURM_PROCID" not in env or not ("SLURM_STEP_ID" in env or "SLURM_STEPID" in env):
+        return 0
+    return int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1"))))
+
+
+def slurm_allocation_unused(env: dict | None = None) -> str | None:
+    """A warning when this process runs in a Slurm allocation of several tasks without ``srun`` (and without
+    torchrun): it trains on its own node's devices only."""
     env = os.environ if env is None else env
-    if "RANK" in env or "SLURM_PROCID" not in env:
+    tasks = int(env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1")) or 1)
+    if "RANK" in env or "SLURM_PROCID" not in env or slurm_step_tasks(env) or tasks <= 1:
+        return None
+    return (f"running inside a Slurm allocation of {tasks} tasks but not started by srun: this process trains "
+            "alone (on this node's devices); start it with 'srun python -m rmae.train ...' to train on all tasks")
+
+
+def apply_slurm_env(env: dict | None = None) -> bool:
+    """In a task that ``srun`` started (and not torchrun), fill the torch.distributed variables from Slurm's.
+    True if applied."""
+    env = os.environ if env is None else env
+    if "RANK" in env:
         return False
-    ntasks = int(env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1")))
+    ntasks = slurm_step_tasks(env)
     if ntasks <= 1:
         return False
     env["RANK"] = env["SLURM_PROCID"]
@@ -151,6 +172,9 @@ def resolve_launch(dist_cfg: dict, device_pref: str | None) -> int:
     """How many processes this launcher should spawn: 0 when the environment already defines the ranks
     (torchrun / srun) or when one process is enough. Checks ``training.device`` first (``check_device``)."""
     apply_slurm_env()
+    unused = slurm_allocation_unused()
+    if unused:
+        warnings.warn(unused, stacklevel=2)
     if "RANK" in os.environ:
         check_device(device_pref, int(os.environ.get("WORLD_SIZE", 1)))
         return 0

@@ -18,7 +18,7 @@ import torch
 
 from rmae import checkpoint as ckpt
 from rmae.config import ConfigError, load_config
-from rmae.distributed import apply_slurm_env, expand_nodelist
+from rmae.distributed import apply_slurm_env, expand_nodelist, slurm_allocation_unused
 from rmae.train import WarmupCosine, build_model_from_config, param_groups, train
 
 # A tiny, fast setting: 32 px (4 patches, 1 visible), batch 8, the bundled photos with in-memory FH.
@@ -506,6 +506,28 @@ def test_skipped_count_survives_resume(tmp_path, monkeypatch):
     assert log_records(run)[-1]["skipped"] == 1 and log_records(run, "done")[-1]["skipped"] == 1
 
 
+def test_resume_trains_with_the_configured_optimizer_settings(tmp_path):
+    """The checkpoint's optimizer state carries the hyperparameters it was saved with; a resumed run with other
+    settings trains with the configured ones (those config.yaml records) and says which differed."""
+    run = tmp_path / "run"
+    train(cfg_for(run, "training.max_update=2", "optimizer.params.weight_decay=0.05"))
+    new = ["optimizer.params.weight_decay=0.2", "optimizer.params.wd_norm=0.01", "optimizer.params.betas=[0.8,0.9]",
+           "optimizer.params.eps=1e-6"]
+    train(cfg_for(run, "training.max_update=3", *new))
+    groups = {g["name"]: g for g in torch.load(ckpt.latest_checkpoint(run), map_location="cpu",
+                                               weights_only=False)["optimizer"]["param_groups"]}
+    assert (groups["decay"]["weight_decay"], groups["norm"]["weight_decay"], groups["bias"]["weight_decay"]) == \
+        (0.2, 0.01, 0.0)
+    assert all(tuple(g["betas"]) == (0.8, 0.9) and g["eps"] == 1e-6 for g in groups.values())
+    changed = log_records(run, "optimizer_settings_changed")[-1]["changed"]
+    assert sorted(changed) == ["optimizer.params.betas: (0.9, 0.95) -> (0.8, 0.9)",
+                               "optimizer.params.eps: 1e-08 -> 1e-06",
+                               "optimizer.params.wd_norm: 0.0 -> 0.01",
+                               "optimizer.params.weight_decay: 0.05 -> 0.2"]
+    train(cfg_for(run, "training.max_update=4", *new))  # the same settings again: nothing to report
+    assert len(log_records(run, "optimizer_settings_changed")) == 1
+
+
 def test_fp16_skip_backs_off_like_grad_scaler(tmp_path, monkeypatch):
     """An overflow step halves the scale and restarts the growth count, as GradScaler.update() does."""
     run = tmp_path / "run"
@@ -565,12 +587,34 @@ def test_no_weight_decay_on_norms_and_biases():
 
 def test_slurm_environment():
     assert expand_nodelist("gpu[01-03,07],login5") == ["gpu01", "gpu02", "gpu03", "gpu07", "login5"]
-    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123",
-           "SLURM_JOB_NODELIST": "node[4-5]"}
-    assert apply_slurm_env(env)
+    srun = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123",
+            "SLURM_JOB_NODELIST": "node[4-5]", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "16"}
+    env = dict(srun)
+    assert apply_slurm_env(env) and slurm_allocation_unused(env) is None
     assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["MASTER_ADDR"]) == ("5", "16", "1", "node4")
-    assert not apply_slurm_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"})
-    assert not apply_slurm_env({"RANK": "0", "SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
+    # srun -n 4 inside an allocation of 16 tasks: the step's 4
+    env = {**srun, "SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4"}
+    assert apply_slurm_env(env) and env["WORLD_SIZE"] == "4"
+    assert not apply_slurm_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_STEP_ID": "0"})
+    assert not apply_slurm_env({**srun, "RANK": "0"})  # torchrun inside srun: torchrun's ranks
+    # the batch script of 'sbatch --ntasks=16' (no srun): one process, not rank 0 of 16 waiting for the others
+    batch = {k: v for k, v in srun.items() if not k.startswith("SLURM_STEP")} | {"SLURM_PROCID": "0"}
+    assert not apply_slurm_env(batch) and "RANK" not in batch
+    assert "not started by srun" in slurm_allocation_unused(batch)
+
+
+def test_plain_launch_in_an_sbatch_script_trains_alone(tmp_path, monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "SLURM_STEP_ID", "SLURM_STEPID", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "node1")
+    from rmae.train import main
+
+    with pytest.warns(UserWarning, match="allocation of 8 tasks but not started by srun"):
+        assert main(BASE + [f"training.save_dir={tmp_path / 'run'}", "training.max_update=1",
+                            "training.device=cpu"]) == 0
+    assert "RANK" not in os.environ and final_model(tmp_path / "run")
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
