@@ -527,7 +527,9 @@ def train(cfg, require_resume: bool = False) -> dict:
                 else contextlib.nullcontext())
     sharded = world > 1
     losses: list[float] = []
-    win = {"loss": 0.0, "mae_loss": 0.0, "region_loss": 0.0, "grad_norm": 0.0, "n": 0, "data": 0.0, "step": 0.0}
+    # the log window's sums; loss terms over the updates with a finite loss, the norm over those with a finite norm
+    # (a skipped update does not turn the window's mean into nan), times over all
+    win = dict.fromkeys(("loss", "mae_loss", "region_loss", "n_loss", "grad_norm", "n_norm", "n", "data", "step"), 0.0)
     vis_batch = None
     vis_every = tr["visualize_interval"]
     interrupted = None
@@ -606,31 +608,37 @@ def train(cfg, require_resume: bool = False) -> dict:
             t_step = time.perf_counter() - t0
             loss_v = flags[0].item()
             losses.append(loss_v)
-            win["loss"] += loss_v
-            win["mae_loss"] += flags[1].item()
-            win["region_loss"] += flags[2].item()
-            win["grad_norm"] += gnorm.item() if finite else 0.0
+            if math.isfinite(loss_v):
+                win["loss"] += loss_v
+                win["mae_loss"] += flags[1].item()
+                win["region_loss"] += flags[2].item()
+                win["n_loss"] += 1
+            if math.isfinite(gnorm.item()):
+                win["grad_norm"] += gnorm.item()
+                win["n_norm"] += 1
             win["n"] += 1
             win["data"] += t_data
             win["step"] += t_step
             bar.update(1)
             if step % tr["log_interval"] == 0 or step == max_update:
-                n = win["n"]
+                n, nan = win["n"], float("nan")  # nan: every update of the window was non-finite
+                mean_loss = {k: win[k] / win["n_loss"] if win["n_loss"] else nan
+                             for k in ("loss", "mae_loss", "region_loss")}
                 elapsed = time.perf_counter() - t_log
-                rec = {"step": step, "loss": win["loss"] / n, "lr": lr, "grad_norm": win["grad_norm"] / n,
+                rec = {"step": step, "loss": mean_loss["loss"], "lr": lr,
+                       "grad_norm": win["grad_norm"] / win["n_norm"] if win["n_norm"] else nan,
                        "img_per_s": G * n / max(elapsed, 1e-9), "step_time": win["step"] / n,
                        "data_time": win["data"] / n, "compute_time": (win["step"] - win["data"]) / n,
                        "peak_mem_mb": peak_memory_mb(device), "skipped": skipped,
                        "data_errors": data_errors(loader)}
                 if raw.use_mae_loss:
-                    rec["mae_loss"] = win["mae_loss"] / n
+                    rec["mae_loss"] = mean_loss["mae_loss"]
                 if num_region > 0:
-                    rec["region_loss"] = win["region_loss"] / n
+                    rec["region_loss"] = mean_loss["region_loss"]
                 log.log(rec, console=not tr["progress_bar"])
                 bar.set_postfix({k: f"{rec[k]:.4g}" for k in ("loss", "mae_loss", "region_loss", "img_per_s")
                                  if k in rec})
                 win = dict.fromkeys(win, 0.0)
-                win["n"] = 0
                 t_log = time.perf_counter()
             if flags[4].item() > 0:
                 interrupted = int(flags[4].item())

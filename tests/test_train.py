@@ -314,6 +314,19 @@ def test_nonfinite_step_is_skipped(tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in final_model(run).values() if v.is_floating_point())
 
 
+def test_log_window_averages_over_the_finite_updates(tmp_path, monkeypatch):
+    """A skipped update in a log window leaves the window's loss and grad norm the means of its other updates
+    (it made them nan, and the norm half as large)."""
+    _poison_second_forward(monkeypatch, float("nan"))
+    each = log_records(train(cfg_for(tmp_path / "each", "training.max_update=3"))["run_dir"])
+    assert math.isnan(float(each[1]["loss"])) and math.isnan(float(each[1]["grad_norm"]))
+    _poison_second_forward(monkeypatch, float("nan"))
+    (window,) = log_records(train(cfg_for(tmp_path / "win", "training.max_update=3",
+                                          "training.log_interval=3"))["run_dir"])
+    for key in ("loss", "mae_loss", "region_loss", "grad_norm"):
+        assert window[key] == pytest.approx((each[0][key] + each[2][key]) / 2, rel=1e-6), key
+
+
 def test_fresh_start_moves_the_earlier_run_aside(tmp_path):
     """training.resume=false in a folder with checkpoints: the earlier run goes to previous/<time>/ whole, so
     pruning cannot favour its later steps and a plain rerun continues the new run."""
