@@ -234,16 +234,33 @@ class DataError(Exception):
     """Training data that cannot be used (a mask made from another image, ...); the message names the files."""
 
 
-def next_batch(it) -> dict:
-    """The next micro-batch. A ValueError or FileNotFoundError of the data pipeline becomes a DataError with the
-    pipeline's message (from a loader worker, without the worker's traceback that the loader adds to it)."""
+@contextlib.contextmanager
+def data_error_context():
+    """A ValueError or FileNotFoundError of the data pipeline becomes a DataError with the pipeline's message
+    (from a loader worker, without the worker's traceback that the loader adds to it)."""
     try:
-        return next(it)
+        yield
     except (ValueError, FileNotFoundError) as e:
         message = str(e)
         if "Original Traceback" in message:  # re-raised from a worker: its last line is "<Type>: <message>"
             message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
         raise DataError(message) from e
+
+
+def next_batch(it) -> dict:
+    """The next micro-batch (data errors as DataError)."""
+    with data_error_context():
+        return next(it)
+
+
+def picture_batch(dataset, count: int = 4) -> tuple[torch.Tensor, dict]:
+    """The samples the pictures show (``vis/``): the dataset's first ``count`` images, image i with the
+    augmentation of draw i, so every start, resume and rank count pictures the same crops."""
+    from torch.utils.data import default_collate
+
+    with data_error_context():
+        batch = default_collate([dataset[(i, i)] for i in range(min(count, len(dataset)))])
+    return batch["image"], {k: v for k, v in batch.items() if k.startswith("region_")}
 
 
 def data_errors(loader) -> int:
@@ -530,8 +547,8 @@ def train(cfg, require_resume: bool = False) -> dict:
     # the log window's sums; loss terms over the updates with a finite loss, the norm over those with a finite norm
     # (a skipped update does not turn the window's mean into nan), times over all
     win = dict.fromkeys(("loss", "mae_loss", "region_loss", "n_loss", "grad_norm", "n_norm", "n", "data", "step"), 0.0)
-    vis_batch = None
     vis_every = tr["visualize_interval"]
+    vis_batch = picture_batch(loader.dataset)  # every rank: the pictures' forward is collective
     interrupted = None
     last_ckpt = step if resume_from is not None else -1
     t_log = time.perf_counter()
@@ -561,9 +578,6 @@ def train(cfg, require_resume: bool = False) -> dict:
                 batch = next_batch(it)
                 t_data += time.perf_counter() - td
                 images, regions = to_device(batch, device, num_region)
-                if vis_batch is None:
-                    vis_batch = (batch["image"][:4].clone(), {k: v[:4].clone() for k, v in batch.items()
-                                                               if k.startswith("region_")})
                 # rows of the step's noise table are the samples' offsets in the update (their sampler draw
                 # minus step * G): micro m of rank r holds offsets m*b*W + i*W + r
                 noise = noise_table[m * b * world:(m + 1) * b * world][rank::world].to(device)

@@ -327,6 +327,29 @@ def test_log_window_averages_over_the_finite_updates(tmp_path, monkeypatch):
         assert window[key] == pytest.approx((each[0][key] + each[2][key]) / 2, rel=1e-6), key
 
 
+def test_pictures_show_the_same_samples_after_a_resume(tmp_path, monkeypatch):
+    """vis/ pictures of one run are comparable: the same images and crops at every step, whatever the
+    start, the resume or the batch size (they were the first micro-batch after each start)."""
+    import rmae.train as rt
+
+    shown = []
+    real = rt.visualize_now
+
+    def record(model, raw, cfg, vis_batch, *a):
+        shown.append(vis_batch)
+        return real(model, raw, cfg, vis_batch, *a)
+
+    monkeypatch.setattr(rt, "visualize_now", record)
+    run = tmp_path / "run"
+    train(cfg_for(run, "training.max_update=2", "training.visualize_interval=1"))
+    train(cfg_for(run, "training.max_update=3", "training.visualize_interval=1", "training.iter_per_update=2"))
+    assert len(shown) == 3 and shown[0][0].shape[0] == 4
+    for images, regions in shown[1:]:
+        torch.testing.assert_close(images, shown[0][0], rtol=0, atol=0)
+        assert regions.keys() == shown[0][1].keys() and all(torch.equal(regions[k], shown[0][1][k]) for k in regions)
+    assert sorted(p.name for p in (run / "vis").iterdir()) == [f"step_{s:08d}.png" for s in (1, 2, 3)]
+
+
 def test_fresh_start_moves_the_earlier_run_aside(tmp_path):
     """training.resume=false in a folder with checkpoints: the earlier run goes to previous/<time>/ whole, so
     pruning cannot favour its later steps and a plain rerun continues the new run."""
