@@ -575,6 +575,23 @@ def legacy_keys_set(cfg) -> list[str]:
     return out
 
 
+def schedule_warnings(cfg) -> list[str]:
+    """Settings that run but are unlikely to be meant: a warm-up that does not end before the schedule does
+    (a recipe shortened with training.max_update alone keeps its 12000 warm-up updates), a schedule longer or
+    shorter than the run (T_max set apart from max_update)."""
+    s, max_update = cfg["scheduler"]["params"], cfg["training"]["max_update"]
+    out = []
+    if s["use_warmup"] and s["warmup_iterations"] >= s["T_max"]:
+        out.append(f"scheduler.params.warmup_iterations ({s['warmup_iterations']}) >= scheduler.params.T_max "
+                   f"({s['T_max']}, training.max_update unless set): the lr warms up for the whole schedule "
+                   f"and never decays; set scheduler.params.warmup_iterations below it (the recipes: 12000 of 144000 "
+                   "updates on COCO, 12480 of 249600 on ImageNet)")
+    elif s["warmup_iterations"] >= max_update and s["use_warmup"]:
+        out.append(f"scheduler.params.warmup_iterations ({s['warmup_iterations']}) >= training.max_update "
+                   f"({max_update}): the run ends before the lr reaches its base value")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Checks
 # ---------------------------------------------------------------------------------------------------------------

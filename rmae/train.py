@@ -29,7 +29,7 @@ from rmae import checkpoint as ckpt
 from rmae import kernels
 from rmae import distributed as rdist
 from rmae.config import (DATASETS, MODELS, TASKS, ConfigError, dataset_section, legacy_keys_set, load_config,
-                         model_section, to_yaml)
+                         model_section, schedule_warnings, to_yaml)
 from rmae.logging_utils import RunLogger, logger, progress_bar, setup_console
 
 AMP_DTYPES = {"none": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -511,6 +511,9 @@ def train(cfg, require_resume: bool = False) -> dict:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         for k in legacy_keys_set(cfg):
             logger.warning("config key %s is accepted for compatibility with the original but has no effect", k)
+        for message in schedule_warnings(cfg):
+            logger.warning("%s", message)
+            log.event("config_warning", message=message)
     if use_compile:
         model.compile()  # in place: state_dict keys stay clean (no _orig_mod.)
 

@@ -581,6 +581,26 @@ def test_fp16_skip_backs_off_like_grad_scaler(tmp_path, monkeypatch):
     assert state == scaler.state_dict() and state["_growth_tracker"] == 2
 
 
+def test_warmup_longer_than_the_schedule_is_reported(tmp_path, capsys):
+    """A recipe shortened with training.max_update alone keeps its 12000 warm-up updates: the lr never decays.
+    The run goes on (a smoke test may want exactly that) but says so, on the console and in the log."""
+    from rmae.config import schedule_warnings
+
+    coco = load_config("RMAE/COCO/rmae_fh_4000eps.yaml", ["training.max_update=5000"])
+    (message,) = schedule_warnings(coco)
+    assert "warmup_iterations (12000) >= scheduler.params.T_max (5000" in message
+    assert schedule_warnings(load_config("RMAE/COCO/rmae_fh_4000eps.yaml")) == []
+    assert "ends before the lr reaches" in schedule_warnings(
+        load_config(None, ["training.max_update=20", "scheduler.params.T_max=100",
+                           "scheduler.params.warmup_iterations=30"]))[0]
+    assert schedule_warnings(load_config(None, ["training.max_update=20", "scheduler.params.use_warmup=false",
+                                                "scheduler.params.warmup_iterations=30"])) == []
+    run = tmp_path / "run"
+    train(cfg_for(run, "training.max_update=2", "scheduler.params.T_max=2", "scheduler.params.warmup_iterations=5"))
+    assert "WARNING scheduler.params.warmup_iterations (5) >= scheduler.params.T_max (2" in capsys.readouterr().err
+    assert "never decays" in log_records(run, "config_warning")[0]["message"]
+
+
 def test_cli_overrides_around_options(capsys):
     from rmae.train import main, parse_args
 
