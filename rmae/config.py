@@ -416,7 +416,25 @@ def parse_overrides(overrides: Iterable[str]) -> DictConfig:
         cfg = OmegaConf.from_dotlist([o.lstrip("+") for o in items])
     except Exception as e:
         raise ConfigError(f"cannot parse the command-line overrides: {e}") from e
-    return OmegaConf.create(_normalize(OmegaConf.to_container(cfg, resolve=False), where="command line"))
+    tree = OmegaConf.to_container(cfg, resolve=False)
+    for o in items:  # text settings keep their text: save_dir=0001 is the folder 0001, not the number 1
+        key, text = o.lstrip("+").split("=", 1)
+        if _is_plain_text(FLAT_SCHEMA.get(key), text):
+            parent = tree
+            for part in key.split(".")[:-1]:
+                parent = parent.get(part) if isinstance(parent, dict) else None
+            if isinstance(parent, dict):  # (None: a later override set the section to null)
+                parent[key.rsplit(".", 1)[-1]] = text.strip()
+    return OmegaConf.create(_normalize(tree, where="command line"))
+
+
+def _is_plain_text(spec: Spec | None, text: str) -> bool:
+    """A command-line value of a text setting to take as written (YAML would make 0001, 2024, 1e3 or true a number
+    or a boolean): not null, not quoted, not an interpolation, not a list."""
+    if spec is None or spec.kind not in ("str", "strs"):
+        return False
+    text = text.strip()
+    return text not in ("", "null", "~") and text[0] not in "'\"[{" and "${" not in text
 
 
 def load_config(config: str | os.PathLike | None = None, overrides: Iterable[str] = (), *,
@@ -689,7 +707,11 @@ def _check_value(key: str, value: Any, spec: Spec) -> str | None:
         if not all(math.isfinite(x) for x in (value if kind == "floats" else [value])):
             bad = "a finite number" if kind == "float" else "a list of finite numbers"
     if bad:
-        return f"{key} must be {bad}, got {value!r} ({type(value).__name__})"
+        hint = ""
+        if kind in ("str", "strs") and isinstance(value, (bool, int, float)):
+            hint = (" (a name that reads as a number or true/false must be quoted in a YAML file, e.g. "
+                    f"{key.rsplit('.', 1)[-1]}: '0001')")
+        return f"{key} must be {bad}, got {value!r} ({type(value).__name__}){hint}"
     if spec.choices is not None and value not in spec.choices:
         close = difflib.get_close_matches(str(value), [str(c) for c in spec.choices], n=1, cutoff=0.5)
         hint = f"; did you mean {close[0]!r}?" if close else ""

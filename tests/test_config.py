@@ -432,3 +432,28 @@ def test_demo_lr_is_fixed_recipes_scale():
         == pytest.approx(1.5e-3)
     for name in RECIPES:
         assert load_config(name, ["training.batch_size=512"]).optimizer.params.lr == pytest.approx(1.5e-4 * 2)
+
+
+@pytest.mark.parametrize("text", ["0001", "2024", "1e3", "true", "0x10", "007.5"])
+def test_text_settings_keep_their_text_on_the_command_line(text):
+    """YAML reads 0001 as the number 1: a run folder or experiment name written so on the command line is that
+    text, not a number (it was mangled, then refused as not a string)."""
+    cfg = load_config(None, [f"training.save_dir=runs/x/../{text}", f"training.experiment_name={text}",
+                             f"dataset_config.coco_pretrain.imdb_files.train.image_folder={text}"])
+    assert cfg.training.experiment_name == text and cfg.training.save_dir == f"runs/x/../{text}"
+    assert cfg.dataset_config.coco_pretrain.imdb_files.train.image_folder == text
+    assert load_config(None, [f"training.save_dir={text}"]).training.save_dir == text
+    # null, quotes, lists and interpolations keep their meaning; numbers stay numbers
+    cfg = load_config(None, ["training.save_dir=null", "training.experiment_name='0002'", "training.seed=12",
+                             "dataset_config.coco_pretrain.imdb_files.train.image_folder=[a,'01']"])
+    assert cfg.training.save_dir is None and cfg.training.experiment_name == "0002" and cfg.training.seed == 12
+    assert list(cfg.dataset_config.coco_pretrain.imdb_files.train.image_folder) == ["a", "01"]
+
+
+def test_a_number_for_a_name_in_a_file_says_to_quote_it(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("training:\n  experiment_name: 0001\n")
+    with pytest.raises(ConfigError, match=r"experiment_name must be a string, got 1 \(int\) \(.*must be quoted"):
+        load_config(f)
+    f.write_text("training:\n  experiment_name: '0001'\n")
+    assert load_config(f).training.experiment_name == "0001"
