@@ -581,7 +581,7 @@ def test_fp16_skip_backs_off_like_grad_scaler(tmp_path, monkeypatch):
     assert state == scaler.state_dict() and state["_growth_tracker"] == 2
 
 
-def test_warmup_longer_than_the_schedule_is_reported(tmp_path, capsys):
+def test_warmup_longer_than_the_schedule_is_reported(tmp_path):
     """A recipe shortened with training.max_update alone keeps its 12000 warm-up updates: the lr never decays.
     The run goes on (a smoke test may want exactly that) but says so, on the console and in the log."""
     from rmae.config import schedule_warnings
@@ -596,8 +596,26 @@ def test_warmup_longer_than_the_schedule_is_reported(tmp_path, capsys):
     assert schedule_warnings(load_config(None, ["training.max_update=20", "scheduler.params.use_warmup=false",
                                                 "scheduler.params.warmup_iterations=30"])) == []
     run = tmp_path / "run"
-    train(cfg_for(run, "training.max_update=2", "scheduler.params.T_max=2", "scheduler.params.warmup_iterations=5"))
-    assert "WARNING scheduler.params.warmup_iterations (5) >= scheduler.params.T_max (2" in capsys.readouterr().err
+    import logging
+
+    from rmae.logging_utils import logger
+
+    class Recorder(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.lines = []
+
+        def emit(self, record):
+            self.lines.append(record.getMessage())
+
+    recorder = Recorder()
+    logger.addHandler(recorder)
+    try:
+        train(cfg_for(run, "training.max_update=2", "scheduler.params.T_max=2",
+                      "scheduler.params.warmup_iterations=5"))
+    finally:
+        logger.removeHandler(recorder)
+    assert any("warmup_iterations (5) >= scheduler.params.T_max (2" in line for line in recorder.lines)
     assert "never decays" in log_records(run, "config_warning")[0]["message"]
 
 
