@@ -32,7 +32,7 @@ from tqdm import tqdm
 from rmae import fh, listing, usable_cores
 from rmae.image_io import IMAGE_SUFFIXES, ImageDecodeError, load_rgb
 from rmae.masks import MASK_SUFFIX, MaskError, load_labels, mask_path, save_labels
-from rmae.recipes import COCO_FH, IMAGENET_FH, FHRecipe
+from rmae.recipes import COCO_FH, IMAGENET_FH, FHRecipe, dataset_root
 
 __all__ = ["RECIPES", "dataset_folders", "list_images", "main", "preprocess", "scan_images"]
 
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.dataset is not None:
         if args.split is None:
             parser.error(f"--dataset {args.dataset} needs --split ({', '.join(SPLITS[args.dataset])})")
-        root = args.root if args.root is not None else Path(os.environ.get("E2E_DATASETS", ".data"))
+        root = dataset_root(args.root)
         images, out = dataset_folders(args.dataset, args.split, root)
         base = RECIPES[args.dataset]
     else:

@@ -1,9 +1,16 @@
-"""The official FH recipes (R-MAE): shared by preprocessing and the data pipeline."""
+"""The official FH recipes (R-MAE) and the datasets root: shared by preprocessing and the data pipeline."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
-__all__ = ["FHRecipe", "COCO_FH", "IMAGENET_FH"]
+__all__ = ["FHRecipe", "COCO_FH", "IMAGENET_FH", "dataset_root"]
+
+
+def dataset_root(root: str | os.PathLike | None = None) -> Path:
+    """``root``, else ``$E2E_DATASETS``, else ``.data``."""
+    return Path(root if root is not None else os.environ.get("E2E_DATASETS", ".data"))
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import numpy as np
 
 from rmae import listing
 from rmae.image_io import IMAGE_SUFFIXES
-from rmae.recipes import COCO_FH, IMAGENET_FH, FHRecipe
+from rmae.recipes import COCO_FH, IMAGENET_FH, FHRecipe, dataset_root
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -81,11 +81,6 @@ class ImageList:
             return self.commands[self.root_ids[index]]
         image_dir, mask_dir = self.roots[self.root_ids[index]]
         return folder_command(image_dir, mask_dir, self.recipe)
-
-
-def dataset_root(root: str | os.PathLike | None = None) -> Path:
-    """``root``, else ``$E2E_DATASETS``, else ``.data``."""
-    return Path(root if root is not None else os.environ.get("E2E_DATASETS", ".data"))
 
 
 def missing_masks_message(images: "ImageList", mask_dir: Path) -> str:
