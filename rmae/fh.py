@@ -39,6 +39,10 @@ def _real(value, name: str):
         return value
     if not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}"[:200])
+    try:
+        float(value)
+    except OverflowError:  # an int or Fraction beyond the float range
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}"[:200]) from None
     return value
 
 
@@ -92,7 +96,8 @@ def _as_image(image) -> np.ndarray:
     if image.dtype == np.uint8:
         return np.ascontiguousarray(image)
     if image.dtype.kind == "f":
-        converted = np.ascontiguousarray(image, dtype=np.float64)  # exact for float16/32/64
+        # exact for float16/32/64; aligned: a view at an odd byte offset would be read as a misaligned double*
+        converted = np.require(image, dtype=np.float64, requirements="CA")
         if not np.isfinite(converted).all():  # checked on what the C++ side reads
             raise ValueError("image contains NaN or infinite values")
         return converted
@@ -201,6 +206,9 @@ def felzenszwalb_batch(
         min_sizes = default_min_sizes(scales)
     scales, min_sizes = _check_params(scales, sigma, list(min_sizes))
     num_threads = _check_num_threads(usable_cores() if num_threads is None else num_threads)
+    if isinstance(images, np.ndarray):  # it would iterate as rows, each taken for a 2-D image
+        raise TypeError(f"images must be a sequence of images (a list of arrays), got one array of shape "
+                        f"{images.shape}; use felzenszwalb_multi for one image")
     arrays = [_as_batch_image(i, image) for i, image in enumerate(images)]
     num_threads = min(num_threads, max(len(arrays), 1))  # more threads than images would only idle
     return _fh.segment_batch(arrays, gaussian_weights(sigma), scales, min_sizes, num_threads)

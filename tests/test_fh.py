@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -330,9 +331,25 @@ def test_bad_parameters_raise_clear_errors():
         fh.felzenszwalb_multi(image, [], 0.8, [])
     with pytest.raises(ValueError, match="num_threads"):
         fh.felzenszwalb_batch([image], [1], num_threads=0)
+    with pytest.raises(ValueError, match="sigma must be a finite number"):  # beyond the float range
+        fh.felzenszwalb(image, sigma=10**400)
+    with pytest.raises(TypeError, match=r"a sequence of images .* shape \(4, 4, 3\)"):  # not 4 rows as images
+        fh.felzenszwalb_batch(image, [1])
 
 
-@pytest.mark.parametrize("scale", [float("inf"), float("nan"), -1.0])
+def test_misaligned_float_images_are_copied_aligned():
+    """A float64 view at an odd byte offset is C-contiguous but not aligned: it must not reach C++ as is."""
+    rng = np.random.default_rng(5)
+    image = rng.random((9, 7, 3))
+    buffer = np.zeros(image.nbytes + 1, np.uint8)
+    view = np.ndarray(image.shape, np.float64, buffer=buffer, offset=1)
+    view[...] = image
+    assert not view.flags.aligned and view.flags.c_contiguous
+    assert fh._as_image(view).flags.aligned
+    np.testing.assert_array_equal(fh.felzenszwalb(view, 50, 0.8, 5), fh.felzenszwalb(image, 50, 0.8, 5))
+
+
+@pytest.mark.parametrize("scale", [float("inf"), float("nan"), -1.0, 10**400, Fraction(10**400, 3)])
 def test_bad_scales_are_rejected_before_default_min_sizes(scale):
     image = np.zeros((4, 4, 3), np.uint8)
     with pytest.raises(ValueError, match="scale must be a finite number >= 0"):
