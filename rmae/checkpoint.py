@@ -29,12 +29,12 @@ import torch
 import torch.nn as nn
 
 from rmae import distributed as rdist
+from rmae.models.export import clean_key
 from rmae.logging_utils import logger
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
 _CORRUPT = re.compile(r"^ckpt_(\d{8})\.pt\.corrupt$")
-_PREFIXES = ("_orig_mod.", "module.")
 
 
 class CheckpointError(Exception):
@@ -43,15 +43,6 @@ class CheckpointError(Exception):
 
 class CorruptCheckpoint(CheckpointError):
     """A checkpoint file that cannot be read (truncated, damaged, not a checkpoint)."""
-
-
-def clean_key(key: str) -> str:
-    """Drops torch.compile / DDP wrapper prefixes at any depth (``a._orig_mod.b`` -> ``a.b``)."""
-    for p in _PREFIXES:
-        key = key.replace("." + p, ".")
-        while key.startswith(p):
-            key = key[len(p):]
-    return key
 
 
 def clean_state_dict(sd: dict) -> dict:
@@ -136,7 +127,12 @@ def set_aside(run_dir: str | os.PathLike, files: tuple[str, ...], keep_up_to: in
 # RNG
 # ------------------------------------------------------------------------------------------------------------
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The process's RNG states, of types that ``torch.load(weights_only=True)`` reads (numpy's key array as a
+    tensor): rmae.models.load_checkpoint loads our checkpoints without unpickling arbitrary objects."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                      int(has_gauss), float(cached)),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -144,7 +140,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))  # keys: a tensor (or an older array)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -184,23 +181,29 @@ def save_checkpoint(run_dir: str | os.PathLike, *, model: nn.Module, optimizer: 
         path = d / f"ckpt_{step:08d}.pt"
         payload = {"version": FORMAT_VERSION, "step": step, "model": msd, "optimizer": osd, "rng": rngs,
                    "world_size": len(rngs), **extra}
+        for stale in glob.glob(str(d / ".ckpt_*.tmp.*")):  # left by a write that was killed: space first
+            Path(stale).unlink(missing_ok=True)
         tmp = d / f".{path.name}.tmp.{os.getpid()}"
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(payload, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:  # a full disk, an interrupt: no partial file stays behind
+            tmp.unlink(missing_ok=True)
+            raise
         try:  # make the rename durable
             fd = os.open(d, os.O_RDONLY)
             os.fsync(fd)
             os.close(fd)
         except OSError:
             pass
-        for old in [p for p in list_checkpoints(run_dir) if step_of(p) <= step][:-keep]:
+        # older checkpoints beyond ``keep`` (a folder or other non-file that has a checkpoint's name is no
+        # checkpoint: neither counted nor touched)
+        older = [p for p in list_checkpoints(run_dir) if step_of(p) <= step and (p.is_file() or p.is_symlink())]
+        for old in older[:-keep]:
             old.unlink(missing_ok=True)
-        for stale in glob.glob(str(d / ".ckpt_*.tmp.*")):
-            if not stale.endswith(f".{os.getpid()}"):
-                Path(stale).unlink(missing_ok=True)
     rdist.barrier()
     return path
 

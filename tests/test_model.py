@@ -574,6 +574,19 @@ def test_load_checkpoint_official_layout(tmp_path):
     assert not res.missing_keys and all(k.startswith("region_") for k in res.unexpected_keys)
 
 
+def test_wrapper_prefixes_are_dropped_at_any_depth(tmp_path):
+    """A block compiled on its own keeps ``_orig_mod.`` inside its keys: the export and the loader drop it."""
+    from rmae.models import export_encoder, load_checkpoint
+    from rmae.models.export import clean_key
+
+    assert clean_key("module._orig_mod.blocks.0._orig_mod.norm1.weight") == "blocks.0.norm1.weight"
+    src = tiny()
+    state = {k.replace("blocks.0.", "blocks.0._orig_mod.").replace("cls_token", "module.cls_token"): v
+             for k, v in src.state_dict().items()}
+    assert not load_checkpoint(tiny(), state).missing_keys
+    assert export_encoder(state).keys() == export_encoder(src).keys()
+
+
 def test_load_checkpoint_takes_a_bytes_path(tmp_path):
     from rmae.models import load_checkpoint
 

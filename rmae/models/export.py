@@ -20,13 +20,12 @@ _PREFIXES = ("_orig_mod.", "module.")
 
 
 def clean_key(key: str) -> str:
-    """Strip torch.compile (``_orig_mod.``) and DDP (``module.``) prefixes, at any nesting."""
-    changed = True
-    while changed:
-        changed = False
-        for p in _PREFIXES:
-            if key.startswith(p):
-                key, changed = key[len(p):], True
+    """Drops torch.compile (``_orig_mod.``) and DDP (``module.``) wrapper prefixes at any depth
+    (``_orig_mod.blocks.0._orig_mod.norm1.weight`` -> ``blocks.0.norm1.weight``)."""
+    for p in _PREFIXES:
+        key = key.replace("." + p, ".")
+        while key.startswith(p):
+            key = key[len(p):]
     return key
 
 
