@@ -34,7 +34,7 @@ from rmae.image_io import IMAGE_SUFFIXES, ImageDecodeError, load_rgb
 from rmae.masks import MASK_SUFFIX, MaskError, load_labels, mask_path, save_labels
 from rmae.recipes import COCO_FH, IMAGENET_FH, FHRecipe, dataset_root
 
-__all__ = ["RECIPES", "dataset_folders", "list_images", "main", "preprocess", "scan_images"]
+__all__ = ["RECIPES", "PreprocessError", "dataset_folders", "list_images", "main", "preprocess", "scan_images"]
 
 FAILURES_FILE = "preprocess_failures.tsv"
 PARAMS_FILE = "fh_params.json"
@@ -45,10 +45,15 @@ RECIPES = {"coco": COCO_FH, "imnet": IMAGENET_FH}
 SPLITS = {"coco": ("train2017", "val2017", "unlabeled2017"), "imnet": ("train", "val")}
 
 
+class PreprocessError(Exception):
+    """A run that cannot start (no such split or image folder, a mask folder of another recipe, ...); the
+    message says why and what to do. The command line prints it as ``error: ...`` and exits with status 2."""
+
+
 def dataset_folders(dataset: str, split: str, root: Path) -> tuple[Path, Path]:
     """(image folder, mask folder) of a dataset split under ``root``, as the README's Datasets section lays them out."""
     if split not in SPLITS[dataset]:
-        raise SystemExit(f"error: --dataset {dataset} has splits {', '.join(SPLITS[dataset])}; got {split!r}")
+        raise PreprocessError(f"--dataset {dataset} has splits {', '.join(SPLITS[dataset])}; got {split!r}")
     if dataset == "coco":
         images, masks = root / "coco" / "image" / split, root / "coco" / "image" / f"fh_{split}"
         layout = f"{root}/coco/image/{split}/<image>.jpg"
@@ -58,8 +63,8 @@ def dataset_folders(dataset: str, split: str, root: Path) -> tuple[Path, Path]:
         images, masks = base / split, base / f"fh_{split}"
         layout = f"{root}/imagenet/{split}/<class>/<image>.JPEG   (or {root}/imnet/...)"
     if not images.is_dir():
-        raise SystemExit(
-            f"error: image folder {images} not found.\nExpected layout: {layout}\n"
+        raise PreprocessError(
+            f"image folder {images} not found.\nExpected layout: {layout}\n"
             f"Set $E2E_DATASETS or --root to the folder that holds it."
         )
     return images, masks
@@ -156,7 +161,7 @@ def _read_params(params_file: Path) -> dict:
     else:
         reason = "not a JSON object"
     if not isinstance(found, dict):
-        raise SystemExit(f"error: {params_file} cannot be read as the recipe of the masks in its folder ({reason}).\n"
+        raise PreprocessError(f"{params_file} cannot be read as the recipe of the masks in its folder ({reason}).\n"
                          "It is written by this tool; --overwrite recomputes every mask and rewrites it.")
     return found
 
@@ -175,8 +180,8 @@ def _check_params(out: Path, recipe: FHRecipe, overwrite: bool) -> int | None:
         redo_since = found.pop(REDO_KEY, None)
         if found != wanted:
             unfinished = " (an --overwrite run to it did not finish)" if redo_since is not None else ""
-            raise SystemExit(
-                f"error: {out} holds masks made with {found}{unfinished}, not {wanted}.\n"
+            raise PreprocessError(
+                f"{out} holds masks made with {found}{unfinished}, not {wanted}.\n"
                 "Use another --out folder, or --overwrite to recompute every mask."
             )
         return redo_since
@@ -377,8 +382,11 @@ def main(argv: list[str] | None = None) -> int:
     elif args.dataset is not None:
         if args.split is None:
             parser.error(f"--dataset {args.dataset} needs --split ({', '.join(SPLITS[args.dataset])})")
-        root = dataset_root(args.root)
-        images, out = dataset_folders(args.dataset, args.split, root)
+        try:
+            images, out = dataset_folders(args.dataset, args.split, dataset_root(args.root))
+        except PreprocessError as error:
+            print(_shown(f"error: {error}"), file=sys.stderr)
+            return 2
         base = RECIPES[args.dataset]
     else:
         parser.error("give --dataset and --split, or --images and --out")
@@ -402,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         summary = preprocess(images, out, chosen, args.workers, verify=args.verify, overwrite=args.overwrite)
-    except OSError as error:  # the mask folder cannot be made or written (read-only, a file in the way, ...)
+    # the mask folder cannot be made or written (read-only, a file in the way, ...), holds another recipe's masks
+    except (OSError, PreprocessError) as error:
         print(_shown(f"error: {error}"), file=sys.stderr)
         return 2
     print(_shown(
