@@ -317,6 +317,15 @@ def _strip_prefix(name: str) -> str:
     return name
 
 
+def config_identity(path: str | os.PathLike | None) -> str | None:
+    """What names a config file across installs: a shipped config by its name (``RMAE/COCO/...yaml``, wherever
+    the package lives), any other by its resolved path."""
+    if path is None:
+        return None
+    path = Path(path)
+    return path.resolve().relative_to(CONFIG_ROOT).as_posix() if _in_package(path) else str(path.resolve())
+
+
 def _in_package(path: Path) -> bool:
     try:
         path.resolve().relative_to(CONFIG_ROOT)

@@ -28,8 +28,8 @@ import torch.nn as nn
 from rmae import checkpoint as ckpt
 from rmae import kernels
 from rmae import distributed as rdist
-from rmae.config import (DATASETS, MODELS, TASKS, ConfigError, dataset_section, legacy_keys_set, load_config,
-                         model_section, schedule_warnings, to_yaml)
+from rmae.config import (DATASETS, MODELS, TASKS, ConfigError, config_identity, dataset_section, legacy_keys_set,
+                         load_config, model_section, schedule_warnings, to_yaml)
 from rmae.logging_utils import RunLogger, logger, progress_bar, setup_console
 
 AMP_DTYPES = {"none": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -429,6 +429,24 @@ def check_model_config(cfg, meta: dict, path: Path) -> None:
                           "training.resume_file): the earlier run's files then move to previous/ in the run folder")
 
 
+def check_same_experiment(cfg, meta: dict, path: Path, run_dir: Path) -> None:
+    """In the default run folder (no save_dir, no experiment_name), which only the config file's stem names: a
+    ConfigError when the checkpoint there was made with another config file of the same stem (``a/exp.yaml`` and
+    ``b/exp.yaml``), instead of silently continuing the other experiment."""
+    from omegaconf import OmegaConf
+
+    tr = cfg["training"]
+    if tr["save_dir"] or tr["experiment_name"] or not meta.get("config"):
+        return
+    then = config_identity(OmegaConf.create(meta["config"]).get("config"))
+    now = config_identity(cfg["config"])
+    if then is not None and now is not None and then != now:
+        raise ConfigError(f"the run folder {run_dir} holds a run of another config file: checkpoint {path} was made "
+                          f"with {then}, this run uses {now}.\nGive this run its own folder (training.save_dir or "
+                          f"training.experiment_name), or set training.save_dir={run_dir} to continue that run "
+                          "with this config")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------------
@@ -470,7 +488,8 @@ def train(cfg, require_resume: bool = False) -> dict:
     if tr["resume_file"]:
         resume_from = Path(tr["resume_file"])
         if not resume_from.is_file():
-            raise FileNotFoundError(f"training.resume_file {resume_from} does not exist")
+            raise FileNotFoundError(f"training.resume_file {resume_from} "
+                                    + ("is not a file" if resume_from.exists() else "does not exist"))
         meta = ckpt.read_on_all_ranks(resume_from)  # an explicit file that cannot be read: an error, no fallback
     elif tr["resume"]:
         resume_from, meta, unreadable = ckpt.read_latest(run_dir, dinfo.is_main)
@@ -478,6 +497,8 @@ def train(cfg, require_resume: bool = False) -> dict:
         raise FileNotFoundError(f"--resume: no checkpoint in {ckpt.checkpoint_dir(run_dir)}")
     if meta is not None:
         check_model_config(cfg, meta, resume_from)
+        if not tr["resume_file"]:
+            check_same_experiment(cfg, meta, resume_from, run_dir)
     moved = None
     if dinfo.is_main:
         moved = ckpt.set_aside(run_dir, RUN_FILES, keep_up_to=history_step(run_dir, resume_from, meta))
@@ -709,7 +730,6 @@ def export_now(model, optimizer, run_dir: Path, dinfo) -> None:
         sd = ckpt.clean_state_dict(sd)
         tmp = run_dir / ".encoder.safetensors.tmp"
         save_encoder(sd, str(tmp) + ".safetensors")
-        os.chmod(str(tmp) + ".safetensors", 0o644)
         os.replace(str(tmp) + ".safetensors", run_dir / "encoder.safetensors")
 
 

@@ -279,6 +279,11 @@ def test_mae_model_trains_and_exports(tmp_path):
     assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
     assert all("region_loss" not in r or r["region_loss"] in (None, 0.0) for r in records)
     assert (run / "encoder.safetensors").is_file() and ckpt.latest_checkpoint(run) is not None
+    # our training checkpoint loads into a model with the library's safe default (weights_only=True)
+    from rmae.models import load_checkpoint
+
+    model = build_model_from_config(load_config(None, tiny, model="mae"), "cpu")
+    assert not load_checkpoint(model, ckpt.latest_checkpoint(run)).missing_keys
 
 
 def _poison_second_forward(monkeypatch, value):
@@ -388,6 +393,39 @@ def test_pruning_never_deletes_a_later_checkpoint(tmp_path):
     for step in (1, 2, 3):
         ckpt.save_checkpoint(tmp_path, model=model, optimizer=opt, step=step, extra={}, keep=1)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["ckpt_00000003.pt", "ckpt_00000009.pt"]
+
+
+def test_pruning_ignores_a_folder_with_a_checkpoint_name(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    (ckpt.checkpoint_dir(tmp_path) / "ckpt_00000000.pt").mkdir(parents=True)
+    for step in (1, 2, 3):
+        ckpt.save_checkpoint(tmp_path, model=model, optimizer=opt, step=step, extra={}, keep=1)
+    names = sorted(p.name for p in ckpt.checkpoint_dir(tmp_path).iterdir())
+    assert names == ["ckpt_00000000.pt", "ckpt_00000003.pt"] and (ckpt.checkpoint_dir(tmp_path) / names[0]).is_dir()
+
+
+def test_a_failed_checkpoint_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    """A full disk during the write: the error goes up, no temporary file stays (nor counts), and the
+    temporary files a killed write left are removed before the next write needs the space."""
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    ckpt.save_checkpoint(tmp_path, model=model, optimizer=opt, step=1, extra={})
+    killed = ckpt.checkpoint_dir(tmp_path) / ".ckpt_00000002.pt.tmp.99999"
+    killed.write_bytes(b"partial")
+    real_save = torch.save
+
+    def disk_full(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        ckpt.save_checkpoint(tmp_path, model=model, optimizer=opt, step=2, extra={})
+    assert sorted(p.name for p in ckpt.checkpoint_dir(tmp_path).iterdir()) == ["ckpt_00000001.pt"]
+    monkeypatch.setattr(torch, "save", real_save)
+    ckpt.save_checkpoint(tmp_path, model=model, optimizer=opt, step=2, extra={})
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["ckpt_00000001.pt", "ckpt_00000002.pt"]
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
@@ -531,6 +569,28 @@ def test_resuming_another_model_is_a_clear_error(tmp_path):
         train(mae)
     with pytest.raises(ConfigError, match=r"model_config.rmae.mask_ratio: 0.75 in the checkpoint, 0.5 now"):
         train(cfg_for(run, "model_config.rmae.mask_ratio=0.5"))
+
+
+def test_default_run_folder_of_another_config_file_is_not_continued(tmp_path, monkeypatch):
+    """runs/<model>_<dataset>_<stem> is shared by a/exp.yaml and b/exp.yaml: b's run refuses a's checkpoint
+    (it continued it, warning only about the lr) unless the folder is named explicitly."""
+    monkeypatch.chdir(tmp_path)
+    for name, lr in (("a", "1e-3"), ("b", "5e-4")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "exp.yaml").write_text(f"includes: [default.yaml]\noptimizer:\n  params:\n    lr: {lr}\n")
+    tiny = [a for a in BASE if not a.startswith("optimizer.params.lr")] + ["training.experiment_name=null"]
+    train(load_config("a/exp.yaml", tiny + ["training.max_update=2"]))
+    run = Path("runs/rmae_sample_exp")
+    assert ckpt.latest_checkpoint(run) is not None
+    with pytest.raises(ConfigError, match=r"another config file: .*a/exp\.yaml.*b/exp\.yaml"):
+        train(load_config("b/exp.yaml", tiny + ["training.max_update=3"]))
+    train(load_config("a/exp.yaml", tiny + ["training.max_update=3"]))  # the same file continues
+    assert train(load_config("b/exp.yaml", tiny + ["training.max_update=4", f"training.save_dir={run}"]))["step"] == 4
+
+
+def test_resume_file_that_is_a_folder_is_named_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a file"):
+        train(cfg_for(tmp_path / "run", f"training.resume_file={tmp_path}"))
 
 
 def test_skipped_count_survives_resume(tmp_path, monkeypatch):
