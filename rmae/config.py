@@ -323,7 +323,16 @@ def config_identity(path: str | os.PathLike | None) -> str | None:
     if path is None:
         return None
     path = Path(path)
-    return path.resolve().relative_to(CONFIG_ROOT).as_posix() if _in_package(path) else str(path.resolve())
+    if _in_package(path):
+        return path.resolve().relative_to(CONFIG_ROOT).as_posix()
+    parts = path.parts  # a shipped config of another install or clone (a checkpoint made before the package moved)
+    for i in range(len(parts) - 2, -1, -1):
+        if parts[i:i + 2] == ("rmae", "configs"):
+            tail = "/".join(parts[i + 2:])
+            if tail in shipped_configs():
+                return tail
+            break
+    return str(path.resolve())
 
 
 def _in_package(path: Path) -> bool:
@@ -426,8 +435,11 @@ def parse_overrides(overrides: Iterable[str]) -> DictConfig:
     except Exception as e:
         raise ConfigError(f"cannot parse the command-line overrides: {e}") from e
     tree = OmegaConf.to_container(cfg, resolve=False)
-    for o in items:  # text settings keep their text: save_dir=0001 is the folder 0001, not the number 1
+    keys = [o.lstrip("+").split("=", 1)[0] for o in items]
+    for i, o in enumerate(items):  # text settings keep their text: save_dir=0001 is the folder 0001, not the number 1
         key, text = o.lstrip("+").split("=", 1)
+        if any(_overlaps(key, later) for later in keys[i + 1:]):  # a later override of the key (or its section) wins
+            continue
         if _is_plain_text(FLAT_SCHEMA.get(key), text):
             parent = tree
             for part in key.split(".")[:-1]:
@@ -437,13 +449,21 @@ def parse_overrides(overrides: Iterable[str]) -> DictConfig:
     return OmegaConf.create(_normalize(tree, where="command line"))
 
 
+def _overlaps(key: str, other: str) -> bool:
+    """Whether setting ``other`` sets ``key`` too: the same key, a section above it or a key below it."""
+    return key == other or key.startswith(other + ".") or other.startswith(key + ".")
+
+
 def _is_plain_text(spec: Spec | None, text: str) -> bool:
     """A command-line value of a text setting to take as written (YAML would make 0001, 2024, 1e3 or true a number
     or a boolean): not null, not quoted, not an interpolation, not a list."""
     if spec is None or spec.kind not in ("str", "strs"):
         return False
     text = text.strip()
-    return text not in ("", "null", "~") and text[0] not in "'\"[{" and "${" not in text
+    return text not in YAML_NULLS and text[0] not in "'\"[{" and "${" not in text
+
+
+YAML_NULLS = ("", "~", "null", "Null", "NULL")
 
 
 def load_config(config: str | os.PathLike | None = None, overrides: Iterable[str] = (), *,
@@ -616,6 +636,14 @@ def schedule_warnings(cfg) -> list[str]:
     elif s["warmup_iterations"] >= max_update and s["use_warmup"]:
         out.append(f"scheduler.params.warmup_iterations ({s['warmup_iterations']}) >= training.max_update "
                    f"({max_update}): the run ends before the lr reaches its base value")
+    if s["T_max"] < max_update:
+        out.append(f"scheduler.params.T_max ({s['T_max']}) < training.max_update ({max_update}): the last "
+                   f"{max_update - s['T_max']} updates run at the final lr (eta_min = {s['eta_min']}); leave T_max "
+                   "unset to follow training.max_update")
+    elif s["T_max"] > max_update:
+        out.append(f"scheduler.params.T_max ({s['T_max']}) > training.max_update ({max_update}): the run ends "
+                   "before the cosine schedule does, above its final lr; leave T_max unset to follow "
+                   "training.max_update")
     return out
 
 

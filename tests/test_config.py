@@ -4,7 +4,7 @@ import shutil
 import pytest
 import torch
 
-from rmae.config import ConfigError, find_config, load_config, model_section, shipped_configs
+from rmae.config import CONFIG_ROOT, ConfigError, find_config, load_config, model_section, shipped_configs
 from rmae.train import build_model_from_config, main
 
 RECIPES = {
@@ -448,6 +448,45 @@ def test_text_settings_keep_their_text_on_the_command_line(text):
                              "dataset_config.coco_pretrain.imdb_files.train.image_folder=[a,'01']"])
     assert cfg.training.save_dir is None and cfg.training.experiment_name == "0002" and cfg.training.seed == 12
     assert list(cfg.dataset_config.coco_pretrain.imdb_files.train.image_folder) == ["a", "01"]
+
+
+def test_the_last_override_of_a_text_setting_wins():
+    """save_dir=0001 then save_dir=null: the later null stands (the kept text of the earlier one won); every YAML
+    spelling of null is null; a later section override replaces the text set inside it."""
+    for null in ("null", "Null", "NULL", "~"):
+        cfg = load_config(None, ["training.save_dir=0001", f"training.save_dir={null}"])
+        assert cfg.training.save_dir is None, null
+        assert load_config(None, [f"training.experiment_name={null}"]).training.experiment_name is None
+    assert load_config(None, ["training.experiment_name=0001", "training.experiment_name='7'"]
+                       ).training.experiment_name == "7"
+    assert load_config(None, ["training.experiment_name=a", "training.experiment_name=0002"]
+                       ).training.experiment_name == "0002"
+    cfg = load_config(None, ["training.experiment_name=0001", "training={experiment_name: b}"])
+    assert cfg.training.experiment_name == "b"
+    assert load_config(None, ["training.experiment_name=nULL"]).training.experiment_name == "nULL"  # not a YAML null
+
+
+def test_a_shipped_config_is_the_same_config_in_another_install(tmp_path):
+    """A checkpoint stores the config's path; the package moved (another clone, a new virtual environment):
+    its shipped config is still the same experiment, a user's file of that name elsewhere is not."""
+    from rmae.config import config_identity
+
+    name = "RMAE/COCO/rmae_fh_4000eps.yaml"
+    assert config_identity(CONFIG_ROOT / name) == name
+    assert config_identity(f"/old/venv/lib/python3.11/site-packages/rmae/configs/{name}") == name
+    assert config_identity(f"/home/u/clones/rmae/rmae/configs/{name}") == name
+    assert config_identity(tmp_path / "configs" / name) == str((tmp_path / "configs" / name).resolve())
+    assert config_identity(tmp_path / "rmae/configs/mine.yaml") == str((tmp_path / "rmae/configs/mine.yaml").resolve())
+
+
+def test_a_schedule_apart_from_the_run_length_is_reported():
+    from rmae.config import schedule_warnings
+
+    (short,) = schedule_warnings(load_config(None, ["training.max_update=300", "scheduler.params.T_max=200"]))
+    assert "T_max (200) < training.max_update (300): the last 100 updates run at the final lr" in short
+    (long,) = schedule_warnings(load_config(None, ["training.max_update=300", "scheduler.params.T_max=400"]))
+    assert "T_max (400) > training.max_update (300): the run ends before the cosine schedule does" in long
+    assert schedule_warnings(load_config(None, ["training.max_update=300"])) == []
 
 
 def test_a_number_for_a_name_in_a_file_says_to_quote_it(tmp_path):
