@@ -112,6 +112,13 @@ def slurm_allocation_unused(env: dict | None = None) -> str | None:
             "alone (on this node's devices); start it with 'srun python -m rmae.train ...' to train on all tasks")
 
 
+def _slurm_int(env, key: str) -> int:
+    try:
+        return int(env.get(key, "0"))
+    except ValueError:  # e.g. SLURM_STEP_ID=batch / extern
+        return 0
+
+
 def apply_slurm_env(env: dict | None = None) -> bool:
     """In a task that ``srun`` started (and not torchrun), fill the torch.distributed variables from Slurm's.
     True if applied."""
@@ -124,11 +131,13 @@ def apply_slurm_env(env: dict | None = None) -> bool:
     env["RANK"] = env["SLURM_PROCID"]
     env["WORLD_SIZE"] = str(ntasks)
     env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-    if "MASTER_ADDR" not in env:
-        nodelist = env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))
+    if "MASTER_ADDR" not in env:  # the step's first node: an srun on part of the allocation runs there
+        nodelist = next((env[k] for k in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST") if env.get(k)),
+                        "127.0.0.1")
         env["MASTER_ADDR"] = slurm_master_addr(nodelist)
-    if "MASTER_PORT" not in env:
-        env["MASTER_PORT"] = str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+    if "MASTER_PORT" not in env:  # per job and step: two steps of one job (in parallel or one after the other) differ
+        job, step = _slurm_int(env, "SLURM_JOB_ID"), _slurm_int(env, "SLURM_STEP_ID")
+        env["MASTER_PORT"] = str(20000 + (job * 97 + step) % 20000)
     return True
 
 
