@@ -15,7 +15,6 @@ from the newest checkpoint falls back to the next older one when it cannot be re
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 import random
@@ -181,8 +180,9 @@ def save_checkpoint(run_dir: str | os.PathLike, *, model: nn.Module, optimizer: 
         path = d / f"ckpt_{step:08d}.pt"
         payload = {"version": FORMAT_VERSION, "step": step, "model": msd, "optimizer": osd, "rng": rngs,
                    "world_size": len(rngs), **extra}
-        for stale in glob.glob(str(d / ".ckpt_*.tmp.*")):  # left by a write that was killed: space first
-            Path(stale).unlink(missing_ok=True)
+        # left by a write that was killed: space first (Path.glob: a run folder named with [ ] * ? is no pattern)
+        for stale in d.glob(".ckpt_*.tmp.*"):
+            stale.unlink(missing_ok=True)
         tmp = d / f".{path.name}.tmp.{os.getpid()}"
         try:
             with open(tmp, "wb") as f:

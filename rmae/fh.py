@@ -206,7 +206,7 @@ def felzenszwalb_batch(
         min_sizes = default_min_sizes(scales)
     scales, min_sizes = _check_params(scales, sigma, list(min_sizes))
     num_threads = _check_num_threads(usable_cores() if num_threads is None else num_threads)
-    if isinstance(images, np.ndarray):  # it would iterate as rows, each taken for a 2-D image
+    if isinstance(images, np.ndarray) and images.dtype != object:  # it would iterate as rows, each a 2-D image
         raise TypeError(f"images must be a sequence of images (a list of arrays), got one array of shape "
                         f"{images.shape}; use felzenszwalb_multi for one image")
     arrays = [_as_batch_image(i, image) for i, image in enumerate(images)]

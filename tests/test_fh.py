@@ -335,6 +335,12 @@ def test_bad_parameters_raise_clear_errors():
         fh.felzenszwalb(image, sigma=10**400)
     with pytest.raises(TypeError, match=r"a sequence of images .* shape \(4, 4, 3\)"):  # not 4 rows as images
         fh.felzenszwalb_batch(image, [1])
+    # a 1-D object array of images (e.g. a pandas column's values) is a sequence of images
+    images = np.empty(2, dtype=object)
+    images[0], images[1] = image, image[:3]
+    out = fh.felzenszwalb_batch(images, [1], sigma=0.8, min_sizes=[2])
+    assert [o.shape for o in out] == [(1, 4, 4), (1, 3, 4)]
+    assert np.array_equal(out[1][0], fh.felzenszwalb(image[:3], scale=1, sigma=0.8, min_size=2))
 
 
 def test_misaligned_float_images_are_copied_aligned():

@@ -7,7 +7,9 @@ drop cls) that reuses only the model's weights.
 """
 from __future__ import annotations
 
+import argparse
 import math
+import os
 
 import pytest
 import torch
@@ -580,11 +582,28 @@ def test_wrapper_prefixes_are_dropped_at_any_depth(tmp_path):
     from rmae.models.export import clean_key
 
     assert clean_key("module._orig_mod.blocks.0._orig_mod.norm1.weight") == "blocks.0.norm1.weight"
+    assert clean_key("_orig_mod.module._orig_mod.blocks.0._orig_mod._orig_mod.module.norm1.weight") \
+        == "blocks.0.norm1.weight"
     src = tiny()
     state = {k.replace("blocks.0.", "blocks.0._orig_mod.").replace("cls_token", "module.cls_token"): v
              for k, v in src.state_dict().items()}
     assert not load_checkpoint(tiny(), state).missing_keys
     assert export_encoder(state).keys() == export_encoder(src).keys()
+
+
+def test_exported_encoder_is_readable_as_the_umask_allows(tmp_path):
+    """safetensors writes its file 0600; an encoder in a shared run folder must be readable by the group/others
+    that the umask lets read (0644 under 022, 0640 under 027)."""
+    from rmae.models import save_encoder
+
+    old = os.umask(0o027)
+    try:
+        save_encoder(tiny(), str(tmp_path / "e.safetensors"))
+        save_encoder(tiny(), str(tmp_path / "e.pth"))
+    finally:
+        os.umask(old)
+    assert oct((tmp_path / "e.safetensors").stat().st_mode & 0o777) == oct(0o640)
+    assert oct((tmp_path / "e.pth").stat().st_mode & 0o777) == oct(0o640)
 
 
 def test_load_checkpoint_takes_a_bytes_path(tmp_path):
@@ -594,3 +613,30 @@ def test_load_checkpoint_takes_a_bytes_path(tmp_path):
     torch.save({"model": src.state_dict()}, tmp_path / "c.pth")
     res = load_checkpoint(tiny(), bytes(tmp_path / "c.pth"))
     assert not res.missing_keys and not res.unexpected_keys
+
+
+def test_export_command_writes_the_encoder_of_a_checkpoint(tmp_path, capsys):
+    """An interrupted run leaves checkpoints, no encoder: ``python -m rmae.models.export`` makes it from one."""
+    from safetensors.torch import load_file
+
+    from rmae.models import export_encoder
+    from rmae.models.export import main
+
+    src = tiny()
+    torch.save({"model": src.state_dict(), "step": 7, "config": "model: rmae\n"}, tmp_path / "ckpt.pt")
+    assert main([str(tmp_path / "ckpt.pt"), str(tmp_path / "enc.safetensors")]) == 0
+    got, expected = load_file(tmp_path / "enc.safetensors"), export_encoder(src)
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+    assert "parameters" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "enc.safetensors"]  # no temporary file left
+    # a file that pickles other objects needs --trust; a file without an encoder and a missing file are errors
+    torch.save({"model": src.state_dict(), "args": argparse.Namespace(lr=1)}, tmp_path / "official.pth")
+    assert main([str(tmp_path / "official.pth"), str(tmp_path / "o.pth")]) == 2
+    assert "add --trust" in capsys.readouterr().err
+    assert main([str(tmp_path / "official.pth"), str(tmp_path / "o.pth"), "--trust"]) == 0
+    assert torch.load(tmp_path / "o.pth").keys() == expected.keys()
+    torch.save({"model": {"decoder_pred.weight": torch.zeros(2)}}, tmp_path / "dec.pt")
+    assert main([str(tmp_path / "dec.pt"), str(tmp_path / "x.safetensors")]) == 2
+    assert "encoder keys" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
+    assert main([str(tmp_path / "none.pt"), str(tmp_path / "x.safetensors")]) == 2
+    assert "No such file" in capsys.readouterr().err

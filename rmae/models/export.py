@@ -22,11 +22,14 @@ _PREFIXES = ("_orig_mod.", "module.")
 def clean_key(key: str) -> str:
     """Drops torch.compile (``_orig_mod.``) and DDP (``module.``) wrapper prefixes at any depth
     (``_orig_mod.blocks.0._orig_mod.norm1.weight`` -> ``blocks.0.norm1.weight``)."""
-    for p in _PREFIXES:
-        key = key.replace("." + p, ".")
-        while key.startswith(p):
-            key = key[len(p):]
-    return key
+    while True:  # until nothing changes: doubled wrappers (a._orig_mod._orig_mod.b), module._orig_mod. at the start
+        before = key
+        for p in _PREFIXES:
+            key = key.replace("." + p, ".")
+            while key.startswith(p):
+                key = key[len(p):]
+        if key == before:
+            return key
 
 
 def export_encoder(model: Union[nn.Module, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -53,8 +56,23 @@ def save_encoder(model: Union[nn.Module, Mapping[str, torch.Tensor]], path: str)
         from safetensors.torch import save_file
 
         save_file(state, str(path))
+        os.chmod(path, 0o666 & ~current_umask())  # safetensors creates the file 0600: others could not read it
     else:
         torch.save(state, path)
+
+
+def current_umask() -> int:
+    """The process's umask (read from /proc where it can be, so that no other thread sees it change)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def load_checkpoint(model: nn.Module, source, strict: bool = True, weights_only: bool = True):
@@ -77,3 +95,41 @@ def load_checkpoint(model: nn.Module, source, strict: bool = True, weights_only:
         source = source["model"]
     state = {clean_key(k): v for k, v in source.items()}
     return model.load_state_dict(state, strict=strict)
+
+
+def main(argv=None) -> int:
+    """``python -m rmae.models.export CHECKPOINT OUT``: the encoder of a checkpoint (ours, e.g. of an interrupted
+    run, or an official MAE / R-MAE file) as timm keys. Exit status 2 with ``error: ...`` when it cannot."""
+    import argparse
+    import pickle
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m rmae.models.export", description="Export the encoder of a checkpoint with timm's ViT keys.")
+    parser.add_argument("checkpoint", help="a training checkpoint (checkpoints/ckpt_<step>.pt) or a model file")
+    parser.add_argument("out", help="the encoder file: .safetensors, or a torch file for any other suffix")
+    parser.add_argument("--trust", action="store_true",
+                        help="unpickle any object (official files that store their args); only for files you trust")
+    args = parser.parse_args(argv)
+    try:
+        source = torch.load(args.checkpoint, map_location="cpu", weights_only=not args.trust, mmap=True)
+        state = export_encoder(source)
+        tmp = f"{args.out}.tmp{os.getpid()}{os.path.splitext(args.out)[1]}"  # same suffix: same format
+        try:
+            save_encoder(state, tmp)
+            os.replace(tmp, args.out)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except pickle.UnpicklingError as e:
+        print(f"error: {args.checkpoint} holds objects other than tensors ({str(e).splitlines()[0]}); add --trust "
+              "if you trust the file", file=sys.stderr)
+        return 2
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
+        print(f"error: cannot export the encoder of {args.checkpoint}: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.out}: {len(state)} tensors, {sum(v.numel() for v in state.values()):,} parameters")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
