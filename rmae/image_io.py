@@ -1,7 +1,11 @@
 """Image decoding shared by preprocessing and the data pipeline: any file Pillow reads → RGB.
 
-Every mode (L, LA, P, RGBA, CMYK, YCbCr, I;16, ...) goes through Pillow's ``convert("RGB")``, as the
+Every 8-bit mode (L, LA, P, RGBA, CMYK, YCbCr, ...) goes through Pillow's ``convert("RGB")``, as the
 original R-MAE code does, so FH masks are computed on exactly the pixels the model is trained on.
+16-bit and 32-bit grayscale (I;16, I) and float (F) images are first scaled to 8 bits: ``convert("RGB")``
+clips them at 255, which turns a 16-bit photo white (the original's behaviour, not copied). 16-bit
+values v map to round(v * 255 / 65535); ``I`` images whose values fit 8 bits are kept as they are; float
+images in [0, 1] are multiplied by 255, others clipped to [0, 255].
 The whole file is decoded eagerly (no ``Image.draft``: DCT-domain downscaling differs from a full
 decode followed by the resize), so a truncated or corrupt file raises here, not later.
 """
@@ -41,7 +45,7 @@ def open_rgb(source: str | os.PathLike | bytes | memoryview, name: str | os.Path
         image.load()
         if image.width == 0 or image.height == 0:
             raise ImageDecodeError(label, "image has zero size")
-        return image if image.mode == "RGB" else image.convert("RGB")
+        return image if image.mode == "RGB" else to_8bit(image).convert("RGB")
     except ImageDecodeError:
         raise
     except FileNotFoundError:
@@ -50,6 +54,23 @@ def open_rgb(source: str | os.PathLike | bytes | memoryview, name: str | os.Path
         raise ImageDecodeError(label, "not a recognised image format (corrupt or not an image)") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise ImageDecodeError(label, f"cannot decode ({error})") from None
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """A 16/32-bit integer or float grayscale image as 8-bit ``L`` (see the module notes); other modes as they are."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image).astype(np.int64)
+        if image.mode == "I" and values.min(initial=0) >= 0 and values.max(initial=0) <= 255:
+            return Image.fromarray(values.astype(np.uint8), "L")
+        values = np.clip(values, 0, 65535)
+        return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L")
+    if image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        values = np.nan_to_num(values, nan=0.0, posinf=255.0, neginf=0.0)
+        if values.min(initial=0) >= 0 and values.max(initial=0) <= 1:
+            values = values * 255
+        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+    return image
 
 
 def load_rgb(source: str | os.PathLike | bytes | memoryview, name: str | os.PathLike | None = None) -> np.ndarray:

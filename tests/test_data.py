@@ -440,16 +440,39 @@ def test_bundled_imdb_files_read_the_standard_folders(tree, tmp_path):
     assert expected.roots == [(root / "imnet" / "train", root / "imnet" / "fh_train")]
 
 
-@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16"])
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK"])
 def test_decode_converts_modes_like_pillow(tmp_path, mode):
     rgb = _photo("coffee", (64, 48))
-    image = Image.fromarray(rgb)
-    image = image.convert("I").point(lambda v: v * 200).convert("I;16") if mode == "I;16" else image.convert(mode)
-    path = tmp_path / ("x.tif" if mode in ("CMYK", "I;16") else "x.png")
+    image = Image.fromarray(rgb).convert(mode)
+    path = tmp_path / ("x.tif" if mode == "CMYK" else "x.png")
     image.save(path)
     expected = np.asarray(Image.open(path).convert("RGB"))
     assert np.array_equal(np.asarray(decode_image(path)), expected)
     assert np.array_equal(np.asarray(decode_image(path.read_bytes(), path)), expected)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_16bit_and_float_images_are_scaled_not_clipped(tmp_path, suffix):
+    """Pillow's convert("RGB") clips a 16-bit image at 255 (a photo turns white): decoding scales it to 8 bits,
+    for preprocessing and training alike."""
+    gray = np.asarray(Image.fromarray(_photo("coffee", (64, 48))).convert("L")).astype(np.int64)
+    wide = gray * 257  # 8-bit values as 16-bit ones: v * 257 scales back to v exactly
+    wide[0, :3] = [0, 65535, 128]
+    Image.fromarray(wide.astype(np.uint16)).save(tmp_path / f"x{suffix}")
+    assert Image.open(tmp_path / f"x{suffix}").mode == "I;16"
+    got = np.asarray(decode_image(tmp_path / f"x{suffix}"))
+    expected = gray.copy()
+    expected[0, :3] = [0, 255, 0]  # 128 / 257 rounds to 0
+    assert got.dtype == np.uint8 and got.shape == (48, 64, 3)
+    assert np.array_equal(got, np.repeat(expected[..., None], 3, axis=2).astype(np.uint8))
+    from rmae.image_io import load_rgb
+
+    assert np.array_equal(load_rgb(tmp_path / f"x{suffix}"), got)
+    # 32-bit integer images with 8-bit values stay as they are; float images in [0, 1] are scaled by 255
+    Image.fromarray(gray.astype(np.int32), "I").save(tmp_path / "i.tif")
+    assert np.array_equal(np.asarray(decode_image(tmp_path / "i.tif"))[..., 0], gray)
+    Image.fromarray((gray / 255).astype(np.float32), "F").save(tmp_path / "f.tif")
+    assert np.array_equal(np.asarray(decode_image(tmp_path / "f.tif"))[..., 1], gray)
 
 
 def test_decode_labels_equals_load_labels(tree):

@@ -194,7 +194,10 @@ def test_image_modes_convert_to_rgb(tmp_path):
         image.save(tmp_path / name)
         decoded = load_rgb(tmp_path / name)
         assert decoded.dtype == np.uint8 and decoded.shape == (*SMALL, 3), name
-    for name in cases:  # exactly Pillow's conversion, as the original and the data pipeline decode
+    for name in cases:  # 8-bit modes: exactly Pillow's conversion, as the original and the data pipeline decode
+        if name == "gray16.png":  # scaled to 8 bits (convert("RGB") would clip it to white)
+            np.testing.assert_array_equal(load_rgb(tmp_path / name), np.repeat(gray[..., None], 3, 2))
+            continue
         with Image.open(tmp_path / name) as image:
             np.testing.assert_array_equal(load_rgb(tmp_path / name), np.asarray(image.convert("RGB")))
     np.testing.assert_array_equal(load_rgb(tmp_path / "rgba.png"), rgb)
@@ -255,7 +258,7 @@ def test_symlinked_folders_are_followed_and_broken_links_reported(tmp_path):
     assert failures == f"{images / 'n02' / 'c.png'}\tbroken symbolic link (its target does not exist)\n"
 
 
-def test_images_sharing_a_mask_file_are_failures(tmp_path):
+def test_images_sharing_a_mask_file_are_failures(tmp_path, capsys):
     images = tmp_path / "in"
     for i, name in enumerate(["x.jpg", "x.png", "y.jpg", "y.JPG", "z.png"]):
         tiny(images / name, i)
@@ -265,6 +268,8 @@ def test_images_sharing_a_mask_file_are_failures(tmp_path):
     failures = (out / "preprocess_failures.tsv").read_text().splitlines()
     assert [line.split("\t")[0].rsplit("/", 1)[1] for line in failures] == ["x.jpg", "x.png", "y.JPG", "y.jpg"]
     assert "same mask file x.npy.zst as x.png" in failures[0]
+    err = capsys.readouterr().err  # on the console too, as the images that cannot be decoded
+    assert f"skipped {images / 'x.jpg'}: same mask file x.npy.zst as x.png" in err, err
 
 
 def test_mask_files_carry_a_checksum_and_older_files_still_load(tmp_path):
