@@ -277,6 +277,8 @@ def preprocess(
     for relative, _ in not_segmented:
         _drop_stale_mask(mask_path(out, relative), redo_since)
     failures = [(str(images / relative), reason) for relative, reason in unlistable + not_segmented]
+    for path, reason in failures:  # on the console like the images that fail to decode
+        print(_shown(f"skipped {path}: {reason}"), file=sys.stderr)
     excluded = {relative for relative, _ in not_segmented}
     jobs, skipped = [], 0  # (image, mask, whether an existing mask is checked first)
     for relative in relative_paths:
