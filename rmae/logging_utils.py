@@ -15,10 +15,22 @@ from typing import Any
 logger = logging.getLogger("rmae.train")
 
 
+class StderrHandler(logging.StreamHandler):
+    """Writes to the ``sys.stderr`` of the moment (a redirected or replaced stderr, not a closed earlier one)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ sets it; the property always follows sys.stderr
+        pass
+
+
 def setup_console(is_main: bool) -> None:
     level = logging.INFO if is_main else logging.WARNING
     if not logger.handlers:
-        h = logging.StreamHandler(sys.stderr)
+        h = StderrHandler()
         h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
         logger.addHandler(h)
     logger.setLevel(level)

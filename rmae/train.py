@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import math
 import os
+import re
 import resource
 import signal
 import sys
@@ -221,13 +222,34 @@ def data_loader(cfg, dinfo: rdist.DistInfo, micro_batch: int, start: int, model:
     tr = cfg["training"]
     dc = DataConfig(dataset=cfg["dataset"], **data_folders(cfg), root=ds["data_dir"],
                     regions=region_source(cfg, model.num_region), train=True,
-                    img_size=model.img_size, num_regions=model.num_region, sampler=ds["sampler"], cache_bytes=ds["cache_bytes"],
+                    img_size=model.img_size, num_regions=model.num_region, sampler=ds["sampler"],
+                    cache_bytes=ds["cache_bytes"],
                     label_resize=ds["label_resize"], min_region_patches=2 if ds["filter_small_patches"] else 0,
                     patch_size=model.patch_size, scale=tuple(ds["crop_scale"]), ratio=tuple(ds["crop_ratio"]),
                     region_sample=model.region_sample_type, region_mask_ratio=model.region_mask_ratio)
-    return build_loader(dc, batch_size=micro_batch, num_workers=tr["num_workers"], rank=dinfo.rank,
-                        world_size=dinfo.world_size, seed=tr["seed"], start=start,
-                        pin_memory=tr["pin_memory"] and dinfo.device.type == "cuda")
+    with in_config_terms(cfg):
+        return build_loader(dc, batch_size=micro_batch, num_workers=tr["num_workers"], rank=dinfo.rank,
+                            world_size=dinfo.world_size, seed=tr["seed"], start=start,
+                            pin_memory=tr["pin_memory"] and dinfo.device.type == "cuda")
+
+
+@contextlib.contextmanager
+def in_config_terms(cfg):
+    """The data library's hints for a missing dataset or mask folder name its arguments (``root=``,
+    ``regions='offline'``); training's errors name the config keys that set them."""
+    try:
+        yield
+    except FileNotFoundError as e:
+        key = f"dataset_config.{cfg['dataset']}_pretrain"
+        message = str(e).replace("root= to change it", f"{key}.data_dir to change it")
+        message = re.sub(r"regions='(\w+)'", rf"{key}.region_source=\1", message)
+        if message == str(e):
+            raise
+        try:
+            translated = type(e)(message)
+        except TypeError:  # an error class with other constructor arguments
+            translated = FileNotFoundError(message)
+        raise translated from e
 
 
 class DataError(Exception):
@@ -508,88 +530,90 @@ def train(cfg, require_resume: bool = False) -> dict:
                            ", ".join(sorted(os.listdir(moved))), moved)
     rdist.barrier()
     log = RunLogger(run_dir, dinfo.is_main, tr["tensorboard"], tr["tensorboard_logdir"])
-    if moved is not None:
-        log.event("moved_earlier_run", to=str(moved))
-    if meta is not None:
-        meta = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, rank=rank, payload=meta)
-        step, position = int(meta["step"]), int(meta["data_position"])
-        skipped = int(meta.get("skipped", 0))  # checkpoints before it was stored: 0
-        changed = apply_optimizer_settings(cfg, optimizer, scheduler.base_lrs)
-        scheduler.load_state_dict(meta["scheduler"])
-        if changed and dinfo.is_main:
-            logger.warning("optimizer settings differ from the checkpoint's; training on with the configured "
-                           "ones:\n  %s", "\n  ".join(changed))
-            log.event("optimizer_settings_changed", changed=changed)
-        if meta.get("scaler"):
-            scaler.load_state_dict(meta["scaler"])
-        ckpt.restore_rng(meta, rank, world, tr["seed"])
-        if meta.get("world_size") != world and dataset_section(cfg)["sampler"] == "shard" and dinfo.is_main:
-            logger.warning("sampler=shard with %s ranks instead of %s: each rank's shard changes, so the data "
-                           "order differs from an uninterrupted run", world, meta.get("world_size"))
-        log.event("resume", step=step, file=str(resume_from), from_world_size=meta.get("world_size"),
-                  world_size=world, **({"unreadable": unreadable} if unreadable else {}))
-    if dinfo.is_main:
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        for k in legacy_keys_set(cfg):
-            logger.warning("config key %s is accepted for compatibility with the original but has no effect", k)
-        for message in schedule_warnings(cfg):
-            logger.warning("%s", message)
-            log.event("config_warning", message=message)
-    if use_compile:
-        model.compile()  # in place: state_dict keys stay clean (no _orig_mod.)
-
-    max_update = tr["max_update"]
-    nparams = sum(p.numel() for p in raw.parameters())
-    if dinfo.is_main and step == 0:
-        log.event("start", model=cfg["model"], arch=sec["mae_vit"]["arch"], params=nparams, world_size=world,
-                  device=str(device), batch_size=G, micro_batch=b, iter_per_update=A, amp=tr["use_fp16"],
-                  compile=use_compile, img_size=img_size, num_region=num_region, run_dir=str(run_dir))
-
-    source = region_source(cfg, num_region)
-    if num_region > 0 and source != dataset_section(cfg)["region_source"]:  # an MAE recipe with --model rmae or rae
-        key = f"dataset_config.{cfg['dataset']}_pretrain.region_source"
-        log.event("region_source", source=source,
-                  message=f"{key} is none but model {cfg['model']} has {num_region} regions: reading the FH "
-                          f"masks (offline), as the R-MAE recipes do; set {key} to choose")
-    # per-rank samples consumed so far: the global position split over ranks
-    loader = data_loader(cfg, dinfo, b, position // world, raw)
-    cache = getattr(loader.dataset, "cache", None)
-    if cache is not None:  # sampler=shard: this rank's encoded images (and masks) in memory
-        log.event("shard_cache", rank=rank, items=cache.items, of=cache.total_items,
-                  mib=cache.nbytes / 2**20, limit_mib=cache.limit_bytes / 2**20)
     stop = StopFlag()
-    if getattr(loader, "num_workers", 0) > 0:
-        loader.worker_init_fn = QuietWorkerInit(loader.worker_init_fn)
-    with stop.ignored():  # loader workers start here; a signal to the process group stops only the main loop
-        it = iter(loader)
-    stop.install()
-    bar = progress_bar(max_update, step, dinfo.is_main and tr["progress_bar"])
-    autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
-                else contextlib.nullcontext())
-    sharded = world > 1
-    losses: list[float] = []
-    # the log window's sums; loss terms over the updates with a finite loss, the norm over those with a finite norm
-    # (a skipped update does not turn the window's mean into nan), times over all
-    win = dict.fromkeys(("loss", "mae_loss", "region_loss", "n_loss", "grad_norm", "n_norm", "n", "data", "step"), 0.0)
-    vis_every = tr["visualize_interval"]
-    vis_batch = picture_batch(loader.dataset)  # every rank: the pictures' forward is collective
-    interrupted = None
-    last_ckpt = step if resume_from is not None else -1
-    t_log = time.perf_counter()
-
-    def checkpoint_now(s: int):
-        nonlocal last_ckpt
-        extra = {"data_position": position, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                 "skipped": skipped, "config": to_yaml(cfg)}
-        path = ckpt.save_checkpoint(run_dir, model=model, optimizer=optimizer, step=s, extra=extra,
-                                    keep=tr["num_checkpoint"], is_main=dinfo.is_main)
-        last_ckpt = s
-        if dinfo.is_main:
-            log.event("checkpoint", step=s, file=str(path))
-
-    first_step = step
     console = contextlib.ExitStack()
-    try:
+    bar = None
+    try:  # from here on, a failure is the log's last event (not a 'start' that seems to hang)
+        if moved is not None:
+            log.log({"event": "moved_earlier_run", "to": str(moved)}, console=False)  # (the warning above)
+        if meta is not None:
+            meta = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, rank=rank, payload=meta)
+            step, position = int(meta["step"]), int(meta["data_position"])
+            skipped = int(meta.get("skipped", 0))  # checkpoints before it was stored: 0
+            changed = apply_optimizer_settings(cfg, optimizer, scheduler.base_lrs)
+            scheduler.load_state_dict(meta["scheduler"])
+            if changed and dinfo.is_main:
+                logger.warning("optimizer settings differ from the checkpoint's; training on with the configured "
+                               "ones:\n  %s", "\n  ".join(changed))
+                log.log({"event": "optimizer_settings_changed", "changed": changed}, console=False)  # (the warning)
+            if meta.get("scaler"):
+                scaler.load_state_dict(meta["scaler"])
+            ckpt.restore_rng(meta, rank, world, tr["seed"])
+            if meta.get("world_size") != world and dataset_section(cfg)["sampler"] == "shard" and dinfo.is_main:
+                logger.warning("sampler=shard with %s ranks instead of %s: each rank's shard changes, so the data "
+                               "order differs from an uninterrupted run", world, meta.get("world_size"))
+            log.event("resume", step=step, file=str(resume_from), from_world_size=meta.get("world_size"),
+                      world_size=world, **({"unreadable": unreadable} if unreadable else {}))
+        if dinfo.is_main:
+            (run_dir / "config.yaml").write_text(to_yaml(cfg))
+            for k in legacy_keys_set(cfg):
+                logger.warning("config key %s is accepted for compatibility with the original but has no effect", k)
+            for message in schedule_warnings(cfg):
+                logger.warning("%s", message)
+                log.log({"event": "config_warning", "message": message}, console=False)  # (the warning above)
+        if use_compile:
+            model.compile()  # in place: state_dict keys stay clean (no _orig_mod.)
+
+        max_update = tr["max_update"]
+        nparams = sum(p.numel() for p in raw.parameters())
+        if dinfo.is_main and step == 0:
+            log.event("start", model=cfg["model"], arch=sec["mae_vit"]["arch"], params=nparams, world_size=world,
+                      device=str(device), batch_size=G, micro_batch=b, iter_per_update=A, amp=tr["use_fp16"],
+                      compile=use_compile, img_size=img_size, num_region=num_region, run_dir=str(run_dir))
+
+        source = region_source(cfg, num_region)
+        if num_region > 0 and source != dataset_section(cfg)["region_source"]:  # an MAE recipe with --model rmae or rae
+            key = f"dataset_config.{cfg['dataset']}_pretrain.region_source"
+            log.event("region_source", source=source,
+                      message=f"{key} is none but model {cfg['model']} has {num_region} regions: reading the FH "
+                              f"masks (offline), as the R-MAE recipes do; set {key} to choose")
+        # per-rank samples consumed so far: the global position split over ranks
+        loader = data_loader(cfg, dinfo, b, position // world, raw)
+        cache = getattr(loader.dataset, "cache", None)
+        if cache is not None:  # sampler=shard: this rank's encoded images (and masks) in memory
+            log.event("shard_cache", rank=rank, items=cache.items, of=cache.total_items,
+                      mib=cache.nbytes / 2**20, limit_mib=cache.limit_bytes / 2**20)
+        if getattr(loader, "num_workers", 0) > 0:
+            loader.worker_init_fn = QuietWorkerInit(loader.worker_init_fn)
+        with stop.ignored():  # loader workers start here; a signal to the process group stops only the main loop
+            it = iter(loader)
+        stop.install()
+        bar = progress_bar(max_update, step, dinfo.is_main and tr["progress_bar"])
+        autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
+                    else contextlib.nullcontext())
+        sharded = world > 1
+        losses: list[float] = []
+        # the log window's sums; loss terms over the updates with a finite loss, the norm over those with a finite
+        # norm (a skipped update does not turn the window's mean into nan), times over all
+        win = dict.fromkeys(("loss", "mae_loss", "region_loss", "n_loss", "grad_norm", "n_norm", "n", "data",
+                             "step"), 0.0)
+        vis_every = tr["visualize_interval"]
+        vis_batch = picture_batch(loader.dataset)  # every rank: the pictures' forward is collective
+        interrupted = None
+        last_ckpt = step if resume_from is not None else -1
+        t_log = time.perf_counter()
+
+        def checkpoint_now(s: int):
+            nonlocal last_ckpt
+            extra = {"data_position": position, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                     "skipped": skipped, "config": to_yaml(cfg)}
+            path = ckpt.save_checkpoint(run_dir, model=model, optimizer=optimizer, step=s, extra=extra,
+                                        keep=tr["num_checkpoint"], is_main=dinfo.is_main)
+            last_ckpt = s
+            if dinfo.is_main:
+                log.event("checkpoint", step=s, file=str(path))
+
+        first_step = step
         console.enter_context(console_above(bar))
         while step < max_update:
             t0 = time.perf_counter()
@@ -673,7 +697,7 @@ def train(cfg, require_resume: bool = False) -> dict:
                     rec["mae_loss"] = mean_loss["mae_loss"]
                 if num_region > 0:
                     rec["region_loss"] = mean_loss["region_loss"]
-                log.log(rec, console=not tr["progress_bar"])
+                log.log(rec)  # with the bar on, above it (console_above)
                 bar.set_postfix({k: f"{rec[k]:.4g}" for k in ("loss", "mae_loss", "region_loss", "img_per_s")
                                  if k in rec})
                 win = dict.fromkeys(win, 0.0)
@@ -695,11 +719,18 @@ def train(cfg, require_resume: bool = False) -> dict:
         else:
             log.event("interrupted", step=step, signal=stop.signal,
                       message="checkpoint saved; run the same command again to continue")
+    except BaseException as e:
+        if not isinstance(e, SystemExit):  # (the console gets main()'s 'error: ...' line)
+            # (no step before the first update: a failed start is no history that a retry would set aside)
+            log.log({"event": "error", **({"step": step} if step else {}), "type": type(e).__name__,
+                     "message": str(e)}, console=False)
+        raise
     finally:
         kernels.set_index_checks(None)
         stop.restore()
         console.close()
-        bar.close()
+        if bar is not None:
+            bar.close()
         log.close()
         with contextlib.suppress(Exception):
             if "it" in locals() and hasattr(it, "_shutdown_workers"):

@@ -407,7 +407,9 @@ def test_pruning_ignores_a_folder_with_a_checkpoint_name(tmp_path):
 
 def test_a_failed_checkpoint_write_leaves_no_partial_file(tmp_path, monkeypatch):
     """A full disk during the write: the error goes up, no temporary file stays (nor counts), and the
-    temporary files a killed write left are removed before the next write needs the space."""
+    temporary files a killed write left are removed before the next write needs the space (also in a run folder
+    whose name holds glob characters)."""
+    tmp_path = tmp_path / "exp[1]*?"
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.AdamW(model.parameters())
     ckpt.save_checkpoint(tmp_path, model=model, optimizer=opt, step=1, extra={})
@@ -533,6 +535,8 @@ def test_log_lines_are_not_glued_to_the_progress_bar(tmp_path, coco_tree):
     lines = [line for line in proc.stderr.splitlines() if " INFO " in line]
     assert any("event=checkpoint step=1" in line for line in lines), proc.stderr
     assert any("event=shard_cache" in line for line in lines), proc.stderr  # the cache size reaches the console
+    # the metric lines (lr, grad norm, memory: not in the bar's postfix) print above the bar too
+    assert any(re.search(r"step=2 .*lr=.*grad_norm=.*peak_mem_mb=", line) for line in lines), proc.stderr
     assert all(re.match(r"\d\d:\d\d:\d\d INFO ", line) for line in lines), lines
 
 
@@ -549,7 +553,52 @@ def test_image_and_mask_of_different_sizes_is_a_clean_error(tmp_path, coco_tree,
     err = capsys.readouterr().err
     assert re.search(r"error: mask \S*fh_train2017/000000000001\.npy\.zst is 10x10 \(WxH\) but image "
                      r"\S*train2017/000000000001\.jpg is 64x48", err), err
-    assert "Traceback" not in err
+    assert "Traceback" not in err, err
+
+
+def test_a_missing_dataset_is_explained_in_config_keys(tmp_path, coco_tree, capsys):
+    """The data library says root= and regions='offline'; the training command's error names the config keys
+    (data_dir, region_source), and the run's log ends with the error, not with a 'start' that seems to hang."""
+    from rmae.train import main
+
+    run = tmp_path / "run"
+    assert main([*BASE, f"training.save_dir={run}", *coco_args(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert "set $E2E_DATASETS or dataset_config.coco_pretrain.data_dir to change it" in err, err
+    assert "dataset_config.coco_pretrain.region_source=offline" in err and "regions=" not in err and "root=" not in err
+    events = [json.loads(line).get("event") for line in (run / "log.jsonl").read_text().splitlines()]
+    assert events[-1] == "error" and "start" in events
+    (error,) = log_records(run, "error")
+    assert error["type"] == "DatasetNotFoundError" and "Expected under" in error["message"]
+    assert main([*BASE, f"training.save_dir={run}", *coco_args(tmp_path / "nothing")]) == 2  # the retry
+    assert not (run / "previous").exists()  # a failed start is no history to set aside
+    capsys.readouterr()
+    root = tmp_path / "data"  # images, but no mask folder
+    shutil.copytree(coco_tree, root)
+    shutil.rmtree(root / "coco" / "image" / "fh_train2017")
+    assert main([*BASE, f"training.save_dir={tmp_path / 'run2'}", *coco_args(root)]) == 2
+    err = capsys.readouterr().err
+    assert "mask folder" in err and "dataset_config.coco_pretrain.region_source=online" in err, err
+
+
+def test_a_failure_before_the_first_update_restores_the_signal_handlers(tmp_path, monkeypatch):
+    """The pictures' batch is read after the stop handlers are installed: its data error must not leave them
+    installed (a later Ctrl-C in the same process would be swallowed) nor skip the log's error record."""
+    import signal
+
+    import rmae.train as rt
+
+    def unusable(dataset):
+        raise rt.DataError("mask x.npy.zst is 10x10 but image x.jpg is 64x48")
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    monkeypatch.setattr(rt, "picture_batch", unusable)
+    run = tmp_path / "run"
+    with pytest.raises(rt.DataError, match="10x10"):
+        train(cfg_for(run, "training.max_update=2"))
+    assert {s: signal.getsignal(s) for s in before} == before
+    last = json.loads((run / "log.jsonl").read_text().splitlines()[-1])
+    assert last["event"] == "error" and last["type"] == "DataError" and "step" not in last
 
 
 def test_demo_variants_have_their_own_run_folders():
@@ -729,6 +778,13 @@ def test_slurm_environment():
     # srun -n 4 inside an allocation of 16 tasks: the step's 4
     env = {**srun, "SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4"}
     assert apply_slurm_env(env) and env["WORLD_SIZE"] == "4"
+    # srun -w node5 -n 4 (or --relative): the step runs on node5, not on the allocation's first node, and two
+    # steps of the job rendezvous on different ports
+    step1 = {**srun, "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_NODELIST": "node5",
+             "SLURM_STEP_ID": "1"}
+    assert apply_slurm_env(step1) and step1["MASTER_ADDR"] == "node5"
+    ports = {apply_slurm_env(e := {**srun, "SLURM_STEP_ID": str(i)}) and e["MASTER_PORT"] for i in range(4)}
+    assert len(ports) == 4 and all(20000 <= int(p) < 40000 for p in ports)
     assert not apply_slurm_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_STEP_ID": "0"})
     assert not apply_slurm_env({**srun, "RANK": "0"})  # torchrun inside srun: torchrun's ranks
     # the batch script of 'sbatch --ntasks=16' (no srun): one process, not rank 0 of 16 waiting for the others
