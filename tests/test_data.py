@@ -584,6 +584,13 @@ def test_corrupt_image_and_mask_are_skipped_and_counted(tree, tmp_path):
             next(iterator)
     assert loader.dataset.error_count >= 2  # counted in the worker processes, read here
     del iterator
+    # warned once per run: the workers' warnings are flagged in memory shared with the main process, which
+    # then stays quiet about the same image (training reads its pictures' samples there)
+    assert loader.dataset._warned[0] and loader.dataset._warned[2]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert loader.dataset[(0, 5)]["index"].item() != 0
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)]
 
 
 def test_missing_mask_names_the_path(tree, tmp_path):

@@ -111,7 +111,9 @@ class RegionDataset(Dataset):
         self.max_retries = int(max_retries)
         self.cache = cache
         self._errors = torch.zeros(_MAX_WORKER_SLOTS, dtype=torch.int64).share_memory_()
-        self._warned: set[str] = set()
+        # one warning per unreadable image for the whole run: the flags are shared by the loader's workers and
+        # the main process (which reads the pictures' samples)
+        self._warned = torch.zeros(len(images), dtype=torch.bool).share_memory_()
         self._memory_labels = self._fh_of_arrays() if regions == "offline" and images.arrays is not None else None
         if regions == "offline" and images.arrays is None:
             for _, mask_dir in images.roots:
@@ -157,21 +159,20 @@ class RegionDataset(Dataset):
             try:
                 return self._load(index, rng)
             except (CorruptImageError, MaskError) as error:
-                self._skip(error)
+                self._skip(error, index)
                 index = int(rng.integers(len(self)))
         raise RuntimeError(
             f"{self.max_retries} consecutive unreadable samples in {self.images.name}; last index {index}. "
             "Check the dataset files."
         )
 
-    def _skip(self, error: Exception) -> None:
+    def _skip(self, error: Exception, index: int) -> None:
         info = get_worker_info()
         slot = 0 if info is None else 1 + info.id % (_MAX_WORKER_SLOTS - 1)
         self._errors[slot] += 1
-        message = str(error)
-        if message not in self._warned:
-            self._warned.add(message)
-            warnings.warn(f"skipping sample: {message}", RuntimeWarning, stacklevel=3)
+        if not self._warned[index]:
+            self._warned[index] = True
+            warnings.warn(f"skipping sample: {error}", RuntimeWarning, stacklevel=3)
 
     # ----------------------------------------------------------------------------------------------
     def _read_image(self, index: int) -> Image.Image:
