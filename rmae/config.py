@@ -319,18 +319,27 @@ def _strip_prefix(name: str) -> str:
 
 def config_identity(path: str | os.PathLike | None) -> str | None:
     """What names a config file across installs: a shipped config by its name (``RMAE/COCO/...yaml``, wherever
-    the package lives), any other by its resolved path."""
+    the package lives or lived), any other by its resolved path."""
     if path is None:
         return None
     path = Path(path)
     if _in_package(path):
         return path.resolve().relative_to(CONFIG_ROOT).as_posix()
-    parts = path.parts  # a shipped config of another install or clone (a checkpoint made before the package moved)
+    # A shipped config of another install or clone (a checkpoint made before the package moved): the shipped
+    # name when that file is gone, or still holds the shipped text (an edited copy is a config of its own).
+    parts = path.parts
     for i in range(len(parts) - 2, -1, -1):
         if parts[i:i + 2] == ("rmae", "configs"):
             tail = "/".join(parts[i + 2:])
             if tail in shipped_configs():
-                return tail
+                try:
+                    same = path.read_bytes() == (CONFIG_ROOT / tail).read_bytes()
+                except FileNotFoundError:
+                    same = True
+                except OSError:
+                    same = False
+                if same:
+                    return tail
             break
     return str(path.resolve())
 
@@ -435,10 +444,9 @@ def parse_overrides(overrides: Iterable[str]) -> DictConfig:
     except Exception as e:
         raise ConfigError(f"cannot parse the command-line overrides: {e}") from e
     tree = OmegaConf.to_container(cfg, resolve=False)
-    keys = [o.lstrip("+").split("=", 1)[0] for o in items]
     for i, o in enumerate(items):  # text settings keep their text: save_dir=0001 is the folder 0001, not the number 1
         key, text = o.lstrip("+").split("=", 1)
-        if any(_overlaps(key, later) for later in keys[i + 1:]):  # a later override of the key (or its section) wins
+        if any(_sets(later.lstrip("+"), key) for later in items[i + 1:]):  # a later override of the key wins
             continue
         if _is_plain_text(FLAT_SCHEMA.get(key), text):
             parent = tree
@@ -449,9 +457,25 @@ def parse_overrides(overrides: Iterable[str]) -> DictConfig:
     return OmegaConf.create(_normalize(tree, where="command line"))
 
 
-def _overlaps(key: str, other: str) -> bool:
-    """Whether setting ``other`` sets ``key`` too: the same key, a section above it or a key below it."""
-    return key == other or key.startswith(other + ".") or other.startswith(key + ".")
+def _sets(override: str, key: str) -> bool:
+    """Whether the override ``a.b=value`` sets ``key``: the same key, a key below it, or a section above it whose
+    value is no mapping (null replaces the section) or a mapping that holds the rest of the key's path (a
+    mapping is merged into the section: ``training={max_update: 3}`` leaves ``training.save_dir`` alone)."""
+    other = override.split("=", 1)[0]
+    if other == key or other.startswith(key + "."):
+        return True
+    if not key.startswith(other + "."):
+        return False
+    value = OmegaConf.to_container(OmegaConf.from_dotlist([override]), resolve=False)
+    for part in other.split("."):
+        value = value[part]
+    for part in key[len(other) + 1:].split("."):
+        if not isinstance(value, dict):
+            return True
+        if part not in value:
+            return False
+        value = value[part]
+    return True
 
 
 def _is_plain_text(spec: Spec | None, text: str) -> bool:

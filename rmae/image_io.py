@@ -2,10 +2,11 @@
 
 Every 8-bit mode (L, LA, P, RGBA, CMYK, YCbCr, ...) goes through Pillow's ``convert("RGB")``, as the
 original R-MAE code does, so FH masks are computed on exactly the pixels the model is trained on.
-16-bit and 32-bit grayscale (I;16, I) and float (F) images are first scaled to 8 bits: ``convert("RGB")``
-clips them at 255, which turns a 16-bit photo white (the original's behaviour, not copied). 16-bit
-values v map to round(v * 255 / 65535); ``I`` images whose values fit 8 bits are kept as they are; float
-images in [0, 1] are multiplied by 255, others clipped to [0, 255].
+16-bit, 32-bit and float grayscale images (modes I;16, I, F) are first scaled to 8 bits: ``convert("RGB")``
+clips them at 255, which turns a 16-bit photo white (the original's behaviour, not copied). The scale
+follows the declared bit depth, not the content: 16-bit values v map to round(v * 255 / 65535); 32-bit
+integer and float images map their own range [min, max] to [0, 255], float images within [0, 1] are
+multiplied by 255.
 The whole file is decoded eagerly (no ``Image.draft``: DCT-domain downscaling differs from a full
 decode followed by the resize), so a truncated or corrupt file raises here, not later.
 """
@@ -58,19 +59,31 @@ def open_rgb(source: str | os.PathLike | bytes | memoryview, name: str | os.Path
 
 def to_8bit(image: Image.Image) -> Image.Image:
     """A 16/32-bit integer or float grayscale image as 8-bit ``L`` (see the module notes); other modes as they are."""
-    if image.mode.startswith("I;16") or image.mode == "I":
-        values = np.asarray(image).astype(np.int64)
-        if image.mode == "I" and values.min(initial=0) >= 0 and values.max(initial=0) <= 255:
-            return Image.fromarray(values.astype(np.uint8), "L")
-        values = np.clip(values, 0, 65535)
+    if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
+        return image
+    values = np.asarray(image)
+    if _bits(image) == 16:
+        values = np.clip(values.astype(np.int64), 0, 65535)
         return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L")
-    if image.mode == "F":
-        values = np.asarray(image, dtype=np.float64)
-        values = np.nan_to_num(values, nan=0.0, posinf=255.0, neginf=0.0)
-        if values.min(initial=0) >= 0 and values.max(initial=0) <= 1:
-            values = values * 255
-        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
-    return image
+    values = values.astype(np.float64)
+    finite = values[np.isfinite(values)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if image.mode == "F" and lo >= 0 and hi <= 1:
+        lo, hi = 0.0, 1.0
+    values = np.nan_to_num(values, nan=lo, posinf=hi, neginf=lo)
+    scaled = (values - lo) * (255 / (hi - lo)) if hi > lo else np.clip(values, 0, 255)
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
+
+
+def _bits(image: Image.Image) -> int:
+    """The declared bits per sample of an ``I;16*`` / ``I`` / ``F`` image: Pillow opens 16-bit PNG, PGM and PPM
+    (any maxval, rescaled to 65535) as ``I;16`` or ``I``, and TIFF says it in its BitsPerSample tag."""
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.format in ("PNG", "PPM")):
+        return 16
+    if image.mode == "I" and image.format == "TIFF":
+        bits = getattr(image, "tag_v2", {}).get(258, (32,))
+        return 16 if (bits[0] if isinstance(bits, tuple) else bits) <= 16 else 32
+    return 32
 
 
 def load_rgb(source: str | os.PathLike | bytes | memoryview, name: str | os.PathLike | None = None) -> np.ndarray:

@@ -38,6 +38,9 @@ __all__ = ["RECIPES", "PreprocessError", "dataset_folders", "list_images", "main
 
 FAILURES_FILE = "preprocess_failures.tsv"
 PARAMS_FILE = "fh_params.json"
+# How images become pixels (rmae.image_io): 2 scales 16-bit / 32-bit / float images to 8 bits; 1 (folders
+# without the key) clipped them. Masks of such images in a folder of an older version are made again.
+DECODE_VERSION = 2
 REDO_KEY = "redo_started_ns"  # in PARAMS_FILE while an --overwrite run (or its resumption) is unfinished
 
 
@@ -128,7 +131,7 @@ def _segment_one(image_file: Path, mask_file: Path, recipe: FHRecipe) -> None:
 
 def _recipe_params(recipe: FHRecipe) -> dict:
     """The recipe as ``PARAMS_FILE`` records it."""
-    params = {**asdict(recipe), "format": f"uint16 [S, H, W] {MASK_SUFFIX}"}
+    params = {**asdict(recipe), "format": f"uint16 [S, H, W] {MASK_SUFFIX}", "decode": DECODE_VERSION}
     params["scales"] = [float(s) for s in recipe.scales]
     params["min_sizes"] = [int(m) for m in recipe.min_sizes]
     params["sigma"] = float(recipe.sigma)
@@ -166,9 +169,10 @@ def _read_params(params_file: Path) -> dict:
     return found
 
 
-def _check_params(out: Path, recipe: FHRecipe, overwrite: bool) -> int | None:
+def _check_params(out: Path, recipe: FHRecipe, overwrite: bool) -> tuple[int | None, bool]:
     """Refuses to mix recipes in one mask folder and records the recipe; returns the start (mtime clock,
-    ns) of an unfinished redo, else None.
+    ns) of an unfinished redo (else None) and whether the folder's masks were made with an older decoding
+    (``DECODE_VERSION``).
 
     A redo is an --overwrite run, and the runs that resume it after a kill: ``PARAMS_FILE`` records its
     start before any mask is recomputed, and masks not written after that start may be another recipe's,
@@ -178,17 +182,27 @@ def _check_params(out: Path, recipe: FHRecipe, overwrite: bool) -> int | None:
     found = _read_params(out / PARAMS_FILE) if (out / PARAMS_FILE).is_file() and not overwrite else None
     if found is not None:
         redo_since = found.pop(REDO_KEY, None)
-        if found != wanted:
+        decode = found.pop("decode", 1)
+        if found != {k: v for k, v in wanted.items() if k != "decode"} or decode > DECODE_VERSION:
             unfinished = " (an --overwrite run to it did not finish)" if redo_since is not None else ""
             raise PreprocessError(
                 f"{out} holds masks made with {found}{unfinished}, not {wanted}.\n"
                 "Use another --out folder, or --overwrite to recompute every mask."
             )
-        return redo_since
+        return redo_since, decode < DECODE_VERSION
     out.mkdir(parents=True, exist_ok=True)
     redo_since = _file_system_now(out) if overwrite else None
     _write_params(out, wanted if redo_since is None else {**wanted, REDO_KEY: redo_since})
-    return redo_since
+    return redo_since, False
+
+
+def _decoded_differently(image_file: Path) -> bool:
+    """Whether an older rmae decoded this image to other pixels (16-bit, 32-bit or float: it clipped them)."""
+    try:
+        with Image.open(image_file) as image:
+            return image.mode in ("I", "F") or image.mode.startswith("I;16")
+    except Exception:  # unreadable now: its mask stays as it is
+        return False
 
 
 def _finish_redo(out: Path, recipe: FHRecipe) -> None:
@@ -268,7 +282,7 @@ def preprocess(
     images: Path, out: Path, recipe: FHRecipe, workers: int, verify: bool = False, overwrite: bool = False
 ) -> dict:
     """Segments every image under ``images`` into ``out``; returns a summary dict."""
-    redo_since = _check_params(out, recipe, overwrite)
+    redo_since, old_decode = _check_params(out, recipe, overwrite)
     for stale in out.rglob(f".*{MASK_SUFFIX}*.tmp"):  # left by a run killed mid-write
         stale.unlink(missing_ok=True)
     relative_paths, broken_links, unlistable = scan_images(images)
@@ -280,29 +294,34 @@ def preprocess(
     for path, reason in failures:  # on the console like the images that fail to decode
         print(_shown(f"skipped {path}: {reason}"), file=sys.stderr)
     excluded = {relative for relative, _ in not_segmented}
-    jobs, skipped = [], 0  # (image, mask, whether an existing mask is checked first)
+    # (image, mask, what is checked of an existing mask first: None (nothing, it is made), "mask" (--verify),
+    # "decode" (made by an older decoding), "both")
+    jobs, skipped = [], 0
+    existing_check = "both" if verify and old_decode else "mask" if verify else "decode" if old_decode else None
     for relative in relative_paths:
         mask_file = mask_path(out, relative)
         if relative in excluded:
             continue
         if not overwrite and _mask_done(mask_file, redo_since):
-            if verify:
-                jobs.append((images / relative, mask_file, True))
+            if existing_check is not None:
+                jobs.append((images / relative, mask_file, existing_check))
             else:
                 skipped += 1
             continue
-        jobs.append((images / relative, mask_file, False))
-    if any(not check for _, _, check in jobs) and not os.access(out, os.W_OK):
+        jobs.append((images / relative, mask_file, None))
+    if any(check is None for _, _, check in jobs) and not os.access(out, os.W_OK):
         raise PermissionError(f"cannot write masks into {out}: the folder is not writable")
 
     lock = threading.Lock()
     counts = {"written": 0, "skipped": skipped, "regenerated": 0}
 
-    def work(job: tuple[Path, Path, bool]) -> None:
-        image_file, mask_file, check_first = job
+    def work(job: tuple[Path, Path, str | None]) -> None:
+        image_file, mask_file, check = job
         try:
-            if check_first:
-                problem = _check_mask(mask_file, image_file, recipe)
+            if check is not None:
+                problem = _check_mask(mask_file, image_file, recipe) if check in ("mask", "both") else None
+                if problem is None and check in ("decode", "both") and _decoded_differently(image_file):
+                    problem = "made by an older rmae from this 16/32-bit or float image's clipped pixels"
                 with lock:
                     counts["skipped" if problem is None else "regenerated"] += 1
                 if problem is None:
@@ -327,7 +346,7 @@ def preprocess(
         total=len(jobs), unit="img", desc=_shown(f"FH {out.name}"), dynamic_ncols=True, mininterval=1.0
     ) as progress:
         _run_bounded(pool, work, jobs, limit=4 * workers, on_done=progress.update)
-    if redo_since is not None and not unlistable:  # an unlisted folder may still hold old masks
+    if (redo_since is not None or old_decode) and not unlistable:  # an unlisted folder may still hold old masks
         _finish_redo(out, recipe)
 
     failures_file = out / FAILURES_FILE

@@ -235,21 +235,30 @@ def data_loader(cfg, dinfo: rdist.DistInfo, micro_batch: int, start: int, model:
 
 @contextlib.contextmanager
 def in_config_terms(cfg):
-    """The data library's hints for a missing dataset or mask folder name its arguments (``root=``,
-    ``regions='offline'``); training's errors name the config keys that set them."""
+    """Errors raised inside, in the config's terms (``in_config_terms_error``)."""
     try:
         yield
-    except FileNotFoundError as e:
-        key = f"dataset_config.{cfg['dataset']}_pretrain"
-        message = str(e).replace("root= to change it", f"{key}.data_dir to change it")
-        message = re.sub(r"regions='(\w+)'", rf"{key}.region_source=\1", message)
-        if message == str(e):
+    except (FileNotFoundError, DataError) as e:
+        translated = in_config_terms_error(cfg, e)
+        if translated is None:
             raise
-        try:
-            translated = type(e)(message)
-        except TypeError:  # an error class with other constructor arguments
-            translated = FileNotFoundError(message)
         raise translated from e
+
+
+def in_config_terms_error(cfg, error: BaseException) -> BaseException | None:
+    """The data library's hints for a missing dataset, mask folder or mask name its arguments (``root=``,
+    ``regions='offline'``): the same error naming the config keys that set them, or None (nothing to change)."""
+    if not isinstance(error, (FileNotFoundError, DataError)):
+        return None
+    key = f"dataset_config.{cfg['dataset']}_pretrain"
+    message = str(error).replace("root= to change it", f"{key}.data_dir to change it")
+    message = re.sub(r"regions='(\w+)'", rf"{key}.region_source=\1", message)
+    if message == str(error):
+        return None
+    try:
+        return type(error)(message)
+    except TypeError:  # an error class with other constructor arguments
+        return FileNotFoundError(message)
 
 
 class DataError(Exception):
@@ -720,10 +729,13 @@ def train(cfg, require_resume: bool = False) -> dict:
             log.event("interrupted", step=step, signal=stop.signal,
                       message="checkpoint saved; run the same command again to continue")
     except BaseException as e:
+        translated = in_config_terms_error(cfg, e)  # a missing mask met in a batch: named in config keys
         if not isinstance(e, SystemExit):  # (the console gets main()'s 'error: ...' line)
             # (no step before the first update: a failed start is no history that a retry would set aside)
             log.log({"event": "error", **({"step": step} if step else {}), "type": type(e).__name__,
-                     "message": str(e)}, console=False)
+                     "message": str(translated or e)}, console=False)
+        if translated is not None:
+            raise translated from e
         raise
     finally:
         kernels.set_index_checks(None)

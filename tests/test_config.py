@@ -463,6 +463,12 @@ def test_the_last_override_of_a_text_setting_wins():
                        ).training.experiment_name == "0002"
     cfg = load_config(None, ["training.experiment_name=0001", "training={experiment_name: b}"])
     assert cfg.training.experiment_name == "b"
+    # a mapping merges into its section: the text set before it, and not named in it, stays text
+    cfg = load_config(None, ["training.save_dir=0001", "training={max_update: 3}"])
+    assert cfg.training.save_dir == "0001" and cfg.training.max_update == 3
+    cfg = load_config(None, ["dataset_config.coco_pretrain.imdb_files.train.anno_file=0001",
+                             "dataset_config.coco_pretrain.imdb_files.train={mask_folder: null}"])
+    assert cfg.dataset_config.coco_pretrain.imdb_files.train.anno_file == "0001"
     assert load_config(None, ["training.experiment_name=nULL"]).training.experiment_name == "nULL"  # not a YAML null
 
 
@@ -476,6 +482,12 @@ def test_a_shipped_config_is_the_same_config_in_another_install(tmp_path):
     assert config_identity(f"/old/venv/lib/python3.11/site-packages/rmae/configs/{name}") == name
     assert config_identity(f"/home/u/clones/rmae/rmae/configs/{name}") == name
     assert config_identity(tmp_path / "configs" / name) == str((tmp_path / "configs" / name).resolve())
+    clone = tmp_path / "clone" / "rmae" / "configs" / name  # another clone's copy: the same while unedited
+    clone.parent.mkdir(parents=True)
+    shutil.copyfile(CONFIG_ROOT / name, clone)
+    assert config_identity(clone) == name
+    clone.write_text(clone.read_text() + "\ntraining:\n  max_update: 10\n")
+    assert config_identity(clone) == str(clone.resolve())
     assert config_identity(tmp_path / "rmae/configs/mine.yaml") == str((tmp_path / "rmae/configs/mine.yaml").resolve())
 
 

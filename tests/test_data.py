@@ -468,11 +468,26 @@ def test_16bit_and_float_images_are_scaled_not_clipped(tmp_path, suffix):
     from rmae.image_io import load_rgb
 
     assert np.array_equal(load_rgb(tmp_path / f"x{suffix}"), got)
-    # 32-bit integer images with 8-bit values stay as they are; float images in [0, 1] are scaled by 255
-    Image.fromarray(gray.astype(np.int32), "I").save(tmp_path / "i.tif")
-    assert np.array_equal(np.asarray(decode_image(tmp_path / "i.tif"))[..., 0], gray)
+
+    # the scale follows the declared depth, not the content: a dark 16-bit PGM (Pillow: mode I) is as dark as
+    # the same pixels in a 16-bit PNG
+    dark = (gray * 200 // 255).astype(np.uint16)  # values 0..200 of 65535
+    Image.fromarray(dark).save(tmp_path / "dark.pgm")
+    Image.fromarray(dark).save(tmp_path / "dark.png")
+    assert Image.open(tmp_path / "dark.pgm").mode == "I"
+    pgm, png = (np.asarray(decode_image(tmp_path / f"dark.{suffix}")) for suffix in ("pgm", "png"))
+    assert np.array_equal(pgm, png)
+    assert np.asarray(decode_image(tmp_path / "dark.pgm")).max() == 1
+    # 32-bit integer and float images: their own range to 0..255; floats within [0, 1]: times 255
+    Image.fromarray((gray * 2570 + 7).astype(np.int32), "I").save(tmp_path / "i.tif")
+    assert Image.open(tmp_path / "i.tif").mode == "I"
+    lo, hi = gray.min(), gray.max()
+    stretched = np.rint((gray - lo) * (255 / (hi - lo))).astype(np.uint8)
+    assert np.array_equal(np.asarray(decode_image(tmp_path / "i.tif"))[..., 0], stretched)
     Image.fromarray((gray / 255).astype(np.float32), "F").save(tmp_path / "f.tif")
     assert np.array_equal(np.asarray(decode_image(tmp_path / "f.tif"))[..., 1], gray)
+    Image.fromarray((gray * 40.0 - 3).astype(np.float32), "F").save(tmp_path / "g.tif")
+    assert np.array_equal(np.asarray(decode_image(tmp_path / "g.tif"))[..., 2], stretched)
 
 
 def test_decode_labels_equals_load_labels(tree):

@@ -616,11 +616,11 @@ def test_load_checkpoint_takes_a_bytes_path(tmp_path):
 
 
 def test_export_command_writes_the_encoder_of_a_checkpoint(tmp_path, capsys):
-    """An interrupted run leaves checkpoints, no encoder: ``python -m rmae.models.export`` makes it from one."""
+    """An interrupted run leaves checkpoints, no encoder: ``python -m rmae.export`` makes it from one."""
     from safetensors.torch import load_file
 
     from rmae.models import export_encoder
-    from rmae.models.export import main
+    from rmae.export import main
 
     src = tiny()
     torch.save({"model": src.state_dict(), "step": 7, "config": "model: rmae\n"}, tmp_path / "ckpt.pt")
@@ -640,3 +640,15 @@ def test_export_command_writes_the_encoder_of_a_checkpoint(tmp_path, capsys):
     assert "encoder keys" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
     assert main([str(tmp_path / "none.pt"), str(tmp_path / "x.safetensors")]) == 2
     assert "No such file" in capsys.readouterr().err
+    # an output folder that does not exist, an object that is no state: errors, no traceback
+    assert main([str(tmp_path / "ckpt.pt"), str(tmp_path / "no" / "x.safetensors")]) == 2
+    assert main([str(tmp_path / "ckpt.pt"), str(tmp_path / "no" / "x.pth")]) == 2
+    torch.save([torch.zeros(2)], tmp_path / "list.pt")
+    assert main([str(tmp_path / "list.pt"), str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error: cannot export") == 3 and "not a model state" in err and "Traceback" not in err
+    # the file format before torch 1.6 (no zip archive) cannot be memory-mapped: read without
+    torch.save({"model": src.state_dict()}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    assert main([str(tmp_path / "legacy.pth"), str(tmp_path / "l.safetensors")]) == 0
+    assert load_file(tmp_path / "l.safetensors").keys() == expected.keys()
+    assert not list(tmp_path.glob("*.tmp*")) and not (tmp_path / "no").exists()

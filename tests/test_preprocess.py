@@ -1,5 +1,6 @@
 """python -m rmae.preprocess, the mask files and image decoding, on temporary dataset trees."""
 import io
+import json
 import os
 import re
 import signal
@@ -488,3 +489,33 @@ def test_jobs_are_queued_a_few_at_a_time():
     with ThreadPoolExecutor(2) as pool:
         preprocess_module._run_bounded(pool, lambda job: time.sleep(0.001), jobs(), limit=4, on_done=done)
     assert finished[0] == 50 and most[0] <= 5
+
+
+def test_masks_of_wide_images_from_an_older_decoding_are_made_again(tmp_path, capsys):
+    """Up to DECODE_VERSION 1 (folders without the key) a 16-bit image was clipped to white before FH: in such
+    a folder its mask is made again from the scaled pixels; 8-bit images' masks are kept; the folder is then
+    recorded as the current decoding (no header scan on later runs)."""
+    images, out = tmp_path / "in", tmp_path / "out"
+    images.mkdir()
+    gray = photo("camera")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(images / "wide.png")
+    Image.fromarray(photo("chelsea")).save(images / "rgb.png")
+    args = ["--images", str(images), "--out", str(out), "--workers", "1", "--scales", "100"]
+    assert main(args) == 0
+    fresh = load_labels(out / "wide.npy.zst")
+    assert np.array_equal(fresh, expected_masks(images / "wide.png", scales=(100,)))
+    # the folder as an older version left it: the mask of the clipped (white) image, no "decode" key
+    save_labels(out / "wide.npy.zst", np.zeros((1, *SMALL), np.uint16))
+    params = json.loads((out / "fh_params.json").read_text())
+    del params["decode"]
+    (out / "fh_params.json").write_text(json.dumps(params))
+    rgb_mtime = (out / "rgb.npy.zst").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(args) == 0
+    assert np.array_equal(load_labels(out / "wide.npy.zst"), fresh)
+    assert (out / "rgb.npy.zst").stat().st_mtime_ns == rgb_mtime
+    assert "regenerating" in capsys.readouterr().err
+    assert json.loads((out / "fh_params.json").read_text())["decode"] == 2
+    # a folder of a newer decoding is another recipe: refused
+    (out / "fh_params.json").write_text(json.dumps({**params, "decode": 3}))
+    assert main(args) == 2

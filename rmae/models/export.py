@@ -36,6 +36,8 @@ def export_encoder(model: Union[nn.Module, Mapping[str, torch.Tensor]]) -> dict[
     """The pixel encoder's weights (detached, contiguous clones) from a model, a state_dict, or a checkpoint
     dict holding one under ``"model"`` (as the MAE / R-MAE releases)."""
     state = model.state_dict() if isinstance(model, nn.Module) else model
+    if not isinstance(state, Mapping):
+        raise ValueError(f"not a model state: expected a module or a mapping of tensors, got {type(state).__name__}")
     if "model" in state and isinstance(state["model"], Mapping):  # MAE / R-MAE checkpoint files: {"model": ...}
         state = state["model"]
     out: dict[str, torch.Tensor] = {}
@@ -96,40 +98,3 @@ def load_checkpoint(model: nn.Module, source, strict: bool = True, weights_only:
     state = {clean_key(k): v for k, v in source.items()}
     return model.load_state_dict(state, strict=strict)
 
-
-def main(argv=None) -> int:
-    """``python -m rmae.models.export CHECKPOINT OUT``: the encoder of a checkpoint (ours, e.g. of an interrupted
-    run, or an official MAE / R-MAE file) as timm keys. Exit status 2 with ``error: ...`` when it cannot."""
-    import argparse
-    import pickle
-    import sys
-
-    parser = argparse.ArgumentParser(prog="python -m rmae.models.export", description="Export the encoder of a checkpoint with timm's ViT keys.")
-    parser.add_argument("checkpoint", help="a training checkpoint (checkpoints/ckpt_<step>.pt) or a model file")
-    parser.add_argument("out", help="the encoder file: .safetensors, or a torch file for any other suffix")
-    parser.add_argument("--trust", action="store_true",
-                        help="unpickle any object (official files that store their args); only for files you trust")
-    args = parser.parse_args(argv)
-    try:
-        source = torch.load(args.checkpoint, map_location="cpu", weights_only=not args.trust, mmap=True)
-        state = export_encoder(source)
-        tmp = f"{args.out}.tmp{os.getpid()}{os.path.splitext(args.out)[1]}"  # same suffix: same format
-        try:
-            save_encoder(state, tmp)
-            os.replace(tmp, args.out)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    except pickle.UnpicklingError as e:
-        print(f"error: {args.checkpoint} holds objects other than tensors ({str(e).splitlines()[0]}); add --trust "
-              "if you trust the file", file=sys.stderr)
-        return 2
-    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
-        print(f"error: cannot export the encoder of {args.checkpoint}: {e}", file=sys.stderr)
-        return 2
-    print(f"{args.out}: {len(state)} tensors, {sum(v.numel() for v in state.values()):,} parameters")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,0 +1,59 @@
+"""``python -m rmae.export CHECKPOINT OUT``: the encoder of a checkpoint with timm's ViT keys.
+
+A training checkpoint (``checkpoints/ckpt_<step>.pt``, e.g. of an interrupted run, which writes no
+``encoder.safetensors``) or an official MAE / R-MAE file (``--trust`` for those that pickle their arguments).
+Exit status 0, or 2 with ``error: ...`` when the file cannot be read, holds no encoder or the output cannot be
+written (nothing partial is left behind).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import sys
+
+import torch
+
+from rmae.models.export import export_encoder, save_encoder
+
+
+def read_state(path: str, trust: bool) -> dict:
+    """The object a torch file holds (tensors memory-mapped where the file's format allows)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        # a file in the format before torch 1.6 (not a zip archive): no memory map
+        return torch.load(path, map_location="cpu", weights_only=not trust)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rmae.export",
+                                     description="Export the encoder of a checkpoint with timm's ViT keys.")
+    parser.add_argument("checkpoint", help="a training checkpoint (checkpoints/ckpt_<step>.pt) or a model file")
+    parser.add_argument("out", help="the encoder file: .safetensors, or a torch file for any other suffix")
+    parser.add_argument("--trust", action="store_true",
+                        help="unpickle any object (official files that store their args); only for files you trust")
+    args = parser.parse_args(argv)
+    tmp = f"{args.out}.tmp{os.getpid()}{os.path.splitext(args.out)[1]}"  # the same suffix: the same format
+    try:
+        state = export_encoder(read_state(args.checkpoint, args.trust))
+        save_encoder(state, tmp)
+        os.replace(tmp, args.out)
+    except pickle.UnpicklingError as e:
+        print(f"error: {args.checkpoint} holds objects other than tensors ({str(e).splitlines()[0]}); add --trust "
+              "if you trust the file", file=sys.stderr)
+        return 2
+    except Exception as e:  # unreadable input, no encoder in it, an output that cannot be written
+        print(f"error: cannot export the encoder of {args.checkpoint} to {args.out}: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    print(f"{args.out}: {len(state)} tensors, {sum(v.numel() for v in state.values()):,} parameters")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
