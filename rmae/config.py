@@ -317,25 +317,23 @@ def _strip_prefix(name: str) -> str:
     return name
 
 
-def config_identity(path: str | os.PathLike | None) -> str | None:
-    """What names a config file across installs: a shipped config by its name (``RMAE/COCO/...yaml``, wherever
-    the package lives or lived), any other by its resolved path."""
+def config_identity(path: str | os.PathLike | None, moved_install: bool = False) -> str | None:
+    """What names a config file across installs: a shipped config by its name (``RMAE/COCO/...yaml``), any other
+    by its resolved path. A copy under another install's ``rmae/configs/`` is the shipped config while its text
+    is the shipped one; ``moved_install``: a path recorded in the past (an older install, perhaps gone or of
+    another release), taken by its name alone."""
     if path is None:
         return None
     path = Path(path)
     if _in_package(path):
         return path.resolve().relative_to(CONFIG_ROOT).as_posix()
-    # A shipped config of another install or clone (a checkpoint made before the package moved): the shipped
-    # name when that file is gone, or still holds the shipped text (an edited copy is a config of its own).
     parts = path.parts
     for i in range(len(parts) - 2, -1, -1):
         if parts[i:i + 2] == ("rmae", "configs"):
             tail = "/".join(parts[i + 2:])
             if tail in shipped_configs():
                 try:
-                    same = path.read_bytes() == (CONFIG_ROOT / tail).read_bytes()
-                except FileNotFoundError:
-                    same = True
+                    same = moved_install or path.read_bytes() == (CONFIG_ROOT / tail).read_bytes()
                 except OSError:
                     same = False
                 if same:

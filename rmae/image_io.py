@@ -46,7 +46,12 @@ def open_rgb(source: str | os.PathLike | bytes | memoryview, name: str | os.Path
         image.load()
         if image.width == 0 or image.height == 0:
             raise ImageDecodeError(label, "image has zero size")
-        return image if image.mode == "RGB" else to_8bit(image).convert("RGB")
+        if image.mode == "RGB":
+            return image
+        rgb = to_8bit(image).convert("RGB")
+        if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+            rgb.info["rmae_wide"] = image.mode  # decoded otherwise before DECODE_VERSION 2 (rmae.preprocess)
+        return rgb
     except ImageDecodeError:
         raise
     except FileNotFoundError:

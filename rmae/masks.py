@@ -15,9 +15,13 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
-__all__ = ["MASK_SUFFIX", "ORIGINAL_SUFFIX", "save_labels", "load_labels", "mask_path", "find_mask", "MaskError"]
+__all__ = ["MASK_SUFFIX", "PARAMS_FILE", "DECODE_VERSION", "ORIGINAL_SUFFIX", "save_labels", "load_labels", "mask_path", "find_mask", "MaskError"]
 
 MASK_SUFFIX = ".npy.zst"
+PARAMS_FILE = "fh_params.json"  # a mask folder's recipe, written by rmae.preprocess
+# How images became pixels (rmae.image_io), recorded as "decode" in PARAMS_FILE: 2 scales 16-bit, 32-bit and float
+# images to 8 bits; 1 (folders without the key, and the original's) clipped them to white before FH.
+DECODE_VERSION = 2
 ORIGINAL_SUFFIX = ".npy"
 MAX_LABEL = np.iinfo(np.uint16).max
 _ZSTD_LEVEL = 3

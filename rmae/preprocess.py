@@ -31,16 +31,12 @@ from tqdm import tqdm
 
 from rmae import fh, listing, usable_cores
 from rmae.image_io import IMAGE_SUFFIXES, ImageDecodeError, load_rgb
-from rmae.masks import MASK_SUFFIX, MaskError, load_labels, mask_path, save_labels
+from rmae.masks import DECODE_VERSION, MASK_SUFFIX, PARAMS_FILE, MaskError, load_labels, mask_path, save_labels
 from rmae.recipes import COCO_FH, IMAGENET_FH, FHRecipe, dataset_root
 
 __all__ = ["RECIPES", "PreprocessError", "dataset_folders", "list_images", "main", "preprocess", "scan_images"]
 
 FAILURES_FILE = "preprocess_failures.tsv"
-PARAMS_FILE = "fh_params.json"
-# How images become pixels (rmae.image_io): 2 scales 16-bit / 32-bit / float images to 8 bits; 1 (folders
-# without the key) clipped them. Masks of such images in a folder of an older version are made again.
-DECODE_VERSION = 2
 REDO_KEY = "redo_started_ns"  # in PARAMS_FILE while an --overwrite run (or its resumption) is unfinished
 
 
@@ -185,8 +181,9 @@ def _check_params(out: Path, recipe: FHRecipe, overwrite: bool) -> tuple[int | N
         decode = found.pop("decode", 1)
         if found != {k: v for k, v in wanted.items() if k != "decode"} or decode > DECODE_VERSION:
             unfinished = " (an --overwrite run to it did not finish)" if redo_since is not None else ""
+            newer = " (a newer rmae's image decoding)" if decode > DECODE_VERSION else ""
             raise PreprocessError(
-                f"{out} holds masks made with {found}{unfinished}, not {wanted}.\n"
+                f"{out} holds masks made with {({**found, 'decode': decode})}{unfinished}{newer}, not {wanted}.\n"
                 "Use another --out folder, or --overwrite to recompute every mask."
             )
         return redo_since, decode < DECODE_VERSION
@@ -201,7 +198,11 @@ def _decoded_differently(image_file: Path) -> bool:
     try:
         with Image.open(image_file) as image:
             return image.mode in ("I", "F") or image.mode.startswith("I;16")
-    except Exception:  # unreadable now: its mask stays as it is
+    except OSError as error:
+        if error.errno is not None:  # the file system's error (permissions, too many files, ...): not checked
+            raise
+        return False  # not an image Pillow reads (any more): its mask stays as it is
+    except (ValueError, SyntaxError, Image.DecompressionBombError):
         return False
 
 
@@ -313,7 +314,7 @@ def preprocess(
         raise PermissionError(f"cannot write masks into {out}: the folder is not writable")
 
     lock = threading.Lock()
-    counts = {"written": 0, "skipped": skipped, "regenerated": 0}
+    counts = {"written": 0, "skipped": skipped, "regenerated": 0, "unchecked": 0}
 
     def work(job: tuple[Path, Path, str | None]) -> None:
         image_file, mask_file, check = job
@@ -330,6 +331,9 @@ def preprocess(
                 mask_file.unlink(missing_ok=True)
             _segment_one(image_file, mask_file, recipe)
         except Exception as error:  # one image fails (bad file, name too long, MemoryError, ...), not the run
+            if check is not None:
+                with lock:
+                    counts["unchecked"] += 1  # its existing mask may still be of the older decoding
             if isinstance(error, ImageDecodeError):
                 path, reason = error.path, error.reason
             else:
@@ -346,8 +350,14 @@ def preprocess(
         total=len(jobs), unit="img", desc=_shown(f"FH {out.name}"), dynamic_ncols=True, mininterval=1.0
     ) as progress:
         _run_bounded(pool, work, jobs, limit=4 * workers, on_done=progress.update)
-    if (redo_since is not None or old_decode) and not unlistable:  # an unlisted folder may still hold old masks
+    if redo_since is not None and not unlistable:  # an unlisted folder may still hold old masks
         _finish_redo(out, recipe)
+    elif old_decode and not unlistable and not counts["unchecked"]:  # every mask is now of the current decoding
+        try:
+            _finish_redo(out, recipe)
+        except OSError as error:  # a read-only folder of masks: they are used as they are
+            print(f"note: cannot record the current image decoding in {out / PARAMS_FILE} ({error}); the next run "
+                  "checks the images' headers again", file=sys.stderr)
 
     failures_file = out / FAILURES_FILE
     listed = _write_failures(failures_file, failures)

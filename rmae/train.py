@@ -252,7 +252,10 @@ def in_config_terms_error(cfg, error: BaseException) -> BaseException | None:
         return None
     key = f"dataset_config.{cfg['dataset']}_pretrain"
     message = str(error).replace("root= to change it", f"{key}.data_dir to change it")
-    message = re.sub(r"regions='(\w+)'", rf"{key}.region_source=\1", message)
+    # regions='online' (...) or 'online_crop' -> <key>.region_source=online (...) or online_crop
+    if "regions='" in message:
+        message = re.sub(r"regions='(\w+)'", rf"{key}.region_source=\1", message)
+        message = re.sub(r"'(offline|online|online_crop|none)'", r"\1", message)
     if message == str(error):
         return None
     try:
@@ -469,7 +472,9 @@ def check_same_experiment(cfg, meta: dict, path: Path, run_dir: Path) -> None:
     tr = cfg["training"]
     if tr["save_dir"] or tr["experiment_name"] or not meta.get("config"):
         return
-    then = config_identity(OmegaConf.create(meta["config"]).get("config"))
+    # recorded when the checkpoint was saved (the install then present); checkpoints before that: from the path
+    then = meta.get("config_identity") or config_identity(OmegaConf.create(meta["config"]).get("config"),
+                                                          moved_install=True)
     now = config_identity(cfg["config"])
     if then is not None and now is not None and then != now:
         raise ConfigError(f"the run folder {run_dir} holds a run of another config file: checkpoint {path} was made "
@@ -615,7 +620,7 @@ def train(cfg, require_resume: bool = False) -> dict:
         def checkpoint_now(s: int):
             nonlocal last_ckpt
             extra = {"data_position": position, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                     "skipped": skipped, "config": to_yaml(cfg)}
+                     "skipped": skipped, "config": to_yaml(cfg), "config_identity": config_identity(cfg["config"])}
             path = ckpt.save_checkpoint(run_dir, model=model, optimizer=optimizer, step=s, extra=extra,
                                         keep=tr["num_checkpoint"], is_main=dinfo.is_main)
             last_ckpt = s

@@ -601,7 +601,7 @@ def test_corrupt_image_and_mask_are_skipped_and_counted(tree, tmp_path):
     del iterator
     # warned once per run: the workers' warnings are flagged in memory shared with the main process, which
     # then stays quiet about the same image (training reads its pictures' samples there)
-    assert loader.dataset._warned[0] and loader.dataset._warned[2]
+    assert loader.dataset.warned(0) and loader.dataset.warned(2) and not loader.dataset.warned(1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert loader.dataset[(0, 5)]["index"].item() != 0
@@ -761,3 +761,30 @@ def test_shard_cache_never_keeps_a_file_cut_short(tree, monkeypatch):
     cache = ShardCache(images, [1, 3, 5], limit_bytes=1 << 30, masks=False)
     monkeypatch.undo()
     assert cache.image(3) is None and cache.image(1) is not None and cache.items == 2
+
+
+def test_a_wide_image_with_a_mask_of_the_older_decoding_is_skipped(tree, tmp_path):
+    """A 16-bit image's mask from a folder without "decode": 2 (an older rmae, or the original) was made from the
+    clipped, white pixels: the loader substitutes the sample and says to run the preprocessing again; 8-bit
+    images of the same folder load as before; once the folder records the current decoding, the image loads."""
+    from rmae.fh import felzenszwalb_multi
+    from rmae.masks import save_labels
+
+    root = _copy_tree(tree, tmp_path)
+    image_file = root / "coco" / "image" / "train2017" / "000000000001.jpg"
+    gray = np.asarray(Image.open(image_file).convert("L")).astype(np.uint16)
+    Image.fromarray(gray * 257).save(image_file, format="PNG")  # a 16-bit image under the annotation's name
+    mask_dir = root / "coco" / "image" / "fh_train2017"
+    for old in mask_dir.glob("000000000001.*"):
+        old.unlink()
+    recipe = _coco(root).fh
+    save_labels(mask_dir / "000000000001.npy.zst",
+                felzenszwalb_multi(np.asarray(decode_image(image_file)), recipe.scales, recipe.sigma, recipe.min_sizes))
+    dataset = _coco(root)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert dataset[(0, 0)]["index"].item() != 0 and dataset[(1, 0)]["index"].item() == 1
+    (message,) = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert "clipped pixels of I;16 image" in message and "000000000001.jpg" in message and "again" in message
+    (mask_dir / "fh_params.json").write_text(json.dumps({"decode": 2}))
+    assert _coco(root)[(0, 0)]["index"].item() == 0

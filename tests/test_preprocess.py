@@ -516,6 +516,31 @@ def test_masks_of_wide_images_from_an_older_decoding_are_made_again(tmp_path, ca
     assert (out / "rgb.npy.zst").stat().st_mtime_ns == rgb_mtime
     assert "regenerating" in capsys.readouterr().err
     assert json.loads((out / "fh_params.json").read_text())["decode"] == 2
-    # a folder of a newer decoding is another recipe: refused
+    # a folder of a newer decoding is another recipe: refused, saying so
     (out / "fh_params.json").write_text(json.dumps({**params, "decode": 3}))
     assert main(args) == 2
+    assert "'decode': 3" in capsys.readouterr().err
+
+
+def test_an_older_read_only_mask_folder_is_still_used(tmp_path, capsys, monkeypatch):
+    """A shared, read-only folder of the older decoding without wide images: nothing to remake, and the
+    decoding version that cannot be recorded is a note, not a failed run."""
+    import rmae.preprocess as pre
+
+    images, out = tmp_path / "in", tmp_path / "out"
+    tiny(images / "a.png", 0)
+    args = ["--images", str(images), "--out", str(out), "--workers", "1", "--scales", "10"]
+    assert main(args) == 0
+    params = json.loads((out / "fh_params.json").read_text())
+    del params["decode"]
+    (out / "fh_params.json").write_text(json.dumps(params))
+
+    def read_only(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(pre, "_write_params", read_only)
+    capsys.readouterr()
+    for extra in ([], ["--verify"]):
+        assert main(args + extra) == 0
+        err = capsys.readouterr().err
+        assert "note: cannot record the current image decoding" in err and "Permission denied" in err

@@ -584,7 +584,7 @@ def test_a_missing_dataset_is_explained_in_config_keys(tmp_path, coco_tree, caps
     assert main([*BASE, f"training.save_dir={tmp_path / 'run3'}", *coco_args(root)]) == 2
     err = capsys.readouterr().err
     assert "000000000002.npy.zst" in err and "dataset_config.coco_pretrain.region_source=online" in err, err
-    assert "regions=" not in err
+    assert "regions=" not in err and "'online_crop'" not in err
     (error,) = log_records(tmp_path / "run3", "error")
     assert "dataset_config.coco_pretrain.region_source=online" in error["message"]
 
@@ -642,6 +642,8 @@ def test_default_run_folder_of_another_config_file_is_not_continued(tmp_path, mo
     with pytest.raises(ConfigError, match=r"another config file: .*a/exp\.yaml.*b/exp\.yaml"):
         train(load_config("b/exp.yaml", tiny + ["training.max_update=3"]))
     train(load_config("a/exp.yaml", tiny + ["training.max_update=3"]))  # the same file continues
+    meta = torch.load(ckpt.latest_checkpoint(run), weights_only=True)
+    assert meta["config_identity"] == str((tmp_path / "a" / "exp.yaml").resolve())  # recorded at save time
     assert train(load_config("b/exp.yaml", tiny + ["training.max_update=4", f"training.save_dir={run}"]))["step"] == 4
 
 

@@ -20,6 +20,7 @@ number of workers and a resumed run repeats the same crops.
 from __future__ import annotations
 
 import glob
+import json
 import warnings
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from torch.utils.data import Dataset, get_worker_info
 
 from rmae.fh import felzenszwalb_batch, felzenszwalb_multi
 from rmae.image_io import IMAGE_SUFFIXES
-from rmae.masks import MaskError, find_mask, mask_path
+from rmae.masks import DECODE_VERSION, PARAMS_FILE, MaskError, find_mask, mask_path
 
 from .cache import ShardCache
 from .decode import CorruptImageError, decode_image, decode_labels
@@ -111,9 +112,10 @@ class RegionDataset(Dataset):
         self.max_retries = int(max_retries)
         self.cache = cache
         self._errors = torch.zeros(_MAX_WORKER_SLOTS, dtype=torch.int64).share_memory_()
-        # one warning per unreadable image for the whole run: the flags are shared by the loader's workers and
-        # the main process (which reads the pictures' samples)
-        self._warned = torch.zeros(len(images), dtype=torch.bool).share_memory_()
+        # one warning per unreadable image for the whole run: a bit per image (160 KB for ImageNet-1k) in memory
+        # shared by the loader's workers and the main process (which reads the pictures' samples)
+        self._decodings: dict[Path, int] = {}  # mask folder -> its DECODE_VERSION, read at its first wide image
+        self._warned = torch.zeros((len(images) + 7) // 8, dtype=torch.uint8).share_memory_()
         self._memory_labels = self._fh_of_arrays() if regions == "offline" and images.arrays is not None else None
         if regions == "offline" and images.arrays is None:
             for _, mask_dir in images.roots:
@@ -170,9 +172,15 @@ class RegionDataset(Dataset):
         info = get_worker_info()
         slot = 0 if info is None else 1 + info.id % (_MAX_WORKER_SLOTS - 1)
         self._errors[slot] += 1
-        if not self._warned[index]:
-            self._warned[index] = True
+        if not self.warned(index):
+            byte, bit = divmod(index, 8)
+            self._warned[byte] = int(self._warned[byte]) | (1 << bit)
             warnings.warn(f"skipping sample: {error}", RuntimeWarning, stacklevel=3)
+
+    def warned(self, index: int) -> bool:
+        """Whether the image ``index`` was reported unreadable in this run (by any worker)."""
+        byte, bit = divmod(index, 8)
+        return bool(int(self._warned[byte]) >> bit & 1)
 
     # ----------------------------------------------------------------------------------------------
     def _read_image(self, index: int) -> Image.Image:
@@ -215,6 +223,20 @@ class RegionDataset(Dataset):
                 )
         return labels, found
 
+    def _check_decoding(self, index: int, mask, mode: str) -> None:
+        """A 16/32-bit or float image's mask from a folder of an older decoding (rmae before DECODE_VERSION 2,
+        or the original, which clipped such images to white before FH) does not match the pixels: MaskError."""
+        mask_dir = self.images.mask_dir(index)
+        if mask_dir not in self._decodings:
+            try:
+                self._decodings[mask_dir] = int(json.loads((mask_dir / PARAMS_FILE).read_text()).get("decode", 1))
+            except (OSError, ValueError, AttributeError, TypeError):
+                self._decodings[mask_dir] = 1  # no record (the original's masks): the clipping decoding
+        if self._decodings[mask_dir] < DECODE_VERSION:
+            raise MaskError(f"mask {mask} was made from the clipped pixels of {mode} image "
+                            f"{self.images.image_file(index)} (an older rmae or the original code); run "
+                            f"{self.images.preprocess_hint} again: it remakes the masks of such images")
+
     def _missing_mask_message(self, index: int) -> str:
         image_file = self.images.image_file(index)
         expected = mask_path(self.images.mask_dir(index), self.images.relative(index))
@@ -250,6 +272,8 @@ class RegionDataset(Dataset):
         labels, label_source = None, None
         if self.regions == "offline":
             labels, label_source = self._read_labels(index, image.size)
+            if "rmae_wide" in image.info and label_source is not None:
+                self._check_decoding(index, label_source, image.info["rmae_wide"])
         elif self.regions == "online":
             labels = felzenszwalb_multi(np.asarray(image), self.fh.scales, self.fh.sigma, self.fh.min_sizes)
 

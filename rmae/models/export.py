@@ -98,3 +98,9 @@ def load_checkpoint(model: nn.Module, source, strict: bool = True, weights_only:
     state = {clean_key(k): v for k, v in source.items()}
     return model.load_state_dict(state, strict=strict)
 
+
+
+if __name__ == "__main__":  # the command's first name (2026-11-29): python -m rmae.export
+    from rmae.export import main
+
+    raise SystemExit(main())
