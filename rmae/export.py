@@ -28,6 +28,16 @@ def read_state(path: str, trust: bool) -> dict:
         return torch.load(path, map_location="cpu", weights_only=not trust)
 
 
+def _looks_like_torch_file(path: str) -> bool:
+    """A zip archive (torch.save since 1.6) or a pickle (before): its first bytes."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return True
+    return head == b"PK" or head[:1] == b"\x80"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rmae.export",
                                      description="Export the encoder of a checkpoint with timm's ViT keys.")
@@ -37,13 +47,21 @@ def main(argv=None) -> int:
                         help="unpickle any object (official files that store their args); only for files you trust")
     args = parser.parse_args(argv)
     tmp = f"{args.out}.tmp{os.getpid()}{os.path.splitext(args.out)[1]}"  # the same suffix: the same format
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder):
+        print(f"error: the folder of {args.out} ({folder}) does not exist", file=sys.stderr)
+        return 2
     try:
         state = export_encoder(read_state(args.checkpoint, args.trust))
         save_encoder(state, tmp)
         os.replace(tmp, args.out)
     except pickle.UnpicklingError as e:
-        print(f"error: {args.checkpoint} holds objects other than tensors ({str(e).splitlines()[0]}); add --trust "
-              "if you trust the file", file=sys.stderr)
+        if args.trust or not _looks_like_torch_file(args.checkpoint):  # an image, a text file, ...
+            print(f"error: {args.checkpoint} is not a torch checkpoint ({str(e).splitlines()[-1].strip()})",
+                  file=sys.stderr)
+        else:
+            print(f"error: {args.checkpoint} holds objects other than tensors ({str(e).splitlines()[0]}); add "
+                  "--trust if you trust the file", file=sys.stderr)
         return 2
     except Exception as e:  # unreadable input, no encoder in it, an output that cannot be written
         print(f"error: cannot export the encoder of {args.checkpoint} to {args.out}: {e}", file=sys.stderr)

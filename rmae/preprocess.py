@@ -323,9 +323,9 @@ def preprocess(
                 problem = _check_mask(mask_file, image_file, recipe) if check in ("mask", "both") else None
                 if problem is None and check in ("decode", "both") and _decoded_differently(image_file):
                     problem = "made by an older rmae from this 16/32-bit or float image's clipped pixels"
-                with lock:
-                    counts["skipped" if problem is None else "regenerated"] += 1
                 if problem is None:
+                    with lock:
+                        counts["skipped"] += 1
                     return
                 tqdm.write(_shown(f"bad mask, regenerating: {mask_file}: {problem}"), file=sys.stderr)
                 mask_file.unlink(missing_ok=True)
@@ -344,7 +344,7 @@ def preprocess(
             tqdm.write(_shown(f"skipped {path}: {reason}"), file=sys.stderr)
             return
         with lock:
-            counts["written"] += 1
+            counts["written" if check is None else "regenerated"] += 1  # (the categories add up to the images)
 
     with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(
         total=len(jobs), unit="img", desc=_shown(f"FH {out.name}"), dynamic_ncols=True, mininterval=1.0

@@ -473,14 +473,36 @@ def check_same_experiment(cfg, meta: dict, path: Path, run_dir: Path) -> None:
     if tr["save_dir"] or tr["experiment_name"] or not meta.get("config"):
         return
     # recorded when the checkpoint was saved (the install then present); checkpoints before that: from the path
-    then = meta.get("config_identity") or config_identity(OmegaConf.create(meta["config"]).get("config"),
-                                                          moved_install=True)
+    saved = OmegaConf.to_container(OmegaConf.create(meta["config"]), resolve=False)
+    then = meta.get("config_identity") or config_identity(saved.get("config"), moved_install=True)
     now = config_identity(cfg["config"])
     if then is not None and now is not None and then != now:
         raise ConfigError(f"the run folder {run_dir} holds a run of another config file: checkpoint {path} was made "
                           f"with {then}, this run uses {now}.\nGive this run its own folder (training.save_dir or "
                           f"training.experiment_name), or set training.save_dir={run_dir} to continue that run "
                           "with this config")
+    data_then, data_now = data_settings(saved), data_settings(OmegaConf.to_container(cfg, resolve=True))
+    if None not in (data_then, data_now) and data_then != data_now:
+        changed = "\n  ".join(f"{k}: {data_then.get(k)!r} in the checkpoint, {data_now.get(k)!r} now"
+                              for k in sorted(set(data_then) | set(data_now)) if data_then.get(k) != data_now.get(k))
+        raise ConfigError(f"the run folder {run_dir} holds a run on other data: checkpoint {path} was made with\n  "
+                          f"{changed}\nGive this run its own folder (training.save_dir or training.experiment_name), "
+                          f"or set training.save_dir={run_dir} to continue that run on this data")
+
+
+def data_settings(c: dict) -> dict | None:
+    """What chooses the training images (a plain config tree): the dataset, its root, split and folders (None:
+    not in this config)."""
+    try:
+        ds = c["dataset_config"][f"{c['dataset']}_pretrain"]
+        train_files = ds["imdb_files"]["train"]
+        out = {"dataset": c["dataset"], f"dataset_config.{c['dataset']}_pretrain.data_dir": ds.get("data_dir"),
+               f"dataset_config.{c['dataset']}_pretrain.split": ds.get("split")}
+        for k in ("image_folder", "mask_folder", "anno_file"):
+            out[f"dataset_config.{c['dataset']}_pretrain.imdb_files.train.{k}"] = (train_files or {}).get(k)
+        return out
+    except (KeyError, TypeError, AttributeError):
+        return None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -841,6 +863,13 @@ def _spawned(local_rank: int, world_size: int, port: int, cfg_yaml: str, require
         sys.exit(2)
 
 
+def unused_model_sections(overrides, model: str) -> list[str]:
+    """``model_config.<other>`` sections set on the command line while ``model`` reads only its own."""
+    found = {m.group(0) for o in overrides if (m := re.match(r"model_config\.(\w+)", o.lstrip("+")))
+             and m.group(1) != model}
+    return sorted(found)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -848,6 +877,9 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    for section in unused_model_sections(args.overrides, cfg["model"]):
+        print(f"warning: the overrides of {section}.* have no effect: model {cfg['model']} reads "
+              f"model_config.{cfg['model']}", file=sys.stderr)
     if args.resume:
         cfg.training.resume = True
     if args.print_config:

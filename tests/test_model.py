@@ -640,13 +640,19 @@ def test_export_command_writes_the_encoder_of_a_checkpoint(tmp_path, capsys):
     assert "encoder keys" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
     assert main([str(tmp_path / "none.pt"), str(tmp_path / "x.safetensors")]) == 2
     assert "No such file" in capsys.readouterr().err
-    # an output folder that does not exist, an object that is no state: errors, no traceback
+    # an output folder that does not exist, an object that is no state, a file that is no checkpoint: errors
     assert main([str(tmp_path / "ckpt.pt"), str(tmp_path / "no" / "x.safetensors")]) == 2
     assert main([str(tmp_path / "ckpt.pt"), str(tmp_path / "no" / "x.pth")]) == 2
+    assert capsys.readouterr().err.count("/no) does not exist") == 2
     torch.save([torch.zeros(2)], tmp_path / "list.pt")
     assert main([str(tmp_path / "list.pt"), str(tmp_path / "x.safetensors")]) == 2
     err = capsys.readouterr().err
-    assert err.count("error: cannot export") == 3 and "not a model state" in err and "Traceback" not in err
+    assert "error: cannot export" in err and "not a model state" in err and "Traceback" not in err
+    (tmp_path / "photo.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a checkpoint")
+    for extra in ([], ["--trust"]):
+        assert main([str(tmp_path / "photo.jpg"), str(tmp_path / "x.safetensors"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "is not a torch checkpoint" in err and "--trust" not in err, err
     # the file format before torch 1.6 (no zip archive) cannot be memory-mapped: read without
     torch.save({"model": src.state_dict()}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
     assert main([str(tmp_path / "legacy.pth"), str(tmp_path / "l.safetensors")]) == 0

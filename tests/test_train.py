@@ -647,6 +647,21 @@ def test_default_run_folder_of_another_config_file_is_not_continued(tmp_path, mo
     assert train(load_config("b/exp.yaml", tiny + ["training.max_update=4", f"training.save_dir={run}"]))["step"] == 4
 
 
+def test_default_run_folder_of_other_data_is_not_continued(tmp_path, monkeypatch, coco_tree):
+    """runs/<model>_<dataset>_<stem> does not name the image folders: a run of the same config on another folder
+    refuses the checkpoint there (it continued it silently) unless the folder is named explicitly."""
+    monkeypatch.chdir(tmp_path)
+    tiny = BASE + ["training.experiment_name=null", *coco_args(coco_tree)[2:]]
+    train(load_config(None, tiny + ["training.max_update=2"], dataset="coco"))
+    other = tiny + ["dataset_config.coco_pretrain.imdb_files.train.anno_file=null"]
+    with pytest.raises(ConfigError, match=r"run on other data.*\n.*anno_file: \['annotations/instances_train2017"
+                                          r"\.json'\] in the checkpoint, None now"):
+        train(load_config(None, other + ["training.max_update=3"], dataset="coco"))
+    assert train(load_config(None, tiny + ["training.max_update=3"], dataset="coco"))["step"] == 3  # same data
+    assert train(load_config(None, other + ["training.max_update=4", "training.experiment_name=other"],
+                             dataset="coco"))["step"] == 4
+
+
 def test_resume_file_that_is_a_folder_is_named_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="is not a file"):
         train(cfg_for(tmp_path / "run", f"training.resume_file={tmp_path}"))
@@ -903,3 +918,15 @@ def test_sharded_bf16_model_keeps_the_masking_noise_in_fp32(tmp_path):
         "sys.exit(0 if ok else 3)\n")
     r = subprocess.run([sys.executable, str(script)], env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+def test_overrides_of_another_models_section_are_warned_about(capsys):
+    """--model mae reads model_config.mae: model_config.rmae.* set on the command line does nothing (the run was
+    a ViT-B at 224 px instead of the tiny model asked for, without a word)."""
+    from rmae.train import main
+
+    assert main(["--model", "mae", "model_config.rmae.mae_vit.params.img_size=32", "--print-config"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the overrides of model_config.rmae.* have no effect: model mae reads model_config.mae" in err
+    assert main(["--model", "rmae", "model_config.rmae.mae_vit.params.img_size=32", "--print-config"]) == 0
+    assert "warning" not in capsys.readouterr().err

@@ -175,7 +175,8 @@ class RegionDataset(Dataset):
         if not self.warned(index):
             byte, bit = divmod(index, 8)
             self._warned[byte] = int(self._warned[byte]) | (1 << bit)
-            warnings.warn(f"skipping sample: {error}", RuntimeWarning, stacklevel=3)
+            # (an explicit location: the caller is the DataLoader's fetch code, of no use to the reader)
+            warnings.warn_explicit(f"skipping sample: {error}", RuntimeWarning, "rmae.data", 0)
 
     def warned(self, index: int) -> bool:
         """Whether the image ``index`` was reported unreadable in this run (by any worker)."""

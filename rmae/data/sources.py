@@ -249,6 +249,8 @@ def _folder_names(folder: Folder, root: Path, tree: str, hint: str) -> list[str]
     if not folder.images.is_dir():
         where = (f"neither {folder.searched[0]} nor {folder.searched[1]} exists." if len(folder.searched) > 1
                  else f"image folder {folder.images} not found.")
+        where += (" (a relative image folder is taken under the dataset's folder below the root; give an absolute "
+                  "path for a folder elsewhere)")
         raise DatasetNotFoundError(_tree_message(root, f"{folder.label}: {where}", tree, hint))
     if folder.annotations is not None and folder.annotations.is_file():
         names = read_coco_file_names(folder.annotations)
