@@ -490,6 +490,28 @@ def check_same_experiment(cfg, meta: dict, path: Path, run_dir: Path) -> None:
                           f"or set training.save_dir={run_dir} to continue that run on this data")
 
 
+RUN_SETTINGS = ("training.max_update", "training.batch_size", "training.iter_per_update", "training.use_fp16",
+                "scheduler.params.T_max", "scheduler.params.warmup_iterations", "scheduler.params.eta_min",
+                "scheduler.params.use_warmup", "scheduler.params.warmup_factor")
+
+
+def run_settings_changed(meta: dict, cfg) -> list[str]:
+    """The length, batch, precision and schedule settings that differ from the checkpoint's saved config
+    (allowed, e.g. a run extended with training.max_update, but said: the lr schedule or the data per update
+    changes from there on)."""
+    from omegaconf import OmegaConf
+
+    if not meta.get("config"):
+        return []
+    saved = OmegaConf.create(meta["config"])
+    out = []
+    for key in RUN_SETTINGS:
+        then, now = OmegaConf.select(saved, key), OmegaConf.select(cfg, key)
+        if then is not None and then != now:
+            out.append(f"{key}: {then} in the checkpoint, {now} now")
+    return out
+
+
 def data_settings(c: dict) -> dict | None:
     """What chooses the training images (a plain config tree): the dataset, its root, split and folders (None:
     not in this config)."""
@@ -582,6 +604,11 @@ def train(cfg, require_resume: bool = False) -> dict:
                 logger.warning("optimizer settings differ from the checkpoint's; training on with the configured "
                                "ones:\n  %s", "\n  ".join(changed))
                 log.log({"event": "optimizer_settings_changed", "changed": changed}, console=False)  # (the warning)
+            run_changes = run_settings_changed(meta, cfg)
+            if run_changes and dinfo.is_main:
+                logger.warning("run settings differ from the checkpoint's; training on with the configured ones:\n  %s",
+                               "\n  ".join(run_changes))
+                log.log({"event": "run_settings_changed", "changed": run_changes}, console=False)  # (the warning)
             if meta.get("scaler"):
                 scaler.load_state_dict(meta["scaler"])
             ckpt.restore_rng(meta, rank, world, tr["seed"])

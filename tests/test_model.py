@@ -648,6 +648,11 @@ def test_export_command_writes_the_encoder_of_a_checkpoint(tmp_path, capsys):
     assert main([str(tmp_path / "list.pt"), str(tmp_path / "x.safetensors")]) == 2
     err = capsys.readouterr().err
     assert "error: cannot export" in err and "not a model state" in err and "Traceback" not in err
+    whole = (tmp_path / "ckpt.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(whole[: len(whole) // 2])  # a write that was killed
+    assert main([str(tmp_path / "cut.pt"), str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert ("corrupted" in err or "cannot be read" in err) and "Traceback" not in err, err
     (tmp_path / "photo.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a checkpoint")
     for extra in ([], ["--trust"]):
         assert main([str(tmp_path / "photo.jpg"), str(tmp_path / "x.safetensors"), *extra]) == 2

@@ -930,3 +930,15 @@ def test_overrides_of_another_models_section_are_warned_about(capsys):
     assert "warning: the overrides of model_config.rmae.* have no effect: model mae reads model_config.mae" in err
     assert main(["--model", "rmae", "model_config.rmae.mae_vit.params.img_size=32", "--print-config"]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_resume_with_another_run_length_or_batch_says_so(tmp_path):
+    """Extending a run (training.max_update) or changing its batch is allowed on resume, but the lr schedule and
+    the data per update change from there: a warning and a log event name each setting (only the lr was)."""
+    run = tmp_path / "run"
+    train(cfg_for(run, "training.max_update=2"))
+    train(cfg_for(run, "training.max_update=3", "training.batch_size=4"))
+    (event,) = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()
+                if '"run_settings_changed"' in line]
+    assert event["changed"] == ["training.max_update: 2 in the checkpoint, 3 now",
+                                "training.batch_size: 8 in the checkpoint, 4 now"]  # (T_max is set apart: 40)
