@@ -49,8 +49,8 @@ def open_rgb(source: str | os.PathLike | bytes | memoryview, name: str | os.Path
         if image.mode == "RGB":
             return image
         rgb = to_8bit(image).convert("RGB")
-        if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-            rgb.info["rmae_wide"] = image.mode  # decoded otherwise before DECODE_VERSION 2 (rmae.preprocess)
+        if is_wide(image.mode):
+            rgb.info["rmae_wide"] = image.mode  # decoded otherwise before DECODE_VERSION 2 (rmae.masks)
         return rgb
     except ImageDecodeError:
         raise
@@ -62,9 +62,14 @@ def open_rgb(source: str | os.PathLike | bytes | memoryview, name: str | os.Path
         raise ImageDecodeError(label, f"cannot decode ({error})") from None
 
 
+def is_wide(mode: str) -> bool:
+    """Whether a Pillow mode holds more than 8 bits per sample (I;16*, I, F): scaled by ``to_8bit``."""
+    return mode in ("I", "F") or mode.startswith("I;16")
+
+
 def to_8bit(image: Image.Image) -> Image.Image:
     """A 16/32-bit integer or float grayscale image as 8-bit ``L`` (see the module notes); other modes as they are."""
-    if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
+    if not is_wide(image.mode):
         return image
     values = np.asarray(image)
     if _bits(image) == 16:

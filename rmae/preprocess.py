@@ -30,7 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from rmae import fh, listing, usable_cores
-from rmae.image_io import IMAGE_SUFFIXES, ImageDecodeError, load_rgb
+from rmae.image_io import IMAGE_SUFFIXES, ImageDecodeError, is_wide, load_rgb
 from rmae.masks import DECODE_VERSION, MASK_SUFFIX, PARAMS_FILE, MaskError, load_labels, mask_path, save_labels
 from rmae.recipes import COCO_FH, IMAGENET_FH, FHRecipe, dataset_root
 
@@ -197,7 +197,7 @@ def _decoded_differently(image_file: Path) -> bool:
     """Whether an older rmae decoded this image to other pixels (16-bit, 32-bit or float: it clipped them)."""
     try:
         with Image.open(image_file) as image:
-            return image.mode in ("I", "F") or image.mode.startswith("I;16")
+            return is_wide(image.mode)
     except OSError as error:
         if error.errno is not None:  # the file system's error (permissions, too many files, ...): not checked
             raise
@@ -295,33 +295,32 @@ def preprocess(
     for path, reason in failures:  # on the console like the images that fail to decode
         print(_shown(f"skipped {path}: {reason}"), file=sys.stderr)
     excluded = {relative for relative, _ in not_segmented}
-    # (image, mask, what is checked of an existing mask first: None (nothing, it is made), "mask" (--verify),
-    # "decode" (made by an older decoding), "both")
+    # (image, mask, whether the mask exists and is checked first: by --verify, and in a folder of an older
+    # decoding for the image's depth)
     jobs, skipped = [], 0
-    existing_check = "both" if verify and old_decode else "mask" if verify else "decode" if old_decode else None
     for relative in relative_paths:
         mask_file = mask_path(out, relative)
         if relative in excluded:
             continue
         if not overwrite and _mask_done(mask_file, redo_since):
-            if existing_check is not None:
-                jobs.append((images / relative, mask_file, existing_check))
+            if verify or old_decode:
+                jobs.append((images / relative, mask_file, True))
             else:
                 skipped += 1
             continue
-        jobs.append((images / relative, mask_file, None))
-    if any(check is None for _, _, check in jobs) and not os.access(out, os.W_OK):
+        jobs.append((images / relative, mask_file, False))
+    if any(not existing for _, _, existing in jobs) and not os.access(out, os.W_OK):
         raise PermissionError(f"cannot write masks into {out}: the folder is not writable")
 
     lock = threading.Lock()
     counts = {"written": 0, "skipped": skipped, "regenerated": 0, "unchecked": 0}
 
-    def work(job: tuple[Path, Path, str | None]) -> None:
-        image_file, mask_file, check = job
+    def work(job: tuple[Path, Path, bool]) -> None:
+        image_file, mask_file, existing = job
         try:
-            if check is not None:
-                problem = _check_mask(mask_file, image_file, recipe) if check in ("mask", "both") else None
-                if problem is None and check in ("decode", "both") and _decoded_differently(image_file):
+            if existing:
+                problem = _check_mask(mask_file, image_file, recipe) if verify else None
+                if problem is None and old_decode and _decoded_differently(image_file):
                     problem = "made by an older rmae from this 16/32-bit or float image's clipped pixels"
                 if problem is None:
                     with lock:
@@ -331,7 +330,7 @@ def preprocess(
                 mask_file.unlink(missing_ok=True)
             _segment_one(image_file, mask_file, recipe)
         except Exception as error:  # one image fails (bad file, name too long, MemoryError, ...), not the run
-            if check is not None:
+            if existing:
                 with lock:
                     counts["unchecked"] += 1  # its existing mask may still be of the older decoding
             if isinstance(error, ImageDecodeError):
@@ -344,7 +343,7 @@ def preprocess(
             tqdm.write(_shown(f"skipped {path}: {reason}"), file=sys.stderr)
             return
         with lock:
-            counts["written" if check is None else "regenerated"] += 1  # (the categories add up to the images)
+            counts["regenerated" if existing else "written"] += 1  # (the categories add up to the images)
 
     with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(
         total=len(jobs), unit="img", desc=_shown(f"FH {out.name}"), dynamic_ncols=True, mininterval=1.0
