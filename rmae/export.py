@@ -63,15 +63,12 @@ def main(argv=None) -> int:
             print(f"error: {args.checkpoint} holds objects other than tensors ({str(e).splitlines()[0]}); add "
                   "--trust if you trust the file", file=sys.stderr)
         return 2
-    except OSError as e:
-        if e.errno == 22 and os.path.isfile(args.checkpoint):  # what torch.load's reader says of a cut-off archive
+    except Exception as e:  # unreadable input, no encoder in it, an output that cannot be written
+        if isinstance(e, OSError) and e.errno == 22 and os.path.isfile(args.checkpoint):  # a cut-off archive
             print(f"error: {args.checkpoint} cannot be read as a torch checkpoint (truncated or damaged: {e})",
                   file=sys.stderr)
         else:
             print(f"error: cannot export the encoder of {args.checkpoint} to {args.out}: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # unreadable input, no encoder in it, an output that cannot be written
-        print(f"error: cannot export the encoder of {args.checkpoint} to {args.out}: {e}", file=sys.stderr)
         return 2
     finally:
         if os.path.exists(tmp):

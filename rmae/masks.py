@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
-__all__ = ["MASK_SUFFIX", "PARAMS_FILE", "DECODE_VERSION", "ORIGINAL_SUFFIX", "save_labels", "load_labels", "mask_path", "find_mask", "MaskError"]
+__all__ = ["MASK_SUFFIX", "PARAMS_FILE", "DECODE_VERSION", "ORIGINAL_SUFFIX", "save_labels", "load_labels", "mask_path",
+           "find_mask", "MaskError"]
 
 MASK_SUFFIX = ".npy.zst"
 PARAMS_FILE = "fh_params.json"  # a mask folder's recipe, written by rmae.preprocess

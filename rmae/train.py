@@ -600,15 +600,13 @@ def train(cfg, require_resume: bool = False) -> dict:
             skipped = int(meta.get("skipped", 0))  # checkpoints before it was stored: 0
             changed = apply_optimizer_settings(cfg, optimizer, scheduler.base_lrs)
             scheduler.load_state_dict(meta["scheduler"])
-            if changed and dinfo.is_main:
-                logger.warning("optimizer settings differ from the checkpoint's; training on with the configured "
-                               "ones:\n  %s", "\n  ".join(changed))
-                log.log({"event": "optimizer_settings_changed", "changed": changed}, console=False)  # (the warning)
             run_changes = run_settings_changed(meta, cfg)
+            if changed and dinfo.is_main:
+                warn_and_record(log, "optimizer_settings_changed", "optimizer settings differ from the checkpoint's; "
+                                "training on with the configured ones:\n  " + "\n  ".join(changed), changed=changed)
             if run_changes and dinfo.is_main:
-                logger.warning("run settings differ from the checkpoint's; training on with the configured ones:\n  %s",
-                               "\n  ".join(run_changes))
-                log.log({"event": "run_settings_changed", "changed": run_changes}, console=False)  # (the warning)
+                warn_and_record(log, "run_settings_changed", "run settings differ from the checkpoint's; training "
+                                "on with the configured ones:\n  " + "\n  ".join(run_changes), changed=run_changes)
             if meta.get("scaler"):
                 scaler.load_state_dict(meta["scaler"])
             ckpt.restore_rng(meta, rank, world, tr["seed"])
@@ -622,8 +620,7 @@ def train(cfg, require_resume: bool = False) -> dict:
             for k in legacy_keys_set(cfg):
                 logger.warning("config key %s is accepted for compatibility with the original but has no effect", k)
             for message in schedule_warnings(cfg):
-                logger.warning("%s", message)
-                log.log({"event": "config_warning", "message": message}, console=False)  # (the warning above)
+                warn_and_record(log, "config_warning", message, message=message)
         if use_compile:
             model.compile()  # in place: state_dict keys stay clean (no _orig_mod.)
 
@@ -805,6 +802,12 @@ def train(cfg, require_resume: bool = False) -> dict:
                "interrupted": interrupted is not None}
     rdist.cleanup()
     return summary
+
+
+def warn_and_record(log: RunLogger, event: str, warning: str, **fields) -> None:
+    """A warning on the console and the event in ``log.jsonl`` (not printed a second time)."""
+    logger.warning("%s", warning)
+    log.log({"event": event, **fields}, console=False)
 
 
 def console_above(bar):

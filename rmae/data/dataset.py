@@ -112,9 +112,9 @@ class RegionDataset(Dataset):
         self.max_retries = int(max_retries)
         self.cache = cache
         self._errors = torch.zeros(_MAX_WORKER_SLOTS, dtype=torch.int64).share_memory_()
+        self._decodings: dict[Path, int] = {}  # mask folder -> its DECODE_VERSION, read at its first wide image
         # one warning per unreadable image for the whole run: a bit per image (160 KB for ImageNet-1k) in memory
         # shared by the loader's workers and the main process (which reads the pictures' samples)
-        self._decodings: dict[Path, int] = {}  # mask folder -> its DECODE_VERSION, read at its first wide image
         self._warned = torch.zeros((len(images) + 7) // 8, dtype=torch.uint8).share_memory_()
         self._memory_labels = self._fh_of_arrays() if regions == "offline" and images.arrays is not None else None
         if regions == "offline" and images.arrays is None:

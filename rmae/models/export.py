@@ -99,7 +99,6 @@ def load_checkpoint(model: nn.Module, source, strict: bool = True, weights_only:
     return model.load_state_dict(state, strict=strict)
 
 
-
 if __name__ == "__main__":  # the command's first name (2026-11-29): python -m rmae.export
     from rmae.export import main
 
