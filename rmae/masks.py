@@ -7,6 +7,7 @@ The original R-MAE code stores ``<stem>.npy`` uint8 [S, H, W] (labels >= 256 wra
 from __future__ import annotations
 
 import io
+import json
 import os
 import secrets
 import threading
@@ -15,8 +16,10 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
+from rmae.recipes import FHRecipe
+
 __all__ = ["MASK_SUFFIX", "PARAMS_FILE", "DECODE_VERSION", "ORIGINAL_SUFFIX", "save_labels", "load_labels", "mask_path",
-           "find_mask", "MaskError"]
+           "find_mask", "recorded_recipe", "MaskError"]
 
 MASK_SUFFIX = ".npy.zst"
 PARAMS_FILE = "fh_params.json"  # a mask folder's recipe, written by rmae.preprocess
@@ -30,6 +33,17 @@ _ZSTD_LEVEL = 3
 
 class MaskError(ValueError):
     """A mask file that cannot be read or does not hold label maps."""
+
+
+def recorded_recipe(mask_dir: str | os.PathLike) -> FHRecipe | None:
+    """The ``FHRecipe`` a mask folder's ``PARAMS_FILE`` records; None without a readable record (the original's
+    masks, a folder not made by rmae.preprocess)."""
+    try:
+        params = json.loads((Path(mask_dir) / PARAMS_FILE).read_text())
+        return FHRecipe(tuple(float(s) for s in params["scales"]), tuple(int(m) for m in params["min_sizes"]),
+                        float(params["sigma"]))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return None
 
 
 def mask_path(mask_dir: str | os.PathLike, relative_image_path: str | os.PathLike) -> Path:

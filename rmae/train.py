@@ -21,6 +21,7 @@ import resource
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -252,6 +253,7 @@ def in_config_terms_error(cfg, error: BaseException) -> BaseException | None:
         return None
     key = f"dataset_config.{cfg['dataset']}_pretrain"
     message = str(error).replace("root= to change it", f"{key}.data_dir to change it")
+    message = message.replace("with mask_folder=", f"with {key}.imdb_files.train.mask_folder=")
     # regions='online' (...) or 'online_crop' -> <key>.region_source=online (...) or online_crop
     if "regions='" in message:
         message = re.sub(r"regions='(\w+)'", rf"{key}.region_source=\1", message)
@@ -638,7 +640,11 @@ def train(cfg, require_resume: bool = False) -> dict:
                       message=f"{key} is none but model {cfg['model']} has {num_region} regions: reading the FH "
                               f"masks (offline), as the R-MAE recipes do; set {key} to choose")
         # per-rank samples consumed so far: the global position split over ranks
-        loader = data_loader(cfg, dinfo, b, position // world, raw)
+        with warnings.catch_warnings(record=True) as data_warnings:  # a mask folder of other FH parameters, ...
+            warnings.simplefilter("always")
+            loader = data_loader(cfg, dinfo, b, position // world, raw)
+        for warning in data_warnings if dinfo.is_main else ():
+            warn_and_record(log, "data_warning", str(warning.message), message=str(warning.message))
         cache = getattr(loader.dataset, "cache", None)
         if cache is not None:  # sampler=shard: this rank's encoded images (and masks) in memory
             log.event("shard_cache", rank=rank, items=cache.items, of=cache.total_items,

@@ -657,6 +657,44 @@ def test_mask_with_another_scale_count_names_the_file(tree, tmp_path):
         _coco(root)[(0, 0)]
 
 
+def test_a_mask_folder_of_another_recipe_is_refused_before_training_with_the_commands_that_fix_it(tree, tmp_path):
+    """Masks made with the generic mode's default (COCO's three scales) for ImageNet, which trains on one: refused
+    when the loader is built (not at the first batch), naming both recipes; the printed command and config key
+    make a loader that works."""
+    import shlex
+
+    from rmae import preprocess
+    from rmae.recipes import COCO_FH
+
+    root = _copy_tree(tree, tmp_path)
+    images, masks = root / "imagenet" / "train", root / "imagenet" / "fh_train"
+    shutil.rmtree(masks)
+    preprocess.preprocess(images, masks, COCO_FH, workers=1)
+    with pytest.raises(FileNotFoundError) as refused:
+        _trainer_loader(root, "image_folder=[train]", config="RMAE/ImageNet/rmae_fh_800eps.yaml",
+                        section="imnet_pretrain")
+    message = str(refused.value)
+    assert (f"mask folder {masks} holds masks of the FH recipe scales 500,1000,1500, min sizes 500,1000,1500, "
+            "sigma 0.8 (fh_params.json), but this dataset is trained with scales 1000, min sizes 1000") in message
+    assert "regions=" not in message and "region_source=online" in message
+    command = next(line.strip() for line in message.splitlines() if "--images" in line)
+    key = "dataset_config.imnet_pretrain.imdb_files.train.mask_folder="
+    setting = message.split(key, 1)[1].split(";", 1)[0]
+    argv = shlex.split(command)[3:]
+    assert argv[argv.index("--scales") + 1] == "1000" and argv[argv.index("--min-sizes") + 1] == "1000"
+    assert preprocess.main(argv) == 0
+    loader = _trainer_loader(root, "image_folder=[train]", f"mask_folder={setting}",
+                             config="RMAE/ImageNet/rmae_fh_800eps.yaml", section="imnet_pretrain")
+    assert next(iter(loader))["region_labels"].shape[1] == 1
+    # The same number of scales with other FH parameters (masks made so on purpose): used, with a warning.
+    shutil.rmtree(masks)
+    preprocess.preprocess(images, masks, FHRecipe((300.0,), (300,)), workers=1)
+    with pytest.warns(UserWarning, match=r"records the FH recipe scales 300, min sizes 300, sigma 0\.8 .*"
+                                         r"used as they are"):
+        dataset = build_dataset(DataConfig(dataset="imnet", root=str(root), img_size=SMALL))
+    assert dataset[(0, 0)]["region_labels"].shape[0] == 1
+
+
 # ------------------------------------------------------------------------------------------------
 # samplers and loaders
 # ------------------------------------------------------------------------------------------------

@@ -524,6 +524,21 @@ def test_shard_cache_size_is_reported(tmp_path, coco_tree):
     assert ev["rank"] == 0 and ev["items"] == ev["of"] == 6 and 0 < ev["mib"] < ev["limit_mib"] == 8192
 
 
+def test_a_mask_folder_of_other_fh_parameters_is_a_recorded_warning(tmp_path, coco_tree):
+    """Masks made on purpose with other FH scales (the same count): the run trains on them and says so once,
+    on the console and as event=data_warning."""
+    root = tmp_path / "data"
+    shutil.copytree(coco_tree, root)
+    (root / "coco" / "image" / "fh_train2017" / "fh_params.json").write_text(
+        json.dumps({"scales": [400, 1000, 1500], "min_sizes": [500, 1000, 1500], "sigma": 0.8}))
+    run = tmp_path / "run"
+    train(load_config(None, BASE + [f"training.save_dir={run}", "training.max_update=1",
+                                    f"dataset_config.coco_pretrain.data_dir={root}"], dataset="coco"))
+    (ev,) = log_records(run, "data_warning")
+    assert "records the FH recipe scales 400,1000,1500, min sizes 500,1000,1500" in ev["message"], ev
+    assert math.isfinite(log_records(run)[-1]["region_loss"])
+
+
 def test_log_lines_are_not_glued_to_the_progress_bar(tmp_path, coco_tree):
     """With the bar on, console lines go through tqdm.write: each starts a line of its own."""
     run = tmp_path / "bar"

@@ -7,7 +7,7 @@
                                 # region_scale / region_id [B,k] i64 (-1 = empty), index [B] i64
 """
 from .cache import ShardCache
-from .dataset import REGION_SOURCES, MissingImageError, MissingMaskError, RegionDataset
+from .dataset import REGION_SOURCES, MaskRecipeError, MissingImageError, MissingMaskError, RegionDataset
 from .decode import CorruptImageError, decode_image, decode_labels
 from .loader import DataConfig, build_dataset, build_loader
 from .regions import (
@@ -43,7 +43,8 @@ from .transforms import (
 )
 
 __all__ = [
-    "build_loader", "build_dataset", "DataConfig", "RegionDataset", "REGION_SOURCES", "MissingImageError", "MissingMaskError",
+    "build_loader", "build_dataset", "DataConfig", "RegionDataset", "REGION_SOURCES", "MissingImageError",
+    "MissingMaskError", "MaskRecipeError",
     "ShardCache", "InfiniteSampler", "ShardSampler", "SequentialShardSampler", "shard_indices",
     "CorruptImageError", "decode_image", "decode_labels", "region_maps", "reference_regions",
     "region_patch_counts", "regions_in_patches", "relabel_crop", "sample_regions",

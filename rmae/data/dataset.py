@@ -31,16 +31,16 @@ from torch.utils.data import Dataset, get_worker_info
 
 from rmae.fh import felzenszwalb_batch, felzenszwalb_multi
 from rmae.image_io import IMAGE_SUFFIXES
-from rmae.masks import DECODE_VERSION, PARAMS_FILE, MaskError, find_mask, mask_path
+from rmae.masks import DECODE_VERSION, PARAMS_FILE, MaskError, find_mask, mask_path, recorded_recipe
 
 from .cache import ShardCache
 from .decode import CorruptImageError, decode_image, decode_labels
 from .regions import region_patch_counts, regions_in_patches, relabel_crop, sample_regions
 from .samplers import DRAW_STREAM, INDEX_STREAM
-from .sources import FHRecipe, ImageList, missing_masks_message
+from .sources import FHRecipe, ImageList, folder_command, missing_masks_message
 from .transforms import crop_resize, nearest_indices, random_resized_crop_params, to_normalized_chw
 
-__all__ = ["REGION_SOURCES", "RegionDataset", "MissingImageError", "MissingMaskError"]
+__all__ = ["REGION_SOURCES", "RegionDataset", "MissingImageError", "MissingMaskError", "MaskRecipeError"]
 
 REGION_SOURCES = ("offline", "online", "online_crop", "none")
 _MAX_WORKER_SLOTS = 256
@@ -48,6 +48,11 @@ _MAX_WORKER_SLOTS = 256
 
 class MissingMaskError(FileNotFoundError):
     """An image without its FH mask file while regions='offline'."""
+
+
+class MaskRecipeError(MissingMaskError):
+    """A mask folder that records (``PARAMS_FILE``) another number of FH scales than the dataset's recipe: the
+    masks this dataset needs are not there."""
 
 
 class MissingImageError(FileNotFoundError):
@@ -121,6 +126,40 @@ class RegionDataset(Dataset):
             for _, mask_dir in images.roots:
                 if not mask_dir.is_dir():
                     raise MissingMaskError(missing_masks_message(images, mask_dir))
+            self._check_recipes()
+
+    def _check_recipes(self) -> None:
+        """The recipe each mask folder records against this dataset's: another number of scales cannot be
+        stacked into a batch (MaskRecipeError, before any sample is read, naming the fixes); the same number
+        with other scales, min sizes or sigma (masks made on purpose with other FH parameters) is a warning."""
+        def listed(recipe: FHRecipe) -> str:
+            return (f"scales {','.join(f'{s:g}' for s in recipe.scales)}, min sizes "
+                    f"{','.join(str(m) for m in recipe.min_sizes)}, sigma {recipe.sigma:g}")
+
+        wanted, fixes, mask_folders = self.fh, [], []
+        for root, (image_dir, mask_dir) in enumerate(self.images.roots):
+            found = recorded_recipe(mask_dir)
+            mask_folders.append(str(mask_dir.resolve()))
+            if found is None or found == wanted:
+                continue
+            if len(found.scales) == len(wanted.scales):
+                warnings.warn(f"mask folder {mask_dir} records the FH recipe {listed(found)} ({PARAMS_FILE}), not "
+                              f"this dataset's {listed(wanted)}: its masks are used as they are", stacklevel=3)
+                continue
+            own = mask_dir.with_name(f"{mask_dir.name}_{'-'.join(f'{s:g}' for s in wanted.scales)}")
+            mask_folders[-1] = str(own.resolve())
+            fixes.append((mask_dir, found, folder_command(image_dir, own, wanted),
+                          (self.images.commands[root] if self.images.commands
+                           else folder_command(image_dir, mask_dir, wanted)) + " --overwrite"))
+        if fixes:
+            lines = [f"mask folder {mask_dir} holds masks of the FH recipe {listed(found)} ({PARAMS_FILE}), but "
+                     f"this dataset is trained with {listed(wanted)}" for mask_dir, found, _, _ in fixes]
+            raise MaskRecipeError(
+                "\n".join(lines) + ".\nMake this recipe's masks in a folder of their own:\n    "
+                + " && ".join(own for _, _, own, _ in fixes)
+                + f"\nand train with mask_folder=[{','.join(mask_folders)}];\nor recompute the folder in place "
+                "(its masks of the other recipe are replaced):\n    " + " && ".join(o for *_, o in fixes)
+                + "\nor compute regions in the loader with regions='online' (FH on the full image) or 'online_crop'.")
 
     def _fh_of_arrays(self) -> list[np.ndarray]:
         """FH labels of the in-memory images for this dataset's recipe. The list keeps those of its own recipe
