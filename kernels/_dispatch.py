@@ -8,6 +8,9 @@
   cannot run on (CPU without ``TRITON_INTERPRET=1``).
 * ``"reference"``: force the PyTorch reference (plain ops, autograd through PyTorch).
 
+The kernels take float32, float16 and bfloat16; float64 inputs (``model.double()``, gradcheck) run on the
+reference under ``"auto"`` and are refused by ``"triton"``.
+
 Index checks (range, and distinct entries where the backward relies on them) cost one host sync per
 call; set ``RMAE_KERNELS_CHECK_INDICES=0`` or call ``set_index_checks(False)`` to skip them (e.g. under
 CUDA graphs).
@@ -76,6 +79,11 @@ def use_triton(impl: str, *tensors: torch.Tensor | None) -> bool:
     if impl == "reference":
         return False
     ts = [t for t in tensors if t is not None]
+    if any(t.dtype == torch.float64 for t in ts):
+        if impl == "triton":
+            raise RuntimeError("impl='triton' takes float32, float16 or bfloat16 tensors; float64 runs on the "
+                               "reference (impl='auto' or 'reference')")
+        return False
     on_cuda = bool(ts) and all(t.is_cuda for t in ts)
     runnable = HAS_TRITON and (on_cuda or interpreting())
     if impl == "triton":
@@ -121,14 +129,14 @@ def next_pow2(n: int) -> int:
 # ---------------------------------------------------------------------------------------------------
 # input checks
 # ---------------------------------------------------------------------------------------------------
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # float64: the reference only
 
 
 def check_float(t: torch.Tensor, name: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
 
 
 def check_ndim(t: torch.Tensor, ndim: int, name: str, shape_doc: str) -> None:

@@ -51,8 +51,9 @@ def patchify_maps(maps, patch_size):
 
 
 def region_bce_loss_reference(logits, maps, region_mask, patch_size, bg_weight=1.0):
-    target = patchify_maps(maps, patch_size)
-    loss = F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none")
+    dtype = torch.promote_types(logits.dtype, torch.float32)  # float32, float64 for float64 logits
+    target = patchify_maps(maps, patch_size).to(dtype)
+    loss = F.binary_cross_entropy_with_logits(logits.to(dtype), target, reduction="none")
     if bg_weight != 1.0:
         loss = loss * torch.where(target == 0, bg_weight, target)
     loss = loss.mean(dim=-1).mean(dim=1)
@@ -177,9 +178,9 @@ def _check_mask_no_grad(region_mask):
 def region_bce_loss(logits, maps, region_mask, patch_size, bg_weight: float = 1.0, impl: str = "auto"):
     """Region loss from logits [B, k, N, p*p] and binary maps [B, k, H, W] (uint8/bool).
 
-    region_mask [B, N] float, 1 on the patches that count (removed ones). Returns an fp32 scalar equal to
-    the model's BCE-with-logits region loss (optional background weight, mean over pixels and regions,
-    masked mean over patches). Gradient flows to ``logits`` only.
+    region_mask [B, N] float, 1 on the patches that count (removed ones). Returns an fp32 scalar (float64 for
+    float64 logits) equal to the model's BCE-with-logits region loss (optional background weight, mean over
+    pixels and regions, masked mean over patches). Gradient flows to ``logits`` only.
     """
     check_ndim(maps, 4, "maps", "[B, k, H, W]")
     if maps.dtype not in MAP_DTYPES:

@@ -192,8 +192,10 @@ def test_gather_visible_errors():
         gather_visible(x, ids, randn((B, 2, N + 1, 8), g))
     with pytest.raises(ValueError, match=r"\[B, N, C\]"):
         gather_visible(x[0], ids)
-    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
-        gather_visible(x.double(), ids)
+    with pytest.raises(TypeError, match="float32, float16, bfloat16 or float64"):
+        gather_visible(x.int(), ids)
+    with pytest.raises(RuntimeError, match="float64 runs on the reference"):
+        gather_visible(x.double(), ids, impl="triton")
     with pytest.raises(ValueError, match="keeps L=17"):
         gather_visible(x, torch.zeros(B, N + 1, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"ids_keep must be \[B, L\]"):
@@ -382,7 +384,7 @@ def test_region_query_pool_errors():
         region_query_pool(x[0])
     with pytest.raises(ValueError, match="L >= 1"):
         region_query_pool(x[:, :, :0])
-    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+    with pytest.raises(TypeError, match="float32, float16, bfloat16 or float64"):
         region_query_pool(x.long())
 
 
@@ -612,3 +614,31 @@ def test_region_bce_loss_errors():
     si = torch.zeros((B, k), dtype=torch.int64)
     with pytest.raises(IndexError, match="scale_index out of range"):
         region_bce_loss_from_labels(logits, labels, si + 2, si, mask, P, impl="triton")
+
+
+# ===================================================================================================
+# float64: the reference path under impl='auto' (model.double(), gradcheck)
+# ===================================================================================================
+def test_float64_inputs_take_the_reference_and_pass_gradcheck():
+    g = gen(60)
+    B, N, L, k, C, P, Hp, Wp = 2, 6, 3, 2, 5, 2, 2, 3
+    ids, restore = mask_ids(B, N, L, g)
+    x, regions = randn((B, N, C), g, torch.float64, True), randn((B, k, N, 4), g, torch.float64, True)
+    out = gather_visible(x, ids, regions)
+    assert out[0].dtype == torch.float64 and backward_name(out[0]) != "_GatherVisibleBackward"
+    assert torch.autograd.gradcheck(lambda a, r: gather_visible(a, ids, r), (x, regions))
+    tokens, token = randn((B, 1 + L, C), g, torch.float64, True), randn((1, 1, C), g, torch.float64, True)
+    pos = randn((1, N + 1, C), g, torch.float64, True)
+    assert torch.autograd.gradcheck(lambda a, t, p: unshuffle_fill(a, t, restore, p), (tokens, token, pos))
+    pooled, residual = randn((B, k, L, C), g, torch.float64, True), randn((B, k, L, C), g, torch.float64, True)
+    assert torch.autograd.gradcheck(region_query_pool, (pooled, residual))
+    labels = torch.randint(0, 3, (B, 2, Hp * P, Wp * P), generator=g).to(torch.int16)
+    scale_index, label_id = torch.randint(0, 2, (B, k), generator=g), torch.randint(0, 3, (B, k), generator=g)
+    w, b, pos = (t.double().detach().requires_grad_(True) for t in region_params(C, P, Hp, Wp, g))
+    assert torch.autograd.gradcheck(
+        lambda w_, b_: region_tokens_from_labels(labels, scale_index, label_id, ids, w_, b_, pos, P), (w, b))
+    logits, mask = randn((B, k, N, P * P), g, torch.float64, True), (torch.rand((B, N), generator=g) < 0.7).double()
+    loss = region_bce_loss_from_labels(logits, labels, scale_index, label_id, mask, P, 0.3)
+    assert loss.dtype == torch.float64
+    assert torch.autograd.gradcheck(
+        lambda z: region_bce_loss_from_labels(z, labels, scale_index, label_id, mask, P, 0.3), (logits,))

@@ -549,6 +549,28 @@ def test_bf16_autocast_triton_and_reference_agree():
                                rtol=2e-2, atol=1e-3)
 
 
+def test_float64_model_runs_on_the_reference_kernels():
+    """model.double() (e.g. for gradcheck): every kernel takes the reference path under impl='auto' (Triton
+    under the interpreter for float32), with the float32 model's loss; impl='triton' says float64 is not its."""
+    import copy
+
+    torch.manual_seed(4)
+    m32 = tiny()
+    m64 = copy.deepcopy(m32).double()
+    imgs, maps, rl, noise = inputs()
+    for regions in (maps, rl):
+        out32 = m32(imgs, regions, noise=noise)
+        out64 = m64(imgs.double(), regions, noise=noise)
+        out64.loss.backward()
+        assert out64.loss.dtype == torch.float64 and m64.region_patch_embed.proj.weight.grad.dtype == torch.float64
+        torch.testing.assert_close(out64.loss.float(), out32.loss, rtol=1e-5, atol=1e-6)
+    if kernels.HAS_TRITON:
+        forced = copy.deepcopy(m64)
+        forced.kernel_impl = "triton"
+        with pytest.raises(RuntimeError, match="float64 runs on the reference"):
+            forced(imgs.double(), rl, noise=noise)
+
+
 def test_save_encoder_safetensors(tmp_path):
     from safetensors.torch import load_file
 
