@@ -266,6 +266,10 @@ def in_config_terms_error(cfg, error: BaseException) -> BaseException | None:
         return FileNotFoundError(message)
 
 
+class TrainingDiverged(RuntimeError):
+    """``training.max_skips_in_a_row`` updates in a row with a non-finite loss or gradient."""
+
+
 class DataError(Exception):
     """Training data that cannot be used (a mask made from another image, ...); the message names the files."""
 
@@ -679,7 +683,7 @@ def train(cfg, require_resume: bool = False) -> dict:
             if dinfo.is_main:
                 log.event("checkpoint", step=s, file=str(path))
 
-        first_step = step
+        first_step, in_a_row = step, 0  # in_a_row: the latest updates skipped one after the other
         console.enter_context(console_above(bar))
         while step < max_update:
             t0 = time.perf_counter()
@@ -730,6 +734,14 @@ def train(cfg, require_resume: bool = False) -> dict:
             optimizer.zero_grad(set_to_none=True)
             lr = scheduler.get_last_lr()[0]
             step += 1
+            in_a_row = 0 if finite else in_a_row + 1
+            if 0 < tr["max_skips_in_a_row"] <= in_a_row:
+                raise TrainingDiverged(
+                    f"{in_a_row} updates in a row (steps {step + 1 - in_a_row}-{step}) had a non-finite loss or "
+                    f"gradient, so the weights have not changed since step {step - in_a_row}; the run stops "
+                    f"without a checkpoint of them (training.max_skips_in_a_row={tr['max_skips_in_a_row']}). Resume "
+                    "from the last checkpoint with a lower optimizer.params.lr, training.max_norm > 0 or "
+                    "training.use_fp16=bfloat16 instead of float16")
             if step == first_step + 1 and "RMAE_KERNELS_CHECK_INDICES" not in os.environ:
                 # the first update has validated the masking indices; later ones skip the checks' host syncs
                 kernels.set_index_checks(False)
@@ -885,7 +897,7 @@ def parse_args(argv=None):
 
 
 # Bad settings, missing dataset, unusable data, missing or unreadable checkpoint: a message, no traceback.
-USER_ERRORS = (ConfigError, FileNotFoundError, ckpt.CheckpointError, DataError)
+USER_ERRORS = (ConfigError, FileNotFoundError, ckpt.CheckpointError, DataError, TrainingDiverged)
 
 
 def _spawned(local_rank: int, world_size: int, port: int, cfg_yaml: str, require_resume: bool) -> None:

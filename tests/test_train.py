@@ -286,8 +286,9 @@ def test_mae_model_trains_and_exports(tmp_path):
     assert not load_checkpoint(model, ckpt.latest_checkpoint(run)).missing_keys
 
 
-def _poison_second_forward(monkeypatch, value):
-    """The loss of the second update (forward call 2) becomes ``value`` times itself."""
+def _poison_second_forward(monkeypatch, value, onwards=False):
+    """The loss of the second update (forward call 2; ``onwards``: and every later one) becomes ``value`` times
+    itself."""
     import rmae.train as rt
 
     real = rt.build_model_from_config
@@ -299,7 +300,7 @@ def _poison_second_forward(monkeypatch, value):
         def fwd(*a, **k):
             out = forward(*a, **k)
             calls["n"] += 1
-            if calls["n"] == 2:
+            if calls["n"] == 2 or (onwards and calls["n"] > 2):
                 out.loss = out.loss * value
             return out
 
@@ -317,6 +318,23 @@ def test_nonfinite_step_is_skipped(tmp_path, monkeypatch):
     assert summary["skipped"] == 1 and log_records(run, "skip")[0]["step"] == 2
     assert [(r["step"], r["skipped"]) for r in log_records(run)] == [(1, 0), (2, 1), (3, 1)]
     assert all(torch.isfinite(v).all() for v in final_model(run).values() if v.is_floating_point())
+
+
+def test_updates_that_stay_nonfinite_end_the_run_as_diverged(tmp_path, monkeypatch, capsys):
+    """The original stops after 100 skipped iterations in a row; so does training.max_skips_in_a_row: an error
+    (exit status 2, event=error), not a 'done' run whose checkpoint and encoder are the diverged model's."""
+    from rmae.train import main
+
+    _poison_second_forward(monkeypatch, float("nan"), onwards=True)
+    run = tmp_path / "diverged"
+    assert main([*BASE, f"training.save_dir={run}", "training.max_update=10", "training.max_skips_in_a_row=3"]) == 2
+    err = capsys.readouterr().err
+    assert ("error: 3 updates in a row (steps 2-4) had a non-finite loss or gradient, so the weights have not changed "
+            "since step 1") in err, err
+    assert [r["step"] for r in log_records(run, "skip")] == [2, 3, 4]
+    (error,) = log_records(run, "error")
+    assert error["type"] == "TrainingDiverged" and error["step"] == 4
+    assert not log_records(run, "done") and not (run / "encoder.safetensors").exists()
 
 
 def test_log_window_averages_over_the_finite_updates(tmp_path, monkeypatch):
