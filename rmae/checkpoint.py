@@ -94,22 +94,51 @@ def records_a_step(log: Path) -> bool:
     return False
 
 
+def _log_after(log: Path, step: int) -> int | None:
+    """The byte offset in ``log`` where the records of the steps after ``step`` begin (a run that died after its
+    last checkpoint wrote them), or where a last line cut short by a crash begins; None when there are none."""
+    if not log.is_file():
+        return None
+    offset = 0
+    with open(log, "rb") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            later = isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step
+            if later or not line.endswith(b"\n"):
+                return offset
+            offset += len(line)
+    return None
+
+
 def set_aside(run_dir: str | os.PathLike, files: tuple[str, ...], keep_up_to: int | None = None) -> Path | None:
     """Moves an earlier history out of the run folder into ``previous/<time>/``, so two runs never mix: the
     checkpoints after step ``keep_up_to`` (all when None), .corrupt ones included, and then also the run's
-    ``files`` (log, config, pictures...). Nothing happens when there are no such checkpoints and (for None)
-    no log that records a step (a start that failed before its first update is no history). Returns the
-    folder the files went to, or None."""
+    ``files`` (log, config, pictures...). Without such checkpoints, the log's records after ``keep_up_to`` (a
+    run that died after its last checkpoint) go to ``log.after_step_<keep_up_to>.jsonl`` there, and the log
+    keeps the rest. Nothing happens when there is none of these and (for None) no log that records a step (a
+    start that failed before its first update is no history). Returns the folder the files went to, or None."""
     run_dir = Path(run_dir)
     found = _numbered_files(run_dir, _NAME) + corrupt_checkpoints(run_dir)
     later = [p for s, p in found if keep_up_to is None or s > keep_up_to]
-    if not later and not (keep_up_to is None and records_a_step(run_dir / "log.jsonl")):
+    log = run_dir / "log.jsonl"
+    cut = _log_after(log, keep_up_to) if keep_up_to is not None and not later else None
+    if not later and cut is None and not (keep_up_to is None and records_a_step(log)):
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S")
     dest, n = run_dir / "previous" / stamp, 1
     while dest.exists():
         dest, n = run_dir / "previous" / f"{stamp}-{n}", n + 1
     dest.mkdir(parents=True)
+    if cut is not None:
+        records = log.read_bytes()
+        (dest / f"log.after_step_{keep_up_to}.jsonl").write_bytes(records[cut:])
+        kept = log.with_name(log.name + ".tmp")
+        kept.write_bytes(records[:cut])
+        os.replace(kept, log)
+        return dest
     if keep_up_to is None and checkpoint_dir(run_dir).is_dir():
         os.replace(checkpoint_dir(run_dir), checkpoint_dir(dest))
     elif later:

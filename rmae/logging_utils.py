@@ -46,9 +46,13 @@ def _jsonable(v: Any):
 
 
 class RunLogger:
-    """Writes metrics to the console, ``log.jsonl`` and (optionally) TensorBoard; no-op off rank 0."""
+    """Writes metrics to the console, ``log.jsonl`` and (optionally) TensorBoard; no-op off rank 0.
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = False, tb_dir: str | None = None):
+    ``purge_step``: a resumed run's first step; TensorBoard drops the events of that step and later ones that an
+    earlier run wrote after its last checkpoint (``log.jsonl`` is trimmed by ``checkpoint.set_aside``)."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = False, tb_dir: str | None = None,
+                 purge_step: int | None = None):
         self.enabled = enabled
         self.jsonl = None
         self.tb = None
@@ -61,7 +65,7 @@ class RunLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(log_dir=str(tb_dir or run_dir / "tensorboard"))
+                self.tb = SummaryWriter(log_dir=str(tb_dir or run_dir / "tensorboard"), purge_step=purge_step)
             except Exception as e:  # tensorboard not installed
                 logger.warning("tensorboard requested but unavailable (%s); logging to log.jsonl only", e)
 

@@ -588,12 +588,17 @@ def train(cfg, require_resume: bool = False) -> dict:
     moved = None
     if dinfo.is_main:
         moved = ckpt.set_aside(run_dir, RUN_FILES, keep_up_to=history_step(run_dir, resume_from, meta))
-        if moved is not None:
+        tail = None if moved is None else moved / f"log.after_step_{history_step(run_dir, resume_from, meta)}.jsonl"
+        if tail is not None and tail.is_file():
+            logger.warning("continuing from %s: the log's records after it (a run that stopped without a checkpoint "
+                           "of its last steps) were moved to %s", resume_from, tail)
+        elif moved is not None:
             logger.warning("%s: the earlier run's files in %s (%s) were moved to %s, so the two runs do not mix",
                            "starting over" if meta is None else f"continuing from {resume_from}", run_dir,
                            ", ".join(sorted(os.listdir(moved))), moved)
     rdist.barrier()
-    log = RunLogger(run_dir, dinfo.is_main, tr["tensorboard"], tr["tensorboard_logdir"])
+    log = RunLogger(run_dir, dinfo.is_main, tr["tensorboard"], tr["tensorboard_logdir"],
+                    purge_step=None if meta is None else int(meta["step"]) + 1)
     stop = StopFlag()
     console = contextlib.ExitStack()
     bar = None

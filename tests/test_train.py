@@ -160,6 +160,43 @@ def test_sigterm_saves_and_resume_matches(tmp_path):
     assert resumed["step"] == n
 
 
+def test_records_of_steps_after_the_last_checkpoint_are_set_aside_on_resume(tmp_path, monkeypatch, caplog):
+    """A run killed (-9, a node failure) after its last checkpoint logged steps it has to redo: the resumed run
+    moves those records (and a line cut short) out of log.jsonl, so every step is logged once, and TensorBoard
+    is told to purge them (purge_step)."""
+    import types as _types
+
+    written = []
+    stub = _types.ModuleType("torch.utils.tensorboard")
+
+    class Writer:
+        def __init__(self, log_dir, purge_step=None):
+            written.append(purge_step)
+
+        def add_scalar(self, *args):
+            pass
+
+        def close(self):
+            pass
+
+    stub.SummaryWriter = Writer
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", stub)
+    run = tmp_path / "crashed"
+    train(cfg_for(run, "training.max_update=4", "training.checkpoint_interval=2", "training.tensorboard=true"))
+    (run / "checkpoints" / "ckpt_00000004.pt").unlink()  # died before its last checkpoint ...
+    with open(run / "log.jsonl", "a") as f:
+        f.write('{"time": 1, "step": 5, "lo')  # ... while writing a record
+    train(cfg_for(run, "training.max_update=5", "training.checkpoint_interval=2", "training.tensorboard=true"))
+    assert written == [None, 3]
+    assert [r["step"] for r in log_records(run)] == [1, 2, 3, 4, 5]
+    (tail,) = (run / "previous").glob("*/log.after_step_2.jsonl")
+    lines = tail.read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines[:-1] if "loss" in line] == [3, 4]
+    assert lines[-1].endswith('"lo')
+    assert f"the log's records after it (a run that stopped without a checkpoint of its last steps) were moved to " \
+           f"{tail}" in caplog.text
+
+
 def test_sigusr1_checkpoints_and_exits_cleanly(tmp_path):
     """Slurm's preemption signal (sbatch --signal=USR1@...) in the same process: the update in flight
     finishes, a checkpoint is written, train() returns, and the previous handler is back."""
