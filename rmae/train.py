@@ -497,14 +497,14 @@ def check_same_experiment(cfg, meta: dict, path: Path, run_dir: Path) -> None:
 
 
 RUN_SETTINGS = ("training.max_update", "training.batch_size", "training.iter_per_update", "training.use_fp16",
-                "scheduler.params.T_max", "scheduler.params.warmup_iterations", "scheduler.params.eta_min",
+                "training.seed", "scheduler.params.T_max", "scheduler.params.warmup_iterations", "scheduler.params.eta_min",
                 "scheduler.params.use_warmup", "scheduler.params.warmup_factor")
 
 
 def run_settings_changed(meta: dict, cfg) -> list[str]:
-    """The length, batch, precision and schedule settings that differ from the checkpoint's saved config
-    (allowed, e.g. a run extended with training.max_update, but said: the lr schedule or the data per update
-    changes from there on)."""
+    """The length, batch, precision, seed and schedule settings that differ from the checkpoint's saved config
+    (allowed, e.g. a run extended with training.max_update, but said: the lr schedule, the data per update or
+    the data order, crops and masks change from there on)."""
     from omegaconf import OmegaConf
 
     if not meta.get("config"):
@@ -570,6 +570,7 @@ def train(cfg, require_resume: bool = False) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
 
     step, position, skipped = 0, 0, 0
+    errors_before = 0  # unreadable samples skipped before the resumed checkpoint (all ranks)
     resume_from, meta, unreadable = None, None, []
     if tr["resume_file"]:
         resume_from = Path(tr["resume_file"])
@@ -609,6 +610,7 @@ def train(cfg, require_resume: bool = False) -> dict:
             meta = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, rank=rank, payload=meta)
             step, position = int(meta["step"]), int(meta["data_position"])
             skipped = int(meta.get("skipped", 0))  # checkpoints before it was stored: 0
+            errors_before = int(meta.get("data_errors", 0))
             changed = apply_optimizer_settings(cfg, optimizer, scheduler.base_lrs)
             scheduler.load_state_dict(meta["scheduler"])
             run_changes = run_settings_changed(meta, cfg)
@@ -655,9 +657,17 @@ def train(cfg, require_resume: bool = False) -> dict:
         for warning in data_warnings if dinfo.is_main else ():
             warn_and_record(log, "data_warning", str(warning.message), message=str(warning.message))
         cache = getattr(loader.dataset, "cache", None)
-        if cache is not None:  # sampler=shard: this rank's encoded images (and masks) in memory
-            log.event("shard_cache", rank=rank, items=cache.items, of=cache.total_items,
-                      mib=cache.nbytes / 2**20, limit_mib=cache.limit_bytes / 2**20)
+        if cache is not None:  # sampler=shard: each rank's encoded images (and masks) in memory
+            caches = [dict(rank=rank, items=cache.items, of=cache.total_items, mib=cache.nbytes / 2**20,
+                           limit_mib=cache.limit_bytes / 2**20)]
+            if world > 1:
+                gathered = [None] * world
+                torch.distributed.all_gather_object(gathered, caches[0])
+                caches = gathered
+            for fields in caches:
+                log.event("shard_cache", **fields)
+        vis_batch = picture_batch(loader.dataset)  # every rank (the pictures' forward is collective); before the
+        picture_errors = data_errors(loader)  # workers start, so that its unreadable images are counted apart
         if getattr(loader, "num_workers", 0) > 0:
             loader.worker_init_fn = QuietWorkerInit(loader.worker_init_fn)
         with stop.ignored():  # loader workers start here; a signal to the process group stops only the main loop
@@ -673,15 +683,16 @@ def train(cfg, require_resume: bool = False) -> dict:
         win = dict.fromkeys(("loss", "mae_loss", "region_loss", "n_loss", "grad_norm", "n_norm", "n", "data",
                              "step"), 0.0)
         vis_every = tr["visualize_interval"]
-        vis_batch = picture_batch(loader.dataset)  # every rank: the pictures' forward is collective
         interrupted = None
         last_ckpt = step if resume_from is not None else -1
+        errors = errors_before  # unreadable training samples skipped so far, all ranks (as of the last update)
         t_log = time.perf_counter()
 
         def checkpoint_now(s: int):
             nonlocal last_ckpt
             extra = {"data_position": position, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                     "skipped": skipped, "config": to_yaml(cfg), "config_identity": config_identity(cfg["config"])}
+                     "skipped": skipped, "data_errors": errors, "config": to_yaml(cfg),
+                     "config_identity": config_identity(cfg["config"])}
             path = ckpt.save_checkpoint(run_dir, model=model, optimizer=optimizer, step=s, extra=extra,
                                         keep=tr["num_checkpoint"], is_main=dinfo.is_main)
             last_ckpt = s
@@ -718,14 +729,17 @@ def train(cfg, require_resume: bool = False) -> dict:
             if amp_dtype == torch.float16:
                 scaler.unscale_(optimizer)
             gnorm = grad_norm(params)
-            # one small all-reduce: mean losses, non-finite loss on any rank, stop requested on any rank
+            # one small all-reduce: mean losses, non-finite loss on any rank, stop requested on any rank, samples
+            # skipped as unreadable by this rank's loader so far
             flags = torch.cat([acc, (~torch.isfinite(acc[:1])).float(),
-                               torch.full((1,), float(stop.signal is not None), device=device)])
+                               torch.full((1,), float(stop.signal is not None), device=device),
+                               torch.full((1,), float(data_errors(loader) - picture_errors), device=device)])
             if sharded:
                 torch.distributed.all_reduce(flags)
                 flags[:3] /= world
             flags = flags.double().cpu()
             finite = flags[3].item() == 0 and math.isfinite(gnorm.item())
+            errors = errors_before + int(flags[5].item())
             if finite:
                 if tr["max_norm"] > 0:
                     torch.nn.utils.clip_grads_with_norm_(params, tr["max_norm"], gnorm.to(device))
@@ -775,7 +789,7 @@ def train(cfg, require_resume: bool = False) -> dict:
                        "img_per_s": G * n / max(elapsed, 1e-9), "step_time": win["step"] / n,
                        "data_time": win["data"] / n, "compute_time": (win["step"] - win["data"]) / n,
                        "peak_mem_mb": peak_memory_mb(device), "skipped": skipped,
-                       "data_errors": data_errors(loader)}
+                       "data_errors": errors}
                 if raw.use_mae_loss:
                     rec["mae_loss"] = mean_loss["mae_loss"]
                 if num_region > 0:

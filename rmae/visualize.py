@@ -2,8 +2,8 @@
 
     input | masked input | reconstruction (visible patches pasted back) | region targets | region predictions
 
-Region targets and predictions show up to 4 regions each, side by side (target above prediction in one tile:
-target in the left half colour, prediction as grey levels of sigmoid(logit)). Pixel reconstructions of a
+Region targets and predictions show up to 4 regions, a pair of grey tiles each: the binary target map, then
+sigmoid(logit) on the removed patches with the target at half brightness on the visible ones. Pixel reconstructions of a
 ``norm_pix_loss`` model are de-normalised with the statistics of the true patches, as MAE's demo does.
 """
 from __future__ import annotations

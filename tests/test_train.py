@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -291,6 +292,24 @@ def test_plain_launch_spawns_one_process_per_device(tmp_path, monkeypatch):
     assert log_records(spawned, "start")[0]["world_size"] == 2
     train(cfg_for(tmp_path / "single", "training.max_update=2"))
     torch.testing.assert_close(losses(spawned), losses(tmp_path / "single"), rtol=1e-5, atol=1e-6)
+
+
+def test_spawned_ranks_log_each_ranks_shard_cache_and_the_data_errors_of_all(tmp_path, coco_tree):
+    """sampler=shard on 2 ranks: a shard_cache record per rank (rank 1's was lost), and data_errors counts the
+    unreadable samples of every rank (it was rank 0's count): the bad image is in rank 1's shard."""
+    root = tmp_path / "data"
+    shutil.copytree(coco_tree, root)
+    (root / "coco" / "image" / "train2017" / "000000000002.jpg").write_bytes(b"garbage")  # image 1: rank 1's
+    run = tmp_path / "spawned"
+    cmd = [sys.executable, "-m", "rmae.train", *BASE, f"training.save_dir={run}", "training.max_update=2",
+           "training.device=cpu", "distributed.world_size=2",
+           *coco_args(root, "dataset_config.coco_pretrain.sampler=shard")]
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    caches = log_records(run, "shard_cache")
+    assert [c["rank"] for c in caches] == [0, 1] and [c["items"] for c in caches] == [3, 3]
+    # rank 1 draws 4 samples a step from its 3 images: the bad one at least twice in 2 steps
+    assert log_records(run)[-1]["data_errors"] >= 2
 
 
 def test_spawned_ranks_report_user_errors_like_one_process(tmp_path):
@@ -592,6 +611,33 @@ def test_a_mask_folder_of_other_fh_parameters_is_a_recorded_warning(tmp_path, co
     (ev,) = log_records(run, "data_warning")
     assert "records the FH recipe scales 400,1000,1500, min sizes 500,1000,1500" in ev["message"], ev
     assert math.isfinite(log_records(run)[-1]["region_loss"])
+
+
+def test_data_errors_count_the_training_samples_across_a_resume(tmp_path, coco_tree):
+    """data_errors: the training samples skipped as unreadable, carried across a resume (it restarted at 0), not
+    counting the pictures' samples (read once per start: each start added its own)."""
+    from rmae.data import DataConfig, InfiniteSampler, build_dataset
+
+    root = tmp_path / "data"
+    shutil.copytree(coco_tree, root)
+    (root / "coco" / "image" / "train2017" / "000000000001.jpg").write_bytes(b"garbage")  # image 0, in the pictures
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    cfg = lambda run, n: load_config(None, BASE + [f"training.save_dir={run}", f"training.max_update={n}",  # noqa
+                                                   f"dataset_config.coco_pretrain.data_dir={root}"], dataset="coco")
+    train(cfg(straight, 4))
+    train(cfg(resumed, 2))
+    train(cfg(resumed, 4))
+    dataset = build_dataset(DataConfig(dataset="coco", split="train2017", root=str(root), img_size=32), seed=0)
+    draws, expected = iter(InfiniteSampler(len(dataset), seed=0)), []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(4):
+            for _ in range(8):
+                dataset[next(draws)]
+            expected.append(dataset.error_count)
+    assert expected[-1] >= 5  # the bad image once in every 6 draws, or more (as a replacement)
+    assert [r["data_errors"] for r in log_records(straight)] == expected
+    assert [r["data_errors"] for r in log_records(resumed)] == expected
 
 
 def test_log_lines_are_not_glued_to_the_progress_bar(tmp_path, coco_tree):
@@ -1007,8 +1053,9 @@ def test_resume_with_another_run_length_or_batch_says_so(tmp_path):
     the data per update change from there: a warning and a log event name each setting (only the lr was)."""
     run = tmp_path / "run"
     train(cfg_for(run, "training.max_update=2"))
-    train(cfg_for(run, "training.max_update=3", "training.batch_size=4"))
+    train(cfg_for(run, "training.max_update=3", "training.batch_size=4", "training.seed=7"))
     (event,) = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()
                 if '"run_settings_changed"' in line]
     assert event["changed"] == ["training.max_update: 2 in the checkpoint, 3 now",
-                                "training.batch_size: 8 in the checkpoint, 4 now"]  # (T_max is set apart: 40)
+                                "training.batch_size: 8 in the checkpoint, 4 now",
+                                "training.seed: 0 in the checkpoint, 7 now"]  # (T_max is set apart: 40)
