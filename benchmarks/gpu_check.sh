@@ -2,25 +2,30 @@
 # The GPU checks in one run, for a session that is lent a GPU through the device tool. The whole script keeps
 # to a budget (GPU_CHECK_BUDGET seconds, default 480: every step's limit is cut to what is left, a step with
 # under 20 s left is skipped), so a device call with timeout_s=540 always ends by itself and leaves device
-# time for a rerun. A failing step does not stop the others. Most important first:
+# time for a rerun. A failing step does not stop the others; the script exits 1 when any step failed, ran out
+# of time or was skipped (the steps are listed at the end). Most important first:
 #   1. install: the C++ extension is built there, no dependency is fetched (the device has PyTorch, Triton,
 #      numpy, scikit-image, safetensors, tqdm, PyYAML and no network); if the build fails, the GPU benchmarks
 #      still import rmae (and rmae.kernels) from the source tree;
-#   2. bench_train: ViT-B/16 MAE vs R-MAE (k=8), bf16, eager vs torch.compile, images/s and MFU on the
-#      card's spec peak (issue goals: MFU >= 40%, R-MAE step <= 1.08x MAE's);
-#   3. bench_kernels: Triton kernels vs the PyTorch reference at ViT-B / k=8 / batch 64 / bf16, numerics
-#      first (a "Numerics:" line under the table), then timings without index checks;
-#   4. a short `python -m rmae.train` on the GPU (torch.compile on by default there), when the two wheels
-#      the device lacks were carried (omegaconf, zstandard; see below);
-#   5. bench_model: the model step, Triton path vs plain PyTorch.
+#   2. tests/test_gpu.py: every kernel compiled for the card against its reference (fwd + bwd, fp32 and bf16),
+#      and a small R-MAE on the kernels against the plain-PyTorch path (needs the pytest wheels, see below);
+#   3. bench_train: ViT-B/16 MAE vs R-MAE (k=8), bf16, torch.compile rows first, then eager; images/s and MFU
+#      on the card's spec peak (issue goals: MFU >= 40%, R-MAE step <= 1.08x MAE's: "step vs MAE's");
+#   4. bench_kernels: Triton kernels vs the PyTorch reference at ViT-B / k=8 / batch 64 / bf16, numerics
+#      first (a "Numerics:" line under the table; exit 1 outside tolerance), then timings without index checks,
+#      wall clock and GPU-only (torch.profiler);
+#   5. a short bf16 `python -m rmae.train` on the GPU (torch.compile on by default there), when the two
+#      wheels the device lacks were carried (omegaconf, zstandard; see below);
+#   6. bench_model: the model step, Triton path vs plain PyTorch.
 # Everything lands in ${OUT:-benchmarks/out} as at most 8 files (the device tool returns 8): log.txt and
-# the .json/.md of steps 2, 3 and 5. Copy the tables into benchmarks/RESULTS.md with the card's name.
+# the .json/.md of steps 3, 4 and 6 (each written after every row, so a step stopped by its limit keeps its
+# rows). Copy the tables into benchmarks/RESULTS.md with the card's name.
 #
 # Before the device call, here (pip works here, not there), once per checkout:
 #   echo /.whl/ >> "$(git rev-parse --git-path info/exclude)"
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#     -d .whl omegaconf==2.4.0 zstandard==0.25.0
+#     -d .whl omegaconf==2.4.0 zstandard==0.25.0 pytest==8.4.2 pluggy==1.6.0 iniconfig==2.1.0
 # Device call: run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540); then give_back.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +36,7 @@ export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 py=python3
 
 budget=${GPU_CHECK_BUDGET:-480}
+failed=()  # the steps that failed, ran out of time or were skipped
 
 step() {  # step NAME SECONDS COMMAND...: run within its limit and the script's budget, log everything
     local name=$1 limit=$2
@@ -38,13 +44,16 @@ step() {  # step NAME SECONDS COMMAND...: run within its limit and the script's 
     local left=$((budget - SECONDS - 5))
     if ((left < 20)); then
         echo "=== $name: skipped (${left}s of the ${budget}s budget left)" | tee -a "$log"
+        failed+=("$name (skipped)")
         return
     fi
     ((limit > left)) && limit=$left
     echo "=== $name (limit ${limit}s) $(date -u +%H:%M:%S)" | tee -a "$log"
     # SIGTERM first (rmae.train saves and stops after its update), SIGKILL 10 s later
     timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$log"
-    echo "=== $name: exit ${PIPESTATUS[0]}" | tee -a "$log"
+    local status=${PIPESTATUS[0]}
+    echo "=== $name: exit $status$( ((status == 124 || status == 137)) && echo " (out of time)")" | tee -a "$log"
+    ((status == 0)) || failed+=("$name (exit $status)")
 }
 
 step gpu 20 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv
@@ -59,13 +68,23 @@ if ! $py -c "import rmae.kernels" 2> /dev/null; then  # no editable install: imp
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
     echo "=== install failed: rmae and rmae.kernels from the source tree (no FH extension)" | tee -a "$log"
 fi
-step bench_train 150 $py benchmarks/bench_train.py --dtypes bf16 --steps 10 --warmup 3 --out "$out/train.json"
+if $py -c "import pytest" 2> /dev/null; then
+    step gpu_tests 90 $py -m pytest -q -p no:cacheprovider tests/test_gpu.py
+else
+    echo "=== gpu_tests: skipped (pytest not carried)" | tee -a "$log"
+    failed+=("gpu_tests (no pytest)")
+fi
+step bench_train 170 $py benchmarks/bench_train.py --dtypes bf16 --compile compiled,eager --steps 10 --warmup 3 \
+    --out "$out/train.json"
 step bench_kernels 110 $py benchmarks/bench_kernels.py --reps 20 --out "$out"
 if $py -c "import omegaconf, zstandard, rmae._fh" 2> /dev/null; then
     step train_smoke 70 $py -m rmae.train training.max_update=30 training.save_dir=/tmp/gpu_smoke \
-        training.log_interval=10 training.progress_bar=false
+        training.log_interval=10 training.progress_bar=false training.use_fp16=bfloat16
 else
     echo "=== train_smoke: skipped (omegaconf / zstandard not carried, or no FH extension)" | tee -a "$log"
+    failed+=("train_smoke (not run)")
 fi
 step bench_model 60 $py benchmarks/bench_model.py --steps 8 --warmup 2 --out "$out/model"
-echo "=== done $(date -u +%H:%M:%S), ${SECONDS}s" | tee -a "$log"
+echo "=== done $(date -u +%H:%M:%S), ${SECONDS}s; ${#failed[@]} step(s) not passed${failed:+: ${failed[*]}}" \
+    | tee -a "$log"
+((${#failed[@]} == 0))
