@@ -2,6 +2,7 @@
 every image the loader reads is one that preprocessing segments, and no other."""
 from __future__ import annotations
 
+import errno
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -53,10 +54,19 @@ def _list_folder(folder: Path, relative: str, above: frozenset, scan: ImageScan)
         if entry.name.startswith("."):
             continue
         name = os.path.join(relative, entry.name) if relative else entry.name
-        if entry.is_dir():  # follows symlinked folders
+        try:
+            is_dir = entry.is_dir()  # follows symlinked folders
+            is_file = not is_dir and entry.is_file()
+        except OSError as error:  # a link loop, a link into a folder that cannot be read
+            if _is_image_name(entry.name):
+                scan.broken_links.append(name)
+            elif error.errno != errno.ELOOP:  # (a looping link that is no image is no folder either)
+                scan.unlistable.append((name, f"cannot follow link ({error.strerror or error})"))
+            continue
+        if is_dir:
             subfolders.append(name)
         elif _is_image_name(entry.name):
-            if entry.is_file():
+            if is_file:
                 scan.images.append(name)
             elif entry.is_symlink():
                 scan.broken_links.append(name)

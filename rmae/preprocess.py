@@ -287,7 +287,8 @@ def preprocess(
     for stale in out.rglob(f".*{MASK_SUFFIX}*.tmp"):  # left by a run killed mid-write
         stale.unlink(missing_ok=True)
     relative_paths, broken_links, unlistable = scan_images(images)
-    not_segmented = [(relative, "broken symbolic link (its target does not exist)") for relative in broken_links]
+    not_segmented = [(relative, "broken symbolic link (its target does not exist or cannot be reached)")
+                     for relative in broken_links]
     not_segmented += _mask_collisions(relative_paths)
     for relative, _ in not_segmented:
         _drop_stale_mask(mask_path(out, relative), redo_since)

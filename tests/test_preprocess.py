@@ -251,12 +251,15 @@ def test_symlinked_folders_are_followed_and_broken_links_reported(tmp_path):
     (images / "n01").symlink_to(tmp_path / "elsewhere" / "n01", target_is_directory=True)
     (images / "n02" / "loop").symlink_to(images, target_is_directory=True)  # must not recurse for ever
     (images / "n02" / "c.png").symlink_to(tmp_path / "gone.png")
+    (images / "n02" / "d.png").symlink_to(images / "n02" / "d.png")  # links that loop: an error, not a folder
+    (images / "n02" / "x").symlink_to(images / "n02" / "x")  # (they stopped the whole listing)
     out = tmp_path / "out"
     assert list_images(images) == [Path("n01/a.png"), Path("n02/b.png")]
     assert main(["--images", str(images), "--out", str(out), "--workers", "1", "--scales", "10"]) == 1
     assert (out / "n01" / "a.npy.zst").is_file() and (out / "n02" / "b.npy.zst").is_file()
     failures = (out / "preprocess_failures.tsv").read_text()
-    assert failures == f"{images / 'n02' / 'c.png'}\tbroken symbolic link (its target does not exist)\n"
+    why = "broken symbolic link (its target does not exist or cannot be reached)"
+    assert failures == f"{images / 'n02' / 'c.png'}\t{why}\n{images / 'n02' / 'd.png'}\t{why}\n"
 
 
 def test_images_sharing_a_mask_file_are_failures(tmp_path, capsys):
