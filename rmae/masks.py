@@ -19,10 +19,11 @@ import zstandard
 from rmae.recipes import FHRecipe
 
 __all__ = ["MASK_SUFFIX", "PARAMS_FILE", "DECODE_VERSION", "ORIGINAL_SUFFIX", "save_labels", "load_labels", "mask_path",
-           "find_mask", "recorded_recipe", "MaskError"]
+           "find_mask", "recorded_recipe", "redo_unfinished", "MaskError", "REDO_KEY"]
 
 MASK_SUFFIX = ".npy.zst"
 PARAMS_FILE = "fh_params.json"  # a mask folder's recipe, written by rmae.preprocess
+REDO_KEY = "redo_started_ns"  # in PARAMS_FILE while an --overwrite run (or its resumption) is unfinished
 # How images became pixels (rmae.image_io), recorded as "decode" in PARAMS_FILE: 2 scales 16-bit, 32-bit and float
 # images to 8 bits; 1 (folders without the key, and the original's) clipped them to white before FH.
 DECODE_VERSION = 2
@@ -44,6 +45,16 @@ def recorded_recipe(mask_dir: str | os.PathLike) -> FHRecipe | None:
                         float(params["sigma"]))
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
         return None
+
+
+def redo_unfinished(mask_dir: str | os.PathLike) -> bool:
+    """Whether an ``--overwrite`` run to the mask folder (a new recipe) stopped before it finished: its masks are
+    then a mix of the old recipe and the new one that ``PARAMS_FILE`` records."""
+    try:
+        params = json.loads((Path(mask_dir) / PARAMS_FILE).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(params, dict) and REDO_KEY in params
 
 
 def mask_path(mask_dir: str | os.PathLike, relative_image_path: str | os.PathLike) -> Path:

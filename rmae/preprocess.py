@@ -16,6 +16,7 @@ existing masks and regenerates the bad ones.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import stat
@@ -27,17 +28,23 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: runs into one folder are not locked
+    fcntl = None
 from tqdm import tqdm
 
 from rmae import fh, listing, usable_cores
 from rmae.image_io import IMAGE_SUFFIXES, ImageDecodeError, is_wide, load_rgb
-from rmae.masks import DECODE_VERSION, MASK_SUFFIX, PARAMS_FILE, MaskError, load_labels, mask_path, save_labels
+from rmae.masks import (DECODE_VERSION, MASK_SUFFIX, PARAMS_FILE, REDO_KEY, MaskError, load_labels,
+                        mask_path, save_labels)
 from rmae.recipes import COCO_FH, IMAGENET_FH, FHRecipe, dataset_root
 
 __all__ = ["RECIPES", "PreprocessError", "dataset_folders", "list_images", "main", "preprocess", "scan_images"]
 
 FAILURES_FILE = "preprocess_failures.tsv"
-REDO_KEY = "redo_started_ns"  # in PARAMS_FILE while an --overwrite run (or its resumption) is unfinished
+LOCK_FILE = ".preprocess.lock"  # held (flock) by the run writing into the folder
 
 
 RECIPES = {"coco": COCO_FH, "imnet": IMAGENET_FH}
@@ -99,14 +106,19 @@ def _mask_collisions(relative_paths: list[Path]) -> list[tuple[Path, str]]:
 
 
 def _check_mask(mask_file: Path, image_file: Path, recipe: FHRecipe) -> str | None:
-    """Why an existing mask is bad, or None when it is sound."""
+    """Why an existing mask is bad, or None when it is sound. An error of the file system (permissions, I/O) on
+    the mask or the image is raised: the image is then a failure and its mask is kept."""
     try:
         labels = load_labels(mask_file)
-    except (MaskError, OSError) as error:
+    except MaskError as error:
         return str(error)
     try:
         with Image.open(image_file) as image:
             width, height = image.size
+    except OSError as error:
+        if error.errno is not None:  # the file system's (the file cannot be read now), not the image's
+            raise
+        return f"image unreadable ({error})"
     except Exception as error:  # the image itself is broken: nothing to compare against
         return f"image unreadable ({error})"
     expected = (len(recipe.scales), height, width)
@@ -206,8 +218,14 @@ def _decoded_differently(image_file: Path) -> bool:
         return False
 
 
-def _finish_redo(out: Path, recipe: FHRecipe) -> None:
-    """Records that every mask in ``out`` is now the recipe's (the redo is complete)."""
+def _finish_redo(out: Path, recipe: FHRecipe, redo_since: int | None = None) -> None:
+    """Records that every mask in ``out`` is now the recipe's (the redo is complete). After a redo (``redo_since``),
+    the masks it did not write first go: the old recipe's masks of images that are no longer in the folder, which
+    would otherwise be taken as done should such an image come back."""
+    if redo_since is not None:
+        for mask_file in out.rglob(f"*{MASK_SUFFIX}"):
+            if not _mask_done(mask_file, redo_since):
+                mask_file.unlink(missing_ok=True)
     _write_params(out, _recipe_params(recipe))
 
 
@@ -279,10 +297,36 @@ def _shown(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+@contextlib.contextmanager
+def _only_run_into(out: Path):
+    """Holds ``out``'s lock file for the run: a second run into the same folder (which would delete the first's
+    files in flight and its failures list) is refused. A folder that cannot be written is not locked."""
+    if not out.is_dir():
+        out.mkdir(parents=True, exist_ok=True)
+    try:
+        handle = open(out / LOCK_FILE, "a")
+    except OSError:  # read-only: no run can write into it
+        yield
+        return
+    with handle:
+        if fcntl is not None:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise PreprocessError(f"another rmae.preprocess run is writing into {out}; wait for it to finish "
+                                      "(or use another --out)") from None
+        yield
+
+
 def preprocess(
     images: Path, out: Path, recipe: FHRecipe, workers: int, verify: bool = False, overwrite: bool = False
 ) -> dict:
     """Segments every image under ``images`` into ``out``; returns a summary dict."""
+    with _only_run_into(out):
+        return _preprocess(images, out, recipe, workers, verify, overwrite)
+
+
+def _preprocess(images: Path, out: Path, recipe: FHRecipe, workers: int, verify: bool, overwrite: bool) -> dict:
     redo_since, old_decode = _check_params(out, recipe, overwrite)
     for stale in out.rglob(f".*{MASK_SUFFIX}*.tmp"):  # left by a run killed mid-write
         stale.unlink(missing_ok=True)
@@ -351,7 +395,7 @@ def preprocess(
     ) as progress:
         _run_bounded(pool, work, jobs, limit=4 * workers, on_done=progress.update)
     if redo_since is not None and not unlistable:  # an unlisted folder may still hold old masks
-        _finish_redo(out, recipe)
+        _finish_redo(out, recipe, redo_since)
     elif old_decode and not unlistable and not counts["unchecked"]:  # every mask is now of the current decoding
         try:
             _finish_redo(out, recipe)

@@ -217,13 +217,16 @@ def tiny(path: Path, seed: int, size=(8, 10)) -> Path:
 
 
 def test_killed_overwrite_is_resumed_and_its_old_masks_never_count_as_done(tmp_path, monkeypatch, capsys):
+    from rmae.data import DataConfig, MaskRecipeError, build_dataset
+
     images = tmp_path / "in"
-    for i in range(3):
+    for i in range(4):
         tiny(images / f"{i}.png", i)
     out = tmp_path / "out"
     generic = ["--images", str(images), "--out", str(out), "--workers", "1"]
     assert main(generic + ["--scales", "1"]) == 0  # recipe A
     (images / "2.png").write_bytes(b"no longer an image")
+    (images / "3.png").unlink()  # an image removed before the change of recipe: A's mask of it must not stay
     real_segment = preprocess_module._segment_one
 
     def killed_at_second_image(image_file, mask_file, recipe):
@@ -237,11 +240,56 @@ def test_killed_overwrite_is_resumed_and_its_old_masks_never_count_as_done(tmp_p
     monkeypatch.setattr(preprocess_module, "_segment_one", real_segment)
     assert main(generic + ["--scales", "50"]) == 2
     assert "did not finish" in capsys.readouterr().err
-    assert main(generic + ["--scales", "300"]) == 1  # resumes B; 2.png fails
+    # the loader refuses the mix of A's and B's masks, and names the command that finishes B
+    with pytest.raises(MaskRecipeError, match=r"an --overwrite run to it \(FH recipe scales 300, .*did not finish"
+                       ) as unfinished:
+        build_dataset(DataConfig(dataset="coco", image_folder=str(images), mask_folder=str(out), root=str(tmp_path)))
+    finish = str(unfinished.value).splitlines()[-1].split()
+    assert finish[:3] == ["python", "-m", "rmae.preprocess"] and "--overwrite" not in finish
+    assert (out / "3.npy.zst").is_file()  # A's, of the removed image
+    assert main(finish[3:] + ["--workers", "1"]) == 1  # resumes B; 2.png fails
     for i in range(2):
         np.testing.assert_array_equal(load_labels(out / f"{i}.npy.zst")[0], fh.felzenszwalb(load_rgb(images / f"{i}.png"), 300, 0.8, 300))
     assert not (out / "2.npy.zst").exists()  # recipe A's mask of an image that got none from B is gone
+    assert not (out / "3.npy.zst").exists()  # nor of the image no longer there (taken as done if it came back)
     assert "redo_started_ns" not in (out / "fh_params.json").read_text()  # the redo is complete
+
+
+def test_verify_keeps_a_mask_whose_image_cannot_be_read_now(tmp_path, monkeypatch, capsys):
+    """--verify with an image the file system refuses (permissions, I/O): a failure, and its mask stays (it was
+    deleted as 'bad', and could not be made again)."""
+    import errno
+
+    images, out = tmp_path / "in", tmp_path / "out"
+    tiny(images / "a.png", 0)
+    generic = ["--images", str(images), "--out", str(out), "--workers", "1", "--scales", "10"]
+    assert main(generic) == 0
+    real_open = preprocess_module.Image.open
+
+    def refused(path, *args, **kwargs):
+        if Path(path).name == "a.png":
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(preprocess_module.Image, "open", refused)
+    assert main(generic + ["--verify"]) == 1
+    assert "Permission denied" in capsys.readouterr().err
+    assert (out / "a.npy.zst").is_file()
+
+
+def test_a_second_run_into_the_same_mask_folder_is_refused(tmp_path, capsys):
+    """Two runs into one folder deleted each other's files in flight and failures lists: the second waits."""
+    import fcntl
+
+    images, out = tmp_path / "in", tmp_path / "out"
+    tiny(images / "a.png", 0)
+    out.mkdir()
+    with open(out / ".preprocess.lock", "a") as held:  # a run in progress
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert main(["--images", str(images), "--out", str(out), "--workers", "1", "--scales", "10"]) == 2
+        assert f"another rmae.preprocess run is writing into {out}" in capsys.readouterr().err
+        assert not (out / "a.npy.zst").exists()
+    assert main(["--images", str(images), "--out", str(out), "--workers", "1", "--scales", "10"]) == 0
 
 
 def test_symlinked_folders_are_followed_and_broken_links_reported(tmp_path):

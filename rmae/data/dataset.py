@@ -31,7 +31,8 @@ from torch.utils.data import Dataset, get_worker_info
 
 from rmae.fh import felzenszwalb_batch, felzenszwalb_multi
 from rmae.image_io import IMAGE_SUFFIXES
-from rmae.masks import DECODE_VERSION, PARAMS_FILE, MaskError, find_mask, mask_path, recorded_recipe
+from rmae.masks import (DECODE_VERSION, PARAMS_FILE, MaskError, find_mask, mask_path, recorded_recipe,
+                        redo_unfinished)
 
 from .cache import ShardCache
 from .decode import CorruptImageError, decode_image, decode_labels
@@ -140,6 +141,12 @@ class RegionDataset(Dataset):
         for root, (image_dir, mask_dir) in enumerate(self.images.roots):
             found = recorded_recipe(mask_dir)
             mask_folders.append(str(mask_dir.resolve()))
+            if found is not None and redo_unfinished(mask_dir):  # run again, the redo resumes (no --overwrite)
+                finish = (self.images.commands[root] if self.images.commands and found == self.images.recipe
+                          else folder_command(image_dir, mask_dir, found))
+                raise MaskRecipeError(
+                    f"mask folder {mask_dir}: an --overwrite run to it (FH recipe {listed(found)}) did not finish, "
+                    f"so its masks are a mix of that recipe and the one before. Finish it with:\n    {finish}")
             if found is None or found == wanted:
                 continue
             if len(found.scales) == len(wanted.scales):
