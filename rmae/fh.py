@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -66,8 +66,12 @@ def gaussian_weights(sigma: float, truncate: float = 4.0) -> list[float]:
     radius = int(truncate * float(sigma) + 0.5)
     # scipy.ndimage._filters._gaussian_kernel1d(sigma, 0, radius), expression for expression.
     sigma2 = sigma * sigma
-    x = np.arange(-radius, radius + 1)
-    phi_x = np.exp(-0.5 / sigma2 * x**2)
+    try:
+        x = np.arange(-radius, radius + 1)
+        phi_x = np.exp(-0.5 / sigma2 * x**2)
+    except (ValueError, MemoryError) as error:  # numpy cannot hold 2 * radius + 1 taps
+        raise ValueError(f"sigma {float(sigma):g} is too large: its Gaussian kernel of radius {float(radius):.3g} "
+                         f"(4 sigma) cannot be built ({type(error).__name__}: {error})") from None
     phi_x = phi_x / phi_x.sum()
     # correlate1d (the kernel reversed for correlation) takes the weights as float64.
     return np.asarray(phi_x[::-1], dtype=np.float64).tolist()
@@ -134,6 +138,14 @@ def default_min_sizes(scales: Sequence[float]) -> list[int]:
     return [min(int(_check_scale(scale)), _fh.MAX_PIXELS) for scale in scales]
 
 
+def _listed(values, name: str) -> list:
+    """A sequence (or iterable) of numbers as a list; one number or a string is a TypeError that says so."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise TypeError(f"{name} must be a sequence of numbers, one per scale (e.g. [500, 1000, 1500]), got "
+                        f"{type(values).__name__} {values!r}"[:200])
+    return list(values)
+
+
 def _check_params(scales: Sequence[float], sigma, min_sizes: Sequence[int]) -> tuple[list[float], list[int]]:
     _check_sigma(sigma)
     if len(scales) != len(min_sizes):
@@ -186,10 +198,10 @@ def felzenszwalb_multi(
     ``min_sizes`` defaults to the scales themselves (the R-MAE recipes). Each [s] equals
     ``felzenszwalb(image, scales[s], sigma, min_sizes[s])``.
     """
-    scales = list(scales)  # an iterator is read once, also when it gives the default min_sizes
+    scales = _listed(scales, "scales")  # an iterator is read once, also when it gives the default min_sizes
     if min_sizes is None:
         min_sizes = default_min_sizes(scales)
-    scales, min_sizes = _check_params(scales, sigma, list(min_sizes))
+    scales, min_sizes = _check_params(scales, sigma, _listed(min_sizes, "min_sizes"))
     return _fh.segment(_as_image(image), gaussian_weights(sigma), scales, min_sizes)
 
 
@@ -201,10 +213,10 @@ def felzenszwalb_batch(
     num_threads: int | None = None,
 ) -> list[np.ndarray]:
     """``felzenszwalb_multi`` over many images on ``num_threads`` threads (default: all cores), GIL released."""
-    scales = list(scales)  # an iterator is read once, also when it gives the default min_sizes
+    scales = _listed(scales, "scales")  # an iterator is read once, also when it gives the default min_sizes
     if min_sizes is None:
         min_sizes = default_min_sizes(scales)
-    scales, min_sizes = _check_params(scales, sigma, list(min_sizes))
+    scales, min_sizes = _check_params(scales, sigma, _listed(min_sizes, "min_sizes"))
     num_threads = _check_num_threads(usable_cores() if num_threads is None else num_threads)
     if isinstance(images, np.ndarray) and images.dtype != object:  # it would iterate as rows, each a 2-D image
         raise TypeError(f"images must be a sequence of images (a list of arrays), got one array of shape "

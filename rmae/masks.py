@@ -96,7 +96,9 @@ def save_labels(path: str | os.PathLike, labels: np.ndarray) -> None:
         raise ValueError(f"labels must be [S, H, W] or [H, W], got shape {labels.shape}")
     if labels.dtype.kind not in "iu":
         raise TypeError(f"labels must be integers, got {labels.dtype}")
-    if labels.size and (labels.min() < 0 or labels.max() > MAX_LABEL):
+    if labels.size and labels.min() < 0:
+        raise ValueError(f"labels must be >= 0 (FH numbers segments 0..n-1), got {labels.min()}")
+    if labels.size and labels.max() > MAX_LABEL:
         raise ValueError(
             f"labels span {labels.min()}..{labels.max()}: uint16 masks hold at most {MAX_LABEL + 1} segments "
             "(raise the FH scale or min_size)"
@@ -120,6 +122,7 @@ def save_labels(path: str | os.PathLike, labels: np.ndarray) -> None:
 
 
 _local = threading.local()  # a ZstdDecompressor must not be used by two threads at once
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 def _parse_npy(raw) -> np.ndarray:
@@ -147,15 +150,21 @@ def load_labels(source: str | os.PathLike | bytes | memoryview, name: str | os.P
     the result may be read-only. Raises FileNotFoundError for a missing file and MaskError for an
     unreadable one.
     """
+    in_memory = isinstance(source, (bytes, bytearray, memoryview))
     if name is None:
-        name = source
+        name = f"<{len(source)} bytes>" if in_memory else source
     try:
-        raw = source if isinstance(source, (bytes, memoryview)) else Path(source).read_bytes()
-        if str(name).endswith(MASK_SUFFIX):
+        raw = source if in_memory else Path(source).read_bytes()
+        if str(name).endswith(MASK_SUFFIX) or (in_memory and bytes(raw[:4]) == _ZSTD_MAGIC):
             decompressor = getattr(_local, "zstd", None)
             if decompressor is None:
                 decompressor = _local.zstd = zstandard.ZstdDecompressor()
-            raw = decompressor.decompress(raw)
+            try:
+                raw = decompressor.decompress(raw)
+            except zstandard.ZstdError as error:  # a frame without its content size (`zstd` writing to a pipe)
+                if "content size" not in str(error):
+                    raise
+                raw = decompressor.decompressobj().decompress(raw)
         labels = _parse_npy(raw)
     except FileNotFoundError:
         raise

@@ -489,6 +489,10 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, PreprocessError) as error:
         print(_shown(f"error: {error}"), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: every mask written is complete (atomic writes), the rest is redone
+        print("\ninterrupted: the masks written so far are kept; run the same command again to continue",
+              file=sys.stderr)
+        return 130
     print(_shown(
         f"{summary['images']} images: {summary['written']} written, {summary['skipped_existing']} already done, "
         f"{summary['regenerated']} regenerated, {summary['failed']} failed"

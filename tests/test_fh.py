@@ -333,6 +333,13 @@ def test_bad_parameters_raise_clear_errors():
         fh.felzenszwalb_batch([image], [1], num_threads=0)
     with pytest.raises(ValueError, match="sigma must be a finite number"):  # beyond the float range
         fh.felzenszwalb(image, sigma=10**400)
+    with pytest.raises(ValueError, match=r"sigma 1e\+300 is too large: its Gaussian kernel of radius 4e\+300"):
+        fh.felzenszwalb(image, sigma=1e300)  # (numpy's own "Maximum allowed size exceeded" said nothing of sigma)
+    for not_a_sequence in (100, "500"):  # (an int failed as 'not iterable', a string as its characters)
+        with pytest.raises(TypeError, match="scales must be a sequence of numbers, one per scale"):
+            fh.felzenszwalb_multi(image, not_a_sequence)
+        with pytest.raises(TypeError, match="min_sizes must be a sequence of numbers"):
+            fh.felzenszwalb_batch([image], [100], min_sizes=not_a_sequence)
     with pytest.raises(TypeError, match=r"a sequence of images .* shape \(4, 4, 3\)"):  # not 4 rows as images
         fh.felzenszwalb_batch(image, [1])
     # a 1-D object array of images (e.g. a pandas column's values) is a sequence of images

@@ -177,6 +177,20 @@ def test_mask_files_round_trip_uint16_and_read_the_original_format(tmp_path):
         load_labels(tmp_path / "bad.npy.zst")
     with pytest.raises(FileNotFoundError):
         load_labels(tmp_path / "missing.npy.zst")
+    with pytest.raises(ValueError, match="labels must be >= 0"):  # (it spoke of 65536 segments)
+        save_labels(tmp_path / "negative.npy.zst", -np.ones((2, 2), np.int32))
+    # bytes without a name: named by their size in errors (not printed whole), zstd recognised by its magic
+    with pytest.raises(MaskError, match=r"cannot read mask file <5000 bytes>: "):
+        load_labels(b"x" * 5000)
+    np.testing.assert_array_equal(load_labels((tmp_path / "a" / "x.npy.zst").read_bytes()), labels)
+    # a frame without its content size (the zstd tool writing to a pipe) reads too
+    npy = io.BytesIO()
+    np.save(npy, labels.astype(np.uint16))
+    piped = io.BytesIO()
+    with zstandard.ZstdCompressor(write_content_size=False).stream_writer(piped, closefd=False) as writer:
+        writer.write(npy.getvalue())
+    (tmp_path / "piped.npy.zst").write_bytes(piped.getvalue())
+    np.testing.assert_array_equal(load_labels(tmp_path / "piped.npy.zst"), labels)
 
 
 def test_image_modes_convert_to_rgb(tmp_path):
@@ -235,8 +249,8 @@ def test_killed_overwrite_is_resumed_and_its_old_masks_never_count_as_done(tmp_p
         real_segment(image_file, mask_file, recipe)
 
     monkeypatch.setattr(preprocess_module, "_segment_one", killed_at_second_image)
-    with pytest.raises(KeyboardInterrupt):
-        main(generic + ["--scales", "300", "--overwrite"])  # recipe B, unfinished
+    assert main(generic + ["--scales", "300", "--overwrite"]) == 130  # recipe B, unfinished
+    assert "interrupted: the masks written so far are kept" in capsys.readouterr().err
     monkeypatch.setattr(preprocess_module, "_segment_one", real_segment)
     assert main(generic + ["--scales", "50"]) == 2
     assert "did not finish" in capsys.readouterr().err
@@ -509,7 +523,7 @@ def test_options_that_would_be_ignored_are_refused(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             main(generic + bad)
         assert exit_info.value.code == 2, bad
-    assert "--sigma 1e+12 is too large" in capsys.readouterr().err
+    assert "sigma 1e+12 is too large: its Gaussian kernel" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
