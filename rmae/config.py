@@ -184,8 +184,8 @@ SCHEMA: dict = {
         "use_fp16": _s("none", choices=("none", "float16", "bfloat16")),
         "use_compile": _b(None, nullable=True, doc="null: on for CUDA, off on CPU"),
         "max_norm": _f(0.0, range=NONNEG, doc="0: no clipping"),
-        "max_skips_in_a_row": _i(100, range=NONNEG,
-                                 doc="non-finite updates in a row that end the run as diverged; 0: no limit"),
+        "max_skips_in_a_row": _i(100, range=NONNEG, doc="skipped (non-finite) tries of an update in a row that "
+                                                        "end the run as diverged; 0: no limit"),
         "seed": _i(0, range=Range(0, 2**32, hi_open=True)),
         "log_interval": _i(200, range=POSITIVE),
         "checkpoint_interval": _i(1000, range=POSITIVE),

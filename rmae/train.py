@@ -678,28 +678,28 @@ def train(cfg, require_resume: bool = False) -> dict:
                     else contextlib.nullcontext())
         sharded = world > 1
         losses: list[float] = []
-        # the log window's sums; loss terms over the updates with a finite loss, the norm over those with a finite
-        # norm (a skipped update does not turn the window's mean into nan), times over all
-        win = dict.fromkeys(("loss", "mae_loss", "region_loss", "n_loss", "grad_norm", "n_norm", "n", "data",
-                             "step"), 0.0)
+        # the log window's sums over its updates (a skipped try is none: its time counts into the next update's)
+        win = dict.fromkeys(("loss", "mae_loss", "region_loss", "grad_norm", "n", "data", "step"), 0.0)
         vis_every = tr["visualize_interval"]
         interrupted = None
         last_ckpt = step if resume_from is not None else -1
         errors = errors_before  # unreadable training samples skipped so far, all ranks (as of the last update)
         t_log = time.perf_counter()
 
+        saved_position = position  # the data position the newest checkpoint resumes at
+
         def checkpoint_now(s: int):
-            nonlocal last_ckpt
+            nonlocal last_ckpt, saved_position
             extra = {"data_position": position, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                      "skipped": skipped, "data_errors": errors, "config": to_yaml(cfg),
                      "config_identity": config_identity(cfg["config"])}
             path = ckpt.save_checkpoint(run_dir, model=model, optimizer=optimizer, step=s, extra=extra,
                                         keep=tr["num_checkpoint"], is_main=dinfo.is_main)
-            last_ckpt = s
+            last_ckpt, saved_position = s, position
             if dinfo.is_main:
                 log.event("checkpoint", step=s, file=str(path))
 
-        first_step, in_a_row = step, 0  # in_a_row: the latest updates skipped one after the other
+        first_step, in_a_row = step, 0  # in_a_row: the tries of the current update skipped so far
         console.enter_context(console_above(bar))
         while step < max_update:
             t0 = time.perf_counter()
@@ -748,44 +748,42 @@ def train(cfg, require_resume: bool = False) -> dict:
             else:
                 skipped += 1
                 back_off(scaler)
-                # numbered as the update's metric record and checkpoint (step counts it below)
+                # numbered as the update it was (and is tried again as)
                 log.event("skip", step=step + 1, loss=flags[0].item(), grad_norm=gnorm.item(), skipped=skipped)
             optimizer.zero_grad(set_to_none=True)
-            lr = scheduler.get_last_lr()[0]
-            step += 1
             in_a_row = 0 if finite else in_a_row + 1
             if 0 < tr["max_skips_in_a_row"] <= in_a_row:
                 raise TrainingDiverged(
-                    f"{in_a_row} updates in a row (steps {step + 1 - in_a_row}-{step}) had a non-finite loss or "
-                    f"gradient, so the weights have not changed since step {step - in_a_row}; the run stops "
-                    f"without a checkpoint of them (training.max_skips_in_a_row={tr['max_skips_in_a_row']}). Resume "
-                    "from the last checkpoint with a lower optimizer.params.lr, training.max_norm > 0 or "
-                    "training.use_fp16=bfloat16 instead of float16")
+                    f"{in_a_row} tries in a row of update {step + 1}, each on a new batch, had a non-finite loss or "
+                    f"gradient, so the weights have not changed since step {step}; the run stops "
+                    f"(training.max_skips_in_a_row={tr['max_skips_in_a_row']}). Resume from the last checkpoint "
+                    "with a lower optimizer.params.lr, training.max_norm > 0 or training.use_fp16=bfloat16 instead "
+                    "of float16")
+            win["data"] += t_data
+            win["step"] += time.perf_counter() - t0  # (a skipped try's time counts into the update's)
+            if not finite:  # as the original: the update is tried again on the next batch, and a skipped try
+                if flags[4].item() > 0:  # counts neither towards max_update nor in the lr schedule
+                    interrupted = int(flags[4].item())
+                    break
+                continue
+            lr = scheduler.get_last_lr()[0]
+            step += 1
             if step == first_step + 1 and "RMAE_KERNELS_CHECK_INDICES" not in os.environ:
                 # the first update has validated the masking indices; later ones skip the checks' host syncs
                 kernels.set_index_checks(False)
-            t_step = time.perf_counter() - t0
             loss_v = flags[0].item()
             losses.append(loss_v)
-            if math.isfinite(loss_v):
-                win["loss"] += loss_v
-                win["mae_loss"] += flags[1].item()
-                win["region_loss"] += flags[2].item()
-                win["n_loss"] += 1
-            if math.isfinite(gnorm.item()):
-                win["grad_norm"] += gnorm.item()
-                win["n_norm"] += 1
+            win["loss"] += loss_v
+            win["mae_loss"] += flags[1].item()
+            win["region_loss"] += flags[2].item()
+            win["grad_norm"] += gnorm.item()
             win["n"] += 1
-            win["data"] += t_data
-            win["step"] += t_step
             bar.update(1)
             if step % tr["log_interval"] == 0 or step == max_update:
-                n, nan = win["n"], float("nan")  # nan: every update of the window was non-finite
-                mean_loss = {k: win[k] / win["n_loss"] if win["n_loss"] else nan
-                             for k in ("loss", "mae_loss", "region_loss")}
+                n = win["n"]
+                mean_loss = {k: win[k] / n for k in ("loss", "mae_loss", "region_loss")}
                 elapsed = time.perf_counter() - t_log
-                rec = {"step": step, "loss": mean_loss["loss"], "lr": lr,
-                       "grad_norm": win["grad_norm"] / win["n_norm"] if win["n_norm"] else nan,
+                rec = {"step": step, "loss": mean_loss["loss"], "lr": lr, "grad_norm": win["grad_norm"] / n,
                        "img_per_s": G * n / max(elapsed, 1e-9), "step_time": win["step"] / n,
                        "data_time": win["data"] / n, "compute_time": (win["step"] - win["data"]) / n,
                        "peak_mem_mb": peak_memory_mb(device), "skipped": skipped,
@@ -806,8 +804,8 @@ def train(cfg, require_resume: bool = False) -> dict:
                 checkpoint_now(step)
             if vis_every and step % vis_every == 0 and step < max_update:
                 visualize_now(model, raw, cfg, vis_batch, run_dir, step, device, autocast, dinfo)
-        # final (or interrupted) checkpoint
-        if last_ckpt != step:
+        # final (or interrupted) checkpoint; also after skipped tries since the last one (their batches are used)
+        if last_ckpt != step or saved_position != position:
             checkpoint_now(step)
         if interrupted is None:
             visualize_now(model, raw, cfg, vis_batch, run_dir, step, device, autocast, dinfo)

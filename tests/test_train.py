@@ -385,25 +385,60 @@ def test_updates_that_stay_nonfinite_end_the_run_as_diverged(tmp_path, monkeypat
     run = tmp_path / "diverged"
     assert main([*BASE, f"training.save_dir={run}", "training.max_update=10", "training.max_skips_in_a_row=3"]) == 2
     err = capsys.readouterr().err
-    assert ("error: 3 updates in a row (steps 2-4) had a non-finite loss or gradient, so the weights have not changed "
-            "since step 1") in err, err
-    assert [r["step"] for r in log_records(run, "skip")] == [2, 3, 4]
+    assert ("error: 3 tries in a row of update 2, each on a new batch, had a non-finite loss or gradient, so the "
+            "weights have not changed since step 1") in err, err
+    assert [r["step"] for r in log_records(run, "skip")] == [2, 2, 2]
     (error,) = log_records(run, "error")
-    assert error["type"] == "TrainingDiverged" and error["step"] == 4
+    assert error["type"] == "TrainingDiverged" and error["step"] == 1
     assert not log_records(run, "done") and not (run / "encoder.safetensors").exists()
 
 
-def test_log_window_averages_over_the_finite_updates(tmp_path, monkeypatch):
-    """A skipped update in a log window leaves the window's loss and grad norm the means of its other updates
-    (it made them nan, and the norm half as large)."""
+def test_a_skipped_try_is_not_an_update(tmp_path, monkeypatch):
+    """As the original: a non-finite try is done again on the next batch and counts neither towards max_update nor
+    in the lr schedule; the updates and their log records are those of a run that never met the bad batch, and a
+    run stopped and resumed around the skip trains the same."""
     _poison_second_forward(monkeypatch, float("nan"))
-    each = log_records(train(cfg_for(tmp_path / "each", "training.max_update=3"))["run_dir"])
-    assert math.isnan(float(each[1]["loss"])) and math.isnan(float(each[1]["grad_norm"]))
+    skipping = train(cfg_for(tmp_path / "skipping", "training.max_update=3"))
+    records = log_records(skipping["run_dir"])
+    assert [r["step"] for r in records] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in records)
+    monkeypatch.undo()
+    assert [r["lr"] for r in records] == [r["lr"] for r in log_records(
+        train(cfg_for(tmp_path / "clean", "training.max_update=3"))["run_dir"])]  # the schedule does not move
+    assert len(skipping["losses"]) == 3 and ckpt.latest_checkpoint(tmp_path / "skipping").name == "ckpt_00000003.pt"
+    # the window of all three updates: their means, no nan
     _poison_second_forward(monkeypatch, float("nan"))
     (window,) = log_records(train(cfg_for(tmp_path / "win", "training.max_update=3",
                                           "training.log_interval=3"))["run_dir"])
     for key in ("loss", "mae_loss", "region_loss", "grad_norm"):
-        assert window[key] == pytest.approx((each[0][key] + each[2][key]) / 2, rel=1e-6), key
+        assert window[key] == pytest.approx(sum(r[key] for r in records) / 3, rel=1e-6), key
+    # stopped (SIGUSR1) during the skipped try: the checkpoint of step 1 is written again with the data position
+    # after the bad batch, so the resumed run does not meet it a second time
+    import rmae.train as rt
+
+    monkeypatch.undo()
+    real = rt.build_model_from_config
+
+    def stopped_at_the_bad_batch(cfg, device=None):
+        model = real(cfg, device)
+        forward, calls = model.forward, {"n": 0}
+
+        def fwd(*a, **k):
+            out = forward(*a, **k)
+            calls["n"] += 1
+            if calls["n"] == 2:
+                out.loss = out.loss * float("nan")
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return out
+
+        model.forward = fwd
+        return model
+
+    monkeypatch.setattr(rt, "build_model_from_config", stopped_at_the_bad_batch)
+    stopped = train(cfg_for(tmp_path / "stopped", "training.max_update=3"))
+    assert stopped["step"] == 1 and stopped["skipped"] == 1
+    monkeypatch.setattr(rt, "build_model_from_config", real)
+    resumed = train(cfg_for(tmp_path / "stopped", "training.max_update=3"))
+    assert resumed["skipped"] == 1 and losses(tmp_path / "stopped") == [r["loss"] for r in records]
 
 
 def test_pictures_show_the_same_samples_after_a_resume(tmp_path, monkeypatch):
@@ -823,12 +858,12 @@ def test_fp16_skip_backs_off_like_grad_scaler(tmp_path, monkeypatch):
     scaler = torch.amp.GradScaler("cpu")
     p = torch.nn.Parameter(torch.ones(1))
     opt = torch.optim.SGD([p], lr=0.1)
-    for factor in (1.0, float("inf"), 1.0, 1.0):  # good, overflow, good, good
+    for factor in (1.0, float("inf"), 1.0, 1.0, 1.0):  # good, overflow (tried again), good, good, good
         scaler.scale((p * factor).sum()).backward()
         scaler.step(opt)
         scaler.update()
         opt.zero_grad()
-    assert state == scaler.state_dict() and state["_growth_tracker"] == 2
+    assert state == scaler.state_dict() and state["_growth_tracker"] == 3
 
 
 def test_warmup_longer_than_the_schedule_is_reported(tmp_path):
