@@ -146,16 +146,18 @@ def load_labels(source: str | os.PathLike | bytes | memoryview, name: str | os.P
     """Labels [S, H, W] from our ``.npy.zst`` (uint16) or the original's ``.npy`` (uint8) file.
 
     ``source`` is a path, or the file's bytes (e.g. from an in-memory cache) with ``name`` naming the
-    file: its suffix decides the format. Zstandard decompresses straight into the array's buffer, so
-    the result may be read-only. Raises FileNotFoundError for a missing file and MaskError for an
-    unreadable one.
+    file in messages; the Zstandard magic number tells ours from an NPY stream. Zstandard decompresses
+    straight into the array's buffer, so the result may be read-only. Raises FileNotFoundError for a
+    missing file and MaskError for an unreadable (or empty) one.
     """
     in_memory = isinstance(source, (bytes, bytearray, memoryview))
     if name is None:
         name = f"<{len(source)} bytes>" if in_memory else source
     try:
         raw = source if in_memory else Path(source).read_bytes()
-        if str(name).endswith(MASK_SUFFIX) or (in_memory and bytes(raw[:4]) == _ZSTD_MAGIC):
+        if len(raw) == 0:
+            raise MaskError(f"mask file {name} is empty (0 bytes); rmae.preprocess --verify makes it again")
+        if bytes(raw[:4]) == _ZSTD_MAGIC:  # ours (whatever the case of the suffix); else an NPY stream
             decompressor = getattr(_local, "zstd", None)
             if decompressor is None:
                 decompressor = _local.zstd = zstandard.ZstdDecompressor()
@@ -166,7 +168,7 @@ def load_labels(source: str | os.PathLike | bytes | memoryview, name: str | os.P
                     raise
                 raw = decompressor.decompressobj().decompress(raw)
         labels = _parse_npy(raw)
-    except FileNotFoundError:
+    except (FileNotFoundError, MaskError):
         raise
     except Exception as error:  # truncated zstd frame, bad NPY header, ...
         raise MaskError(f"cannot read mask file {name}: {error}") from error

@@ -191,6 +191,11 @@ def test_mask_files_round_trip_uint16_and_read_the_original_format(tmp_path):
         writer.write(npy.getvalue())
     (tmp_path / "piped.npy.zst").write_bytes(piped.getvalue())
     np.testing.assert_array_equal(load_labels(tmp_path / "piped.npy.zst"), labels)
+    (tmp_path / "UPPER.NPY.ZST").write_bytes(piped.getvalue())  # the format is in the bytes, not the suffix's case
+    np.testing.assert_array_equal(load_labels(tmp_path / "UPPER.NPY.ZST"), labels)
+    (tmp_path / "empty.npy.zst").write_bytes(b"")
+    with pytest.raises(MaskError, match=r"empty.npy.zst is empty \(0 bytes\)"):
+        load_labels(tmp_path / "empty.npy.zst")
 
 
 def test_image_modes_convert_to_rgb(tmp_path):
