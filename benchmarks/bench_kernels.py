@@ -401,7 +401,7 @@ def main(argv=None):
     elif not cuda:
         print("note: no GPU — Triton runs only through its CPU interpreter; timing the reference only.")
 
-    rows = []
+    rows, md = [], markdown(info, [], args)
     for name in [s for s in args.kernels.split(",") if s]:
         g = torch.Generator().manual_seed(0)
         c = CASES[name](args.batch, args.k, dt, device, g)

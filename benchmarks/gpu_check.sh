@@ -69,7 +69,7 @@ if ! $py -c "import rmae.kernels" 2> /dev/null; then  # no editable install: imp
     echo "=== install failed: rmae and rmae.kernels from the source tree (no FH extension)" | tee -a "$log"
 fi
 if $py -c "import pytest" 2> /dev/null; then
-    step gpu_tests 90 $py -m pytest -q -p no:cacheprovider tests/test_gpu.py
+    step gpu_tests 90 env RMAE_REQUIRE_GPU=1 $py -m pytest -q -p no:cacheprovider tests/test_gpu.py
 else
     echo "=== gpu_tests: skipped (pytest not carried)" | tee -a "$log"
     failed+=("gpu_tests (no pytest)")

@@ -96,20 +96,28 @@ def records_a_step(log: Path) -> bool:
 
 def _log_after(log: Path, step: int) -> int | None:
     """The byte offset in ``log`` where the records of the steps after ``step`` begin (a run that died after its
-    last checkpoint wrote them), or where a last line cut short by a crash begins; None when there are none."""
+    last checkpoint wrote them), or where a last line cut short by a crash begins; None when there are none.
+    Only records after the newest ``checkpoint`` record of ``step`` count: before it, a skipped try of the next
+    update (numbered step + 1) is part of the checkpoint's history (its batch is not tried again)."""
     if not log.is_file():
         return None
-    offset = 0
     with open(log, "rb") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                record = None
-            later = isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step
-            if later or not line.endswith(b"\n"):
-                return offset
-            offset += len(line)
+        lines = f.readlines()
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        records.append(record if isinstance(record, dict) else {})
+    start = max((i + 1 for i, r in enumerate(records) if r.get("event") == "checkpoint" and r.get("step") == step),
+                default=0)
+    offset = sum(len(line) for line in lines[:start])
+    for line, record in zip(lines[start:], records[start:]):
+        later = isinstance(record.get("step"), int) and record["step"] > step
+        if later or not line.endswith(b"\n"):
+            return offset
+        offset += len(line)
     return None
 
 

@@ -108,8 +108,9 @@ def _mask_collisions(relative_paths: list[Path]) -> list[tuple[Path, str]]:
 def _check_mask(mask_file: Path, image_file: Path, recipe: FHRecipe) -> str | None:
     """Why an existing mask is bad, or None when it is sound. An error of the file system (permissions, I/O) on
     the mask or the image is raised: the image is then a failure and its mask is kept."""
+    raw = mask_file.read_bytes()  # (an error of the file system is raised, not taken as a bad mask)
     try:
-        labels = load_labels(mask_file)
+        labels = load_labels(raw, mask_file)
     except MaskError as error:
         return str(error)
     try:
@@ -218,13 +219,13 @@ def _decoded_differently(image_file: Path) -> bool:
         return False
 
 
-def _finish_redo(out: Path, recipe: FHRecipe, redo_since: int | None = None) -> None:
-    """Records that every mask in ``out`` is now the recipe's (the redo is complete). After a redo (``redo_since``),
-    the masks it did not write first go: the old recipe's masks of images that are no longer in the folder, which
-    would otherwise be taken as done should such an image come back."""
-    if redo_since is not None:
+def _finish_redo(out: Path, recipe: FHRecipe, listed: set[Path] | None = None) -> None:
+    """Records that every mask in ``out`` is now the recipe's (the redo is complete). After a redo (``listed``: the
+    masks of the images listed now), the other masks first go: the old recipe's masks of images no longer in the
+    folder, which would otherwise be taken as done should such an image come back."""
+    if listed is not None:
         for mask_file in out.rglob(f"*{MASK_SUFFIX}"):
-            if not _mask_done(mask_file, redo_since):
+            if mask_file not in listed:
                 mask_file.unlink(missing_ok=True)
     _write_params(out, _recipe_params(recipe))
 
@@ -312,9 +313,12 @@ def _only_run_into(out: Path):
         if fcntl is not None:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+            except BlockingIOError:
                 raise PreprocessError(f"another rmae.preprocess run is writing into {out}; wait for it to finish "
                                       "(or use another --out)") from None
+            except OSError as error:  # a file system without locks (some NFS, Lustre without flock)
+                print(f"note: {out} cannot be locked ({error.strerror or error}); do not start a second run into "
+                      "it until this one ends", file=sys.stderr)
         yield
 
 
@@ -395,7 +399,7 @@ def _preprocess(images: Path, out: Path, recipe: FHRecipe, workers: int, verify:
     ) as progress:
         _run_bounded(pool, work, jobs, limit=4 * workers, on_done=progress.update)
     if redo_since is not None and not unlistable:  # an unlisted folder may still hold old masks
-        _finish_redo(out, recipe, redo_since)
+        _finish_redo(out, recipe, {mask_path(out, relative) for relative in relative_paths + broken_links})
     elif old_decode and not unlistable and not counts["unchecked"]:  # every mask is now of the current decoding
         try:
             _finish_redo(out, recipe)

@@ -253,7 +253,9 @@ def in_config_terms_error(cfg, error: BaseException) -> BaseException | None:
         return None
     key = f"dataset_config.{cfg['dataset']}_pretrain"
     message = str(error).replace("root= to change it", f"{key}.data_dir to change it")
-    message = message.replace("with mask_folder=", f"with {key}.imdb_files.train.mask_folder=")
+    split = f"{key}.split=null " if dataset_section(cfg).get("split") else ""  # (a split overrides imdb_files)
+    message = message.replace(" with image_folder=[", f" with {split}{key}.imdb_files.train.image_folder=[")
+    message = message.replace("] mask_folder=[", f"] {key}.imdb_files.train.mask_folder=[")
     # regions='online' (...) or 'online_crop' -> <key>.region_source=online (...) or online_crop
     if "regions='" in message:
         message = re.sub(r"regions='(\w+)'", rf"{key}.region_source=\1", message)
@@ -301,10 +303,6 @@ def picture_batch(dataset, count: int = 4) -> tuple[torch.Tensor, dict]:
     with data_error_context():
         batch = default_collate([dataset[(i, i)] for i in range(min(count, len(dataset)))])
     return batch["image"], {k: v for k, v in batch.items() if k.startswith("region_")}
-
-
-def data_errors(loader) -> int:
-    return int(getattr(getattr(loader, "dataset", None), "error_count", 0) or 0)
 
 
 def to_device(batch: dict, device: torch.device, num_region: int):
@@ -666,8 +664,7 @@ def train(cfg, require_resume: bool = False) -> dict:
                 caches = gathered
             for fields in caches:
                 log.event("shard_cache", **fields)
-        vis_batch = picture_batch(loader.dataset)  # every rank (the pictures' forward is collective); before the
-        picture_errors = data_errors(loader)  # workers start, so that its unreadable images are counted apart
+        vis_batch = picture_batch(loader.dataset)  # every rank: the pictures' forward is collective
         if getattr(loader, "num_workers", 0) > 0:
             loader.worker_init_fn = QuietWorkerInit(loader.worker_init_fn)
         with stop.ignored():  # loader workers start here; a signal to the process group stops only the main loop
@@ -683,7 +680,7 @@ def train(cfg, require_resume: bool = False) -> dict:
         vis_every = tr["visualize_interval"]
         interrupted = None
         last_ckpt = step if resume_from is not None else -1
-        errors = errors_before  # unreadable training samples skipped so far, all ranks (as of the last update)
+        errors = errors_before  # unreadable images skipped for the samples trained on so far, all ranks
         t_log = time.perf_counter()
 
         saved_position = position  # the data position the newest checkpoint resumes at
@@ -706,11 +703,13 @@ def train(cfg, require_resume: bool = False) -> dict:
             t_data = 0.0
             scheduler.set(step)
             acc = torch.zeros(3, dtype=torch.float32, device=device)  # loss, mae_loss, region_loss (means)
+            replaced = 0  # unreadable images this rank's micro-batches skipped
             noise_table = step_noise(tr["seed"], step, G, num_patches)
             for m in range(A):
                 td = time.perf_counter()
                 batch = next_batch(it)
                 t_data += time.perf_counter() - td
+                replaced += int(batch["replaced"].sum()) if "replaced" in batch else 0
                 images, regions = to_device(batch, device, num_region)
                 # rows of the step's noise table are the samples' offsets in the update (their sampler draw
                 # minus step * G): micro m of rank r holds offsets m*b*W + i*W + r
@@ -729,17 +728,17 @@ def train(cfg, require_resume: bool = False) -> dict:
             if amp_dtype == torch.float16:
                 scaler.unscale_(optimizer)
             gnorm = grad_norm(params)
-            # one small all-reduce: mean losses, non-finite loss on any rank, stop requested on any rank, samples
-            # skipped as unreadable by this rank's loader so far
+            # one small all-reduce: mean losses, non-finite loss on any rank, stop requested on any rank, unreadable
+            # images skipped for this update's samples
             flags = torch.cat([acc, (~torch.isfinite(acc[:1])).float(),
                                torch.full((1,), float(stop.signal is not None), device=device),
-                               torch.full((1,), float(data_errors(loader) - picture_errors), device=device)])
+                               torch.full((1,), float(replaced), device=device)])
             if sharded:
                 torch.distributed.all_reduce(flags)
                 flags[:3] /= world
             flags = flags.double().cpu()
             finite = flags[3].item() == 0 and math.isfinite(gnorm.item())
-            errors = errors_before + int(flags[5].item())
+            errors += int(flags[5].item())
             if finite:
                 if tr["max_norm"] > 0:
                     torch.nn.utils.clip_grads_with_norm_(params, tr["max_norm"], gnorm.to(device))

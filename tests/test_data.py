@@ -327,7 +327,7 @@ def test_online_equals_offline_and_other_sources(tree):
     crop = _coco(tree, regions="online_crop")[(0, 5)]
     assert crop["region_labels"].shape == (3, SMALL, SMALL) and torch.equal(crop["image"], offline[(0, 5)]["image"])
     plain = _coco(tree, regions="none")[(0, 5)]
-    assert set(plain) == {"image", "index"} and torch.equal(plain["image"], offline[(0, 5)]["image"])
+    assert set(plain) == {"image", "index", "replaced"} and torch.equal(plain["image"], offline[(0, 5)]["image"])
 
 
 def test_online_crop_labels_are_fh_of_the_returned_image(tree):
@@ -378,14 +378,15 @@ def test_in_memory_labels_follow_each_datasets_recipe():
     assert RegionDataset(images, "offline", img_size=32)._memory_labels is images.labels  # computed once
 
 
-def _trainer_loader(root, *overrides, config="RMAE/COCO/rmae_fh_4000eps.yaml", section="coco_pretrain"):
-    """``rmae.train.data_loader`` of a config with ``imdb_files.train`` overrides (the trainer's path)."""
+def _trainer_loader(root, *overrides, config="RMAE/COCO/rmae_fh_4000eps.yaml", section="coco_pretrain", raw=()):
+    """``rmae.train.data_loader`` of a config with ``imdb_files.train`` overrides (the trainer's path), then the
+    ``raw`` ones (whole keys). Errors are as the trainer reports them (in config keys)."""
     from rmae import train
     from rmae.config import load_config
 
     prefix = f"dataset_config.{section}"
     cfg = load_config(config, ["training.num_workers=0", f"{prefix}.data_dir={root}"]
-                      + [f"{prefix}.imdb_files.train.{o}" for o in overrides])
+                      + [f"{prefix}.imdb_files.train.{o}" for o in overrides] + list(raw))
     model = types.SimpleNamespace(num_region=2, img_size=32, patch_size=16, region_sample_type="random",
                                   region_mask_ratio=0.75)
     dinfo = types.SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"))
@@ -670,21 +671,22 @@ def test_a_mask_folder_of_another_recipe_is_refused_before_training_with_the_com
     images, masks = root / "imagenet" / "train", root / "imagenet" / "fh_train"
     shutil.rmtree(masks)
     preprocess.preprocess(images, masks, COCO_FH, workers=1)
+    split = ["dataset_config.imnet_pretrain.split=train"]  # (a split overrides imdb_files: the fix must say so)
     with pytest.raises(FileNotFoundError) as refused:
-        _trainer_loader(root, "image_folder=[train]", config="RMAE/ImageNet/rmae_fh_800eps.yaml",
-                        section="imnet_pretrain")
+        _trainer_loader(root, config="RMAE/ImageNet/rmae_fh_800eps.yaml", section="imnet_pretrain", raw=split)
     message = str(refused.value)
     assert (f"mask folder {masks} holds masks of the FH recipe scales 500,1000,1500, min sizes 500,1000,1500, "
             "sigma 0.8 (fh_params.json), but this dataset is trained with scales 1000, min sizes 1000") in message
     assert "regions=" not in message and "region_source=online" in message
     command = next(line.strip() for line in message.splitlines() if "--images" in line)
-    key = "dataset_config.imnet_pretrain.imdb_files.train.mask_folder="
-    setting = message.split(key, 1)[1].split(";", 1)[0]
+    settings = next(line for line in message.splitlines() if line.startswith("and train with ")).rstrip(";").split()
+    settings = [word for word in settings if word.startswith("dataset_config.imnet_pretrain.")]
+    assert [word.split("=")[0].rsplit(".", 1)[1] for word in settings] == ["split", "image_folder", "mask_folder"]
     argv = shlex.split(command)[3:]
     assert argv[argv.index("--scales") + 1] == "1000" and argv[argv.index("--min-sizes") + 1] == "1000"
     assert preprocess.main(argv) == 0
-    loader = _trainer_loader(root, "image_folder=[train]", f"mask_folder={setting}",
-                             config="RMAE/ImageNet/rmae_fh_800eps.yaml", section="imnet_pretrain")
+    loader = _trainer_loader(root, config="RMAE/ImageNet/rmae_fh_800eps.yaml", section="imnet_pretrain",
+                             raw=split + settings)
     assert next(iter(loader))["region_labels"].shape[1] == 1
     # The same number of scales with other FH parameters (masks made so on purpose): used, with a warning.
     shutil.rmtree(masks)

@@ -12,13 +12,17 @@ float32 (long reductions and tf32x3 dots round differently from PyTorch's), 2e-2
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from rmae import kernels
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or kernels.interpreting() or not kernels.HAS_TRITON,
-                                reason="needs a CUDA GPU, Triton, and TRITON_INTERPRET unset or 0")
+_UNAVAILABLE = not torch.cuda.is_available() or kernels.interpreting() or not kernels.HAS_TRITON
+if _UNAVAILABLE and os.environ.get("RMAE_REQUIRE_GPU") == "1":  # benchmarks/gpu_check.sh: a skip is a failure there
+    pytest.fail("RMAE_REQUIRE_GPU=1 but there is no CUDA GPU, no Triton, or TRITON_INTERPRET is on", pytrace=False)
+pytestmark = pytest.mark.skipif(_UNAVAILABLE, reason="needs a CUDA GPU, Triton, and TRITON_INTERPRET unset or 0")
 
 B, N, L, K, P = 4, 196, 49, 8, 16
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}

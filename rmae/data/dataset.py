@@ -164,7 +164,8 @@ class RegionDataset(Dataset):
             raise MaskRecipeError(
                 "\n".join(lines) + ".\nMake this recipe's masks in a folder of their own:\n    "
                 + " && ".join(own for _, _, own, _ in fixes)
-                + f"\nand train with mask_folder=[{','.join(mask_folders)}];\nor recompute the folder in place "
+                + f"\nand train with image_folder=[{','.join(str(i.resolve()) for i, _ in self.images.roots)}] "
+                f"mask_folder=[{','.join(mask_folders)}];\nor recompute the folder in place "
                 "(its masks of the other recipe are replaced):\n    " + " && ".join(o for *_, o in fixes)
                 + "\nor compute regions in the loader with regions='online' (FH on the full image) or 'online_crop'.")
 
@@ -203,12 +204,17 @@ class RegionDataset(Dataset):
         index, rng = self._rng(key)
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images")
-        for _ in range(self.max_retries):
+        for replaced in range(self.max_retries):
             try:
-                return self._load(index, rng)
+                sample = self._load(index, rng)
             except (CorruptImageError, MaskError) as error:
                 self._skip(error, index)
                 index = int(rng.integers(len(self)))
+                continue
+            # the unreadable images skipped for this sample: counted with the batch it reaches (a worker's shared
+            # count also holds the batches it has read ahead)
+            sample["replaced"] = torch.tensor(replaced, dtype=torch.int64)
+            return sample
         raise RuntimeError(
             f"{self.max_retries} consecutive unreadable samples in {self.images.name}; last index {index}. "
             "Check the dataset files."
