@@ -495,8 +495,8 @@ def check_same_experiment(cfg, meta: dict, path: Path, run_dir: Path) -> None:
 
 
 RUN_SETTINGS = ("training.max_update", "training.batch_size", "training.iter_per_update", "training.use_fp16",
-                "training.seed", "scheduler.params.T_max", "scheduler.params.warmup_iterations", "scheduler.params.eta_min",
-                "scheduler.params.use_warmup", "scheduler.params.warmup_factor")
+                "training.seed", "scheduler.params.T_max", "scheduler.params.warmup_iterations",
+                "scheduler.params.eta_min", "scheduler.params.use_warmup", "scheduler.params.warmup_factor")
 
 
 def run_settings_changed(meta: dict, cfg) -> list[str]:
