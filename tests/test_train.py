@@ -342,9 +342,9 @@ def test_mae_model_trains_and_exports(tmp_path):
     assert not load_checkpoint(model, ckpt.latest_checkpoint(run)).missing_keys
 
 
-def _poison_second_forward(monkeypatch, value, onwards=False):
+def _poison_second_forward(monkeypatch, value, onwards=False, then=None):
     """The loss of the second update (forward call 2; ``onwards``: and every later one) becomes ``value`` times
-    itself."""
+    itself; ``then()`` runs after each poisoned call."""
     import rmae.train as rt
 
     real = rt.build_model_from_config
@@ -358,6 +358,8 @@ def _poison_second_forward(monkeypatch, value, onwards=False):
             calls["n"] += 1
             if calls["n"] == 2 or (onwards and calls["n"] > 2):
                 out.loss = out.loss * value
+                if then is not None:
+                    then()
             return out
 
         model.forward = fwd
@@ -413,30 +415,11 @@ def test_a_skipped_try_is_not_an_update(tmp_path, monkeypatch):
         assert window[key] == pytest.approx(sum(r[key] for r in records) / 3, rel=1e-6), key
     # stopped (SIGUSR1) during the skipped try: the checkpoint of step 1 is written again with the data position
     # after the bad batch, so the resumed run does not meet it a second time
-    import rmae.train as rt
-
     monkeypatch.undo()
-    real = rt.build_model_from_config
-
-    def stopped_at_the_bad_batch(cfg, device=None):
-        model = real(cfg, device)
-        forward, calls = model.forward, {"n": 0}
-
-        def fwd(*a, **k):
-            out = forward(*a, **k)
-            calls["n"] += 1
-            if calls["n"] == 2:
-                out.loss = out.loss * float("nan")
-                os.kill(os.getpid(), signal.SIGUSR1)
-            return out
-
-        model.forward = fwd
-        return model
-
-    monkeypatch.setattr(rt, "build_model_from_config", stopped_at_the_bad_batch)
+    _poison_second_forward(monkeypatch, float("nan"), then=lambda: os.kill(os.getpid(), signal.SIGUSR1))
     stopped = train(cfg_for(tmp_path / "stopped", "training.max_update=3"))
     assert stopped["step"] == 1 and stopped["skipped"] == 1
-    monkeypatch.setattr(rt, "build_model_from_config", real)
+    monkeypatch.undo()
     resumed = train(cfg_for(tmp_path / "stopped", "training.max_update=3"))
     assert resumed["skipped"] == 1 and losses(tmp_path / "stopped") == [r["loss"] for r in records]
     # the skip before the stop is part of the checkpoint's history: not set aside as records after it
