@@ -346,20 +346,6 @@ class StopFlag:
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
-    @contextlib.contextmanager
-    def ignored(self):
-        """Processes forked inside (DataLoader workers) ignore the signals, so Slurm's or the terminal's signal
-        to the whole process group does not kill them before the main process has saved a checkpoint."""
-        old = {}
-        for s in self.SIGNALS:
-            with contextlib.suppress(ValueError, OSError):
-                old[s] = signal.signal(s, signal.SIG_IGN)
-        try:
-            yield
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
-
     def install(self):
         for s in self.SIGNALS:
             try:
@@ -372,6 +358,9 @@ class StopFlag:
         if self.signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal = signum
+        if signum == signal.SIGINT:
+            logger.warning("stopping after this update (a checkpoint is saved); a second Ctrl-C stops at once, "
+                           "without one")
 
     def restore(self):
         for s, h in self._old.items():
@@ -602,6 +591,8 @@ def train(cfg, require_resume: bool = False) -> dict:
     console = contextlib.ExitStack()
     bar = None
     try:  # from here on, a failure is the log's last event (not a 'start' that seems to hang)
+        # a signal from here on stops the run after its first update (it was lost while the workers started)
+        stop.install()
         if moved is not None:
             log.log({"event": "moved_earlier_run", "to": str(moved)}, console=False)  # (the warning above)
         if meta is not None:
@@ -667,9 +658,7 @@ def train(cfg, require_resume: bool = False) -> dict:
         vis_batch = picture_batch(loader.dataset)  # every rank: the pictures' forward is collective
         if getattr(loader, "num_workers", 0) > 0:
             loader.worker_init_fn = QuietWorkerInit(loader.worker_init_fn)
-        with stop.ignored():  # loader workers start here; a signal to the process group stops only the main loop
-            it = iter(loader)
-        stop.install()
+        it = iter(loader)  # the workers start with the handler (a flag), then ignore the signals (QuietWorkerInit)
         bar = progress_bar(max_update, step, dinfo.is_main and tr["progress_bar"])
         autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
                     else contextlib.nullcontext())
@@ -971,6 +960,10 @@ def main(argv=None) -> int:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C
+        print("\ninterrupted without a checkpoint of the current update; run the same command again to continue "
+              "from the last one", file=sys.stderr)
+        return 130
     return 0
 
 

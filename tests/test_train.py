@@ -198,6 +198,25 @@ def test_records_of_steps_after_the_last_checkpoint_are_set_aside_on_resume(tmp_
            f"{tail}" in capsys.readouterr().err
 
 
+def test_a_ctrl_c_while_the_run_starts_is_kept(tmp_path, monkeypatch, capsys):
+    """Ctrl-C after 'start' but before the first update (the loader's workers starting): the run stops after its
+    first update with a checkpoint (the signal was ignored there, and the run went on to the end)."""
+    import rmae.train as rt
+
+    real = rt.picture_batch
+
+    def interrupted_while_starting(dataset, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(dataset, *args, **kwargs)
+
+    monkeypatch.setattr(rt, "picture_batch", interrupted_while_starting)
+    run = tmp_path / "run"
+    summary = train(cfg_for(run, "training.max_update=5", "training.num_workers=1"))
+    assert summary["step"] == 1 and summary["interrupted"]
+    assert ckpt.latest_checkpoint(run).name == "ckpt_00000001.pt"
+    assert "stopping after this update (a checkpoint is saved)" in capsys.readouterr().err
+
+
 def test_sigusr1_checkpoints_and_exits_cleanly(tmp_path):
     """Slurm's preemption signal (sbatch --signal=USR1@...) in the same process: the update in flight
     finishes, a checkpoint is written, train() returns, and the previous handler is back."""
