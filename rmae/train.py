@@ -489,9 +489,9 @@ RUN_SETTINGS = ("training.max_update", "training.batch_size", "training.iter_per
 
 
 def run_settings_changed(meta: dict, cfg) -> list[str]:
-    """The length, batch, precision, seed and schedule settings that differ from the checkpoint's saved config
-    (allowed, e.g. a run extended with training.max_update, but said: the lr schedule, the data per update or
-    the data order, crops and masks change from there on)."""
+    """The length, batch, precision, seed, schedule and data settings that differ from the checkpoint's saved
+    config (allowed, e.g. a run extended with training.max_update, but said: the lr schedule, the data per update,
+    the data order, crops and masks, or the images themselves change from there on)."""
     from omegaconf import OmegaConf
 
     if not meta.get("config"):
@@ -502,6 +502,12 @@ def run_settings_changed(meta: dict, cfg) -> list[str]:
         then, now = OmegaConf.select(saved, key), OmegaConf.select(cfg, key)
         if then is not None and then != now:
             out.append(f"{key}: {then} in the checkpoint, {now} now")
+    # other training images (in a folder named by save_dir / experiment_name; the default folder refuses them)
+    data_then = data_settings(OmegaConf.to_container(saved, resolve=False))
+    data_now = data_settings(OmegaConf.to_container(cfg, resolve=True))
+    if None not in (data_then, data_now):
+        out += [f"{k}: {data_then.get(k)!r} in the checkpoint, {data_now.get(k)!r} now"
+                for k in sorted(set(data_then) | set(data_now)) if data_then.get(k) != data_now.get(k)]
     return out
 
 

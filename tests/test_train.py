@@ -1094,9 +1094,12 @@ def test_resume_with_another_run_length_or_batch_says_so(tmp_path):
     the data per update change from there: a warning and a log event name each setting (only the lr was)."""
     run = tmp_path / "run"
     train(cfg_for(run, "training.max_update=2"))
-    train(cfg_for(run, "training.max_update=3", "training.batch_size=4", "training.seed=7"))
+    train(cfg_for(run, "training.max_update=3", "training.batch_size=4", "training.seed=7",
+                  f"dataset_config.sample_pretrain.data_dir={tmp_path}"))
     (event,) = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()
                 if '"run_settings_changed"' in line]
     assert event["changed"] == ["training.max_update: 2 in the checkpoint, 3 now",
                                 "training.batch_size: 8 in the checkpoint, 4 now",
-                                "training.seed: 0 in the checkpoint, 7 now"]  # (T_max is set apart: 40)
+                                "training.seed: 0 in the checkpoint, 7 now",  # (T_max is set apart: 40)
+                                # other data in a folder of its own name (training.save_dir): said, not refused
+                                f"dataset_config.sample_pretrain.data_dir: None in the checkpoint, {str(tmp_path)!r} now"]
