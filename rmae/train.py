@@ -474,10 +474,8 @@ def check_same_experiment(cfg, meta: dict, path: Path, run_dir: Path) -> None:
                           f"with {then}, this run uses {now}.\nGive this run its own folder (training.save_dir or "
                           f"training.experiment_name), or set training.save_dir={run_dir} to continue that run "
                           "with this config")
-    data_then, data_now = data_settings(saved), data_settings(OmegaConf.to_container(cfg, resolve=True))
-    if None not in (data_then, data_now) and data_then != data_now:
-        changed = "\n  ".join(f"{k}: {data_then.get(k)!r} in the checkpoint, {data_now.get(k)!r} now"
-                              for k in sorted(set(data_then) | set(data_now)) if data_then.get(k) != data_now.get(k))
+    changed = "\n  ".join(data_changes(saved, cfg))
+    if changed:
         raise ConfigError(f"the run folder {run_dir} holds a run on other data: checkpoint {path} was made with\n  "
                           f"{changed}\nGive this run its own folder (training.save_dir or training.experiment_name), "
                           f"or set training.save_dir={run_dir} to continue that run on this data")
@@ -503,12 +501,19 @@ def run_settings_changed(meta: dict, cfg) -> list[str]:
         if then is not None and then != now:
             out.append(f"{key}: {then} in the checkpoint, {now} now")
     # other training images (in a folder named by save_dir / experiment_name; the default folder refuses them)
-    data_then = data_settings(OmegaConf.to_container(saved, resolve=False))
-    data_now = data_settings(OmegaConf.to_container(cfg, resolve=True))
-    if None not in (data_then, data_now):
-        out += [f"{k}: {data_then.get(k)!r} in the checkpoint, {data_now.get(k)!r} now"
-                for k in sorted(set(data_then) | set(data_now)) if data_then.get(k) != data_now.get(k)]
-    return out
+    return out + data_changes(OmegaConf.to_container(saved, resolve=False), cfg)
+
+
+def data_changes(saved: dict, cfg) -> list[str]:
+    """The settings choosing the training images (``data_settings``) that differ between a checkpoint's saved
+    config (a plain tree) and ``cfg``, one line each."""
+    from omegaconf import OmegaConf
+
+    then, now = data_settings(saved), data_settings(OmegaConf.to_container(cfg, resolve=True))
+    if None in (then, now):
+        return []
+    return [f"{k}: {then.get(k)!r} in the checkpoint, {now.get(k)!r} now"
+            for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
 
 
 def data_settings(c: dict) -> dict | None:
@@ -581,8 +586,9 @@ def train(cfg, require_resume: bool = False) -> dict:
             check_same_experiment(cfg, meta, resume_from, run_dir)
     moved = None
     if dinfo.is_main:
-        moved = ckpt.set_aside(run_dir, RUN_FILES, keep_up_to=history_step(run_dir, resume_from, meta))
-        tail = None if moved is None else moved / f"log.after_step_{history_step(run_dir, resume_from, meta)}.jsonl"
+        kept_step = history_step(run_dir, resume_from, meta)
+        moved = ckpt.set_aside(run_dir, RUN_FILES, keep_up_to=kept_step)
+        tail = None if moved is None else moved / f"log.after_step_{kept_step}.jsonl"
         if tail is not None and tail.is_file():
             logger.warning("continuing from %s: the log's records after it (a run that stopped without a checkpoint "
                            "of its last steps) were moved to %s", resume_from, tail)
@@ -674,20 +680,21 @@ def train(cfg, require_resume: bool = False) -> dict:
         win = dict.fromkeys(("loss", "mae_loss", "region_loss", "grad_norm", "n", "data", "step"), 0.0)
         vis_every = tr["visualize_interval"]
         interrupted = None
-        last_ckpt = step if resume_from is not None else -1
         errors = errors_before  # unreadable images skipped for the samples trained on so far, all ranks
         t_log = time.perf_counter()
 
-        saved_position = position  # the data position the newest checkpoint resumes at
+        # the data position the newest checkpoint resumes at: every try (update or skipped) moves the position,
+        # so a run that did anything since that checkpoint has another one
+        saved_position = position
 
         def checkpoint_now(s: int):
-            nonlocal last_ckpt, saved_position
+            nonlocal saved_position
             extra = {"data_position": position, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                      "skipped": skipped, "data_errors": errors, "config": to_yaml(cfg),
                      "config_identity": config_identity(cfg["config"])}
             path = ckpt.save_checkpoint(run_dir, model=model, optimizer=optimizer, step=s, extra=extra,
                                         keep=tr["num_checkpoint"], is_main=dinfo.is_main)
-            last_ckpt, saved_position = s, position
+            saved_position = position
             if dinfo.is_main:
                 log.event("checkpoint", step=s, file=str(path))
 
@@ -799,7 +806,7 @@ def train(cfg, require_resume: bool = False) -> dict:
             if vis_every and step % vis_every == 0 and step < max_update:
                 visualize_now(model, raw, cfg, vis_batch, run_dir, step, device, autocast, dinfo)
         # final (or interrupted) checkpoint; also after skipped tries since the last one (their batches are used)
-        if last_ckpt != step or saved_position != position:
+        if saved_position != position:
             checkpoint_now(step)
         if interrupted is None:
             visualize_now(model, raw, cfg, vis_batch, run_dir, step, device, autocast, dinfo)
