@@ -19,7 +19,7 @@ import zstandard
 from rmae.recipes import FHRecipe
 
 __all__ = ["MASK_SUFFIX", "PARAMS_FILE", "DECODE_VERSION", "ORIGINAL_SUFFIX", "save_labels", "load_labels", "mask_path",
-           "find_mask", "recorded_recipe", "redo_unfinished", "MaskError", "REDO_KEY"]
+           "find_mask", "folder_params", "recorded_recipe", "MaskError", "REDO_KEY"]
 
 MASK_SUFFIX = ".npy.zst"
 PARAMS_FILE = "fh_params.json"  # a mask folder's recipe, written by rmae.preprocess
@@ -36,25 +36,23 @@ class MaskError(ValueError):
     """A mask file that cannot be read or does not hold label maps."""
 
 
-def recorded_recipe(mask_dir: str | os.PathLike) -> FHRecipe | None:
-    """The ``FHRecipe`` a mask folder's ``PARAMS_FILE`` records; None without a readable record (the original's
-    masks, a folder not made by rmae.preprocess)."""
-    try:
-        params = json.loads((Path(mask_dir) / PARAMS_FILE).read_text())
-        return FHRecipe(tuple(float(s) for s in params["scales"]), tuple(int(m) for m in params["min_sizes"]),
-                        float(params["sigma"]))
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
-        return None
-
-
-def redo_unfinished(mask_dir: str | os.PathLike) -> bool:
-    """Whether an ``--overwrite`` run to the mask folder (a new recipe) stopped before it finished: its masks are
-    then a mix of the old recipe and the new one that ``PARAMS_FILE`` records."""
+def folder_params(mask_dir: str | os.PathLike) -> dict:
+    """What a mask folder's ``PARAMS_FILE`` records (recipe, decoding, an unfinished redo); {} without a readable
+    record (the original's masks, a folder not made by rmae.preprocess)."""
     try:
         params = json.loads((Path(mask_dir) / PARAMS_FILE).read_text())
     except (OSError, UnicodeDecodeError, ValueError):
-        return False
-    return isinstance(params, dict) and REDO_KEY in params
+        return {}
+    return params if isinstance(params, dict) else {}
+
+
+def recorded_recipe(params: dict) -> FHRecipe | None:
+    """The ``FHRecipe`` in a mask folder's ``folder_params``; None when they hold none."""
+    try:
+        return FHRecipe(tuple(float(s) for s in params["scales"]), tuple(int(m) for m in params["min_sizes"]),
+                        float(params["sigma"]))
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def mask_path(mask_dir: str | os.PathLike, relative_image_path: str | os.PathLike) -> Path:

@@ -28,11 +28,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-
-try:
-    import fcntl
-except ImportError:  # not on Windows: runs into one folder are not locked
-    fcntl = None
 from tqdm import tqdm
 
 from rmae import fh, listing, usable_cores
@@ -40,6 +35,11 @@ from rmae.image_io import IMAGE_SUFFIXES, ImageDecodeError, is_wide, load_rgb
 from rmae.masks import (DECODE_VERSION, MASK_SUFFIX, PARAMS_FILE, REDO_KEY, MaskError, load_labels,
                         mask_path, save_labels)
 from rmae.recipes import COCO_FH, IMAGENET_FH, FHRecipe, dataset_root
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: runs into one folder are not locked
+    fcntl = None
 
 __all__ = ["RECIPES", "PreprocessError", "dataset_folders", "list_images", "main", "preprocess", "scan_images"]
 

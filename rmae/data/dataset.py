@@ -20,7 +20,6 @@ number of workers and a resumed run repeats the same crops.
 from __future__ import annotations
 
 import glob
-import json
 import warnings
 from pathlib import Path
 
@@ -31,8 +30,8 @@ from torch.utils.data import Dataset, get_worker_info
 
 from rmae.fh import felzenszwalb_batch, felzenszwalb_multi
 from rmae.image_io import IMAGE_SUFFIXES
-from rmae.masks import (DECODE_VERSION, PARAMS_FILE, MaskError, find_mask, mask_path, recorded_recipe,
-                        redo_unfinished)
+from rmae.masks import (DECODE_VERSION, PARAMS_FILE, REDO_KEY, MaskError, find_mask, folder_params, mask_path,
+                        recorded_recipe)
 
 from .cache import ShardCache
 from .decode import CorruptImageError, decode_image, decode_labels
@@ -139,11 +138,11 @@ class RegionDataset(Dataset):
 
         wanted, fixes, mask_folders = self.fh, [], []
         for root, (image_dir, mask_dir) in enumerate(self.images.roots):
-            found = recorded_recipe(mask_dir)
+            params = folder_params(mask_dir)
+            found = recorded_recipe(params)
             mask_folders.append(str(mask_dir.resolve()))
-            if found is not None and redo_unfinished(mask_dir):  # run again, the redo resumes (no --overwrite)
-                finish = (self.images.commands[root] if self.images.commands and found == self.images.recipe
-                          else folder_command(image_dir, mask_dir, found))
+            if found is not None and REDO_KEY in params:  # run again, the redo resumes (no --overwrite)
+                finish = self.images.root_command(root, found)
                 raise MaskRecipeError(
                     f"mask folder {mask_dir}: an --overwrite run to it (FH recipe {listed(found)}) did not finish, "
                     f"so its masks are a mix of that recipe and the one before. Finish it with:\n    {finish}")
@@ -156,8 +155,7 @@ class RegionDataset(Dataset):
             own = mask_dir.with_name(f"{mask_dir.name}_{'-'.join(f'{s:g}' for s in wanted.scales)}")
             mask_folders[-1] = str(own.resolve())
             fixes.append((mask_dir, found, folder_command(image_dir, own, wanted),
-                          (self.images.commands[root] if self.images.commands
-                           else folder_command(image_dir, mask_dir, wanted)) + " --overwrite"))
+                          self.images.root_command(root, wanted) + " --overwrite"))
         if fixes:
             lines = [f"mask folder {mask_dir} holds masks of the FH recipe {listed(found)} ({PARAMS_FILE}), but "
                      f"this dataset is trained with {listed(wanted)}" for mask_dir, found, _, _ in fixes]
@@ -281,10 +279,10 @@ class RegionDataset(Dataset):
         or the original, which clipped such images to white before FH) does not match the pixels: MaskError."""
         mask_dir = self.images.mask_dir(index)
         if mask_dir not in self._decodings:
-            try:
-                self._decodings[mask_dir] = int(json.loads((mask_dir / PARAMS_FILE).read_text()).get("decode", 1))
-            except (OSError, ValueError, AttributeError, TypeError):
-                self._decodings[mask_dir] = 1  # no record (the original's masks): the clipping decoding
+            try:  # no record (the original's masks): the clipping decoding
+                self._decodings[mask_dir] = int(folder_params(mask_dir).get("decode", 1))
+            except (ValueError, TypeError):
+                self._decodings[mask_dir] = 1
         if self._decodings[mask_dir] < DECODE_VERSION:
             raise MaskError(f"mask {mask} was made from the clipped pixels of {mode} image "
                             f"{self.images.image_file(index)} (an older rmae or the original code); run "

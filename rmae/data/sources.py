@@ -77,10 +77,15 @@ class ImageList:
 
     def command(self, index: int) -> str:
         """The preprocessing command that writes the mask of image ``index``."""
-        if self.commands:
-            return self.commands[self.root_ids[index]]
-        image_dir, mask_dir = self.roots[self.root_ids[index]]
-        return folder_command(image_dir, mask_dir, self.recipe)
+        return self.root_command(self.root_ids[index])
+
+    def root_command(self, root: int, recipe: FHRecipe | None = None) -> str:
+        """The preprocessing command that writes the masks of image folder ``root`` with ``recipe`` (default: the
+        list's): by dataset and split for a standard folder and the list's recipe, else by folder."""
+        if self.commands and (recipe is None or recipe == self.recipe):
+            return self.commands[root]
+        image_dir, mask_dir = self.roots[root]
+        return folder_command(image_dir, mask_dir, recipe or self.recipe)
 
 
 def missing_masks_message(images: "ImageList", mask_dir: Path) -> str:
