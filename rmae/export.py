@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from rmae.models.export import export_encoder, save_encoder
+from rmae.models.export import encoder_metadata, export_encoder, save_encoder, timm_call
 
 
 def read_state(path: str, trust: bool) -> dict:
@@ -39,7 +39,8 @@ def _looks_like_torch_file(path: str) -> bool:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rmae.export",
+    called_as = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    parser = argparse.ArgumentParser(prog="rmae-export" if called_as == "rmae-export" else "python -m rmae.export",
                                      description="Export the encoder of a checkpoint with timm's ViT keys.")
     parser.add_argument("checkpoint", help="a training checkpoint (checkpoints/ckpt_<step>.pt) or a model file")
     parser.add_argument("out", help="the encoder file: .safetensors, or a torch file for any other suffix")
@@ -73,7 +74,12 @@ def main(argv=None) -> int:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    print(f"{args.out}: {len(state)} tensors, {sum(v.numel() for v in state.values()):,} parameters")
+    meta = encoder_metadata(state)
+    print(f"{args.out}: {len(state)} tensors, {sum(v.numel() for v in state.values()):,} parameters "
+          f"(ViT {meta['embed_dim']} wide, {meta['depth']} blocks, patch {meta['patch_size']}, {meta['img_size']} px)")
+    call = timm_call(meta)
+    if call:
+        print(f"load it with {call}, then model.load_state_dict(...) with strict=True")
     return 0
 
 

@@ -810,8 +810,9 @@ def train(cfg, require_resume: bool = False) -> dict:
             checkpoint_now(step)
         if interrupted is None:
             visualize_now(model, raw, cfg, vis_batch, run_dir, step, device, autocast, dinfo)
-            export_now(model, optimizer, run_dir, dinfo)
-            log.event("done", step=step, skipped=skipped)
+            load_with = export_now(model, optimizer, run_dir, dinfo)
+            log.event("done", step=step, skipped=skipped, encoder=str(run_dir / "encoder.safetensors"),
+                      **({"load_with": load_with} if load_with else {}))
         else:
             log.event("interrupted", step=step, signal=stop.signal,
                       message="checkpoint saved; run the same command again to continue")
@@ -855,11 +856,13 @@ def console_above(bar):
     return logging_redirect_tqdm(loggers=[logger], tqdm_class=type(bar))
 
 
-def export_now(model, optimizer, run_dir: Path, dinfo) -> None:
-    """``encoder.safetensors`` (timm ViT keys) from the full state, written by rank 0."""
+def export_now(model, optimizer, run_dir: Path, dinfo) -> str:
+    """``encoder.safetensors`` (timm ViT keys) from the full state, written by rank 0; returns (on rank 0) the
+    ``timm.create_model(...)`` call that builds its model, or ``""``."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from rmae.models import save_encoder
+    from rmae.models.export import encoder_metadata, export_encoder, timm_call
 
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dinfo.is_main:
@@ -867,6 +870,8 @@ def export_now(model, optimizer, run_dir: Path, dinfo) -> None:
         tmp = run_dir / ".encoder.safetensors.tmp"
         save_encoder(sd, str(tmp) + ".safetensors")
         os.replace(str(tmp) + ".safetensors", run_dir / "encoder.safetensors")
+        return timm_call(encoder_metadata(export_encoder(sd)))
+    return ""
 
 
 @torch.no_grad()

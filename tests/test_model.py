@@ -637,6 +637,33 @@ def test_load_checkpoint_takes_a_bytes_path(tmp_path):
     assert not res.missing_keys and not res.unexpected_keys
 
 
+def test_exported_safetensors_say_what_encoder_they_hold(tmp_path, capsys):
+    """The header names the timm model and sizes (read from the shapes), so a file alone says how to load it."""
+    from safetensors import safe_open
+
+    from rmae.export import main
+    from rmae.models.export import encoder_metadata, save_encoder, timm_call
+
+    model = build_model("rmae_tiny_patch16", "mae", img_size=112)  # the demo's encoder
+    save_encoder(model, str(tmp_path / "enc.safetensors"))
+    with safe_open(str(tmp_path / "enc.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta == {"format": "pt", "producer": "rmae", "embed_dim": "192", "depth": "12", "patch_size": "16",
+                    "in_chans": "3", "img_size": "112", "timm_model": "vit_tiny_patch16_224", "num_heads": "3"}
+    assert timm_call(meta) == 'timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=112)'
+    torch.save({"model": model.state_dict()}, tmp_path / "ckpt.pt")
+    assert main([str(tmp_path / "ckpt.pt"), str(tmp_path / "again.safetensors")]) == 0
+    assert 'timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=112)' in capsys.readouterr().out
+    # every official size maps to its timm name; 224 px needs no img_size
+    for arch, (name, heads) in {"rmae_base_patch16": ("vit_base_patch16_224", 12),
+                                "rmae_huge_patch14": ("vit_huge_patch14_224", 16)}.items():
+        with torch.device("meta"):
+            state = export_encoder(build_model(arch, "mae"))
+        meta = encoder_metadata(state)
+        assert (meta["timm_model"], meta["num_heads"], meta["img_size"]) == (name, str(heads), "224")
+        assert timm_call(meta) == f'timm.create_model("{name}", num_classes=0)'
+
+
 def test_export_command_writes_the_encoder_of_a_checkpoint(tmp_path, capsys):
     """An interrupted run leaves checkpoints, no encoder: ``python -m rmae.export`` makes it from one."""
     from safetensors.torch import load_file
@@ -649,7 +676,8 @@ def test_export_command_writes_the_encoder_of_a_checkpoint(tmp_path, capsys):
     assert main([str(tmp_path / "ckpt.pt"), str(tmp_path / "enc.safetensors")]) == 0
     got, expected = load_file(tmp_path / "enc.safetensors"), export_encoder(src)
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
-    assert "parameters" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "parameters" in out and f"{IMG} px" in out and "timm.create_model" not in out  # depth 2: no timm name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "enc.safetensors"]  # no temporary file left
     # a file that pickles other objects needs --trust; a file without an encoder and a missing file are errors
     torch.save({"model": src.state_dict(), "args": argparse.Namespace(lr=1)}, tmp_path / "official.pth")

@@ -354,6 +354,9 @@ def test_mae_model_trains_and_exports(tmp_path):
     assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
     assert all("region_loss" not in r or r["region_loss"] in (None, 0.0) for r in records)
     assert (run / "encoder.safetensors").is_file() and ckpt.latest_checkpoint(run) is not None
+    done = log_records(run, "done")[0]
+    assert done["encoder"] == str(run / "encoder.safetensors")
+    assert done["load_with"] == 'timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32)'
     # our training checkpoint loads into a model with the library's safe default (weights_only=True)
     from rmae.models import load_checkpoint
 

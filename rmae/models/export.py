@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -51,13 +52,44 @@ def export_encoder(model: Union[nn.Module, Mapping[str, torch.Tensor]]) -> dict[
     return out
 
 
+# timm's name and head count for each width (the ViT sizes of the MAE / R-MAE papers and timm's defaults)
+_TIMM_VIT = {(192, 12, 16): ("vit_tiny_patch16_224", 3), (384, 12, 16): ("vit_small_patch16_224", 6),
+             (768, 12, 16): ("vit_base_patch16_224", 12), (1024, 24, 16): ("vit_large_patch16_224", 16),
+             (1280, 32, 14): ("vit_huge_patch14_224", 16)}
+
+
+def encoder_metadata(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """What an exported encoder is, read from its shapes: ``embed_dim``, ``depth``, ``patch_size``, ``img_size``
+    (pixels, square) and, for the standard sizes, ``timm_model`` and ``num_heads`` (the head count is not in
+    the weights). Strings, as safetensors stores metadata; ``format: pt`` as timm's own files."""
+    patch = state["patch_embed.proj.weight"]  # [D, C, p, p]
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    grid = math.isqrt(max(state["pos_embed"].shape[1] - 1, 0))  # pos_embed [1, 1 + g*g, D]
+    meta = {"format": "pt", "producer": "rmae", "embed_dim": str(patch.shape[0]), "depth": str(depth),
+            "patch_size": str(patch.shape[-1]), "in_chans": str(patch.shape[1]), "img_size": str(grid * patch.shape[-1])}
+    name = _TIMM_VIT.get((patch.shape[0], depth, patch.shape[-1]))
+    if name is not None:
+        meta["timm_model"], meta["num_heads"] = name[0], str(name[1])
+    return meta
+
+
+def timm_call(meta: Mapping[str, str]) -> str:
+    """The ``timm.create_model(...)`` call that builds the exported encoder's model, or ``""`` for a size
+    timm has no name for."""
+    if "timm_model" not in meta:
+        return ""
+    size = "" if meta["img_size"] == "224" else f", img_size={meta['img_size']}"
+    return f'timm.create_model("{meta["timm_model"]}", num_classes=0{size})'
+
+
 def save_encoder(model: Union[nn.Module, Mapping[str, torch.Tensor]], path: str) -> None:
-    """Write ``export_encoder(model)`` as safetensors (``.safetensors``) or a torch file (anything else)."""
+    """Write ``export_encoder(model)`` as safetensors (``.safetensors``, with ``encoder_metadata`` in its header)
+    or a torch file (anything else)."""
     state = export_encoder(model)
     if str(path).endswith(".safetensors"):
         from safetensors.torch import save_file
 
-        save_file(state, str(path))
+        save_file(state, str(path), metadata=encoder_metadata(state))
         os.chmod(path, 0o666 & ~current_umask())  # safetensors creates the file 0600: others could not read it
     else:
         torch.save(state, path)
