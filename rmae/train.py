@@ -256,6 +256,9 @@ def in_config_terms_error(cfg, error: BaseException) -> BaseException | None:
     split = f"{key}.split=null " if dataset_section(cfg).get("split") else ""  # (a split overrides imdb_files)
     message = message.replace(" with image_folder=[", f" with {split}{key}.imdb_files.train.image_folder=[")
     message = message.replace("] mask_folder=[", f"] {key}.imdb_files.train.mask_folder=[")
+    message = message.replace("(mask_folder names", f"({key}.imdb_files.train.mask_folder names")
+    message = message.replace("(anno_file: ", f"({key}.imdb_files.train.anno_file: ")
+    message = message.replace("; null lists the folder", f"; {key}.imdb_files.train.anno_file=null lists the folder")
     # regions='online' (...) or 'online_crop' -> <key>.region_source=online (...) or online_crop
     if "regions='" in message:
         message = re.sub(r"regions='(\w+)'", rf"{key}.region_source=\1", message)

@@ -528,6 +528,23 @@ def test_missing_dataset_is_explained(tmp_path):
         build_dataset(DataConfig(dataset="coco", root=str(tmp_path)))
     assert "fh_train2017" in str(error.value) and "python -m rmae.preprocess --dataset coco" in str(error.value)
     assert len(build_dataset(DataConfig(dataset="coco", root=str(tmp_path), regions="online_crop"))) == 1
+    # folders of one's own: the commands that write each missing one, no dataset tree
+    own = tmp_path / "mine"
+    shutil.copytree(tmp_path / "coco" / "image" / "train2017", own / "a")
+    shutil.copytree(tmp_path / "coco" / "image" / "train2017", own / "b")
+    (own / "fh_b").mkdir()
+    with pytest.raises(MissingMaskError) as error:
+        build_dataset(DataConfig(dataset="coco", root=str(tmp_path), image_folder=[str(own / "a"), str(own / "b")]))
+    text = str(error.value)
+    assert "Expected layout" not in text and "coco/image" not in text, text
+    assert f"python -m rmae.preprocess --images {own / 'a'} --out {own / 'fh_a'}" in text and "fh_b" not in text
+    assert f"{own / 'fh_a'} should hold the masks of image folder {own / 'a'}" in text
+    # the standard union with both mask folders missing: both commands in one message
+    shutil.copytree(tmp_path / "coco" / "image" / "train2017", tmp_path / "coco" / "image" / "unlabeled2017")
+    with pytest.raises(MissingMaskError) as error:
+        build_dataset(DataConfig(dataset="coco++", root=str(tmp_path)))
+    text = str(error.value)
+    assert "Expected layout" in text and "--split train2017" in text and "--split unlabeled2017 " in text, text
 
 
 def test_coco_json_listing_and_fallback(tree, tmp_path):

@@ -747,6 +747,18 @@ def test_a_missing_dataset_is_explained_in_config_keys(tmp_path, coco_tree, caps
     assert "regions=" not in err and "'online_crop'" not in err
     (error,) = log_records(tmp_path / "run3", "error")
     assert "dataset_config.coco_pretrain.region_source=online" in error["message"]
+    # a folder of one's own with the split's annotation file, then without a mask folder: both named as keys
+    key = "dataset_config.coco_pretrain.imdb_files.train"
+    shutil.copytree(root / "coco" / "image" / "train2017", tmp_path / "photos")
+    own = [f"{key}.image_folder=[{tmp_path / 'photos'}]", f"{key}.mask_folder=[{tmp_path / 'm'}]"]
+    assert main([*BASE, f"training.save_dir={tmp_path / 'run4'}", *coco_args(root), "dataset_config.coco_pretrain."
+                 "imdb_files.train.anno_file=[annotations/instances_train2017.json]", *own]) == 2
+    err = capsys.readouterr().err
+    assert f"({key}.anno_file: a COCO-style json" in err and f"; {key}.anno_file=null lists the folder" in err, err
+    assert main([*BASE, f"training.save_dir={tmp_path / 'run5'}", *coco_args(root), f"{key}.anno_file=null", *own]) == 2
+    err = capsys.readouterr().err
+    assert f"({key}.mask_folder names another folder; null: {tmp_path / 'fh_photos'})" in err, err
+    assert f"--images {tmp_path / 'photos'} --out {tmp_path / 'm'}" in err and "Expected" not in err
 
 
 def test_a_failure_before_the_first_update_restores_the_signal_handlers(tmp_path, monkeypatch):

@@ -123,9 +123,9 @@ class RegionDataset(Dataset):
         self._warned = torch.zeros((len(images) + 7) // 8, dtype=torch.uint8).share_memory_()
         self._memory_labels = self._fh_of_arrays() if regions == "offline" and images.arrays is not None else None
         if regions == "offline" and images.arrays is None:
-            for _, mask_dir in images.roots:
-                if not mask_dir.is_dir():
-                    raise MissingMaskError(missing_masks_message(images, mask_dir))
+            missing = [i for i, (_, mask_dir) in enumerate(images.roots) if not mask_dir.is_dir()]
+            if missing:
+                raise MissingMaskError(missing_masks_message(images, missing))
             self._check_recipes()
 
     def _check_recipes(self) -> None:

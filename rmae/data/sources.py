@@ -88,13 +88,22 @@ class ImageList:
         return folder_command(image_dir, mask_dir, recipe or self.recipe)
 
 
-def missing_masks_message(images: "ImageList", mask_dir: Path) -> str:
-    """Explains a missing mask folder: the expected tree, the preprocessing command and the alternatives."""
-    return (
-        f"{images.name}: mask folder {mask_dir} not found (regions='offline' reads FH masks).\n"
-        f"Expected layout:\n{images.layout}\nMake the masks with:\n    {images.preprocess_hint}\n"
-        "or compute regions in the loader with regions='online' (FH on the full image) or 'online_crop'."
-    )
+def missing_masks_message(images: "ImageList", missing: Sequence[int]) -> str:
+    """Explains missing mask folders (``missing``: indices into ``images.roots``): the commands that write them
+    (with the expected tree when one is a standard folder of the dataset's layout) and the alternatives."""
+    folders = ", ".join(str(images.roots[i][1]) for i in missing)
+    commands = [images.root_command(i) for i in missing]
+    text = (f"{images.name}: mask folder{'s' if len(missing) > 1 else ''} {folders} not found "
+            "(regions='offline' reads FH masks).\n")
+    if any("--dataset" in c for c in commands):
+        text += f"Expected layout:\n{images.layout}\n"
+    for i, c in zip(missing, commands):
+        if "--dataset" not in c:  # a folder of the user's own
+            image_dir, mask_dir = images.roots[i]
+            beside = "" if mask_dir == default_mask_dir(image_dir) else f"; null: {default_mask_dir(image_dir)}"
+            text += f"{mask_dir} should hold the masks of image folder {image_dir} (mask_folder names another folder{beside}).\n"
+    return (text + "Make the masks with:\n    " + " && ".join(commands) + "\n"
+            "or compute regions in the loader with regions='online' (FH on the full image) or 'online_crop'.")
 
 
 def _tree_message(root: Path, what: str, tree: str, command: str) -> str:
