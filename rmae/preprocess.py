@@ -33,7 +33,7 @@ from tqdm import tqdm
 from rmae import fh, listing, usable_cores
 from rmae.image_io import IMAGE_SUFFIXES, ImageDecodeError, is_wide, load_rgb
 from rmae.masks import (DECODE_VERSION, MASK_SUFFIX, PARAMS_FILE, REDO_KEY, MaskError, load_labels,
-                        mask_path, save_labels)
+                        mask_path, recorded_recipe, save_labels)
 from rmae.recipes import COCO_FH, IMAGENET_FH, FHRecipe, dataset_root
 
 try:
@@ -195,10 +195,15 @@ def _check_params(out: Path, recipe: FHRecipe, overwrite: bool) -> tuple[int | N
         if found != {k: v for k, v in wanted.items() if k != "decode"} or decode > DECODE_VERSION:
             unfinished = " (an --overwrite run to it did not finish)" if redo_since is not None else ""
             newer = " (a newer rmae's image decoding)" if decode > DECODE_VERSION else ""
-            raise PreprocessError(
-                f"{out} holds masks made with {({**found, 'decode': decode})}{unfinished}{newer}, not {wanted}.\n"
-                "Use another --out folder, or --overwrite to recompute every mask."
-            )
+            made = recorded_recipe(found)
+            if made == recipe:  # the same FH parameters: another decoding or file format
+                what = f"the same FH recipe but {newer.strip(' ()') or 'the format ' + repr(found.get('format'))}"
+                what += f"{unfinished}, not this rmae's (decoding {DECODE_VERSION}, {wanted['format']})"
+            else:
+                what = f"FH {made.describe()}" if made is not None else f"{found}"
+                what += f"{unfinished}{newer}, not with FH {recipe.describe()}"
+            raise PreprocessError(f"{out} holds masks made with {what}.\n"
+                                  "Use another --out folder, or --overwrite to recompute every mask.")
         return redo_since, decode < DECODE_VERSION
     out.mkdir(parents=True, exist_ok=True)
     redo_since = _file_system_now(out) if overwrite else None

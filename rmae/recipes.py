@@ -21,6 +21,11 @@ class FHRecipe:
     min_sizes: tuple[int, ...]
     sigma: float = 0.8
 
+    def describe(self) -> str:
+        """``scales 500,1000,1500, min sizes 500,1000,1500, sigma 0.8``: for messages."""
+        return (f"scales {','.join(f'{s:g}' for s in self.scales)}, min sizes "
+                f"{','.join(str(m) for m in self.min_sizes)}, sigma {self.sigma:g}")
+
 
 COCO_FH = FHRecipe((500.0, 1000.0, 1500.0), (500, 1000, 1500))  # min_size equals the scale
 IMAGENET_FH = FHRecipe((1000.0,), (1000,))

@@ -121,7 +121,14 @@ def test_generic_mode_custom_recipe_and_recipe_change_is_refused(tmp_path, capsy
     capsys.readouterr()
     # refused, exit status 2 (1 means: some images failed, see the failures file)
     assert main(["--images", str(tmp_path / "in"), "--out", str(out), "--scales", "200"]) == 2
-    assert re.search(r"^error: .* holds masks made with .*--overwrite", capsys.readouterr().err, re.S)
+    err = capsys.readouterr().err
+    assert re.search(r"^error: .* holds masks made with FH scales 100,300, min sizes 100,300, sigma 0.5, not with "
+                     r"FH scales 200, min sizes 200, sigma 0.8\.\n.*--overwrite", err, re.S), err
+    params = json.loads((out / "fh_params.json").read_text())
+    (out / "fh_params.json").write_text(json.dumps({**params, "decode": 99}))  # a newer rmae's masks
+    assert main(["--images", str(tmp_path / "in"), "--out", str(out), "--scales", "100,300", "--sigma", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "holds masks made with the same FH recipe but a newer rmae's image decoding, not this rmae's" in err, err
     assert main(["--images", str(tmp_path / "in"), "--out", str(out), "--scales", "200", "--overwrite"]) == 0
     assert load_labels(out / "nested" / "r.npy.zst").shape[0] == 1
 

@@ -132,10 +132,6 @@ class RegionDataset(Dataset):
         """The recipe each mask folder records against this dataset's: another number of scales cannot be
         stacked into a batch (MaskRecipeError, before any sample is read, naming the fixes); the same number
         with other scales, min sizes or sigma (masks made on purpose with other FH parameters) is a warning."""
-        def listed(recipe: FHRecipe) -> str:
-            return (f"scales {','.join(f'{s:g}' for s in recipe.scales)}, min sizes "
-                    f"{','.join(str(m) for m in recipe.min_sizes)}, sigma {recipe.sigma:g}")
-
         wanted, fixes, mask_folders = self.fh, [], []
         for root, (image_dir, mask_dir) in enumerate(self.images.roots):
             params = folder_params(mask_dir)
@@ -144,21 +140,21 @@ class RegionDataset(Dataset):
             if found is not None and REDO_KEY in params:  # run again, the redo resumes (no --overwrite)
                 finish = self.images.root_command(root, found)
                 raise MaskRecipeError(
-                    f"mask folder {mask_dir}: an --overwrite run to it (FH recipe {listed(found)}) did not finish, "
+                    f"mask folder {mask_dir}: an --overwrite run to it (FH recipe {found.describe()}) did not finish, "
                     f"so its masks are a mix of that recipe and the one before. Finish it with:\n    {finish}")
             if found is None or found == wanted:
                 continue
             if len(found.scales) == len(wanted.scales):
-                warnings.warn(f"mask folder {mask_dir} records the FH recipe {listed(found)} ({PARAMS_FILE}), not "
-                              f"this dataset's {listed(wanted)}: its masks are used as they are", stacklevel=3)
+                warnings.warn(f"mask folder {mask_dir} records the FH recipe {found.describe()} ({PARAMS_FILE}), not "
+                              f"this dataset's {wanted.describe()}: its masks are used as they are", stacklevel=3)
                 continue
             own = mask_dir.with_name(f"{mask_dir.name}_{'-'.join(f'{s:g}' for s in wanted.scales)}")
             mask_folders[-1] = str(own.resolve())
             fixes.append((mask_dir, found, folder_command(image_dir, own, wanted),
                           self.images.root_command(root, wanted) + " --overwrite"))
         if fixes:
-            lines = [f"mask folder {mask_dir} holds masks of the FH recipe {listed(found)} ({PARAMS_FILE}), but "
-                     f"this dataset is trained with {listed(wanted)}" for mask_dir, found, _, _ in fixes]
+            lines = [f"mask folder {mask_dir} holds masks of the FH recipe {found.describe()} ({PARAMS_FILE}), but "
+                     f"this dataset is trained with {wanted.describe()}" for mask_dir, found, _, _ in fixes]
             raise MaskRecipeError(
                 "\n".join(lines) + ".\nMake this recipe's masks in a folder of their own:\n    "
                 + " && ".join(own for _, _, own, _ in fixes)
