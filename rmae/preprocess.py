@@ -194,7 +194,7 @@ def _check_params(out: Path, recipe: FHRecipe, overwrite: bool) -> tuple[int | N
         decode = found.pop("decode", 1)
         if found != {k: v for k, v in wanted.items() if k != "decode"} or decode > DECODE_VERSION:
             unfinished = " (an --overwrite run to it did not finish)" if redo_since is not None else ""
-            newer = " (a newer rmae's image decoding)" if decode > DECODE_VERSION else ""
+            newer = f" (a newer rmae's image decoding, {decode})" if decode > DECODE_VERSION else ""
             made = recorded_recipe(found)
             if made == recipe:  # the same FH parameters: another decoding or file format
                 what = f"the same FH recipe but {newer.strip(' ()') or 'the format ' + repr(found.get('format'))}"
