@@ -10,8 +10,9 @@ the official recipes as defaults. Runs on all cores, shows a progress bar, skips
 (every write is atomic, so a killed run is simply started again; a killed ``--overwrite`` run is
 resumed too: ``fh_params.json`` marks it unfinished, and masks older than its start are redone),
 lists the images it could not segment (undecodable, broken links, two images sharing one mask name,
-...) in ``preprocess_failures.tsv`` and exits non-zero when there were any. ``--verify`` re-checks
-existing masks and regenerates the bad ones.
+...) in ``preprocess_failures.tsv`` and exits non-zero when there were any (``--allow-bad-images``: not for
+undecodable images and broken links, which training does without). ``--verify`` re-checks existing masks and
+regenerates the bad ones.
 """
 from __future__ import annotations
 
@@ -346,6 +347,8 @@ def _preprocess(images: Path, out: Path, recipe: FHRecipe, workers: int, verify:
     for relative, _ in not_segmented:
         _drop_stale_mask(mask_path(out, relative), redo_since)
     failures = [(str(images / relative), reason) for relative, reason in unlistable + not_segmented]
+    # the failures training does without (the loader replaces an undecodable image and leaves broken links out)
+    bad_images = len(broken_links)
     for path, reason in failures:  # on the console like the images that fail to decode
         print(_shown(f"skipped {path}: {reason}"), file=sys.stderr)
     excluded = {relative for relative, _ in not_segmented}
@@ -370,6 +373,7 @@ def _preprocess(images: Path, out: Path, recipe: FHRecipe, workers: int, verify:
     counts = {"written": 0, "skipped": skipped, "regenerated": 0, "unchecked": 0}
 
     def work(job: tuple[Path, Path, bool]) -> None:
+        nonlocal bad_images
         image_file, mask_file, existing = job
         try:
             if existing:
@@ -389,6 +393,8 @@ def _preprocess(images: Path, out: Path, recipe: FHRecipe, workers: int, verify:
                     counts["unchecked"] += 1  # its existing mask may still be of the older decoding
             if isinstance(error, ImageDecodeError):
                 path, reason = error.path, error.reason
+                with lock:
+                    bad_images += 1
             else:
                 path, reason = str(image_file), _failure_reason(error)
             _drop_stale_mask(mask_file, redo_since)
@@ -420,6 +426,7 @@ def _preprocess(images: Path, out: Path, recipe: FHRecipe, workers: int, verify:
         "skipped_existing": counts["skipped"],
         "regenerated": counts["regenerated"],
         "failed": len(failures),
+        "bad_images": bad_images,
         "failures_file": str(failures_file) if failures and listed else None,
     }
 
@@ -451,6 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=usable_cores(), help="threads (default: all cores)")
     parser.add_argument("--verify", action="store_true", help="re-check existing masks; regenerate bad ones")
     parser.add_argument("--overwrite", action="store_true", help="recompute every mask (also after a recipe change)")
+    parser.add_argument("--allow-bad-images", action="store_true",
+                        help="exit status 0 when the only failures are undecodable images and broken links (still "
+                             "listed; training replaces such an image with another)")
     args = parser.parse_args(argv)
 
     if args.images is not None or args.out is not None:
@@ -507,7 +517,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{summary['regenerated']} regenerated, {summary['failed']} failed"
         + (f" (listed in {summary['failures_file']})" if summary["failures_file"] else "")
     ))
-    return 1 if summary["failed"] else 0
+    if not summary["failed"] or (args.allow_bad_images and summary["failed"] == summary["bad_images"]):
+        return 0
+    if summary["failed"] == summary["bad_images"]:
+        print("(all of them undecodable images or broken links, which training does without: --allow-bad-images "
+              "makes such a run exit with status 0)", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

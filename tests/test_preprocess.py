@@ -60,7 +60,13 @@ def test_coco_split_end_to_end_with_failures(coco_tree, capsys):
     failures = (masks / "preprocess_failures.tsv").read_text().splitlines()
     assert [line.split("\t")[0].rsplit("/", 1)[1] for line in failures] == ["000000000100.jpg", "000000000101.jpg"]
     assert "truncated" in failures[1]
-    assert "5 written" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "5 written" in captured.out and "--allow-bad-images makes such a run exit with status 0" in captured.err
+    # the rerun tries the two again; with --allow-bad-images, images training does without end it with 0
+    args = ["--dataset", "coco", "--split", "val2017", "--root", str(coco_tree)]
+    assert main(args) == 1
+    assert main([*args, "--allow-bad-images"]) == 0
+    assert len((masks / "preprocess_failures.tsv").read_text().splitlines()) == 2  # still listed
 
 
 def test_rerun_skips_finished_files_and_cleans_partial_writes(coco_tree):
@@ -334,6 +340,7 @@ def test_symlinked_folders_are_followed_and_broken_links_reported(tmp_path):
     failures = (out / "preprocess_failures.tsv").read_text()
     why = "broken symbolic link (its target does not exist or cannot be reached)"
     assert failures == f"{images / 'n02' / 'c.png'}\t{why}\n{images / 'n02' / 'd.png'}\t{why}\n"
+    assert main(["--images", str(images), "--out", str(out), "--scales", "10", "--allow-bad-images"]) == 0
 
 
 def test_images_sharing_a_mask_file_are_failures(tmp_path, capsys):
@@ -348,6 +355,9 @@ def test_images_sharing_a_mask_file_are_failures(tmp_path, capsys):
     assert "same mask file x.npy.zst as x.png" in failures[0]
     err = capsys.readouterr().err  # on the console too, as the images that cannot be decoded
     assert f"skipped {images / 'x.jpg'}: same mask file x.npy.zst as x.png" in err, err
+    assert "--allow-bad-images" not in err
+    # training cannot do without them (they have no mask): still a failed run with --allow-bad-images
+    assert main(["--images", str(images), "--out", str(out), "--scales", "10", "--allow-bad-images"]) == 1
 
 
 def test_mask_files_carry_a_checksum_and_older_files_still_load(tmp_path):
