@@ -1,9 +1,10 @@
-"""One PNG per call: for each image a row of
+"""One PNG per call: a header row naming the columns, then for each image a row of
 
-    input | masked input | reconstruction (visible patches pasted back) | region targets | region predictions
+    input | masked | reconstruction (visible patches pasted back) | target 1 | pred 1 | ... | target k | pred k
 
-Region targets and predictions show up to 4 regions, a pair of grey tiles each: the binary target map, then
-sigmoid(logit) on the removed patches with the target at half brightness on the visible ones. Pixel reconstructions of a
+Every one of the k regions is shown as a pair of grey tiles: the binary target map, then sigmoid(logit) on the
+removed patches with the target at half brightness on the visible ones. A model without a pixel decoder (RAE) has
+no reconstruction column, one without regions (MAE) no region columns. Pixel reconstructions of a
 ``norm_pix_loss`` model are de-normalised with the statistics of the true patches, as MAE's demo does.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-MAX_REGIONS = 4
+PAD = 2  # white pixels around each tile
 
 
 def _to_uint8(img: torch.Tensor) -> np.ndarray:
@@ -62,7 +63,7 @@ def render(model, images: torch.Tensor, regions, out) -> np.ndarray:
             rec = images[i] * (1 - mask_img)[None] + rec * mask_img[None]
             tiles.append(_to_uint8(rec))
         if maps is not None and out.region_pred is not None:
-            k = min(MAX_REGIONS, maps.shape[1])
+            k = maps.shape[1]
             logits = out.region_pred[i].float().cpu()  # [k, N, p*p]
             kk = logits.shape[0]
             probs = torch.sigmoid(logits).view(kk, grid, grid, p, p).permute(0, 1, 3, 2, 4).reshape(kk, H, W)
@@ -74,10 +75,29 @@ def render(model, images: torch.Tensor, regions, out) -> np.ndarray:
                 # predictions where removed, the (given) target where visible, dimmed
                 shown = probs[j] * rmask_img + target * 0.5 * (1 - rmask_img)
                 tiles.append(_gray(shown))
-        rows.append(np.concatenate([np.pad(t, ((2, 2), (2, 2), (0, 0)), constant_values=255) for t in tiles], 1))
-    width = max(r.shape[1] for r in rows)
-    rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
-    return np.concatenate(rows, 0)
+        rows.append(np.concatenate([np.pad(t, ((PAD, PAD), (PAD, PAD), (0, 0)), constant_values=255) for t in tiles], 1))
+    names = ["input", "masked"] + (["reconstruction"] if out.pred is not None else [])
+    if maps is not None and out.region_pred is not None:
+        names += [name for j in range(1, maps.shape[1] + 1) for name in (f"target {j}", f"pred {j}")]
+    return np.concatenate([header(names, W + 2 * PAD), *rows], 0)
+
+
+def header(names: list[str], tile_width: int) -> np.ndarray:
+    """[h, len(names) * tile_width, 3] uint8: each name centred over its column (shortened to fit)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    height = 14
+    canvas = Image.new("RGB", (len(names) * tile_width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for i, name in enumerate(names):
+        short = {"reconstruction": "recon.", "masked": "mask"}.get(name, name.replace("target ", "t").replace("pred ", "p"))
+        for text in (name, short, short[:max(tile_width // 7, 1)]):
+            if draw.textlength(text, font=font) <= tile_width - 2:
+                break
+        left = i * tile_width + (tile_width - draw.textlength(text, font=font)) / 2
+        draw.text((left, 1), text, fill=(0, 0, 0), font=font)
+    return np.asarray(canvas)
 
 
 def save_visualization(path: str | Path, model, images, regions, out) -> Path:

@@ -11,6 +11,7 @@ import argparse
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -713,3 +714,35 @@ def test_export_command_writes_the_encoder_of_a_checkpoint(tmp_path, capsys):
     assert main([str(tmp_path / "legacy.pth"), str(tmp_path / "l.safetensors")]) == 0
     assert load_file(tmp_path / "l.safetensors").keys() == expected.keys()
     assert not list(tmp_path.glob("*.tmp*")) and not (tmp_path / "no").exists()
+
+
+# ----------------------------------------------------------------------------- pictures
+@pytest.mark.parametrize("variant", ["rmae", "rae", "mae"])
+def test_pictures_show_every_region_in_labelled_columns(variant):
+    """One labelled column per tile: input, masked, reconstruction (not for RAE), target/prediction of every
+    one of the k regions (none for MAE); the input tile is the de-normalised image, each target tile its map."""
+    from rmae.visualize import PAD, render
+
+    torch.manual_seed(0)
+    k = 0 if variant == "mae" else 5
+    model = tiny(variant, num_region=k).eval()
+    images = torch.randn(2, 3, IMG, IMG)
+    maps = (torch.rand(2, k, IMG, IMG) > 0.5).to(torch.uint8) if k else None
+    with torch.no_grad():
+        out = model(images, maps)
+    picture = render(model, images, maps, out)
+    columns = (2 if variant == "rae" else 3) + 2 * k
+    tile = IMG + 2 * PAD
+    head = picture.shape[0] - 2 * tile
+    assert picture.dtype == np.uint8 and picture.shape[1:] == (columns * tile, 3) and 8 <= head <= 20
+    for c in range(columns):  # a label (dark pixels) over every column
+        assert (picture[:head, c * tile:(c + 1) * tile] < 128).any(), c
+    from rmae.visualize import MEAN, STD
+
+    first = picture[head + PAD:head + PAD + IMG, PAD:PAD + IMG].astype(int)
+    expected = ((images[0] * STD + MEAN).clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(int)
+    assert np.abs(first - expected).max() <= 1
+    for j in range(k):  # the target tile of region j of image 1
+        left = ((2 if variant == "rae" else 3) + 2 * j) * tile + PAD
+        shown = picture[head + tile + PAD:head + tile + PAD + IMG, left:left + IMG, 0]
+        np.testing.assert_array_equal(shown, maps[1, j].numpy() * 255)
