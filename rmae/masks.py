@@ -174,4 +174,6 @@ def load_labels(source: str | os.PathLike | bytes | memoryview, name: str | os.P
         labels = labels[None]
     if labels.ndim != 3 or labels.dtype.kind not in "iu":
         raise MaskError(f"mask file {name} holds {labels.dtype} {labels.shape}, expected integer labels [S, H, W]")
+    if not labels.dtype.isnative:  # a big-endian file (written elsewhere): the compiled label code reads native order
+        labels = labels.astype(labels.dtype.newbyteorder("="))
     return labels

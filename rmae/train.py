@@ -305,7 +305,8 @@ def picture_batch(dataset, count: int = 4) -> tuple[torch.Tensor, dict]:
 
     with data_error_context():
         batch = default_collate([dataset[(i, i)] for i in range(min(count, len(dataset)))])
-    return batch["image"], {k: v for k, v in batch.items() if k.startswith("region_")}
+    # (with region_sample_type=random_fg also the samples' "noise": the mask their regions were drawn for)
+    return batch["image"], {k: v for k, v in batch.items() if k.startswith("region_") or k == "noise"}
 
 
 def to_device(batch: dict, device: torch.device, num_region: int):
@@ -887,7 +888,10 @@ def visualize_now(model, raw, cfg, vis_batch, run_dir: Path, step: int, device, 
     images, region_parts = vis_batch
     batch = {"image": images, **region_parts}
     imgs, regions = to_device(batch, device, raw.num_region)
-    noise = step_noise(cfg["training"]["seed"] + 1, 0, imgs.shape[0], raw.num_patches).to(device)
+    if "noise" in region_parts:  # random_fg: the regions were drawn among the patches this mask leaves visible
+        noise = region_parts["noise"].to(device)
+    else:
+        noise = step_noise(cfg["training"]["seed"] + 1, 0, imgs.shape[0], raw.num_patches).to(device)
     was_training = model.training
     model.eval()
     # One process: the eager forward (a compiled model would recompile for this batch shape). Sharded: through

@@ -1053,7 +1053,7 @@ def test_random_fg_takes_masks_from_the_loader(tmp_path, monkeypatch):
     original_to_device = train_module.to_device
 
     def record(batch, device, num_region):
-        if "noise" in batch:  # training batches (the picture's batch keeps only images and regions)
+        if "noise" in batch:  # training batches of 8, the pictures' batch of 4
             loader_noise.append(batch["noise"].clone())
         return original_to_device(batch, device, num_region)
 
@@ -1063,9 +1063,9 @@ def test_random_fg_takes_masks_from_the_loader(tmp_path, monkeypatch):
                               "training.batch_size=8", "training.progress_bar=false",
                               "model_config.rmae.mae_vit.params.kernel_impl=reference",
                               "model_config.rmae.mae_vit.params.region_sample_type=random_fg"]) == 0
-    assert len(loader_noise) == 2
+    assert [n.shape[0] for n in loader_noise] == [8, 8, 4]
     for step, noise in enumerate(loader_noise):
-        assert torch.equal(seen[step], noise)
+        assert torch.equal(seen[step], noise)  # also the pictures': their regions were drawn for that mask
     assert all(math.isfinite(r["loss"]) for r in log_records(run) if "loss" in r)
 
 

@@ -81,7 +81,9 @@ def relabel_crop(
     counts = np.empty(labels.shape[0], dtype=np.int64)
     status = _relabel_kernel(labels, ys, xs, lut, touched, out, counts)
     if status == -1:
-        raise ValueError(f"labels outside 0..{lut.size - 1} (dtype {labels.dtype})")
+        # (only signed or wide types get here: every uint8 / uint16 value has its table entry)
+        raise ValueError(f"labels outside 0..{lut_size - 1} (dtype {labels.dtype}, {labels.shape[2]}x{labels.shape[1]} "
+                         "pixels: FH labels are 0..n-1 with at most one segment per pixel)")
     if status == -2:
         raise ValueError(f"a crop holds more than {_INT16_MAX + 1} segments at one scale; int16 cannot hold them")
     return out, counts
