@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import platform
 
-from rmae import usable_cores
+from rmae.cores import usable_cores
 
 
 def cpu_model() -> str:

@@ -20,7 +20,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from rmae import _fh, usable_cores
+from rmae import _fh
+from rmae.cores import usable_cores
 
 __all__ = ["felzenszwalb", "felzenszwalb_multi", "felzenszwalb_batch", "gaussian_weights", "default_min_sizes"]
 

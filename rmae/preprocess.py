@@ -31,7 +31,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from rmae import fh, listing, usable_cores
+from rmae import fh, listing
+from rmae.cores import usable_cores
 from rmae.image_io import IMAGE_SUFFIXES, ImageDecodeError, is_wide, load_rgb
 from rmae.masks import (DECODE_VERSION, MASK_SUFFIX, PARAMS_FILE, REDO_KEY, MaskError, load_labels,
                         mask_path, recorded_recipe, save_labels)

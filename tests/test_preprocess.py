@@ -631,3 +631,17 @@ def test_an_older_read_only_mask_folder_is_still_used(tmp_path, capsys, monkeypa
         assert main(args + extra) == 0
         err = capsys.readouterr().err
         assert "note: cannot record the current image decoding" in err and "Permission denied" in err
+
+
+def test_commands_run_from_the_folder_that_holds_a_clone_named_rmae(tmp_path):
+    """There ``rmae`` is first found as a folder without ``__init__.py`` (a namespace package) and the editable
+    install supplies the modules: no module may need a name defined in ``rmae/__init__.py``."""
+    (tmp_path / "rmae").mkdir()
+    (tmp_path / "rmae" / "README.md").write_text("a clone\n")
+    tiny(tmp_path / "imgs" / "a.png", 0)
+    code = ("import rmae.fh, rmae.kernels, rmae.models, rmae.data, rmae.train, rmae.export, rmae.preprocess\n"
+            "from rmae.preprocess import main\n"
+            "raise SystemExit(main(['--images', 'imgs', '--out', 'fh', '--scales', '10', '--workers', '1']))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "fh" / "a.npy.zst").is_file()

@@ -9,7 +9,7 @@ from typing import Any, Mapping
 import torch
 from torch.utils.data import DataLoader
 
-from rmae import usable_cores
+from rmae.cores import usable_cores
 
 from .cache import ShardCache
 from .dataset import RegionDataset
