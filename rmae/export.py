@@ -14,6 +14,7 @@ import sys
 
 import torch
 
+from rmae.cores import command_name
 from rmae.models.export import encoder_metadata, export_encoder, save_encoder, timm_call
 
 
@@ -39,8 +40,7 @@ def _looks_like_torch_file(path: str) -> bool:
 
 
 def main(argv=None) -> int:
-    called_as = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
-    parser = argparse.ArgumentParser(prog="rmae-export" if called_as == "rmae-export" else "python -m rmae.export",
+    parser = argparse.ArgumentParser(prog=command_name("rmae-export", "rmae.export"),
                                      description="Export the encoder of a checkpoint with timm's ViT keys.")
     parser.add_argument("checkpoint", help="a training checkpoint (checkpoints/ckpt_<step>.pt) or a model file")
     parser.add_argument("out", help="the encoder file: .safetensors, or a torch file for any other suffix")
@@ -57,7 +57,10 @@ def main(argv=None) -> int:
         save_encoder(state, tmp)
         os.replace(tmp, args.out)
     except pickle.UnpicklingError as e:
-        if args.trust or not _looks_like_torch_file(args.checkpoint):  # an image, a text file, ...
+        if not _looks_like_torch_file(args.checkpoint):  # an image, a text file, ...
+            print(f"error: {args.checkpoint} is not a torch checkpoint (neither a zip archive nor a pickle: "
+                  "checkpoints are the runs' checkpoints/ckpt_<step>.pt files)", file=sys.stderr)
+        elif args.trust:
             print(f"error: {args.checkpoint} is not a torch checkpoint ({str(e).splitlines()[-1].strip()})",
                   file=sys.stderr)
         else:
@@ -79,7 +82,9 @@ def main(argv=None) -> int:
           f"(ViT {meta['embed_dim']} wide, {meta['depth']} blocks, patch {meta['patch_size']}, {meta['img_size']} px)")
     call = timm_call(meta)
     if call:
-        print(f"load it with {call}, then model.load_state_dict(...) with strict=True")
+        print(f"load it with: model = {call}; model.load_state_dict(safetensors.torch.load_file({args.out!r}))"
+              if args.out.endswith(".safetensors") else
+              f"load it with: model = {call}; model.load_state_dict(torch.load({args.out!r}))")
     return 0
 
 

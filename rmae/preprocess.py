@@ -10,8 +10,8 @@ the official recipes as defaults. Runs on all cores, shows a progress bar, skips
 (every write is atomic, so a killed run is simply started again; a killed ``--overwrite`` run is
 resumed too: ``fh_params.json`` marks it unfinished, and masks older than its start are redone),
 lists the images it could not segment (undecodable, broken links, two images sharing one mask name,
-...) in ``preprocess_failures.tsv`` and exits non-zero when there were any (``--allow-bad-images``: not for
-undecodable images and broken links, which training does without). ``--verify`` re-checks existing masks and
+...) in ``preprocess_failures.tsv`` and then exits with status 1 (with ``--allow-bad-images``: 0 when they are
+all undecodable images or broken links, which training does without). ``--verify`` re-checks existing masks and
 regenerates the bad ones.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from rmae import fh, listing
-from rmae.cores import usable_cores
+from rmae.cores import command_name, usable_cores
 from rmae.image_io import IMAGE_SUFFIXES, ImageDecodeError, is_wide, load_rgb
 from rmae.masks import (DECODE_VERSION, MASK_SUFFIX, PARAMS_FILE, REDO_KEY, MaskError, load_labels,
                         mask_path, recorded_recipe, save_labels)
@@ -444,7 +444,7 @@ def _parse_numbers(text: str, kind: type) -> tuple:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m rmae.preprocess", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=command_name("rmae-preprocess", "rmae.preprocess"), description=__doc__.replace("``", ""), formatter_class=argparse.RawDescriptionHelpFormatter
     )
     source = parser.add_argument_group("what to segment (a dataset split, or any folder)")
     source.add_argument("--dataset", choices=sorted(RECIPES), help="dataset under $E2E_DATASETS / --root")

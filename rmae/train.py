@@ -30,6 +30,7 @@ import torch.nn as nn
 from rmae import checkpoint as ckpt
 from rmae import kernels
 from rmae import distributed as rdist
+from rmae.cores import command_name
 from rmae.config import (DATASETS, MODELS, TASKS, ConfigError, config_identity, dataset_section, legacy_keys_set,
                          load_config, model_section, schedule_warnings, to_yaml)
 from rmae.logging_utils import RunLogger, logger, progress_bar, setup_console
@@ -325,6 +326,17 @@ def to_device(batch: dict, device: torch.device, num_region: int):
 # ----------------------------------------------------------------------------------------------------------------
 # Signals
 # ----------------------------------------------------------------------------------------------------------------
+_python_format = warnings.formatwarning
+
+
+def console_warning(message, category, filename, lineno, line=None) -> str:
+    """The data pipeline's warnings (``rmae.data``) as the console log writes its lines (they read
+    ``rmae.data:0: RuntimeWarning: ...``); any other warning as Python writes it."""
+    if filename != "rmae.data":
+        return _python_format(message, category, filename, lineno, line)
+    return f"{time.strftime('%H:%M:%S')} WARNING {message}\n"
+
+
 class QuietWorkerInit:
     """A DataLoader worker_init_fn that makes the worker ignore SIGTERM / SIGUSR1 / SIGINT (PyTorch installs a
     dying SIGTERM handler in workers), then runs the pipeline's own init. Slurm and terminals signal the whole
@@ -337,6 +349,7 @@ class QuietWorkerInit:
     def __call__(self, worker_id: int) -> None:
         for s in StopFlag.SIGNALS:
             signal.signal(s, signal.SIG_IGN)
+        warnings.formatwarning = console_warning  # the worker's "skipping sample" warnings, as the log's lines
         if self.fn is not None:
             self.fn(worker_id)
 
@@ -555,6 +568,9 @@ def train(cfg, require_resume: bool = False) -> dict:
     sec = model_section(cfg)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls (use_fp16=none), as timm/MAE run
+    elif amp_dtype is torch.float16 and dinfo.is_main:  # (bfloat16 on a CPU: within 1.2x of float32)
+        logger.warning("training.use_fp16=float16 on the CPU: PyTorch's CPU float16 kernels are slow (the demo's "
+                       "updates take about 10x as long as in float32); use training.use_fp16=bfloat16 or none there")
 
     # Model: the same initial weights on every rank (seeded), then per-rank RNG streams.
     ckpt.seed_everything(tr["seed"])
@@ -604,6 +620,7 @@ def train(cfg, require_resume: bool = False) -> dict:
     log = RunLogger(run_dir, dinfo.is_main, tr["tensorboard"], tr["tensorboard_logdir"],
                     purge_step=None if meta is None else int(meta["step"]) + 1)
     stop = StopFlag()
+    formatwarning, warnings.formatwarning = warnings.formatwarning, console_warning  # (restored at the end)
     console = contextlib.ExitStack()
     bar = None
     try:  # from here on, a failure is the log's last event (not a 'start' that seems to hang)
@@ -633,6 +650,10 @@ def train(cfg, require_resume: bool = False) -> dict:
                                "order differs from an uninterrupted run", world, meta.get("world_size"))
             log.event("resume", step=step, file=str(resume_from), from_world_size=meta.get("world_size"),
                       world_size=world, **({"unreadable": unreadable} if unreadable else {}))
+            if step >= tr["max_update"] and dinfo.is_main:
+                logger.info("the run is already at step %d of training.max_update=%d: nothing to train (the "
+                            "pictures and encoder.safetensors are written again); raise training.max_update to "
+                            "train on, or set training.resume=false to start afresh", step, tr["max_update"])
         if dinfo.is_main:
             (run_dir / "config.yaml").write_text(to_yaml(cfg))
             for k in legacy_keys_set(cfg):
@@ -822,7 +843,10 @@ def train(cfg, require_resume: bool = False) -> dict:
                       message="checkpoint saved; run the same command again to continue")
     except BaseException as e:
         translated = in_config_terms_error(cfg, e)  # a missing mask met in a batch: named in config keys
-        if not isinstance(e, SystemExit):  # (the console gets main()'s 'error: ...' line)
+        if isinstance(e, KeyboardInterrupt):  # a second Ctrl-C (or one before the stop handler was installed)
+            log.log({"event": "interrupted", **({"step": step} if step else {}), "signal": "SIGINT",
+                     "message": "stopped at once, without a checkpoint of the update in flight"}, console=False)
+        elif not isinstance(e, SystemExit):  # (the console gets main()'s 'error: ...' line)
             # (no step before the first update: a failed start is no history that a retry would set aside)
             log.log({"event": "error", **({"step": step} if step else {}), "type": type(e).__name__,
                      "message": str(translated or e)}, console=False)
@@ -832,6 +856,7 @@ def train(cfg, require_resume: bool = False) -> dict:
     finally:
         kernels.set_index_checks(None)
         stop.restore()
+        warnings.formatwarning = formatwarning
         console.close()
         if bar is not None:
             bar.close()
@@ -910,7 +935,7 @@ def visualize_now(model, raw, cfg, vis_batch, run_dir: Path, step: int, device, 
 # ----------------------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        prog="python -m rmae.train",
+        prog=command_name("rmae-train", "rmae.train"),
         description="R-MAE / MAE / RAE pre-training. Without arguments: a small demo on bundled photos.",
         epilog="Overrides are dotted keys, e.g. training.batch_size=256 model_config.rmae.mask_ratio=0.75")
     p.add_argument("--config", default=None, help="config file: a path or a shipped name such as "
@@ -949,6 +974,14 @@ def unused_model_sections(overrides, model: str) -> list[str]:
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # a Ctrl-C while the settings are checked, before the run has a folder
+        print("\ninterrupted before training started; nothing was written", file=sys.stderr)
+        return 130
+
+
+def _main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides, model=args.model, task=args.task, dataset=args.dataset)
@@ -959,6 +992,10 @@ def main(argv=None) -> int:
         print(f"warning: the overrides of {section}.* have no effect: model {cfg['model']} reads "
               f"model_config.{cfg['model']}", file=sys.stderr)
     if args.resume:
+        if not cfg.training.resume:
+            print("error: --resume (continue from the newest checkpoint) contradicts training.resume=false (start "
+                  "afresh); give one of them", file=sys.stderr)
+            return 2
         cfg.training.resume = True
     if args.print_config:
         print(to_yaml(cfg))

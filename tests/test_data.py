@@ -518,6 +518,12 @@ def test_missing_dataset_is_explained(tmp_path):
     text = str(error.value)
     assert "coco/image/train2017" in text and "python -m rmae.preprocess --dataset coco --split train2017" in text
     assert f"--root {tmp_path}" in text  # the command must find the data where the config's data_dir points
+    assert "a relative image folder" not in text  # (no folder was given)
+    with pytest.raises(DatasetNotFoundError, match="a relative image folder is taken under the dataset's folder"):
+        build_dataset(DataConfig(dataset="coco", root=str(tmp_path), image_folder=["photos"]))
+    with pytest.raises(DatasetNotFoundError) as error:
+        build_dataset(DataConfig(dataset="imnet", root=str(tmp_path), image_folder=[str(tmp_path / "photos")]))
+    assert "a relative image folder" not in str(error.value)
     with pytest.raises(DatasetNotFoundError, match="--dataset imnet --split train"):
         build_dataset(DataConfig(dataset="imagenet", root=str(tmp_path)))
     with pytest.raises(DatasetNotFoundError, match="unlabeled2017"):

@@ -217,6 +217,48 @@ def test_a_ctrl_c_while_the_run_starts_is_kept(tmp_path, monkeypatch, capsys):
     assert "stopping after this update (a checkpoint is saved)" in capsys.readouterr().err
 
 
+def test_a_second_ctrl_c_stops_at_once_and_is_logged_as_an_interruption(tmp_path, monkeypatch, capsys):
+    """A KeyboardInterrupt out of the loop (the second Ctrl-C) exits 130 with a message, the log's last record is
+    an 'interrupted' event (it was an 'error' with an empty message); one while the settings are checked, before
+    the run has a folder, exits 130 without a traceback; --resume with training.resume=false is refused."""
+    import rmae.train as rt
+
+    real, calls = rt.next_batch, []
+
+    def second_ctrl_c(it):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(it)
+
+    monkeypatch.setattr(rt, "next_batch", second_ctrl_c)
+    run = tmp_path / "run"
+    assert rt.main([*BASE, f"training.save_dir={run}", "training.max_update=5"]) == 130
+    assert "interrupted without a checkpoint of the current update" in capsys.readouterr().err
+    last = json.loads((run / "log.jsonl").read_text().splitlines()[-1])
+    assert last["event"] == "interrupted" and last["step"] == 2 and "without a checkpoint" in last["message"]
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rt, "load_config", ctrl_c)
+    assert rt.main([*BASE, f"training.save_dir={tmp_path / 'other'}"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted before training started" in err and "Traceback" not in err
+    monkeypatch.undo()
+    assert rt.main([*BASE, f"training.save_dir={run}", "--resume", "training.resume=false"]) == 2
+    assert "--resume (continue from the newest checkpoint) contradicts training.resume=false" in capsys.readouterr().err
+
+
+def test_rerunning_a_finished_run_says_so(tmp_path, capsys):
+    run = tmp_path / "run"
+    train(cfg_for(run, "training.max_update=2"))
+    capsys.readouterr()
+    assert train(cfg_for(run, "training.max_update=2"))["step"] == 2
+    assert "the run is already at step 2 of training.max_update=2: nothing to train" in capsys.readouterr().err
+    assert [r["step"] for r in log_records(run)] == [1, 2]
+
+
 def test_sigusr1_checkpoints_and_exits_cleanly(tmp_path):
     """Slurm's preemption signal (sbatch --signal=USR1@...) in the same process: the update in flight
     finishes, a checkpoint is written, train() returns, and the previous handler is back."""
@@ -684,6 +726,23 @@ def test_data_errors_count_the_training_samples_across_a_resume(tmp_path, coco_t
     assert [r["data_errors"] for r in log_records(resumed)] == expected
 
 
+def test_skip_warnings_read_as_log_lines(tmp_path, coco_tree):
+    """An unreadable image's warning, from the main process and from a loader worker, reads as the console log's
+    lines (it read 'rmae.data:0: RuntimeWarning: ...')."""
+    root = tmp_path / "data"
+    shutil.copytree(coco_tree, root)
+    (root / "coco" / "image" / "train2017" / "000000000001.jpg").write_bytes(b"garbage")
+    (root / "coco" / "image" / "train2017" / "000000000006.jpg").write_bytes(b"garbage too")  # not in the pictures
+    args = [sys.executable, "-m", "rmae.train", *BASE, f"training.save_dir={tmp_path / 'run'}", "training.max_update=2",
+            "training.num_workers=1", *coco_args(root)]
+    proc = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("000000000001.jpg", "000000000006.jpg"):  # main process (pictures), worker
+        assert re.search(rf"^\d\d:\d\d:\d\d WARNING skipping sample: cannot decode image \S*{name}", proc.stderr,
+                         re.M), proc.stderr
+    assert "rmae.data:0" not in proc.stderr
+
+
 def test_log_lines_are_not_glued_to_the_progress_bar(tmp_path, coco_tree):
     """With the bar on, console lines go through tqdm.write: each starts a line of its own."""
     run = tmp_path / "bar"
@@ -870,11 +929,12 @@ def test_resume_trains_with_the_configured_optimizer_settings(tmp_path):
     assert len(log_records(run, "optimizer_settings_changed")) == 1
 
 
-def test_fp16_skip_backs_off_like_grad_scaler(tmp_path, monkeypatch):
+def test_fp16_skip_backs_off_like_grad_scaler(tmp_path, monkeypatch, capsys):
     """An overflow step halves the scale and restarts the growth count, as GradScaler.update() does."""
     run = tmp_path / "run"
     _poison_second_forward(monkeypatch, float("inf"))
     assert train(cfg_for(run, "training.max_update=4", "training.use_fp16=float16"))["skipped"] == 1
+    assert "training.use_fp16=float16 on the CPU" in capsys.readouterr().err  # a 10x slower choice there
     state = torch.load(ckpt.latest_checkpoint(run), map_location="cpu", weights_only=False)["scaler"]
     scaler = torch.amp.GradScaler("cpu")
     p = torch.nn.Parameter(torch.ones(1))

@@ -182,6 +182,7 @@ class Folder:
     annotations_optional: bool = False  # a missing file means "list the folder" (the standard COCO files)
     searched: tuple[Path, ...] = ()  # where the image folder was looked for, when in more than one place
     command: str = ""  # the preprocessing command that writes ``masks``
+    relative: bool = False  # a relative image folder other than a standard split's (taken under the dataset's folder)
 
 
 def _under(base: Path, path: str | os.PathLike) -> Path:
@@ -241,7 +242,8 @@ def _coco_folder(root: Path, image_folder, mask_folder=None, anno_file=None) -> 
     split = _standard_split("coco", root, images, default_mask_dir(images))
     optional = split is not None and annotations == base / _coco_annotation(split)
     return Folder(f"COCO {images.name}", images, masks, annotations, optional,
-                  command=_preprocess_command("coco", root, images, masks, COCO_FH))
+                  command=_preprocess_command("coco", root, images, masks, COCO_FH),
+                  relative=split is None and not Path(image_folder).expanduser().is_absolute())
 
 
 def _imagenet_folder(root: Path, image_folder, mask_folder=None, anno_file=None) -> Folder:
@@ -254,8 +256,10 @@ def _imagenet_folder(root: Path, image_folder, mask_folder=None, anno_file=None)
     base, images = next(((b, i) for b, i in zip(bases, searched) if i.is_dir()), (bases[0], searched[0]))
     masks = default_mask_dir(images) if mask_folder is None else _under(base, mask_folder)
     annotations = None if anno_file is None else _under(base, anno_file)
+    standard = _standard_split("imnet", root, images, default_mask_dir(images)) is not None
     return Folder(f"ImageNet {image_folder}", images, masks, annotations, searched=searched,
-                  command=_preprocess_command("imnet", root, images, masks, IMAGENET_FH))
+                  command=_preprocess_command("imnet", root, images, masks, IMAGENET_FH),
+                  relative=not standard and not Path(image_folder).expanduser().is_absolute())
 
 
 def _folder_names(folder: Folder, root: Path, tree: str, hint: str) -> list[str]:
@@ -263,8 +267,9 @@ def _folder_names(folder: Folder, root: Path, tree: str, hint: str) -> list[str]
     if not folder.images.is_dir():
         where = (f"neither {folder.searched[0]} nor {folder.searched[1]} exists." if len(folder.searched) > 1
                  else f"image folder {folder.images} not found.")
-        where += (" (a relative image folder is taken under the dataset's folder below the root; give an absolute "
-                  "path for a folder elsewhere)")
+        if folder.relative:
+            where += (" (a relative image folder is taken under the dataset's folder below the root; give an "
+                      "absolute path for a folder elsewhere)")
         raise DatasetNotFoundError(_tree_message(root, f"{folder.label}: {where}", tree, hint))
     if folder.annotations is not None and folder.annotations.is_file():
         names = read_coco_file_names(folder.annotations)
