@@ -29,6 +29,21 @@ def read_state(path: str, trust: bool) -> dict:
         return torch.load(path, map_location="cpu", weights_only=not trust)
 
 
+def config_num_heads(checkpoint) -> int | None:
+    """The encoder's head count from the config a training checkpoint of ours carries (``"config"``), else None."""
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("config"), str):
+        return None
+    try:
+        from omegaconf import OmegaConf
+
+        from rmae.models.export import model_num_heads
+        from rmae.train import build_model_from_config
+
+        return model_num_heads(build_model_from_config(OmegaConf.create(checkpoint["config"]), "meta"))
+    except Exception:  # another program's "config", an older layout: the heads stay unknown
+        return None
+
+
 def _looks_like_torch_file(path: str) -> bool:
     """A zip archive (torch.save since 1.6) or a pickle (before): its first bytes."""
     try:
@@ -53,8 +68,9 @@ def main(argv=None) -> int:
         print(f"error: the folder of {args.out} ({folder}) does not exist", file=sys.stderr)
         return 2
     try:
-        state = export_encoder(read_state(args.checkpoint, args.trust))
-        save_encoder(state, tmp)
+        checkpoint = read_state(args.checkpoint, args.trust)
+        state, heads = export_encoder(checkpoint), config_num_heads(checkpoint)
+        save_encoder(state, tmp, num_heads=heads)
         os.replace(tmp, args.out)
     except pickle.UnpicklingError as e:
         if not _looks_like_torch_file(args.checkpoint):  # an image, a text file, ...
@@ -77,9 +93,12 @@ def main(argv=None) -> int:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    meta = encoder_metadata(state)
+    meta = encoder_metadata(state, heads)
+    size = f"{meta['img_size']} px" if "img_size" in meta else "positions of a non-square grid"
+    heads = "" if "num_heads" not in meta else f", {meta['num_heads']} heads" + (
+        "" if meta["num_heads_from"] == "the model" else " (assumed: the standard for this size)")
     print(f"{args.out}: {len(state)} tensors, {sum(v.numel() for v in state.values()):,} parameters "
-          f"(ViT {meta['embed_dim']} wide, {meta['depth']} blocks, patch {meta['patch_size']}, {meta['img_size']} px)")
+          f"(ViT {meta['embed_dim']} wide, {meta['depth']} blocks, patch {meta['patch_size']}, {size}{heads})")
     call = timm_call(meta)
     if call:
         print(f"load it with: model = {call}; model.load_state_dict(safetensors.torch.load_file({args.out!r}))"

@@ -25,12 +25,14 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".p
 
 
 class ImageDecodeError(OSError):
-    """An image file that cannot be decoded: carries the path and the reason."""
+    """An image file that cannot be decoded: carries the path and the reason, and whether the file's content is at
+    fault (corrupt, truncated, not an image: ``content``) rather than the file system (missing, I/O error)."""
 
-    def __init__(self, path: str | os.PathLike, reason: str):
+    def __init__(self, path: str | os.PathLike, reason: str, content: bool = True):
         super().__init__(f"cannot decode image {path}: {reason}")
         self.path = str(path)
         self.reason = reason
+        self.content = content
 
 
 def open_rgb(source: str | os.PathLike | bytes | memoryview, name: str | os.PathLike | None = None) -> Image.Image:
@@ -55,11 +57,12 @@ def open_rgb(source: str | os.PathLike | bytes | memoryview, name: str | os.Path
     except ImageDecodeError:
         raise
     except FileNotFoundError:
-        raise ImageDecodeError(label, "file not found") from None
+        raise ImageDecodeError(label, "file not found", content=False) from None
     except UnidentifiedImageError:
         raise ImageDecodeError(label, "not a recognised image format (corrupt or not an image)") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise ImageDecodeError(label, f"cannot decode ({error})") from None
+        file_system = isinstance(error, OSError) and error.errno is not None  # EIO, EACCES, EMFILE, ...
+        raise ImageDecodeError(label, f"cannot decode ({error})", content=not file_system) from None
 
 
 def is_wide(mode: str) -> bool:

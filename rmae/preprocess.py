@@ -11,7 +11,7 @@ the official recipes as defaults. Runs on all cores, shows a progress bar, skips
 resumed too: ``fh_params.json`` marks it unfinished, and masks older than its start are redone),
 lists the images it could not segment (undecodable, broken links, two images sharing one mask name,
 ...) in ``preprocess_failures.tsv`` and then exits with status 1 (with ``--allow-bad-images``: 0 when they are
-all undecodable images or broken links, which training does without). ``--verify`` re-checks existing masks and
+all images whose content cannot be decoded, which training replaces with others). ``--verify`` re-checks existing masks and
 regenerates the bad ones.
 """
 from __future__ import annotations
@@ -198,9 +198,14 @@ def _check_params(out: Path, recipe: FHRecipe, overwrite: bool) -> tuple[int | N
             unfinished = " (an --overwrite run to it did not finish)" if redo_since is not None else ""
             newer = f" (a newer rmae's image decoding, {decode})" if decode > DECODE_VERSION else ""
             made = recorded_recipe(found)
-            if made == recipe:  # the same FH parameters: another decoding or file format
-                what = f"the same FH recipe but {newer.strip(' ()') or 'the format ' + repr(found.get('format'))}"
-                what += f"{unfinished}, not this rmae's (decoding {DECODE_VERSION}, {wanted['format']})"
+            if made == recipe:  # the same FH parameters: another decoding, file format or record
+                if newer:
+                    what = newer.strip(" ()") + f"{unfinished}, not this rmae's (decoding {DECODE_VERSION})"
+                else:
+                    other = sorted(k for k in set(found) | set(wanted) - {"decode"} if found.get(k) != wanted.get(k))
+                    what = (", ".join(f"{k} {found.get(k)!r}" for k in other) + f"{unfinished}, not this rmae's ("
+                            + ", ".join(f"{k} {wanted.get(k)!r}" for k in other) + ")")
+                what = "the same FH recipe but " + what
             else:
                 what = f"FH {made.describe()}" if made is not None else f"{found}"
                 what += f"{unfinished}{newer}, not with FH {recipe.describe()}"
@@ -348,8 +353,9 @@ def _preprocess(images: Path, out: Path, recipe: FHRecipe, workers: int, verify:
     for relative, _ in not_segmented:
         _drop_stale_mask(mask_path(out, relative), redo_since)
     failures = [(str(images / relative), reason) for relative, reason in unlistable + not_segmented]
-    # the failures training does without (the loader replaces an undecodable image and leaves broken links out)
-    bad_images = len(broken_links)
+    # the failures training does without: images whose content cannot be decoded (the loader replaces them; not
+    # broken links, which an annotation file may still list, nor the file system's errors, which may pass)
+    bad_images = 0
     for path, reason in failures:  # on the console like the images that fail to decode
         print(_shown(f"skipped {path}: {reason}"), file=sys.stderr)
     excluded = {relative for relative, _ in not_segmented}
@@ -394,8 +400,9 @@ def _preprocess(images: Path, out: Path, recipe: FHRecipe, workers: int, verify:
                     counts["unchecked"] += 1  # its existing mask may still be of the older decoding
             if isinstance(error, ImageDecodeError):
                 path, reason = error.path, error.reason
-                with lock:
-                    bad_images += 1
+                if error.content:
+                    with lock:
+                        bad_images += 1
             else:
                 path, reason = str(image_file), _failure_reason(error)
             _drop_stale_mask(mask_file, redo_since)
@@ -460,8 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verify", action="store_true", help="re-check existing masks; regenerate bad ones")
     parser.add_argument("--overwrite", action="store_true", help="recompute every mask (also after a recipe change)")
     parser.add_argument("--allow-bad-images", action="store_true",
-                        help="exit status 0 when the only failures are undecodable images and broken links (still "
-                             "listed; training replaces such an image with another)")
+                        help="exit status 0 when the only failures are images whose content cannot be decoded "
+                             "(corrupt, truncated, not an image; still listed): training replaces them with others")
     args = parser.parse_args(argv)
 
     if args.images is not None or args.out is not None:
@@ -521,8 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     if not summary["failed"] or (args.allow_bad_images and summary["failed"] == summary["bad_images"]):
         return 0
     if summary["failed"] == summary["bad_images"]:
-        print("(all of them undecodable images or broken links, which training does without: --allow-bad-images "
-              "makes such a run exit with status 0)", file=sys.stderr)
+        print("(all of them images whose content cannot be decoded, which training replaces with others: "
+              "--allow-bad-images makes such a run exit with status 0)", file=sys.stderr)
     return 1
 
 

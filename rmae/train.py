@@ -326,15 +326,16 @@ def to_device(batch: dict, device: torch.device, num_region: int):
 # ----------------------------------------------------------------------------------------------------------------
 # Signals
 # ----------------------------------------------------------------------------------------------------------------
-_python_format = warnings.formatwarning
+def console_warnings(other):
+    """A ``warnings.formatwarning`` that writes the data pipeline's warnings (``rmae.data``) as the console log
+    writes its lines (they read ``rmae.data:0: RuntimeWarning: ...``) and any other warning with ``other``."""
+    def format_warning(message, category, filename, lineno, line=None) -> str:
+        if filename != "rmae.data":
+            return other(message, category, filename, lineno, line)
+        return f"{time.strftime('%H:%M:%S')} WARNING {message}\n"
 
-
-def console_warning(message, category, filename, lineno, line=None) -> str:
-    """The data pipeline's warnings (``rmae.data``) as the console log writes its lines (they read
-    ``rmae.data:0: RuntimeWarning: ...``); any other warning as Python writes it."""
-    if filename != "rmae.data":
-        return _python_format(message, category, filename, lineno, line)
-    return f"{time.strftime('%H:%M:%S')} WARNING {message}\n"
+    format_warning.data_lines = True
+    return format_warning
 
 
 class QuietWorkerInit:
@@ -349,7 +350,8 @@ class QuietWorkerInit:
     def __call__(self, worker_id: int) -> None:
         for s in StopFlag.SIGNALS:
             signal.signal(s, signal.SIG_IGN)
-        warnings.formatwarning = console_warning  # the worker's "skipping sample" warnings, as the log's lines
+        if not getattr(warnings.formatwarning, "data_lines", False):  # (a forked worker has the main process's)
+            warnings.formatwarning = console_warnings(warnings.formatwarning)  # "skipping sample": as log lines
         if self.fn is not None:
             self.fn(worker_id)
 
@@ -357,8 +359,9 @@ class QuietWorkerInit:
 class StopFlag:
     """SIGTERM / SIGUSR1 / SIGINT set a flag; the loop checkpoints at the end of the current update and exits."""
 
-    def __init__(self):
+    def __init__(self, announce: bool = True):
         self.signal = None
+        self.announce = announce  # one rank says what a Ctrl-C does (a terminal's reaches every rank)
         self._old = {}
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -375,7 +378,7 @@ class StopFlag:
         if self.signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal = signum
-        if signum == signal.SIGINT:
+        if signum == signal.SIGINT and self.announce:
             logger.warning("stopping after this update (a checkpoint is saved); a second Ctrl-C stops at once, "
                            "without one")
 
@@ -619,8 +622,9 @@ def train(cfg, require_resume: bool = False) -> dict:
     rdist.barrier()
     log = RunLogger(run_dir, dinfo.is_main, tr["tensorboard"], tr["tensorboard_logdir"],
                     purge_step=None if meta is None else int(meta["step"]) + 1)
-    stop = StopFlag()
-    formatwarning, warnings.formatwarning = warnings.formatwarning, console_warning  # (restored at the end)
+    stop = StopFlag(announce=dinfo.is_main)
+    formatwarning = warnings.formatwarning  # (restored at the end)
+    warnings.formatwarning = console_warnings(formatwarning)
     console = contextlib.ExitStack()
     bar = None
     try:  # from here on, a failure is the log's last event (not a 'start' that seems to hang)
@@ -891,15 +895,16 @@ def export_now(model, optimizer, run_dir: Path, dinfo) -> str:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from rmae.models import save_encoder
-    from rmae.models.export import encoder_metadata, export_encoder, timm_call
+    from rmae.models.export import encoder_metadata, export_encoder, model_num_heads, timm_call
 
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dinfo.is_main:
         sd = ckpt.clean_state_dict(sd)
         tmp = run_dir / ".encoder.safetensors.tmp"
-        save_encoder(sd, str(tmp) + ".safetensors")
+        heads = model_num_heads(model)
+        save_encoder(sd, str(tmp) + ".safetensors", num_heads=heads)
         os.replace(str(tmp) + ".safetensors", run_dir / "encoder.safetensors")
-        return timm_call(encoder_metadata(export_encoder(sd)))
+        return timm_call(encoder_metadata(export_encoder(sd), heads))
     return ""
 
 
@@ -964,6 +969,11 @@ def _spawned(local_rank: int, world_size: int, port: int, cfg_yaml: str, require
     except USER_ERRORS as e:  # as on one process: a message and exit status 2, which main() passes on
         print(f"error{'' if local_rank == 0 else f' (rank {local_rank})'}: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # a second Ctrl-C: as on one process
+        if local_rank == 0:
+            print("\ninterrupted without a checkpoint of the current update; run the same command again to continue "
+                  "from the last one", file=sys.stderr)
+        sys.exit(130)
 
 
 def unused_model_sections(overrides, model: str) -> list[str]:
@@ -1012,10 +1022,18 @@ def _main(argv=None) -> int:
         import torch.multiprocessing as mp
 
         port = cfg["distributed"]["port"] if cfg["distributed"]["port"] > 0 else rdist.free_port()
+        ranks = mp.start_processes(_spawned, args=(nproc, port, to_yaml(cfg), args.resume), nprocs=nproc,
+                                   join=False, start_method="spawn")
+        # A terminal's Ctrl-C reaches the ranks too (one process group): they checkpoint and exit (0), or stop at
+        # once on a second one (130); the launcher waits for them and reports theirs.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
-            mp.spawn(_spawned, args=(nproc, port, to_yaml(cfg), args.resume), nprocs=nproc, join=True)
+            while not ranks.join():
+                pass
         except mp.ProcessExitedException as e:  # a rank exited (its message is printed); the others are stopped
             return e.exit_code if e.exit_code and e.exit_code > 0 else 1
+        finally:
+            signal.signal(signal.SIGINT, previous)
         return 0
     try:
         train(cfg, require_resume=args.resume)

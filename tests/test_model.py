@@ -643,6 +643,7 @@ def test_exported_safetensors_say_what_encoder_they_hold(tmp_path, capsys):
     from safetensors import safe_open
 
     from rmae.export import main
+    from rmae.config import load_config, to_yaml
     from rmae.models.export import encoder_metadata, save_encoder, timm_call
 
     model = build_model("rmae_tiny_patch16", "mae", img_size=112)  # the demo's encoder
@@ -650,13 +651,35 @@ def test_exported_safetensors_say_what_encoder_they_hold(tmp_path, capsys):
     with safe_open(str(tmp_path / "enc.safetensors"), "pt") as f:
         meta = f.metadata()
     assert meta == {"format": "pt", "producer": "rmae", "embed_dim": "192", "depth": "12", "patch_size": "16",
-                    "in_chans": "3", "img_size": "112", "timm_model": "vit_tiny_patch16_224", "num_heads": "3"}
+                    "in_chans": "3", "img_size": "112", "mlp_ratio": "4", "timm_model": "vit_tiny_patch16_224",
+                    "num_heads": "3", "num_heads_from": "the model"}
     assert timm_call(meta) == 'timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=112)'
     torch.save({"model": model.state_dict()}, tmp_path / "ckpt.pt")
     assert main([str(tmp_path / "ckpt.pt"), str(tmp_path / "again.safetensors")]) == 0
     out = capsys.readouterr().out
     assert ('model = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=112); model.load_state_dict('
             f"safetensors.torch.load_file({str(tmp_path / 'again.safetensors')!r}))") in out, out
+    # the heads are the model's (a checkpoint's config says them): other heads or MLP width, no timm name
+    for kwargs, heads in (({"num_heads": 6}, "6"), ({"mlp_ratio": 2.0}, "3")):
+        other = build_model("rmae_tiny_patch16", "mae", img_size=112, **kwargs)
+        save_encoder(other, str(tmp_path / "other.safetensors"))
+        with safe_open(str(tmp_path / "other.safetensors"), "pt") as f:
+            meta = f.metadata()
+        assert meta["num_heads"] == heads and "timm_model" not in meta and timm_call(meta) == "", meta
+    # a training checkpoint's config gives the export command the model's heads
+    torch.save({"model": model.state_dict(), "config": to_yaml(load_config(None, [
+        "model_config.rmae.mae_vit.arch=rmae_tiny_patch16", "model_config.rmae.mae_vit.params.img_size=112"]))},
+        tmp_path / "o.pt")
+    assert main([str(tmp_path / "o.pt"), str(tmp_path / "o.safetensors")]) == 0
+    assert ", 3 heads)" in capsys.readouterr().out
+    # a non-square grid of positions: no img_size, no timm call
+    state = export_encoder(model)
+    state["pos_embed"] = torch.zeros(1, 1 + 7 * 8, 192)
+    assert "img_size" not in encoder_metadata(state) and timm_call(encoder_metadata(state)) == ""
+    # an official file carries no config: the standard heads of the size, said to be assumed
+    torch.save({"model": model.state_dict()}, tmp_path / "official.pth")
+    assert main([str(tmp_path / "official.pth"), str(tmp_path / "off.safetensors")]) == 0
+    assert "3 heads (assumed: the standard for this size)" in capsys.readouterr().out
     # every official size maps to its timm name; 224 px needs no img_size
     for arch, (name, heads) in {"rmae_base_patch16": ("vit_base_patch16_224", 12),
                                 "rmae_huge_patch14": ("vit_huge_patch14_224", 16)}.items():

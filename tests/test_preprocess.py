@@ -135,6 +135,11 @@ def test_generic_mode_custom_recipe_and_recipe_change_is_refused(tmp_path, capsy
     assert main(["--images", str(tmp_path / "in"), "--out", str(out), "--scales", "100,300", "--sigma", "0.5"]) == 2
     err = capsys.readouterr().err
     assert "holds masks made with the same FH recipe but a newer rmae's image decoding, 99, not this rmae's" in err, err
+    (out / "fh_params.json").write_text(json.dumps({**params, "format": "uint8 [S, H, W] .npy", "extra": 1}))
+    assert main(["--images", str(tmp_path / "in"), "--out", str(out), "--scales", "100,300", "--sigma", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert ("the same FH recipe but extra 1, format 'uint8 [S, H, W] .npy', not this rmae's (extra None, format "
+            "'uint16 [S, H, W] .npy.zst')") in err, err
     assert main(["--images", str(tmp_path / "in"), "--out", str(out), "--scales", "200", "--overwrite"]) == 0
     assert load_labels(out / "nested" / "r.npy.zst").shape[0] == 1
 
@@ -236,9 +241,34 @@ def test_image_modes_convert_to_rgb(tmp_path):
     np.testing.assert_array_equal(load_rgb(tmp_path / "rgba.png"), rgb)
     np.testing.assert_array_equal(load_rgb((tmp_path / "gray.png").read_bytes()), np.repeat(gray[..., None], 3, 2))
     (tmp_path / "empty.jpg").write_bytes(b"")
-    for bad in ("empty.jpg", "missing.jpg"):
-        with pytest.raises(ImageDecodeError, match=bad):
+    for bad, content in (("empty.jpg", True), ("missing.jpg", False)):
+        with pytest.raises(ImageDecodeError, match=bad) as error:
             load_rgb(tmp_path / bad)
+        assert error.value.content is content  # the file's fault, or the file system's
+
+
+def test_only_content_errors_are_accepted_by_allow_bad_images(tmp_path, monkeypatch):
+    """An I/O error (errno set) may pass: the image then trains without a mask, so it is no bad image to accept."""
+    import errno
+
+    from PIL import Image as PILImage
+
+    images = tmp_path / "in"
+    tiny(images / "a.png", 0)
+    tiny(images / "b.png", 1)
+    real_open = PILImage.open
+
+    def flaky(path, *args, **kwargs):
+        if str(path).endswith("b.png"):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(PILImage, "open", flaky)
+    args = ["--images", str(images), "--out", str(tmp_path / "out"), "--scales", "10", "--workers", "1"]
+    with pytest.raises(ImageDecodeError) as error:
+        load_rgb(images / "b.png")
+    assert not error.value.content
+    assert main([*args, "--allow-bad-images"]) == 1
 
 
 def tiny(path: Path, seed: int, size=(8, 10)) -> Path:
@@ -340,7 +370,8 @@ def test_symlinked_folders_are_followed_and_broken_links_reported(tmp_path):
     failures = (out / "preprocess_failures.tsv").read_text()
     why = "broken symbolic link (its target does not exist or cannot be reached)"
     assert failures == f"{images / 'n02' / 'c.png'}\t{why}\n{images / 'n02' / 'd.png'}\t{why}\n"
-    assert main(["--images", str(images), "--out", str(out), "--scales", "10", "--allow-bad-images"]) == 0
+    # an annotation file may still list a broken link (training then stops there): not a bad image to accept
+    assert main(["--images", str(images), "--out", str(out), "--scales", "10", "--allow-bad-images"]) == 1
 
 
 def test_images_sharing_a_mask_file_are_failures(tmp_path, capsys):

@@ -355,6 +355,29 @@ def test_plain_launch_spawns_one_process_per_device(tmp_path, monkeypatch):
     torch.testing.assert_close(losses(spawned), losses(tmp_path / "single"), rtol=1e-5, atol=1e-6)
 
 
+def test_a_ctrl_c_reaches_the_spawned_ranks_not_the_launcher(tmp_path):
+    """A terminal's Ctrl-C goes to the whole process group: the ranks checkpoint and exit 0, and the launcher
+    waits for them (it raised KeyboardInterrupt and exited 130 with a message saying nothing was written)."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "rmae.train", *BASE, f"training.save_dir={run}", "training.max_update=400",
+           "training.device=cpu", "distributed.world_size=2"]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not ((run / "log.jsonl").is_file() and log_records(run)):
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err[-3000:]
+    (event,) = log_records(run, "interrupted")
+    assert ckpt.latest_checkpoint(run).name == f"ckpt_{event['step']:08d}.pt" and event["step"] < 400
+    assert err.count("stopping after this update") == 1 and "before training started" not in err, err[-3000:]
+
+
 def test_spawned_ranks_log_each_ranks_shard_cache_and_the_data_errors_of_all(tmp_path, coco_tree):
     """sampler=shard on 2 ranks: a shard_cache record per rank (rank 1's was lost), and data_errors counts the
     unreadable samples of every rank (it was rank 0's count): the bad image is in rank 1's shard."""
@@ -1178,3 +1201,15 @@ def test_resume_with_another_run_length_or_batch_says_so(tmp_path):
                                 "training.seed: 0 in the checkpoint, 7 now",  # (T_max is set apart: 40)
                                 # other data in a folder of its own name (training.save_dir): said, not refused
                                 f"dataset_config.sample_pretrain.data_dir: None in the checkpoint, {str(tmp_path)!r} now"]
+
+
+def test_data_warnings_format_keeps_the_users_formatter_for_others():
+    """The console format applies to rmae.data's warnings only; others go to the formatter in place when the run
+    started (one installed after importing rmae.train included)."""
+    import rmae.train as rt
+
+    mine = lambda message, category, filename, lineno, line=None: f"[mine] {message}\n"  # noqa: E731
+    fmt = rt.console_warnings(mine)
+    assert fmt("hello", UserWarning, "x.py", 1) == "[mine] hello\n"
+    assert re.fullmatch(r"\d\d:\d\d:\d\d WARNING skipping sample: x\n", fmt("skipping sample: x", RuntimeWarning,
+                                                                           "rmae.data", 0))

@@ -58,38 +58,59 @@ _TIMM_VIT = {(192, 12, 16): ("vit_tiny_patch16_224", 3), (384, 12, 16): ("vit_sm
              (1280, 32, 14): ("vit_huge_patch14_224", 16)}
 
 
-def encoder_metadata(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
-    """What an exported encoder is, read from its shapes: ``embed_dim``, ``depth``, ``patch_size``, ``img_size``
-    (pixels, square) and, for the standard sizes, ``timm_model`` and ``num_heads`` (the head count is not in
-    the weights). Strings, as safetensors stores metadata; ``format: pt`` as timm's own files."""
+def encoder_metadata(state: Mapping[str, torch.Tensor], num_heads: int | None = None) -> dict[str, str]:
+    """What an exported encoder is: ``embed_dim``, ``depth``, ``patch_size``, ``in_chans``, ``mlp_ratio`` and
+    ``img_size`` (pixels; only for a square grid of positions) from the shapes; ``num_heads`` (not in the weights)
+    as given, else the standard one of the size (``num_heads_from`` says which); ``timm_model`` when timm's model
+    of that name has all of these (its ``img_size`` argument aside). Strings, as safetensors stores metadata;
+    ``format: pt`` as timm's own files."""
     patch = state["patch_embed.proj.weight"]  # [D, C, p, p]
+    width, in_chans, size = patch.shape[0], patch.shape[1], patch.shape[-1]
     depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
-    grid = math.isqrt(max(state["pos_embed"].shape[1] - 1, 0))  # pos_embed [1, 1 + g*g, D]
-    meta = {"format": "pt", "producer": "rmae", "embed_dim": str(patch.shape[0]), "depth": str(depth),
-            "patch_size": str(patch.shape[-1]), "in_chans": str(patch.shape[1]), "img_size": str(grid * patch.shape[-1])}
-    name = _TIMM_VIT.get((patch.shape[0], depth, patch.shape[-1]))
-    if name is not None:
-        meta["timm_model"], meta["num_heads"] = name[0], str(name[1])
+    positions = state["pos_embed"].shape[1] - 1  # pos_embed [1, 1 + g*g, D]
+    grid = math.isqrt(max(positions, 0))
+    meta = {"format": "pt", "producer": "rmae", "embed_dim": str(width), "depth": str(depth),
+            "patch_size": str(size), "in_chans": str(in_chans)}
+    if grid * grid == positions and grid > 0:
+        meta["img_size"] = str(grid * size)
+    if "blocks.0.mlp.fc1.weight" in state:
+        meta["mlp_ratio"] = f"{state['blocks.0.mlp.fc1.weight'].shape[0] / width:g}"
+    standard = _TIMM_VIT.get((width, depth, size))
+    if num_heads is not None:
+        meta["num_heads"], meta["num_heads_from"] = str(num_heads), "the model"
+    elif standard is not None:
+        meta["num_heads"], meta["num_heads_from"] = str(standard[1]), "the standard for this size (not in the weights)"
+    if (standard is not None and meta.get("num_heads") == str(standard[1]) and meta.get("mlp_ratio") == "4"
+            and in_chans == 3 and "img_size" in meta):
+        meta["timm_model"] = standard[0]
     return meta
 
 
 def timm_call(meta: Mapping[str, str]) -> str:
-    """The ``timm.create_model(...)`` call that builds the exported encoder's model, or ``""`` for a size
-    timm has no name for."""
+    """The ``timm.create_model(...)`` call that builds the exported encoder's model, or ``""`` where timm has no
+    model of its shape."""
     if "timm_model" not in meta:
         return ""
     size = "" if meta["img_size"] == "224" else f", img_size={meta['img_size']}"
     return f'timm.create_model("{meta["timm_model"]}", num_classes=0{size})'
 
 
-def save_encoder(model: Union[nn.Module, Mapping[str, torch.Tensor]], path: str) -> None:
-    """Write ``export_encoder(model)`` as safetensors (``.safetensors``, with ``encoder_metadata`` in its header)
-    or a torch file (anything else)."""
+def model_num_heads(model: nn.Module) -> int | None:
+    """The encoder's attention head count (of its first block), or None where the module has no blocks."""
+    blocks = getattr(model, "blocks", None)
+    return getattr(getattr(blocks[0], "attn", None), "num_heads", None) if blocks else None
+
+
+def save_encoder(model: Union[nn.Module, Mapping[str, torch.Tensor]], path: str, num_heads: int | None = None) -> None:
+    """Write ``export_encoder(model)`` as safetensors (``.safetensors``, with ``encoder_metadata`` in its header;
+    ``num_heads``: the model's, read from it when a module is given) or a torch file (anything else)."""
     state = export_encoder(model)
+    if num_heads is None and isinstance(model, nn.Module):
+        num_heads = model_num_heads(model)
     if str(path).endswith(".safetensors"):
         from safetensors.torch import save_file
 
-        save_file(state, str(path), metadata=encoder_metadata(state))
+        save_file(state, str(path), metadata=encoder_metadata(state, num_heads))
         os.chmod(path, 0o666 & ~current_umask())  # safetensors creates the file 0600: others could not read it
     else:
         torch.save(state, path)
