@@ -36,7 +36,7 @@ from rmae.cores import command_name, usable_cores
 from rmae.image_io import IMAGE_SUFFIXES, ImageDecodeError, is_wide, load_rgb
 from rmae.masks import (DECODE_VERSION, MASK_SUFFIX, PARAMS_FILE, REDO_KEY, MaskError, load_labels,
                         mask_path, recorded_recipe, save_labels)
-from rmae.recipes import COCO_FH, IMAGENET_FH, FHRecipe, dataset_root
+from rmae.recipes import COCO_FH, IMAGENET_FH, FHRecipe, dataset_root, folder_command
 
 try:
     import fcntl
@@ -180,7 +180,7 @@ def _read_params(params_file: Path) -> dict:
     return found
 
 
-def _check_params(out: Path, recipe: FHRecipe, overwrite: bool) -> tuple[int | None, bool]:
+def _check_params(out: Path, recipe: FHRecipe, overwrite: bool, images: Path) -> tuple[int | None, bool]:
     """Refuses to mix recipes in one mask folder and records the recipe; returns the start (mtime clock,
     ns) of an unfinished redo (else None) and whether the folder's masks were made with an older decoding
     (``DECODE_VERSION``).
@@ -209,8 +209,11 @@ def _check_params(out: Path, recipe: FHRecipe, overwrite: bool) -> tuple[int | N
             else:
                 what = f"FH {made.describe()}" if made is not None else f"{found}"
                 what += f"{unfinished}{newer}, not with FH {recipe.describe()}"
-            raise PreprocessError(f"{out} holds masks made with {what}.\n"
-                                  "Use another --out folder, or --overwrite to recompute every mask.")
+            elsewhere = out.with_name(f"{out.name}_{'_'.join(f'{s:g}' for s in recipe.scales)}")
+            raise PreprocessError(
+                f"{out} holds masks made with {what}.\nMake this recipe's masks in a folder of their own (training "
+                f"reads them with mask_folder=[{elsewhere}]):\n    {folder_command(images, elsewhere, recipe)}\n"
+                "or add --overwrite to recompute every mask in this folder.")
         return redo_since, decode < DECODE_VERSION
     out.mkdir(parents=True, exist_ok=True)
     redo_since = _file_system_now(out) if overwrite else None
@@ -343,7 +346,7 @@ def preprocess(
 
 
 def _preprocess(images: Path, out: Path, recipe: FHRecipe, workers: int, verify: bool, overwrite: bool) -> dict:
-    redo_since, old_decode = _check_params(out, recipe, overwrite)
+    redo_since, old_decode = _check_params(out, recipe, overwrite, images)
     for stale in out.rglob(f".*{MASK_SUFFIX}*.tmp"):  # left by a run killed mid-write
         stale.unlink(missing_ok=True)
     relative_paths, broken_links, unlistable = scan_images(images)
@@ -454,7 +457,9 @@ def main(argv: list[str] | None = None) -> int:
         prog=command_name("rmae-preprocess", "rmae.preprocess"), description=__doc__.replace("``", ""), formatter_class=argparse.RawDescriptionHelpFormatter
     )
     source = parser.add_argument_group("what to segment (a dataset split, or any folder)")
-    source.add_argument("--dataset", choices=sorted(RECIPES), help="dataset under $E2E_DATASETS / --root")
+    source.add_argument("--dataset", choices=sorted(RECIPES) + ["imagenet"],
+                        type=lambda name: "imnet" if name == "imagenet" else name,  # the data API's other name
+                        help="dataset under $E2E_DATASETS / --root (imagenet: the same as imnet)")
     source.add_argument("--split", help="coco: train2017, val2017, unlabeled2017; imnet: train, val")
     source.add_argument("--root", type=Path, help="datasets root (default: $E2E_DATASETS or .data)")
     source.add_argument("--images", type=Path, help="generic mode: a folder of images (recursive)")

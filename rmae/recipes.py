@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["FHRecipe", "COCO_FH", "IMAGENET_FH", "dataset_root"]
+__all__ = ["FHRecipe", "COCO_FH", "IMAGENET_FH", "dataset_root", "folder_command"]
 
 
 def dataset_root(root: str | os.PathLike | None = None) -> Path:
@@ -29,3 +30,14 @@ class FHRecipe:
 
 COCO_FH = FHRecipe((500.0, 1000.0, 1500.0), (500, 1000, 1500))  # min_size equals the scale
 IMAGENET_FH = FHRecipe((1000.0,), (1000,))
+
+
+def folder_command(images: str | os.PathLike, masks: str | os.PathLike, recipe: FHRecipe) -> str:
+    """The preprocessing command (generic mode) that writes the masks of ``images`` into ``masks``."""
+    command = f"python -m rmae.preprocess --images {shlex.quote(str(images))} --out {shlex.quote(str(masks))}"
+    if (recipe.scales, recipe.min_sizes) != (COCO_FH.scales, COCO_FH.min_sizes):  # generic mode's default recipe
+        command += (f" --scales {','.join(f'{s:g}' for s in recipe.scales)}"
+                    f" --min-sizes {','.join(str(m) for m in recipe.min_sizes)}")
+    if recipe.sigma != COCO_FH.sigma:
+        command += f" --sigma {recipe.sigma:g}"
+    return command

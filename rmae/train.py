@@ -947,7 +947,8 @@ def parse_args(argv=None):
                    "RMAE/COCO/rmae_fh_4000eps.yaml (default: the demo, default.yaml)")
     p.add_argument("--model", choices=MODELS, default=None)
     p.add_argument("--task", choices=TASKS, default=None)
-    p.add_argument("--dataset", choices=DATASETS, default=None)
+    p.add_argument("--dataset", choices=DATASETS, default=None, help="imagenet: the same as imnet",
+                   type=lambda name: "imnet" if name == "imagenet" else name)  # the data API's other name
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the run folder "
                    "(an error when there is none); a run folder with checkpoints is continued anyway unless "
                    "training.resume=false")

@@ -580,8 +580,16 @@ def test_image_listed_but_missing_is_an_error_not_a_substitute(tree, tmp_path):
     annotations.mkdir()
     images = [{"id": 1, "file_name": "000000000001.jpg"}, {"id": 99, "file_name": "000000000099.jpg"}]
     (annotations / "instances_train2017.json").write_text(json.dumps({"images": images}))
+    with pytest.raises(MissingImageError, match=r"COCO train2017: 1 of the 2 images that \S*instances_train2017\.json "
+                                                r"lists are not in \S*train2017: 000000000099\.jpg\. The folder is "
+                                                r"incomplete"):
+        _coco(root)  # when the list is read, not when the sample is drawn hours later
+    # one that goes after the start (deleted while training runs) is still an error when it is read
+    images[1]["file_name"] = "000000000002.jpg"
+    (annotations / "instances_train2017.json").write_text(json.dumps({"images": images}))
     dataset = _coco(root)
-    with pytest.raises(MissingImageError, match=r"000000000099\.jpg is listed but does not exist"):
+    (root / "coco" / "image" / "train2017" / "000000000002.jpg").unlink()
+    with pytest.raises(MissingImageError, match=r"000000000002\.jpg is listed but does not exist"):
         dataset[(1, 0)]
     assert dataset.error_count == 0
 

@@ -111,6 +111,8 @@ def test_imagenet_layout_and_recipe(tmp_path):
             folder.mkdir(parents=True)
             Image.fromarray(photo("coffee")).save(folder / f"{c}_1.JPEG")
     assert main(["--dataset", "imnet", "--split", "train", "--root", str(tmp_path)]) == 0
+    assert main(["--dataset", "imagenet", "--split", "val", "--root", str(tmp_path)]) == 0  # the other name
+    assert (tmp_path / "imnet" / "fh_val" / "n01" / "n01_1.npy.zst").is_file()
     labels = load_labels(tmp_path / "imnet" / "fh_train" / "n02" / "n02_1.npy.zst")
     assert labels.shape == (1, *SMALL)  # ImageNet recipe: one scale, 1000 / 1000
     np.testing.assert_array_equal(labels[0], fh.felzenszwalb(load_rgb(tmp_path / "imnet/train/n02/n02_1.JPEG"), 1000, 0.8, 1000))
@@ -130,6 +132,11 @@ def test_generic_mode_custom_recipe_and_recipe_change_is_refused(tmp_path, capsy
     err = capsys.readouterr().err
     assert re.search(r"^error: .* holds masks made with FH scales 100,300, min sizes 100,300, sigma 0.5, not with "
                      r"FH scales 200, min sizes 200, sigma 0.8\.\n.*--overwrite", err, re.S), err
+    # the suggested command makes them in a folder of their own (dataset mode takes no --out: generic mode)
+    command = f"python -m rmae.preprocess --images {tmp_path / 'in'} --out {tmp_path / 'out_200'} --scales 200 " \
+              "--min-sizes 200"
+    assert f"mask_folder=[{tmp_path / 'out_200'}]):\n    {command}\n" in err, err
+    assert main(command.split()[3:]) == 0 and (tmp_path / "out_200" / "nested" / "r.npy.zst").is_file()
     params = json.loads((out / "fh_params.json").read_text())
     (out / "fh_params.json").write_text(json.dumps({**params, "decode": 99}))  # a newer rmae's masks
     assert main(["--images", str(tmp_path / "in"), "--out", str(out), "--scales", "100,300", "--sigma", "0.5"]) == 2

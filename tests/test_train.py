@@ -1019,6 +1019,7 @@ def test_cli_overrides_around_options(capsys):
     assert main(["training.max_update=5", "--print-config", "training.seed=3", "--model", "mae"]) == 0
     out = capsys.readouterr().out
     assert "max_update: 5" in out and "seed: 3" in out and "model: mae" in out
+    assert parse_args(["--dataset", "imagenet"]).dataset == "imnet"  # the data API's other name
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from .cache import ShardCache
 from .decode import CorruptImageError, decode_image, decode_labels
 from .regions import region_patch_counts, regions_in_patches, relabel_crop, sample_regions
 from .samplers import DRAW_STREAM, INDEX_STREAM
-from .sources import FHRecipe, ImageList, folder_command, missing_masks_message
+from .sources import FHRecipe, ImageList, MissingImageError, folder_command, missing_masks_message
 from .transforms import crop_resize, nearest_indices, random_resized_crop_params, to_normalized_chw
 
 __all__ = ["REGION_SOURCES", "RegionDataset", "MissingImageError", "MissingMaskError", "MaskRecipeError"]
@@ -53,11 +53,6 @@ class MissingMaskError(FileNotFoundError):
 class MaskRecipeError(MissingMaskError):
     """A mask folder that records (``PARAMS_FILE``) another number of FH scales than the dataset's recipe: the
     masks this dataset needs are not there."""
-
-
-class MissingImageError(FileNotFoundError):
-    """An image the annotation file lists but the image folder lacks (an incomplete download or extraction):
-    an error, not a corrupt sample to replace, since every missing image would silently become another one."""
 
 
 class RegionDataset(Dataset):

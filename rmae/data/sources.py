@@ -18,7 +18,7 @@ import numpy as np
 
 from rmae import listing
 from rmae.image_io import IMAGE_SUFFIXES
-from rmae.recipes import COCO_FH, IMAGENET_FH, FHRecipe, dataset_root
+from rmae.recipes import COCO_FH, IMAGENET_FH, FHRecipe, dataset_root, folder_command
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -43,6 +43,11 @@ IMAGENET_DIRS = ("imagenet", "imnet")  # relative ImageNet folders are looked fo
 
 class DatasetNotFoundError(FileNotFoundError):
     """A dataset folder that is missing or empty; the message shows the expected tree and how to prepare it."""
+
+
+class MissingImageError(FileNotFoundError):
+    """Images the annotation file lists but the image folder lacks (an incomplete download or extraction):
+    an error, not corrupt samples to replace, since every missing image would silently become another one."""
 
 
 
@@ -222,17 +227,6 @@ def _preprocess_command(dataset: str, root: Path, images: Path, masks: Path, rec
     return folder_command(images, masks, recipe)
 
 
-def folder_command(images: Path, masks: Path, recipe: FHRecipe) -> str:
-    """The preprocessing command (generic mode) that writes the masks of ``images`` into ``masks``."""
-    command = f"python -m rmae.preprocess --images {shlex.quote(str(images))} --out {shlex.quote(str(masks))}"
-    if (recipe.scales, recipe.min_sizes) != (COCO_FH.scales, COCO_FH.min_sizes):  # generic mode's default recipe
-        command += (f" --scales {','.join(f'{s:g}' for s in recipe.scales)}"
-                    f" --min-sizes {','.join(str(m) for m in recipe.min_sizes)}")
-    if recipe.sigma != COCO_FH.sigma:
-        command += f" --sigma {recipe.sigma:g}"
-    return command
-
-
 def _coco_folder(root: Path, image_folder, mask_folder=None, anno_file=None) -> Folder:
     """A COCO image folder; relative paths are under ``<root>/coco/``."""
     base = root / "coco"
@@ -273,6 +267,7 @@ def _folder_names(folder: Folder, root: Path, tree: str, hint: str) -> list[str]
         raise DatasetNotFoundError(_tree_message(root, f"{folder.label}: {where}", tree, hint))
     if folder.annotations is not None and folder.annotations.is_file():
         names = read_coco_file_names(folder.annotations)
+        _check_listed_images(folder, names)
     elif folder.annotations is not None and not folder.annotations_optional:
         raise DatasetNotFoundError(
             f"{folder.label}: annotation file {folder.annotations} not found (anno_file: a COCO-style json whose "
@@ -282,6 +277,20 @@ def _folder_names(folder: Folder, root: Path, tree: str, hint: str) -> list[str]
     if not names:
         raise DatasetNotFoundError(_tree_message(root, f"{folder.label}: no images in {folder.images}.", tree, hint))
     return names
+
+
+def _check_listed_images(folder: Folder, names: list[str]) -> None:
+    """Every image the annotation file lists is in the folder (one listing of it; a name the listing lacks, e.g.
+    of another suffix, is looked up itself): else MissingImageError before any sample is read, naming the files
+    and the annotation file (a run stopped at the first missing image it drew, after hours on COCO)."""
+    present = set(listing.scan_images(folder.images, 16).images)
+    missing = [n for n in names if n not in present and not (folder.images / n).is_file()]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise MissingImageError(
+            f"{folder.label}: {len(missing)} of the {len(names)} images that {folder.annotations} lists are not in "
+            f"{folder.images}: {shown}. The folder is incomplete (a partial download or extraction?): restore "
+            "them, or remove them from the annotation file.")
 
 
 def _open(dataset: str, folders: list[Folder], recipe: FHRecipe, root: Path, tree: str) -> ImageList:
