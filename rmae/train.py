@@ -494,7 +494,7 @@ def check_same_experiment(cfg, meta: dict, path: Path, run_dir: Path) -> None:
                           f"with {then}, this run uses {now}.\nGive this run its own folder (training.save_dir or "
                           f"training.experiment_name), or set training.save_dir={run_dir} to continue that run "
                           "with this config")
-    changed = "\n  ".join(data_changes(saved, cfg))
+    changed = "\n  ".join(data_changes(saved, cfg, meta.get("data_root")))
     if changed:
         raise ConfigError(f"the run folder {run_dir} holds a run on other data: checkpoint {path} was made with\n  "
                           f"{changed}\nGive this run its own folder (training.save_dir or training.experiment_name), "
@@ -521,19 +521,36 @@ def run_settings_changed(meta: dict, cfg) -> list[str]:
         if then is not None and then != now:
             out.append(f"{key}: {then} in the checkpoint, {now} now")
     # other training images (in a folder named by save_dir / experiment_name; the default folder refuses them)
-    return out + data_changes(OmegaConf.to_container(saved, resolve=False), cfg)
+    return out + data_changes(OmegaConf.to_container(saved, resolve=False), cfg, meta.get("data_root"))
 
 
-def data_changes(saved: dict, cfg) -> list[str]:
+def data_changes(saved: dict, cfg, saved_root: str | None = None) -> list[str]:
     """The settings choosing the training images (``data_settings``) that differ between a checkpoint's saved
-    config (a plain tree) and ``cfg``, one line each."""
+    config (a plain tree) and ``cfg``, one line each. ``saved_root``: the datasets root the checkpoint's run
+    resolved (``data_root``; checkpoints before it was stored: None), compared instead of ``data_dir``, so that
+    $E2E_DATASETS counts and a data_dir naming the same folder does not."""
     from omegaconf import OmegaConf
 
     then, now = data_settings(saved), data_settings(OmegaConf.to_container(cfg, resolve=True))
     if None in (then, now):
         return []
-    return [f"{k}: {then.get(k)!r} in the checkpoint, {now.get(k)!r} now"
-            for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
+    key = f"dataset_config.{cfg['dataset']}_pretrain.data_dir"
+    if saved_root is not None and then.get("dataset") == now.get("dataset"):
+        then[key], now[key] = saved_root, data_root(cfg)
+    changed = [f"{k}: {then.get(k)!r} in the checkpoint, {now.get(k)!r} now"
+               for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
+    return [c.replace(f"{key}:", "datasets root (data_dir, else $E2E_DATASETS):", 1) if saved_root else c
+            for c in changed]
+
+
+def data_root(cfg) -> str | None:
+    """The datasets root the run reads (data_dir, else $E2E_DATASETS, else .data; absolute), None for the bundled
+    sample set, which has none."""
+    from rmae.recipes import dataset_root
+
+    if cfg["dataset"] == "sample":
+        return None
+    return str(dataset_root(dataset_section(cfg)["data_dir"]).resolve())
 
 
 def data_settings(c: dict) -> dict | None:
@@ -720,7 +737,7 @@ def train(cfg, require_resume: bool = False) -> dict:
             nonlocal saved_position
             extra = {"data_position": position, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                      "skipped": skipped, "data_errors": errors, "config": to_yaml(cfg),
-                     "config_identity": config_identity(cfg["config"])}
+                     "config_identity": config_identity(cfg["config"]), "data_root": data_root(cfg)}
             path = ckpt.save_checkpoint(run_dir, model=model, optimizer=optimizer, step=s, extra=extra,
                                         keep=tr["num_checkpoint"], is_main=dinfo.is_main)
             saved_position = position

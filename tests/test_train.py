@@ -916,6 +916,23 @@ def test_default_run_folder_of_other_data_is_not_continued(tmp_path, monkeypatch
                              dataset="coco"))["step"] == 4
 
 
+def test_the_datasets_root_is_compared_as_resolved(tmp_path, monkeypatch, coco_tree):
+    """$E2E_DATASETS chooses the data when data_dir is null: another root through it is other data (it continued
+    silently), and data_dir naming the same folder as the variable is the same data (it was refused)."""
+    monkeypatch.chdir(tmp_path)
+    other_root = tmp_path / "other"
+    shutil.copytree(coco_tree, other_root)
+    tiny = BASE + ["training.experiment_name=null"]
+    monkeypatch.setenv("E2E_DATASETS", str(coco_tree))
+    train(load_config(None, tiny + ["training.max_update=2"], dataset="coco"))
+    monkeypatch.setenv("E2E_DATASETS", str(other_root))
+    with pytest.raises(ConfigError, match=rf"run on other data.*\n.*datasets root \(data_dir, else \$E2E_DATASETS\): "
+                                          rf"'{coco_tree.resolve()}' in the checkpoint, '{other_root.resolve()}' now"):
+        train(load_config(None, tiny + ["training.max_update=3"], dataset="coco"))
+    same = tiny + [f"dataset_config.coco_pretrain.data_dir={coco_tree}"]
+    assert train(load_config(None, same + ["training.max_update=3"], dataset="coco"))["step"] == 3
+
+
 def test_resume_file_that_is_a_folder_is_named_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="is not a file"):
         train(cfg_for(tmp_path / "run", f"training.resume_file={tmp_path}"))
