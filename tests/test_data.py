@@ -654,15 +654,19 @@ def test_missing_mask_names_the_path(tree, tmp_path):
 
 
 def test_images_sharing_a_mask_name_are_explained(tree, tmp_path):
-    """x.jpg and x.png map to one mask, so preprocessing segments neither: the loader says so, rather than
-    pointing to the preprocessing command that refuses them again."""
+    """x.jpg and x.png map to one mask, so preprocessing segments neither: the loader refuses them when it starts,
+    also when a mask of that name exists (made from one of them, or before the other came: the other trained on a
+    mask of another picture), rather than pointing to the preprocessing command that refuses them again."""
     root = _copy_tree(tree, tmp_path)
     images = root / "coco" / "image" / "train2017"
-    shutil.copy(images / "000000000001.jpg", images / "000000000001.png")
-    (root / "coco" / "image" / "fh_train2017" / "000000000001.npy.zst").unlink()
-    with pytest.raises(MissingMaskError, match=r"shares the mask name 000000000001\.npy\.zst with "
-                                               r"000000000001\.png .*Rename one"):
-        _coco(root)[(0, 0)]
+    shutil.copy(images / "000000000002.jpg", images / "000000000001.png")  # another picture, the same size
+    for mask_there in (True, False):
+        if not mask_there:
+            (root / "coco" / "image" / "fh_train2017" / "000000000001.npy.zst").unlink()
+        with pytest.raises(MissingMaskError, match=r"1 group\(s\) of images share one mask file name.*"
+                                                   r"000000000001\.jpg and \S*000000000001\.png\. Rename one"):
+            _coco(root)
+    assert len(_coco(root, regions="online")) == len(PHOTOS) + 1  # FH in the loader: no mask file to share
 
 
 def test_file_names_that_are_not_utf8_are_read(tree, tmp_path):

@@ -19,7 +19,6 @@ number of workers and a resumed run repeats the same crops.
 """
 from __future__ import annotations
 
-import glob
 import warnings
 from pathlib import Path
 
@@ -29,7 +28,6 @@ from PIL import Image
 from torch.utils.data import Dataset, get_worker_info
 
 from rmae.fh import felzenszwalb_batch, felzenszwalb_multi
-from rmae.image_io import IMAGE_SUFFIXES
 from rmae.masks import (DECODE_VERSION, PARAMS_FILE, REDO_KEY, MaskError, find_mask, folder_params, mask_path,
                         recorded_recipe)
 
@@ -121,7 +119,26 @@ class RegionDataset(Dataset):
             missing = [i for i, (_, mask_dir) in enumerate(images.roots) if not mask_dir.is_dir()]
             if missing:
                 raise MissingMaskError(missing_masks_message(images, missing))
+            self._check_shared_mask_names()
             self._check_recipes()
+
+    def _check_shared_mask_names(self) -> None:
+        """Two images of one folder whose names differ only in the suffix (``x.jpg``, ``x.png``) would read one mask
+        file, made from at most one of them: MissingMaskError naming them (preprocessing segments neither)."""
+        paths, roots = self.images.paths.tolist(), self.images.root_ids.tolist()
+        stems = [p.rpartition(b".")[0] or p for p in paths]  # what the mask name keeps (mask_path)
+        if len(set(zip(roots, stems))) == len(paths):
+            return
+        groups: dict[tuple, list[int]] = {}
+        for i, key in enumerate(zip(roots, stems)):
+            groups.setdefault(key, []).append(i)
+        shared = [g for g in groups.values() if len(g) > 1]
+        shown = "; ".join(" and ".join(str(self.images.image_file(i)) for i in g) for g in shared[:5])
+        more = f" (and {len(shared) - 5} more)" if len(shared) > 5 else ""
+        raise MissingMaskError(
+            f"{len(shared)} group(s) of images share one mask file name, so no mask can tell them apart "
+            f"(preprocessing segments none of them): {shown}{more}. Rename one of each, then run: "
+            f"{self.images.preprocess_hint}; or use regions='online' / 'online_crop'.")
 
     def _check_recipes(self) -> None:
         """The recipe each mask folder records against this dataset's: another number of scales cannot be
@@ -282,12 +299,6 @@ class RegionDataset(Dataset):
     def _missing_mask_message(self, index: int) -> str:
         image_file = self.images.image_file(index)
         expected = mask_path(self.images.mask_dir(index), self.images.relative(index))
-        twins = sorted(p.name for p in image_file.parent.glob(glob.escape(image_file.stem) + ".*")
-                       if p != image_file and p.suffix.lower() in IMAGE_SUFFIXES)
-        if twins:  # x.jpg and x.png: preprocessing leaves both out rather than give them one mask
-            return (f"no FH mask for {image_file}: it shares the mask name {expected.name} with "
-                    f"{', '.join(twins)} in the same folder, so preprocessing segments neither. Rename one of "
-                    f"them and run: {self.images.preprocess_hint}; or use regions='online' / 'online_crop'.")
         return (f"no FH mask for {image_file}: expected {expected} (or the original's .npy beside it). "
                 f"Make masks with: {self.images.preprocess_hint}, or use regions='online' / 'online_crop'.")
 
