@@ -696,7 +696,8 @@ def train(cfg, require_resume: bool = False) -> dict:
             key = f"dataset_config.{cfg['dataset']}_pretrain.region_source"
             log.event("region_source", source=source,
                       message=f"{key} is none but model {cfg['model']} has {num_region} regions: reading the FH "
-                              f"masks (offline), as the R-MAE recipes do; set {key} to choose")
+                              f"masks (offline), as the R-MAE recipes do; set {key} to offline, online or "
+                              f"online_crop to choose (none gives no regions, which model {cfg['model']} needs)")
         # per-rank samples consumed so far: the global position split over ranks
         with warnings.catch_warnings(record=True) as data_warnings:  # a mask folder of other FH parameters, ...
             warnings.simplefilter("always")
