@@ -864,7 +864,7 @@ def train(cfg, require_resume: bool = False) -> dict:
             log.event("interrupted", step=step, signal=stop.signal,
                       message="checkpoint saved; run the same command again to continue")
     except BaseException as e:
-        translated = in_config_terms_error(cfg, e)  # a missing mask met in a batch: named in config keys
+        translated = in_config_terms_error(cfg, e)  # a missing mask (at start or in a batch): in config keys
         if isinstance(e, KeyboardInterrupt):  # a second Ctrl-C (or one before the stop handler was installed)
             log.log({"event": "interrupted", **({"step": step} if step else {}), "signal": "SIGINT",
                      "message": "stopped at once, without a checkpoint of the update in flight"}, console=False)

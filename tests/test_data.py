@@ -646,11 +646,25 @@ def test_corrupt_image_and_mask_are_skipped_and_counted(tree, tmp_path):
 
 
 def test_missing_mask_names_the_path(tree, tmp_path):
+    """Images without a mask are found when the loader starts (an unfinished preprocessing run stopped training at
+    the first one drawn); one whose mask goes after the start is named when it is read."""
     root = _copy_tree(tree, tmp_path)
-    (root / "coco" / "image" / "fh_train2017" / "000000000001.npy.zst").unlink()
-    with pytest.raises(MissingMaskError, match=r"fh_train2017/000000000001\.npy\.zst"):
-        _coco(root)[(0, 0)]
+    mask = root / "coco" / "image" / "fh_train2017" / "000000000001.npy.zst"
+    kept = mask.read_bytes()
+    mask.unlink()
+    with pytest.raises(MissingMaskError, match=r"1 of the 6 images of coco/train2017 have no FH mask: \S*fh_train2017/"
+                                               r"000000000001\.npy\.zst \(an unfinished preprocessing run.*--split "
+                                               r"train2017 --root"):
+        _coco(root)
     assert _coco(root, regions="online")[(0, 0)]["index"].item() == 0
+    mask.write_bytes(kept)
+    dataset = _coco(root)
+    mask.unlink()
+    with pytest.raises(MissingMaskError, match=r"fh_train2017/000000000001\.npy\.zst"):
+        dataset[(0, 0)]
+    # the original's .npy masks count too
+    np.save(mask.with_suffix(""), _labels_of(_coco(tree), 0).astype(np.uint8))
+    assert _coco(root)[(0, 0)]["index"].item() == 0
 
 
 def test_images_sharing_a_mask_name_are_explained(tree, tmp_path):
@@ -857,7 +871,7 @@ def test_a_wide_image_with_a_mask_of_the_older_decoding_is_skipped(tree, tmp_pat
     mask_dir = root / "coco" / "image" / "fh_train2017"
     for old in mask_dir.glob("000000000001.*"):
         old.unlink()
-    recipe = _coco(root).fh
+    recipe = _coco(root, regions="online").fh
     save_labels(mask_dir / "000000000001.npy.zst",
                 felzenszwalb_multi(np.asarray(decode_image(image_file)), recipe.scales, recipe.sigma, recipe.min_sizes))
     dataset = _coco(root)

@@ -823,7 +823,7 @@ def test_a_missing_dataset_is_explained_in_config_keys(tmp_path, coco_tree, caps
     err = capsys.readouterr().err
     assert "mask folder" in err and "dataset_config.coco_pretrain.region_source=online" in err, err
     shutil.copytree(coco_tree / "coco" / "image" / "fh_train2017", root / "coco" / "image" / "fh_train2017")
-    (root / "coco" / "image" / "fh_train2017" / "000000000002.npy.zst").unlink()  # met in a batch
+    (root / "coco" / "image" / "fh_train2017" / "000000000002.npy.zst").unlink()  # found when the loader starts
     assert main([*BASE, f"training.save_dir={tmp_path / 'run3'}", *coco_args(root)]) == 2
     err = capsys.readouterr().err
     assert "000000000002.npy.zst" in err and "dataset_config.coco_pretrain.region_source=online" in err, err

@@ -19,6 +19,7 @@ number of workers and a resumed run repeats the same crops.
 """
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -28,8 +29,8 @@ from PIL import Image
 from torch.utils.data import Dataset, get_worker_info
 
 from rmae.fh import felzenszwalb_batch, felzenszwalb_multi
-from rmae.masks import (DECODE_VERSION, PARAMS_FILE, REDO_KEY, MaskError, find_mask, folder_params, mask_path,
-                        recorded_recipe)
+from rmae.masks import (DECODE_VERSION, MASK_SUFFIX, ORIGINAL_SUFFIX, PARAMS_FILE, REDO_KEY, MaskError, find_mask,
+                        folder_params, mask_path, recorded_recipe)
 
 from .cache import ShardCache
 from .decode import CorruptImageError, decode_image, decode_labels
@@ -119,18 +120,42 @@ class RegionDataset(Dataset):
             missing = [i for i, (_, mask_dir) in enumerate(images.roots) if not mask_dir.is_dir()]
             if missing:
                 raise MissingMaskError(missing_masks_message(images, missing))
-            self._check_shared_mask_names()
+            # (root, image path without its suffix): what names each image's mask (mask_path), as bytes
+            keys = list(zip(images.root_ids.tolist(), (p.rpartition(b".")[0] or p for p in images.paths.tolist())))
+            self._check_shared_mask_names(keys)
             self._check_recipes()
+            self._check_masks_present(keys)
 
-    def _check_shared_mask_names(self) -> None:
+    def _check_masks_present(self, keys: list[tuple[int, bytes]]) -> None:
+        """Every image has a mask file (ours or the original's), from one listing of each mask folder: else
+        MissingMaskError before any sample is read (a run stopped at the first image without one it drew, hours in
+        and again after every resume: an unfinished preprocessing run, images added since)."""
+        present: set[tuple[int, bytes]] = set()
+        for root, (_, mask_dir) in enumerate(self.images.roots):
+            top = os.fsencode(mask_dir)
+            for folder, _, files in os.walk(top, followlinks=True):
+                prefix = b"" if folder == top else os.path.relpath(folder, top) + b"/"
+                for name in files:
+                    for suffix in (MASK_SUFFIX.encode(), ORIGINAL_SUFFIX.encode()):
+                        if name.endswith(suffix):
+                            present.add((root, prefix + name[: -len(suffix)]))
+        missing = [i for i, key in enumerate(keys) if key not in present]
+        if missing:
+            shown = ", ".join(str(mask_path(self.images.mask_dir(i), self.images.relative(i))) for i in missing[:5])
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise MissingMaskError(
+                f"{len(missing)} of the {len(keys)} images of {self.images.name} have no FH mask: {shown}{more} "
+                f"(an unfinished preprocessing run, or images added since). Make them with: "
+                f"{self.images.preprocess_hint} (it skips the masks already made), or use regions='online' / "
+                "'online_crop'.")
+
+    def _check_shared_mask_names(self, keys: list[tuple[int, bytes]]) -> None:
         """Two images of one folder whose names differ only in the suffix (``x.jpg``, ``x.png``) would read one mask
         file, made from at most one of them: MissingMaskError naming them (preprocessing segments neither)."""
-        paths, roots = self.images.paths.tolist(), self.images.root_ids.tolist()
-        stems = [p.rpartition(b".")[0] or p for p in paths]  # what the mask name keeps (mask_path)
-        if len(set(zip(roots, stems))) == len(paths):
+        if len(set(keys)) == len(keys):
             return
         groups: dict[tuple, list[int]] = {}
-        for i, key in enumerate(zip(roots, stems)):
+        for i, key in enumerate(keys):
             groups.setdefault(key, []).append(i)
         shared = [g for g in groups.values() if len(g) > 1]
         shown = "; ".join(" and ".join(str(self.images.image_file(i)) for i in g) for g in shared[:5])
