@@ -662,8 +662,9 @@ def test_missing_mask_names_the_path(tree, tmp_path):
     mask.unlink()
     with pytest.raises(MissingMaskError, match=r"fh_train2017/000000000001\.npy\.zst"):
         dataset[(0, 0)]
-    # the original's .npy masks count too
+    # the original's .npy masks count too; a link back up the mask folder is walked once
     np.save(mask.with_suffix(""), _labels_of(_coco(tree), 0).astype(np.uint8))
+    (mask.parent / "back").symlink_to(mask.parent, target_is_directory=True)
     assert _coco(root)[(0, 0)]["index"].item() == 0
 
 
@@ -677,10 +678,19 @@ def test_images_sharing_a_mask_name_are_explained(tree, tmp_path):
     for mask_there in (True, False):
         if not mask_there:
             (root / "coco" / "image" / "fh_train2017" / "000000000001.npy.zst").unlink()
-        with pytest.raises(MissingMaskError, match=r"1 group\(s\) of images share one mask file name.*"
-                                                   r"000000000001\.jpg and \S*000000000001\.png\. Rename one"):
+        with pytest.raises(MissingMaskError, match=r"1 group\(s\) of images share one mask file name.*train2017: "
+                                                   r"000000000001\.jpg and 000000000001\.png\. Rename one"):
             _coco(root)
     assert len(_coco(root, regions="online")) == len(PHOTOS) + 1  # FH in the loader: no mask file to share
+    # an annotation file that lists one image twice, or spells it "./x.jpg": one image, its mask found
+    (images / "000000000001.png").unlink()
+    shutil.copy(tree / "coco" / "image" / "fh_train2017" / "000000000001.npy.zst",
+                root / "coco" / "image" / "fh_train2017" / "000000000001.npy.zst")
+    (root / "coco" / "annotations").mkdir()
+    listed = [{"id": 1, "file_name": "000000000001.jpg"}, {"id": 2, "file_name": "000000000001.jpg"},
+              {"id": 3, "file_name": "./000000000002.jpg"}]
+    (root / "coco" / "annotations" / "instances_train2017.json").write_text(json.dumps({"images": listed}))
+    assert len(_coco(root)) == 3
 
 
 def test_file_names_that_are_not_utf8_are_read(tree, tmp_path):

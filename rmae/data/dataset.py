@@ -19,6 +19,7 @@ number of workers and a resumed run repeats the same crops.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from pathlib import Path
@@ -120,7 +121,8 @@ class RegionDataset(Dataset):
             missing = [i for i, (_, mask_dir) in enumerate(images.roots) if not mask_dir.is_dir()]
             if missing:
                 raise MissingMaskError(missing_masks_message(images, missing))
-            # (root, image path without its suffix): what names each image's mask (mask_path), as bytes
+            # (root, image path without its suffix): what names each image's mask on the usual names, as bytes (a
+            # key that misses is confirmed with mask_path / find_mask themselves)
             keys = list(zip(images.root_ids.tolist(), (p.rpartition(b".")[0] or p for p in images.paths.tolist())))
             self._check_shared_mask_names(keys)
             self._check_recipes()
@@ -133,13 +135,23 @@ class RegionDataset(Dataset):
         present: set[tuple[int, bytes]] = set()
         for root, (_, mask_dir) in enumerate(self.images.roots):
             top = os.fsencode(mask_dir)
-            for folder, _, files in os.walk(top, followlinks=True):
+            seen = set()  # (device, inode) of the folders walked: a link back up is not followed again
+            for folder, folders, files in os.walk(top, followlinks=True):  # (an unlistable folder: checked below)
+                with contextlib.suppress(OSError):
+                    info = os.stat(folder)
+                    if (info.st_dev, info.st_ino) in seen:
+                        folders[:] = []
+                        continue
+                    seen.add((info.st_dev, info.st_ino))
                 prefix = b"" if folder == top else os.path.relpath(folder, top) + b"/"
                 for name in files:
                     for suffix in (MASK_SUFFIX.encode(), ORIGINAL_SUFFIX.encode()):
                         if name.endswith(suffix):
                             present.add((root, prefix + name[: -len(suffix)]))
-        missing = [i for i, key in enumerate(keys) if key not in present]
+        # not in the listing: looked up as the loader does (names the listing spells otherwise, "./x.jpg", a folder
+        # it could not list)
+        missing = [i for i, key in enumerate(keys) if key not in present
+                   and find_mask(self.images.mask_dir(i), self.images.relative(i)) is None]
         if missing:
             shown = ", ".join(str(mask_path(self.images.mask_dir(i), self.images.relative(i))) for i in missing[:5])
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -157,8 +169,17 @@ class RegionDataset(Dataset):
         groups: dict[tuple, list[int]] = {}
         for i, key in enumerate(keys):
             groups.setdefault(key, []).append(i)
-        shared = [g for g in groups.values() if len(g) > 1]
-        shown = "; ".join(" and ".join(str(self.images.image_file(i)) for i in g) for g in shared[:5])
+        shared = []
+        for group in (g for g in groups.values() if len(g) > 1):  # confirmed by the mask name itself
+            by_mask: dict[tuple, set[str]] = {}
+            for i in group:  # (a name an annotation file lists twice is one image)
+                by_mask.setdefault((self.images.root_ids[i], mask_path("", self.images.relative(i))), set()).add(
+                    os.path.normpath(self.images.relative(i)))
+            shared += [f"{self.images.roots[root][0]}: " + " and ".join(sorted(names))
+                       for (root, _), names in by_mask.items() if len(names) > 1]
+        if not shared:
+            return
+        shown = "; ".join(shared[:5])
         more = f" (and {len(shared) - 5} more)" if len(shared) > 5 else ""
         raise MissingMaskError(
             f"{len(shared)} group(s) of images share one mask file name, so no mask can tell them apart "
