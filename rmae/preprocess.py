@@ -209,10 +209,11 @@ def _check_params(out: Path, recipe: FHRecipe, overwrite: bool, images: Path) ->
             else:
                 what = f"FH {made.describe()}" if made is not None else f"{found}"
                 what += f"{unfinished}{newer}, not with FH {recipe.describe()}"
-            elsewhere = out.with_name(f"{out.name}_{'_'.join(f'{s:g}' for s in recipe.scales)}")
+            elsewhere = out.resolve().with_name(f"{out.name}_{'-'.join(f'{s:g}' for s in recipe.scales)}")
             raise PreprocessError(
-                f"{out} holds masks made with {what}.\nMake this recipe's masks in a folder of their own (training "
-                f"reads them with mask_folder=[{elsewhere}]):\n    {folder_command(images, elsewhere, recipe)}\n"
+                f"{out} holds masks made with {what}.\nMake this recipe's masks in a folder of their own (a training "
+                f"run whose recipe has {len(recipe.scales)} scale(s) reads them with mask_folder=[{elsewhere}]):\n"
+                f"    {folder_command(images.resolve(), elsewhere, recipe)}\n"
                 "or add --overwrite to recompute every mask in this folder.")
         return redo_since, decode < DECODE_VERSION
     out.mkdir(parents=True, exist_ok=True)

@@ -535,12 +535,27 @@ def data_changes(saved: dict, cfg, saved_root: str | None = None) -> list[str]:
     if None in (then, now):
         return []
     key = f"dataset_config.{cfg['dataset']}_pretrain.data_dir"
-    if saved_root is not None and then.get("dataset") == now.get("dataset"):
+    if then.get("dataset") == now.get("dataset") and not (root_chooses_images(then) or root_chooses_images(now)):
+        then[key] = now[key] = None  # every folder absolute: the root chooses nothing
+    elif saved_root is not None and then.get("dataset") == now.get("dataset"):
         then[key], now[key] = saved_root, data_root(cfg)
     changed = [f"{k}: {then.get(k)!r} in the checkpoint, {now.get(k)!r} now"
                for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
     return [c.replace(f"{key}:", "datasets root (data_dir, else $E2E_DATASETS):", 1) if saved_root else c
             for c in changed]
+
+
+def root_chooses_images(settings: dict) -> bool:
+    """Whether the datasets root decides which files a run reads (``data_settings``): a split, the default
+    folders, or a relative image / mask folder or annotation file (taken under the root)."""
+    prefix = f"dataset_config.{settings['dataset']}_pretrain."
+    if settings.get(prefix + "split") or settings.get(prefix + "imdb_files.train.image_folder") is None:
+        return True
+    paths = []
+    for k in ("image_folder", "mask_folder", "anno_file"):
+        value = settings.get(prefix + "imdb_files.train." + k)
+        paths += [] if value is None else [value] if isinstance(value, str) else list(value)
+    return any(not os.path.isabs(os.path.expanduser(str(p))) for p in paths)
 
 
 def data_root(cfg) -> str | None:

@@ -135,7 +135,7 @@ def test_generic_mode_custom_recipe_and_recipe_change_is_refused(tmp_path, capsy
     # the suggested command makes them in a folder of their own (dataset mode takes no --out: generic mode)
     command = f"python -m rmae.preprocess --images {tmp_path / 'in'} --out {tmp_path / 'out_200'} --scales 200 " \
               "--min-sizes 200"
-    assert f"mask_folder=[{tmp_path / 'out_200'}]):\n    {command}\n" in err, err
+    assert f"scale(s) reads them with mask_folder=[{tmp_path / 'out_200'}]):\n    {command}\n" in err, err
     assert main(command.split()[3:]) == 0 and (tmp_path / "out_200" / "nested" / "r.npy.zst").is_file()
     params = json.loads((out / "fh_params.json").read_text())
     (out / "fh_params.json").write_text(json.dumps({**params, "decode": 99}))  # a newer rmae's masks

@@ -932,6 +932,16 @@ def test_the_datasets_root_is_compared_as_resolved(tmp_path, monkeypatch, coco_t
         train(load_config(None, tiny + ["training.max_update=3"], dataset="coco"))
     same = tiny + [f"dataset_config.coco_pretrain.data_dir={coco_tree}"]
     assert train(load_config(None, same + ["training.max_update=3"], dataset="coco"))["step"] == 3
+    # every folder absolute: the root chooses nothing, another one is the same data
+    key = "dataset_config.coco_pretrain.imdb_files.train"
+    absolute = tiny + [f"{key}.image_folder=[{coco_tree / 'coco' / 'image' / 'train2017'}]", f"{key}.anno_file=null",
+                       f"{key}.mask_folder=[{coco_tree / 'coco' / 'image' / 'fh_train2017'}]",
+                       "training.experiment_name=absolute"]
+    train(load_config(None, absolute + ["training.max_update=2"], dataset="coco"))
+    monkeypatch.setenv("E2E_DATASETS", str(tmp_path / "elsewhere"))
+    assert train(load_config(None, absolute + ["training.max_update=3"], dataset="coco"))["step"] == 3
+    (changed,) = log_records(tmp_path / "runs" / "absolute", "run_settings_changed")
+    assert changed["changed"] == ["training.max_update: 2 in the checkpoint, 3 now"]  # not the root
 
 
 def test_resume_file_that_is_a_folder_is_named_so(tmp_path):
