@@ -1059,8 +1059,19 @@ def _main(argv=None) -> int:
         ranks = mp.start_processes(_spawned, args=(nproc, port, to_yaml(cfg), args.resume), nprocs=nproc,
                                    join=False, start_method="spawn")
         # A terminal's Ctrl-C reaches the ranks too (one process group): they checkpoint and exit (0), or stop at
-        # once on a second one (130); the launcher waits for them and reports theirs.
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # once on a second one (130); the launcher waits for them and reports theirs. A third (ranks stuck, e.g.
+        # in a collective) kills them.
+        presses = []
+
+        def interrupted(signum, frame):
+            presses.append(signum)
+            if len(presses) == 3:
+                print("\nthird Ctrl-C: killing the ranks", file=sys.stderr)
+                for process in ranks.processes:
+                    if process.is_alive():
+                        process.kill()
+
+        previous = signal.signal(signal.SIGINT, interrupted)
         try:
             while not ranks.join():
                 pass
