@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rmae.image_io import IMAGE_SUFFIXES
 
-__all__ = ["ImageScan", "scan_images"]
+__all__ = ["ImageScan", "scan_images", "scan_files"]
 
 
 @dataclass
@@ -21,8 +22,8 @@ class ImageScan:
     escapes); ``os.fsencode`` turns them back into their bytes.
     """
 
-    images: list[str] = field(default_factory=list)
-    broken_links: list[str] = field(default_factory=list)  # named like images, pointing nowhere
+    images: list[str] = field(default_factory=list)  # (from scan_files: the files its ``keep`` accepts)
+    broken_links: list[str] = field(default_factory=list)  # named like them, pointing nowhere
     unlistable: list[tuple[str, str]] = field(default_factory=list)  # (folder, why it cannot be listed)
 
     def extend(self, other: "ImageScan") -> None:
@@ -35,9 +36,10 @@ def _is_image_name(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
 
 
-def _list_folder(folder: Path, relative: str, above: frozenset, scan: ImageScan) -> tuple[list[str], frozenset]:
-    """Adds the images and broken links directly in ``folder / relative`` to ``scan``; returns its
-    subfolders (relative to ``folder``) and the identities of the folders they sit in. ``above`` holds the
+def _list_folder(folder: Path, relative: str, above: frozenset, scan: ImageScan,
+                 keep: Callable[[str], bool]) -> tuple[list[str], frozenset]:
+    """Adds the files ``keep`` accepts and broken links so named directly in ``folder / relative`` to ``scan``;
+    returns its subfolders (relative to ``folder``) and the identities of the folders they sit in. ``above`` holds the
     (device, inode) of the folders above it: a link back into them is not listed again."""
     try:
         info = os.stat(os.path.join(folder, relative))
@@ -58,14 +60,14 @@ def _list_folder(folder: Path, relative: str, above: frozenset, scan: ImageScan)
             is_dir = entry.is_dir()  # follows symlinked folders
             is_file = not is_dir and entry.is_file()
         except OSError as error:  # a link loop, a link into a folder that cannot be read
-            if _is_image_name(entry.name):
+            if keep(entry.name):
                 scan.broken_links.append(name)
             elif error.errno != errno.ELOOP:  # (a looping link that is no image is no folder either)
                 scan.unlistable.append((name, f"cannot follow link ({error.strerror or error})"))
             continue
         if is_dir:
             subfolders.append(name)
-        elif _is_image_name(entry.name):
+        elif keep(entry.name):
             if is_file:
                 scan.images.append(name)
             elif entry.is_symlink():
@@ -73,13 +75,13 @@ def _list_folder(folder: Path, relative: str, above: frozenset, scan: ImageScan)
     return subfolders, above | {here}
 
 
-def _scan_tree(folder: Path, start: str, above: frozenset) -> ImageScan:
+def _scan_tree(folder: Path, start: str, above: frozenset, keep: Callable[[str], bool]) -> ImageScan:
     """Everything below ``folder / start`` (itself included)."""
     scan = ImageScan()
     pending = [(start, above)]
     while pending:
         relative, above = pending.pop()
-        subfolders, inside = _list_folder(folder, relative, above, scan)
+        subfolders, inside = _list_folder(folder, relative, above, scan, keep)
         pending += [(sub, inside) for sub in subfolders]
     return scan
 
@@ -91,15 +93,20 @@ def scan_images(folder: str | os.PathLike, num_threads: int = 1) -> ImageScan:
     The top level's subfolders (ImageNet's 1000 classes) are listed on ``num_threads`` threads: on network
     file systems listing is latency-bound.
     """
+    return scan_files(folder, _is_image_name, num_threads)
+
+
+def scan_files(folder: str | os.PathLike, keep: Callable[[str], bool], num_threads: int = 1) -> ImageScan:
+    """``scan_images`` for the files whose (non-hidden) names ``keep`` accepts, e.g. a mask folder's masks."""
     folder = Path(folder)
     scan = ImageScan()
-    subfolders, above = _list_folder(folder, "", frozenset(), scan)
+    subfolders, above = _list_folder(folder, "", frozenset(), scan, keep)
     workers = max(1, min(num_threads, len(subfolders)))
     if workers == 1:
-        parts = [_scan_tree(folder, sub, above) for sub in subfolders]
+        parts = [_scan_tree(folder, sub, above, keep) for sub in subfolders]
     else:
         with ThreadPoolExecutor(workers) as pool:
-            parts = list(pool.map(lambda sub: _scan_tree(folder, sub, above), subfolders))
+            parts = list(pool.map(lambda sub: _scan_tree(folder, sub, above, keep), subfolders))
     for part in parts:
         scan.extend(part)
     scan.images.sort()

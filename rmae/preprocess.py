@@ -11,8 +11,8 @@ the official recipes as defaults. Runs on all cores, shows a progress bar, skips
 resumed too: ``fh_params.json`` marks it unfinished, and masks older than its start are redone),
 lists the images it could not segment (undecodable, broken links, two images sharing one mask name,
 ...) in ``preprocess_failures.tsv`` and then exits with status 1 (with ``--allow-bad-images``: 0 when they are
-all images whose content cannot be decoded, which training replaces with others). ``--verify`` re-checks existing masks and
-regenerates the bad ones.
+all images whose content cannot be decoded, which training replaces with others). ``--verify`` re-checks
+existing masks and regenerates the bad ones.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from rmae.cores import command_name, usable_cores
 from rmae.image_io import IMAGE_SUFFIXES, ImageDecodeError, is_wide, load_rgb
 from rmae.masks import (DECODE_VERSION, MASK_SUFFIX, PARAMS_FILE, REDO_KEY, MaskError, load_labels,
                         mask_path, recorded_recipe, save_labels)
-from rmae.recipes import COCO_FH, IMAGENET_FH, FHRecipe, dataset_root, folder_command
+from rmae.recipes import COCO_FH, IMAGENET_FH, FHRecipe, dataset_root, folder_command, recipe_folder
 
 try:
     import fcntl
@@ -209,7 +209,7 @@ def _check_params(out: Path, recipe: FHRecipe, overwrite: bool, images: Path) ->
             else:
                 what = f"FH {made.describe()}" if made is not None else f"{found}"
                 what += f"{unfinished}{newer}, not with FH {recipe.describe()}"
-            elsewhere = out.resolve().with_name(f"{out.name}_{'-'.join(f'{s:g}' for s in recipe.scales)}")
+            elsewhere = recipe_folder(out.resolve(), recipe)
             raise PreprocessError(
                 f"{out} holds masks made with {what}.\nMake this recipe's masks in a folder of their own (a training "
                 f"run whose recipe has {len(recipe.scales)} scale(s) reads them with mask_folder=[{elsewhere}]):\n"
@@ -455,7 +455,8 @@ def _parse_numbers(text: str, kind: type) -> tuple:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog=command_name("rmae-preprocess", "rmae.preprocess"), description=__doc__.replace("``", ""), formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=command_name("rmae-preprocess", "rmae.preprocess"), description=__doc__.replace("``", ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     source = parser.add_argument_group("what to segment (a dataset split, or any folder)")
     source.add_argument("--dataset", choices=sorted(RECIPES) + ["imagenet"],

@@ -6,7 +6,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["FHRecipe", "COCO_FH", "IMAGENET_FH", "dataset_root", "folder_command"]
+__all__ = ["FHRecipe", "COCO_FH", "IMAGENET_FH", "dataset_root", "folder_command", "recipe_folder"]
 
 
 def dataset_root(root: str | os.PathLike | None = None) -> Path:
@@ -30,6 +30,12 @@ class FHRecipe:
 
 COCO_FH = FHRecipe((500.0, 1000.0, 1500.0), (500, 1000, 1500))  # min_size equals the scale
 IMAGENET_FH = FHRecipe((1000.0,), (1000,))
+
+
+def recipe_folder(mask_dir: Path, recipe: FHRecipe) -> Path:
+    """Where the masks of ``recipe`` go when ``mask_dir`` holds another recipe's: beside it, named by the scales
+    (``fh_train2017_500-1000-1500``)."""
+    return mask_dir.with_name(f"{mask_dir.name}_{'-'.join(f'{s:g}' for s in recipe.scales)}")
 
 
 def folder_command(images: str | os.PathLike, masks: str | os.PathLike, recipe: FHRecipe) -> str:

@@ -19,7 +19,6 @@ number of workers and a resumed run repeats the same crops.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import warnings
 from pathlib import Path
@@ -29,9 +28,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, get_worker_info
 
+from rmae import listing
 from rmae.fh import felzenszwalb_batch, felzenszwalb_multi
 from rmae.masks import (DECODE_VERSION, MASK_SUFFIX, ORIGINAL_SUFFIX, PARAMS_FILE, REDO_KEY, MaskError, find_mask,
                         folder_params, mask_path, recorded_recipe)
+from rmae.recipes import recipe_folder
 
 from .cache import ShardCache
 from .decode import CorruptImageError, decode_image, decode_labels
@@ -48,6 +49,11 @@ _MAX_WORKER_SLOTS = 256
 
 class MissingMaskError(FileNotFoundError):
     """An image without its FH mask file while regions='offline'."""
+
+
+def _is_mask_name(name: str) -> bool:
+    """Ours (``.npy.zst``) or the original's (``.npy``)."""
+    return name.endswith((MASK_SUFFIX, ORIGINAL_SUFFIX))
 
 
 class MaskRecipeError(MissingMaskError):
@@ -133,21 +139,10 @@ class RegionDataset(Dataset):
         MissingMaskError before any sample is read (a run stopped at the first image without one it drew, hours in
         and again after every resume: an unfinished preprocessing run, images added since)."""
         present: set[tuple[int, bytes]] = set()
-        for root, (_, mask_dir) in enumerate(self.images.roots):
-            top = os.fsencode(mask_dir)
-            seen = set()  # (device, inode) of the folders walked: a link back up is not followed again
-            for folder, folders, files in os.walk(top, followlinks=True):  # (an unlistable folder: checked below)
-                with contextlib.suppress(OSError):
-                    info = os.stat(folder)
-                    if (info.st_dev, info.st_ino) in seen:
-                        folders[:] = []
-                        continue
-                    seen.add((info.st_dev, info.st_ino))
-                prefix = b"" if folder == top else os.path.relpath(folder, top) + b"/"
-                for name in files:
-                    for suffix in (MASK_SUFFIX.encode(), ORIGINAL_SUFFIX.encode()):
-                        if name.endswith(suffix):
-                            present.add((root, prefix + name[: -len(suffix)]))
+        for root, (_, mask_dir) in enumerate(self.images.roots):  # (an unlistable folder: looked up below)
+            for name in listing.scan_files(mask_dir, _is_mask_name, 16).images:
+                suffix = MASK_SUFFIX if name.endswith(MASK_SUFFIX) else ORIGINAL_SUFFIX
+                present.add((root, os.fsencode(name[: -len(suffix)])))
         # not in the listing: looked up as the loader does (names the listing spells otherwise, "./x.jpg", a folder
         # it could not list)
         missing = [i for i, key in enumerate(keys) if key not in present
@@ -206,7 +201,7 @@ class RegionDataset(Dataset):
                 warnings.warn(f"mask folder {mask_dir} records the FH recipe {found.describe()} ({PARAMS_FILE}), not "
                               f"this dataset's {wanted.describe()}: its masks are used as they are", stacklevel=3)
                 continue
-            own = mask_dir.with_name(f"{mask_dir.name}_{'-'.join(f'{s:g}' for s in wanted.scales)}")
+            own = recipe_folder(mask_dir, wanted)
             mask_folders[-1] = str(own.resolve())
             fixes.append((mask_dir, found, folder_command(image_dir, own, wanted),
                           self.images.root_command(root, wanted) + " --overwrite"))

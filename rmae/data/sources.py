@@ -106,7 +106,8 @@ def missing_masks_message(images: "ImageList", missing: Sequence[int]) -> str:
         if "--dataset" not in c:  # a folder of the user's own
             image_dir, mask_dir = images.roots[i]
             beside = "" if mask_dir == default_mask_dir(image_dir) else f"; null: {default_mask_dir(image_dir)}"
-            text += f"{mask_dir} should hold the masks of image folder {image_dir} (mask_folder names another folder{beside}).\n"
+            text += (f"{mask_dir} should hold the masks of image folder {image_dir} (mask_folder names another "
+                     f"folder{beside}).\n")
     return (text + "Make the masks with:\n    " + " && ".join(commands) + "\n"
             "or compute regions in the loader with regions='online' (FH on the full image) or 'online_crop'.")
 
