@@ -15,7 +15,7 @@ import sys
 import torch
 
 from rmae.cores import command_name
-from rmae.models.export import encoder_metadata, export_encoder, save_encoder, timm_call
+from rmae.models.export import export_encoder, save_encoder, timm_call
 
 
 def read_state(path: str, trust: bool) -> dict:
@@ -69,8 +69,8 @@ def main(argv=None) -> int:
         return 2
     try:
         checkpoint = read_state(args.checkpoint, args.trust)
-        state, heads = export_encoder(checkpoint), config_num_heads(checkpoint)
-        save_encoder(state, tmp, num_heads=heads)
+        state = export_encoder(checkpoint)
+        meta = save_encoder(state, tmp, num_heads=config_num_heads(checkpoint))
         os.replace(tmp, args.out)
     except pickle.UnpicklingError as e:
         if not _looks_like_torch_file(args.checkpoint):  # an image, a text file, ...
@@ -93,7 +93,6 @@ def main(argv=None) -> int:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    meta = encoder_metadata(state, heads)
     size = f"{meta['img_size']} px" if "img_size" in meta else "positions of a non-square grid"
     heads = "" if "num_heads" not in meta else f", {meta['num_heads']} heads" + (
         "" if meta["num_heads_from"] == "the model" else " (assumed: the standard for this size)")

@@ -535,14 +535,14 @@ def data_changes(saved: dict, cfg, saved_root: str | None = None) -> list[str]:
     if None in (then, now):
         return []
     key = f"dataset_config.{cfg['dataset']}_pretrain.data_dir"
+    names = {}
     if then.get("dataset") == now.get("dataset") and not (root_chooses_images(then) or root_chooses_images(now)):
         then[key] = now[key] = None  # every folder absolute: the root chooses nothing
     elif saved_root is not None and then.get("dataset") == now.get("dataset"):
         then[key], now[key] = saved_root, data_root(cfg)
-    changed = [f"{k}: {then.get(k)!r} in the checkpoint, {now.get(k)!r} now"
-               for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
-    return [c.replace(f"{key}:", "datasets root (data_dir, else $E2E_DATASETS):", 1) if saved_root else c
-            for c in changed]
+        names[key] = "datasets root (data_dir, else $E2E_DATASETS)"
+    return [f"{names.get(k, k)}: {then.get(k)!r} in the checkpoint, {now.get(k)!r} now"
+            for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
 
 
 def root_chooses_images(settings: dict) -> bool:
@@ -928,16 +928,15 @@ def export_now(model, optimizer, run_dir: Path, dinfo) -> str:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from rmae.models import save_encoder
-    from rmae.models.export import encoder_metadata, export_encoder, model_num_heads, timm_call
+    from rmae.models.export import model_num_heads, timm_call
 
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dinfo.is_main:
         sd = ckpt.clean_state_dict(sd)
         tmp = run_dir / ".encoder.safetensors.tmp"
-        heads = model_num_heads(model)
-        save_encoder(sd, str(tmp) + ".safetensors", num_heads=heads)
+        meta = save_encoder(sd, str(tmp) + ".safetensors", num_heads=model_num_heads(model))
         os.replace(str(tmp) + ".safetensors", run_dir / "encoder.safetensors")
-        return timm_call(encoder_metadata(export_encoder(sd), heads))
+        return timm_call(meta)
     return ""
 
 
@@ -994,6 +993,10 @@ def parse_args(argv=None):
 USER_ERRORS = (ConfigError, FileNotFoundError, ckpt.CheckpointError, DataError, TrainingDiverged)
 
 
+STOPPED_AT_ONCE = ("\ninterrupted without a checkpoint of the current update; run the same command again to continue "
+                   "from the last one")  # a second Ctrl-C, on one process or the spawned ranks
+
+
 def _spawned(local_rank: int, world_size: int, port: int, cfg_yaml: str, require_resume: bool) -> None:
     from omegaconf import OmegaConf
 
@@ -1005,8 +1008,7 @@ def _spawned(local_rank: int, world_size: int, port: int, cfg_yaml: str, require
         sys.exit(2)
     except KeyboardInterrupt:  # a second Ctrl-C: as on one process
         if local_rank == 0:
-            print("\ninterrupted without a checkpoint of the current update; run the same command again to continue "
-                  "from the last one", file=sys.stderr)
+            print(STOPPED_AT_ONCE, file=sys.stderr)
         sys.exit(130)
 
 
@@ -1086,8 +1088,7 @@ def _main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C
-        print("\ninterrupted without a checkpoint of the current update; run the same command again to continue "
-              "from the last one", file=sys.stderr)
+        print(STOPPED_AT_ONCE, file=sys.stderr)
         return 130
     return 0
 

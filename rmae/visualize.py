@@ -65,8 +65,7 @@ def render(model, images: torch.Tensor, regions, out) -> np.ndarray:
         if maps is not None and out.region_pred is not None:
             k = maps.shape[1]
             logits = out.region_pred[i].float().cpu()  # [k, N, p*p]
-            kk = logits.shape[0]
-            probs = torch.sigmoid(logits).view(kk, grid, grid, p, p).permute(0, 1, 3, 2, 4).reshape(kk, H, W)
+            probs = torch.sigmoid(logits).view(k, grid, grid, p, p).permute(0, 1, 3, 2, 4).reshape(k, H, W)
             rmask = out.region_mask[i].cpu() if out.region_mask is not None else out.mask[i].cpu()
             rmask_img = _patch_mask_image(rmask, grid, p)
             for j in range(k):
@@ -75,7 +74,8 @@ def render(model, images: torch.Tensor, regions, out) -> np.ndarray:
                 # predictions where removed, the (given) target where visible, dimmed
                 shown = probs[j] * rmask_img + target * 0.5 * (1 - rmask_img)
                 tiles.append(_gray(shown))
-        rows.append(np.concatenate([np.pad(t, ((PAD, PAD), (PAD, PAD), (0, 0)), constant_values=255) for t in tiles], 1))
+        rows.append(np.concatenate([np.pad(t, ((PAD, PAD), (PAD, PAD), (0, 0)), constant_values=255) for t in tiles],
+                                   1))
     names = ["input", "masked"] + (["reconstruction"] if out.pred is not None else [])
     if maps is not None and out.region_pred is not None:
         names += [name for j in range(1, maps.shape[1] + 1) for name in (f"target {j}", f"pred {j}")]
@@ -91,7 +91,8 @@ def header(names: list[str], tile_width: int) -> np.ndarray:
     canvas = Image.new("RGB", (len(names) * tile_width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for i, name in enumerate(names):
-        short = {"reconstruction": "recon.", "masked": "mask"}.get(name, name.replace("target ", "t").replace("pred ", "p"))
+        short = {"reconstruction": "recon.", "masked": "mask"}.get(
+            name, name.replace("target ", "t").replace("pred ", "p"))
         for text in (name, short, short[:max(tile_width // 7, 1)]):
             if draw.textlength(text, font=font) <= tile_width - 2:
                 break

@@ -101,19 +101,23 @@ def model_num_heads(model: nn.Module) -> int | None:
     return getattr(getattr(blocks[0], "attn", None), "num_heads", None) if blocks else None
 
 
-def save_encoder(model: Union[nn.Module, Mapping[str, torch.Tensor]], path: str, num_heads: int | None = None) -> None:
+def save_encoder(model: Union[nn.Module, Mapping[str, torch.Tensor]], path: str,
+                 num_heads: int | None = None) -> dict[str, str]:
     """Write ``export_encoder(model)`` as safetensors (``.safetensors``, with ``encoder_metadata`` in its header;
-    ``num_heads``: the model's, read from it when a module is given) or a torch file (anything else)."""
+    ``num_heads``: the model's, read from it when a module is given) or a torch file (anything else); returns
+    the ``encoder_metadata``."""
     state = export_encoder(model)
     if num_heads is None and isinstance(model, nn.Module):
         num_heads = model_num_heads(model)
+    meta = encoder_metadata(state, num_heads)
     if str(path).endswith(".safetensors"):
         from safetensors.torch import save_file
 
-        save_file(state, str(path), metadata=encoder_metadata(state, num_heads))
+        save_file(state, str(path), metadata=meta)
         os.chmod(path, 0o666 & ~current_umask())  # safetensors creates the file 0600: others could not read it
     else:
         torch.save(state, path)
+    return meta
 
 
 def current_umask() -> int:
