@@ -117,11 +117,6 @@ def pick_configs(configs):
     return configs[:1] if interpreting() else configs
 
 
-def tl_dot_upcast() -> bool:
-    """bf16/fp16 ``tl.dot`` is wrong under the interpreter: kernels upcast to fp32 when this is True."""
-    return interpreting()
-
-
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 

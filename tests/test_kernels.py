@@ -403,6 +403,8 @@ def region_params(D, P, Hp, Wp, g, dtype=torch.float32):
     (1, 5, 24, 4, 4, 4, torch.uint8),
     (3, 7, 40, 4, 4, 5, torch.bool),
     (2, 6, 130, 3, 3, 4, torch.uint8),   # p·p = 9 < one k-block, D over two d-blocks
+    (2, 3, 24, 16, 2, 2, torch.uint8),   # ViT-B's patch: p·p = 256, four k-blocks
+    (1, 3, 24, 14, 2, 2, torch.bool),    # ViT-H's patch: p·p = 196, the last k-block partial
 ])
 def test_region_tokens_matches_reference(dtype, k, L, D, P, Hp, Wp, map_dtype):
     g = gen(30)

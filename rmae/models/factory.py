@@ -5,7 +5,8 @@ from typing import Any
 
 from .rmae import RMAE
 
-# Region branch and decoder defaults are the official base recipe (RMAE/COCO/rmae_fh_4000eps.yaml).
+# Region branch and decoder sizes of the official base recipe (RMAE/COCO/rmae_fh_4000eps.yaml). The other RMAE
+# defaults are the official class's: norm_pix_loss=False there and here, the recipes' configs set it to true.
 _OFFICIAL = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, region_enc_dim=128,
                  region_enc_num_heads=8, region_dec_dim=128, region_dec_num_heads=8, region_cross_layer=8)
 
