@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -79,19 +80,22 @@ def corrupt_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return _numbered_files(run_dir, _CORRUPT)
 
 
+def _record(line: bytes) -> dict:
+    try:
+        record = json.loads(line)
+    except ValueError:  # a line cut short by a crash
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def log_records(log: Path) -> list[dict]:
+    """The records of a run log, one per line ({} for a line cut short by a crash); [] when there is no log."""
+    return [_record(line) for line in log.read_bytes().splitlines()] if log.is_file() else []
+
+
 def records_a_step(log: Path) -> bool:
     """Whether a run log records any step (an update, a checkpoint, a resume), not only a start that failed."""
-    if not log.is_file():
-        return False
-    with open(log) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:  # a line cut short by a crash
-                continue
-            if isinstance(record, dict) and "step" in record:
-                return True
-    return False
+    return any("step" in record for record in log_records(log))
 
 
 def _log_after(log: Path, step: int) -> int | None:
@@ -103,13 +107,7 @@ def _log_after(log: Path, step: int) -> int | None:
         return None
     with open(log, "rb") as f:
         lines = f.readlines()
-    records = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        records.append(record if isinstance(record, dict) else {})
+    records = [_record(line) for line in lines]
     start = max((i + 1 for i, r in enumerate(records) if r.get("event") == "checkpoint" and r.get("step") == step),
                 default=0)
     offset = sum(len(line) for line in lines[:start])
@@ -121,41 +119,60 @@ def _log_after(log: Path, step: int) -> int | None:
     return None
 
 
-def set_aside(run_dir: str | os.PathLike, files: tuple[str, ...], keep_up_to: int | None = None) -> Path | None:
-    """Moves an earlier history out of the run folder into ``previous/<time>/``, so two runs never mix: the
-    checkpoints after step ``keep_up_to`` (all when None), .corrupt ones included, and then also the run's
-    ``files`` (log, config, pictures...). Without such checkpoints, the log's records after ``keep_up_to`` (a
-    run that died after its last checkpoint) go to ``log.after_step_<keep_up_to>.jsonl`` there, and the log
-    keeps the rest. Nothing happens when there is none of these and (for None) no log that records a step (a
-    start that failed before its first update is no history). Returns the folder the files went to, or None."""
+def set_aside(run_dir: str | os.PathLike, files: tuple[str, ...], keep_up_to: int | None = None,
+              later_files: Callable[[Path, int], list[Path]] | None = None) -> Path | None:
+    """Moves an earlier history out of the run folder into ``previous/<time>/``, so two runs never mix.
+
+    Starting over (``keep_up_to`` None): every checkpoint and the run's ``files`` (log, config, pictures...), unless
+    there is no checkpoint and no log that records a step (a start that failed before its first update is no
+    history). Continuing from step ``keep_up_to`` of this folder: only what came after it, so the folder keeps one
+    history from step 1: the checkpoints after it (.corrupt ones included), the log's records after it (in
+    ``log.after_step_<keep_up_to>.jsonl``; the log keeps the rest) and ``later_files(run_dir, keep_up_to)``
+    (pictures of later steps, say), kept at their relative paths. Returns the folder the files went to, or None
+    when there was nothing to move."""
     run_dir = Path(run_dir)
     found = _numbered_files(run_dir, _NAME) + corrupt_checkpoints(run_dir)
     later = [p for s, p in found if keep_up_to is None or s > keep_up_to]
     log = run_dir / "log.jsonl"
-    cut = _log_after(log, keep_up_to) if keep_up_to is not None and not later else None
-    if not later and cut is None and not (keep_up_to is None and records_a_step(log)):
+    if keep_up_to is None:
+        if not later and not records_a_step(log):
+            return None
+        dest = _previous_folder(run_dir)
+        if checkpoint_dir(run_dir).is_dir():
+            os.replace(checkpoint_dir(run_dir), checkpoint_dir(dest))
+        for name in files:
+            if (run_dir / name).exists():
+                os.replace(run_dir / name, dest / name)
+        return dest
+    cut = _log_after(log, keep_up_to)
+    extra = [p for p in (later_files(run_dir, keep_up_to) if later_files else []) if p.exists()]
+    if not later and cut is None and not extra:
         return None
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    dest, n = run_dir / "previous" / stamp, 1
-    while dest.exists():
-        dest, n = run_dir / "previous" / f"{stamp}-{n}", n + 1
-    dest.mkdir(parents=True)
+    dest = _previous_folder(run_dir)
+    if later:
+        checkpoint_dir(dest).mkdir()
+        for p in later:
+            os.replace(p, checkpoint_dir(dest) / p.name)
     if cut is not None:
         records = log.read_bytes()
         (dest / f"log.after_step_{keep_up_to}.jsonl").write_bytes(records[cut:])
         kept = log.with_name(log.name + ".tmp")
         kept.write_bytes(records[:cut])
         os.replace(kept, log)
-        return dest
-    if keep_up_to is None and checkpoint_dir(run_dir).is_dir():
-        os.replace(checkpoint_dir(run_dir), checkpoint_dir(dest))
-    elif later:
-        checkpoint_dir(dest).mkdir()
-        for p in later:
-            os.replace(p, checkpoint_dir(dest) / p.name)
-    for name in files:
-        if (run_dir / name).exists():
-            os.replace(run_dir / name, dest / name)
+    for p in extra:
+        target = dest / p.relative_to(run_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(p, target)
+    return dest
+
+
+def _previous_folder(run_dir: Path) -> Path:
+    """A new ``previous/<time>`` folder of the run folder."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest, n = run_dir / "previous" / stamp, 1
+    while dest.exists():
+        dest, n = run_dir / "previous" / f"{stamp}-{n}", n + 1
+    dest.mkdir(parents=True)
     return dest
 
 
@@ -248,9 +265,17 @@ def save_checkpoint(run_dir: str | os.PathLike, *, model: nn.Module, optimizer: 
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """The payload of a checkpoint file, tensors memory-mapped (no full copy in RAM). CorruptCheckpoint naming
     the file when it cannot be read, CheckpointError when it has another format version."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:  # truncated or damaged zip, bad pickle, ...
+    try:  # weights_only: tensors and plain values only, so resuming never runs code a file carries
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" in str(e).lower():  # a whole file, with other objects: not ours
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            raise CheckpointError(
+                f"checkpoint {path} holds objects other than tensors and plain values"
+                + (f" ({found.group(1)})" if found else "") + ", which rmae's checkpoints never do: not loaded, "
+                "so that resuming never runs code a file carries") from e
+        raise CorruptCheckpoint(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from e
+    except Exception as e:  # truncated or damaged zip, ...
         raise CorruptCheckpoint(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from e
     if not isinstance(payload, dict) or "model" not in payload or "step" not in payload:
         raise CorruptCheckpoint(f"checkpoint {path} is not an rmae checkpoint (no model state or step)")

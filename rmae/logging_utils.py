@@ -74,9 +74,9 @@ class RunLogger:
             return
         rec = {"time": round(time.time(), 3), **{k: _jsonable(v) for k, v in record.items()}}
         self.jsonl.write(json.dumps(rec) + "\n")
-        if self.tb is not None and "step" in rec:
-            for k, v in rec.items():
-                if k not in ("step", "time", "event") and isinstance(v, (int, float)) and not isinstance(v, bool):
+        if self.tb is not None and "step" in rec and "event" not in rec:  # the metric records (an event's numbers
+            for k, v in rec.items():  # are no curves: a skipped try's loss would be a second point of its step)
+                if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool):
                     self.tb.add_scalar(f"train/{k}", v, rec["step"])
         if console:
             logger.info(format_record(rec))

@@ -8,7 +8,9 @@
 The step: the global batch (``training.batch_size``) is split over ranks and over ``training.iter_per_update``
 micro-batches; gradients are accumulated (synchronised only on the last micro-batch) so one update equals one
 big-batch step. Masks come from per-step noise drawn for the whole global batch from (seed, step), and data
-from a sampler position, so a run resumed from a checkpoint - on any number of ranks - repeats the same steps.
+from a sampler position, so a run resumed from a checkpoint - on any number of ranks - repeats the same steps
+(the same samples and masks; the same numbers up to float summation order in float32, while several ranks'
+bfloat16 / float16 use FSDP2's low-precision weight copies where one rank keeps float32 weights under autocast).
 """
 from __future__ import annotations
 
@@ -437,6 +439,19 @@ def back_off(scaler: torch.amp.GradScaler) -> None:
 RUN_FILES = ("log.jsonl", "config.yaml", "encoder.safetensors", "vis", "tensorboard")
 
 
+def later_run_files(run_dir: Path, step: int) -> list[Path]:
+    """What a history after ``step`` wrote besides its checkpoints and log records: its pictures, and the encoder
+    when that history finished (a ``done`` record or a checkpoint after ``step``: a finish writes both; without
+    them, the encoder is the kept history's)."""
+    pictures = [p for p in sorted((run_dir / "vis").glob("step_*.png"))
+                if p.stem[5:].isdigit() and int(p.stem[5:]) > step]
+    steps = [ckpt.step_of(p) for p in ckpt.list_checkpoints(run_dir)] + [s for s, _ in ckpt.corrupt_checkpoints(run_dir)]
+    finished_later = any(s > step for s in steps) or any(
+        r.get("event") == "done" and isinstance(r.get("step"), int) and r["step"] > step
+        for r in ckpt.log_records(run_dir / "log.jsonl"))
+    return pictures + ([run_dir / "encoder.safetensors"] if finished_later else [])
+
+
 def history_step(run_dir: Path, resume_from: Path | None, meta: dict | None) -> int | None:
     """The last step of the history the run continues in ``run_dir``: the resumed step when its checkpoint is
     one of the folder's own (later ones belong to another history), else None (none of the folder's files do)."""
@@ -642,11 +657,15 @@ def train(cfg, require_resume: bool = False) -> dict:
     moved = None
     if dinfo.is_main:
         kept_step = history_step(run_dir, resume_from, meta)
-        moved = ckpt.set_aside(run_dir, RUN_FILES, keep_up_to=kept_step)
+        moved = ckpt.set_aside(run_dir, RUN_FILES, keep_up_to=kept_step, later_files=later_run_files)
         tail = None if moved is None else moved / f"log.after_step_{kept_step}.jsonl"
-        if tail is not None and tail.is_file():
+        if moved is not None and os.listdir(moved) == [tail.name]:
             logger.warning("continuing from %s: the log's records after it (a run that stopped without a checkpoint "
                            "of its last steps) were moved to %s", resume_from, tail)
+        elif moved is not None and kept_step is not None:
+            logger.warning("continuing from %s: what the run folder held after step %d (%s) was moved to %s, so "
+                           "log.jsonl holds one history", resume_from, kept_step, ", ".join(sorted(os.listdir(moved))),
+                           moved)
         elif moved is not None:
             logger.warning("%s: the earlier run's files in %s (%s) were moved to %s, so the two runs do not mix",
                            "starting over" if meta is None else f"continuing from {resume_from}", run_dir,
@@ -863,10 +882,12 @@ def train(cfg, require_resume: bool = False) -> dict:
             if flags[4].item() > 0:
                 interrupted = int(flags[4].item())
                 break
+            t_write = time.perf_counter()
             if step % tr["checkpoint_interval"] == 0 and step < max_update:
                 checkpoint_now(step)
             if vis_every and step % vis_every == 0 and step < max_update:
                 visualize_now(model, raw, cfg, vis_batch, run_dir, step, device, autocast, dinfo)
+            t_log += time.perf_counter() - t_write  # img_per_s is the training's rate, without these writes
         # final (or interrupted) checkpoint; also after skipped tries since the last one (their batches are used)
         if saved_position != position:
             checkpoint_now(step)

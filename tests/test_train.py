@@ -161,21 +161,37 @@ def test_sigterm_saves_and_resume_matches(tmp_path):
     assert resumed["step"] == n
 
 
+def test_img_per_s_leaves_out_checkpoint_writes(tmp_path, monkeypatch):
+    """A log window's img/s is its updates' rate: a checkpoint written between two log lines (here made to take
+    1.5 s) does not count into the next window (it read 10-20x too low there)."""
+    save = ckpt.save_checkpoint
+
+    def slow_save(*args, **kwargs):
+        time.sleep(1.5)
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", slow_save)
+    run = tmp_path / "run"
+    train(cfg_for(run, "training.max_update=4", "training.checkpoint_interval=2"))
+    rec = {r["step"]: r for r in log_records(run)}[3]  # the window right after the checkpoint of step 2
+    assert rec["img_per_s"] * rec["step_time"] > 0.5 * 8, rec  # img/s ≈ batch / step time (without: 8 / 1.6 s)
+
+
 def test_records_of_steps_after_the_last_checkpoint_are_set_aside_on_resume(tmp_path, monkeypatch, capsys):
     """A run killed (-9, a node failure) after its last checkpoint logged steps it has to redo: the resumed run
     moves those records (and a line cut short) out of log.jsonl, so every step is logged once, and TensorBoard
     is told to purge them (purge_step)."""
     import types as _types
 
-    written = []
+    written, tags = [], set()
     stub = _types.ModuleType("torch.utils.tensorboard")
 
     class Writer:
         def __init__(self, log_dir, purge_step=None):
             written.append(purge_step)
 
-        def add_scalar(self, *args):
-            pass
+        def add_scalar(self, tag, value, step):
+            tags.add(tag)
 
         def close(self):
             pass
@@ -184,11 +200,20 @@ def test_records_of_steps_after_the_last_checkpoint_are_set_aside_on_resume(tmp_
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", stub)
     run = tmp_path / "crashed"
     train(cfg_for(run, "training.max_update=4", "training.checkpoint_interval=2", "training.tensorboard=true"))
-    (run / "checkpoints" / "ckpt_00000004.pt").unlink()  # died before its last checkpoint ...
+    # died after logging step 4, before its checkpoint (and so before its pictures, encoder and done record) ...
+    (run / "checkpoints" / "ckpt_00000004.pt").unlink()
+    shutil.rmtree(run / "vis")
+    (run / "encoder.safetensors").unlink()
+    records = (run / "log.jsonl").read_text().splitlines(keepends=True)
+    (run / "log.jsonl").write_text("".join(line for line in records if '"event": "done"' not in line
+                                           and not ('"event": "checkpoint"' in line and '"step": 4' in line)))
     with open(run / "log.jsonl", "a") as f:
         f.write('{"time": 1, "step": 5, "lo')  # ... while writing a record
     train(cfg_for(run, "training.max_update=5", "training.checkpoint_interval=2", "training.tensorboard=true"))
     assert written == [None, 3]
+    # the metric records' numbers only (no event's: resume's world_size, a skipped try's loss ...)
+    assert {"train/loss", "train/lr", "train/img_per_s", "train/region_loss"} <= tags
+    assert not tags & {"train/world_size", "train/from_world_size", "train/signal", "train/skipped_tries"}, tags
     assert [r["step"] for r in log_records(run)] == [1, 2, 3, 4, 5]
     (tail,) = (run / "previous").glob("*/log.after_step_2.jsonl")
     lines = tail.read_text().splitlines()
@@ -554,7 +579,8 @@ def test_fresh_start_moves_the_earlier_run_aside(tmp_path):
 
 def test_resume_file_moves_later_checkpoints_aside(tmp_path):
     """Continuing from an earlier checkpoint of the folder: the checkpoints after it (another history) and the
-    log go to previous/<time>/; the ones up to it stay. Pruning never deletes a later checkpoint."""
+    log's records after it go to previous/<time>/; the ones up to it stay. Pruning never deletes a later
+    checkpoint."""
     run = tmp_path / "run"
     train(cfg_for(run, "training.max_update=4", "training.checkpoint_interval=2"))  # ckpt 2, 4
     two = ckpt.checkpoint_dir(run) / "ckpt_00000002.pt"
@@ -562,8 +588,9 @@ def test_resume_file_moves_later_checkpoints_aside(tmp_path):
     assert [p.name for p in ckpt.list_checkpoints(run)] == ["ckpt_00000002.pt", "ckpt_00000003.pt"]
     (old,) = (run / "previous").iterdir()
     assert [p.name for p in ckpt.list_checkpoints(old)] == ["ckpt_00000004.pt"]
-    assert [r["step"] for r in log_records(old)] == [1, 2, 3, 4]
-    assert log_records(run, "resume")[0]["step"] == 2 and [r["step"] for r in log_records(run)] == [3]
+    later = [json.loads(line) for line in (old / "log.after_step_2.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in later if "loss" in r and "event" not in r] == [3, 4]
+    assert log_records(run, "resume")[0]["step"] == 2 and [r["step"] for r in log_records(run)] == [1, 2, 3]
 
 
 def test_pruning_never_deletes_a_later_checkpoint(tmp_path):
@@ -636,9 +663,25 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caps
         train(cfg_for(run, "training.max_update=6", f"training.resume_file={two}"))
 
 
-def test_fallback_resume_sets_the_later_history_aside(tmp_path):
+def test_a_checkpoint_holding_other_objects_is_refused_not_unpickled(tmp_path):
+    """Checkpoints are read with weights_only: a file that pickles another object (code that would run on
+    loading) is an error naming it, neither loaded nor renamed as corrupt, and no older checkpoint is taken."""
+    import numpy as np
+
+    run = tmp_path / "run"
+    train(cfg_for(run, "training.max_update=2", "training.checkpoint_interval=1"))
+    two = ckpt.checkpoint_dir(run) / "ckpt_00000002.pt"
+    payload = torch.load(two, weights_only=True)
+    torch.save({**payload, "extra": np.zeros(3)}, two)
+    with pytest.raises(ckpt.CheckpointError, match=r"ckpt_00000002.pt holds objects other than tensors .*numpy"):
+        train(cfg_for(run, "training.max_update=3"))
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["ckpt_00000001.pt", "ckpt_00000002.pt"]
+
+
+def test_fallback_resume_sets_the_later_history_aside(tmp_path, capsys):
     """Falling back from a corrupt newest checkpoint (6) to step 4 sets the later history aside (the .corrupt
-    file, log, config, encoder, pictures) as a resume_file at step 4 does."""
+    file, the log's records after step 4, the encoder, the pictures of steps 5 and 6) as a resume_file at step 4
+    does; the run folder keeps steps 1-4 of its log, its config and its earlier pictures."""
     moved = {}
     for how in ("fallback", "resume_file"):
         run = tmp_path / how
@@ -652,12 +695,18 @@ def test_fallback_resume_sets_the_later_history_aside(tmp_path):
         (old,) = (run / "previous").iterdir()
         moved[how] = sorted(os.listdir(old))
         assert [p.name for p in ckpt.checkpoint_dir(old).iterdir()] == [six.name + ".corrupt" * (how == "fallback")]
-        assert [r["step"] for r in log_records(old)] == [1, 2, 3, 4, 5, 6] and log_records(old, "done")
+        later = [json.loads(line) for line in (old / "log.after_step_4.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in later if "loss" in r and "event" not in r] == [5, 6]
+        assert [r["step"] for r in later if r.get("event") == "done"] == [6]
         assert (old / "vis" / "step_00000006.png").is_file() and not (run / "vis" / "step_00000006.png").exists()
-        assert [r["step"] for r in log_records(run)] == [5] and [r["step"] for r in log_records(run, "done")] == [5]
+        assert (run / "config.yaml").is_file() and (run / "encoder.safetensors").is_file()  # (the new run's)
+        assert [r["step"] for r in log_records(run)] == [1, 2, 3, 4, 5]
+        assert [r["step"] for r in log_records(run, "done")] == [5]
         assert [p.name for p in ckpt.list_checkpoints(run)] == ["ckpt_00000004.pt", "ckpt_00000005.pt"]
-    assert moved["fallback"] == moved["resume_file"] == ["checkpoints", "config.yaml", "encoder.safetensors",
-                                                         "log.jsonl", "vis"]
+        assert f"held after step 4 (checkpoints, encoder.safetensors, log.after_step_4.jsonl, vis) was moved to {old}" \
+            in capsys.readouterr().err
+    assert moved["fallback"] == moved["resume_file"] == ["checkpoints", "encoder.safetensors",
+                                                         "log.after_step_4.jsonl", "vis"]
 
 
 def test_a_failed_start_is_not_set_aside(tmp_path):
