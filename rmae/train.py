@@ -439,6 +439,14 @@ def back_off(scaler: torch.amp.GradScaler) -> None:
 RUN_FILES = ("log.jsonl", "config.yaml", "encoder.safetensors", "vis", "tensorboard")
 
 
+def rank_start(position: int, world: int) -> int:
+    """Each rank's sampler start for a global data position: the samples drawn so far, split over the ranks and
+    rounded up. A checkpoint of another batch size and rank count can hold a position that is no multiple of the
+    ranks (6 after one update of 6 on one rank, continued on 4 ranks): the fewer than ``world`` draws up to the
+    next multiple are skipped, never a drawn sample (with its augmentation) trained on twice."""
+    return -(-position // world)
+
+
 def later_run_files(run_dir: Path, step: int) -> list[Path]:
     """What a history after ``step`` wrote besides its checkpoints and log records: its pictures, and the encoder
     when that history finished (a ``done`` record or a checkpoint after ``step``: a finish writes both; without
@@ -732,10 +740,9 @@ def train(cfg, require_resume: bool = False) -> dict:
                       message=f"{key} is none but model {cfg['model']} has {num_region} regions: reading the FH "
                               f"masks (offline), as the R-MAE recipes do; set {key} to offline, online or "
                               f"online_crop to choose (none gives no regions, which model {cfg['model']} needs)")
-        # per-rank samples consumed so far: the global position split over ranks
         with warnings.catch_warnings(record=True) as data_warnings:  # a mask folder of other FH parameters, ...
             warnings.simplefilter("always")
-            loader = data_loader(cfg, dinfo, b, position // world, raw)
+            loader = data_loader(cfg, dinfo, b, rank_start(position, world), raw)
         for warning in data_warnings if dinfo.is_main else ():
             warn_and_record(log, "data_warning", str(warning.message), message=str(warning.message))
         cache = getattr(loader.dataset, "cache", None)

@@ -20,7 +20,7 @@ import torch
 from rmae import checkpoint as ckpt
 from rmae.config import ConfigError, load_config
 from rmae.distributed import apply_slurm_env, expand_nodelist, slurm_allocation_unused
-from rmae.train import WarmupCosine, build_model_from_config, param_groups, train
+from rmae.train import WarmupCosine, build_model_from_config, param_groups, rank_start, train
 
 # A tiny, fast setting: 32 px (4 patches, 1 visible), batch 8, the bundled photos with in-memory FH.
 BASE = [
@@ -330,6 +330,16 @@ def test_accumulation_equals_big_batch(tmp_path):
     train(cfg_for(tmp_path / "acc", "training.max_update=2", "training.iter_per_update=2"))
     torch.testing.assert_close(losses(tmp_path / "big"), losses(tmp_path / "acc"), rtol=1e-5, atol=1e-6)
     assert_models_close(final_model(tmp_path / "big"), final_model(tmp_path / "acc"))
+
+
+def test_rank_start_never_repeats_a_drawn_sample():
+    """Rank r draws r, r + W, ... from its start s on (global draws s*W + r): after a position no multiple of W
+    (another batch size and rank count before), every draw from there on is new and fewer than W are skipped."""
+    for position in range(40):
+        for world in (1, 2, 3, 4, 8):
+            first = rank_start(position, world) * world  # the first global draw of the resumed run
+            assert position <= first < position + world
+    assert rank_start(6, 4) == 2 and rank_start(8, 4) == 2 and rank_start(6, 1) == 6
 
 
 def test_torchrun_fsdp2_matches_single_process_and_resumes_on_one_rank(tmp_path):
