@@ -71,6 +71,11 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return c[-1] if c else None
 
 
+def is_checkpoint_name(path: str | os.PathLike) -> bool:
+    """Whether a file is named as a training checkpoint (``ckpt_<8 digits>.pt``)."""
+    return _NAME.match(Path(path).name) is not None
+
+
 def step_of(path: str | os.PathLike) -> int:
     return int(_NAME.match(Path(path).name).group(1))
 

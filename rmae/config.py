@@ -219,11 +219,12 @@ SCHEMA: dict = {
     "optimizer": {
         "type": _s("adamw", choices=("adamw",)),
         "params": {
-            "lr": _f("${scaled_lr:1.5e-4}", range=NONNEG, doc="1.5e-4 * training.batch_size / 256"),
+            "lr": _f("${scaled_lr:1.5e-4}", range=POSITIVE, doc="1.5e-4 * training.batch_size / 256"),
             "weight_decay": _f(0.05, range=NONNEG),
             "wd_norm": _f(0.0, range=NONNEG),
             "wd_bias": _f(0.0, range=NONNEG),
-            "eps": _f(1e-8, range=NONNEG),
+            "eps": _f(1e-8, range=POSITIVE, doc="AdamW's denominator term (0: a parameter without gradient "
+                      "divides 0 by 0)"),
             "betas": Spec("floats", [0.9, 0.95], length=2, range=Range(0, 1, hi_open=True)),
             "use_oss": _legacy(False),
         },
@@ -547,6 +548,10 @@ def validate(cfg: DictConfig) -> DictConfig:
     if tr["batch_size"] % tr["iter_per_update"]:
         errors.append(f"training.batch_size ({tr['batch_size']}) must be divisible by training.iter_per_update "
                       f"({tr['iter_per_update']})")
+    lr, eta_min = c["optimizer"]["params"]["lr"], c["scheduler"]["params"]["eta_min"]
+    if eta_min > lr:
+        errors.append(f"scheduler.params.eta_min ({eta_min:g}) must not exceed optimizer.params.lr ({lr:g}): the "
+                      "cosine goes from lr down to eta_min, so it would raise the lr")
     errors += _model_errors(c)
     _raise(errors)
     return OmegaConf.create(c)
@@ -591,6 +596,10 @@ def _model_errors(c: dict) -> list[str]:
         errors.append(f"{pre}.mae_vit.params.use_mae_loss must be false for --model rae (no pixel decoder)")
     if not p["use_mae_loss"] and p["num_region"] == 0:
         errors.append(f"{pre}.mae_vit.params: use_mae_loss is false and num_region is 0: the model has no loss")
+    elif model == "rmae" and p["num_region"] == 0:  # the original's R-MAE base config has num_region: 0
+        errors.append(f"{pre}.mae_vit.params.num_region is 0: --model rmae without regions would train plain MAE "
+                      "(the original's base_rmae.yaml leaves it at 0, so its R-MAE runs trained none); set it to the "
+                      "regions per image (8 in the paper's recipes), or use --model mae")
     patch = arch_values["patch_size"]
     if p["img_size"] % patch:
         errors.append(f"{pre}.mae_vit.params.img_size must be a multiple of the patch size {patch} of {arch}, "

@@ -205,6 +205,11 @@ def spawn_env(rank: int, world_size: int, port: int) -> None:
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+def uses_cuda(device_pref: str | None) -> bool:
+    """Whether the run's processes use CUDA devices: ``training.device`` null (when there is one), cuda, cuda:N."""
+    return torch.cuda.is_available() and not (device_pref or "").startswith("cpu")
+
+
 def init_distributed(dist_cfg: dict, device_pref: str | None = None) -> DistInfo:
     """Initializes the process group when the environment describes several ranks; picks the device."""
     apply_slurm_env()
@@ -212,7 +217,7 @@ def init_distributed(dist_cfg: dict, device_pref: str | None = None) -> DistInfo
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     index = check_device(device_pref, world)
-    use_cuda = torch.cuda.is_available() and not (device_pref or "").startswith("cpu")
+    use_cuda = uses_cuda(device_pref)
     if use_cuda:
         ndev = torch.cuda.device_count()
         device = torch.device("cuda", local_rank % ndev if index is None else index)

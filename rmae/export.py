@@ -14,6 +14,7 @@ import sys
 
 import torch
 
+from rmae.checkpoint import is_checkpoint_name
 from rmae.cores import command_name
 from rmae.models.export import export_encoder, save_encoder, timm_call
 
@@ -54,6 +55,17 @@ def _looks_like_torch_file(path: str) -> bool:
     return head == b"PK" or head[:1] == b"\x80"
 
 
+def _overwrites_a_checkpoint(checkpoint: str, out: str) -> str | None:
+    """What the output would overwrite that must stay: the checkpoint read, or a run's training checkpoint."""
+    if not os.path.exists(out):
+        return None
+    if os.path.exists(checkpoint) and os.path.samefile(checkpoint, out):
+        return "the checkpoint it exports"
+    if is_checkpoint_name(out):
+        return "a training checkpoint (ckpt_<step>.pt: the run's weights and optimizer state, which resuming reads)"
+    return None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog=command_name("rmae-export", "rmae.export"),
                                      description="Export the encoder of a checkpoint with timm's ViT keys.")
@@ -66,6 +78,11 @@ def main(argv=None) -> int:
     folder = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(folder):
         print(f"error: the folder of {args.out} ({folder}) does not exist", file=sys.stderr)
+        return 2
+    overwrites = _overwrites_a_checkpoint(args.checkpoint, args.out)
+    if overwrites:
+        print(f"error: {args.out} is {overwrites}: the encoder would replace it (the arguments are CHECKPOINT, then "
+              "OUT); give another output file", file=sys.stderr)
         return 2
     try:
         checkpoint = read_state(args.checkpoint, args.trust)

@@ -444,12 +444,14 @@ def _preprocess(images: Path, out: Path, recipe: FHRecipe, workers: int, verify:
 
 
 def _parse_numbers(text: str, kind: type) -> tuple:
+    items = text.split(",")
     try:
-        numbers = tuple(kind(item) for item in text.split(",") if item.strip())
+        numbers = tuple(kind(item) for item in items) if all(item.strip() for item in items) else ()
     except ValueError:
         numbers = ()
     if not numbers:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers (one per scale, none left empty), "
+                                         f"got {text!r}")
     return numbers
 
 
@@ -487,6 +489,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--images {args.images} is not a folder")
         if args.out.exists() and not args.out.is_dir():
             parser.error(f"--out {args.out} exists and is not a folder")
+        if args.out.resolve() == args.images.resolve() or args.images.resolve() in args.out.resolve().parents:
+            parser.error(f"--out {args.out} is {'--images' if args.out.resolve() == args.images.resolve() else 'inside --images'} "
+                         f"{args.images}: the masks would mix with the images; give a folder beside it (COCO's "
+                         "layout: image/train2017 and image/fh_train2017)")
         images, out, base = args.images, args.out, RECIPES["coco"]
     elif args.dataset is not None:
         if args.split is None:

@@ -439,6 +439,26 @@ def back_off(scaler: torch.amp.GradScaler) -> None:
 RUN_FILES = ("log.jsonl", "config.yaml", "encoder.safetensors", "vis", "tensorboard")
 
 
+def check_launch(cfg, world: int) -> None:
+    """Settings that fit together only on some machines or rank counts, checked before any rank starts: a
+    ConfigError naming the keys."""
+    tr, cuda = cfg["training"], rdist.uses_cuda(cfg["training"]["device"])
+    G, A = tr["batch_size"], tr["iter_per_update"]
+    errors = []
+    if G % (A * world):
+        errors.append(f"training.batch_size ({G}) must be divisible by training.iter_per_update x ranks ({A} x "
+                      f"{world}): each rank's micro-batches are batch_size / (iter_per_update x ranks)")
+    if world > 1 and cfg["distributed"]["backend"] == "nccl" and not cuda:
+        errors.append(f"distributed.backend=nccl needs CUDA devices; these {world} ranks run on the CPU: use gloo "
+                      "(or leave it null: nccl on GPUs, gloo on the CPU)")
+    impl_key = f"model_config.{cfg['model']}.mae_vit.params.kernel_impl"
+    if model_section(cfg)["mae_vit"]["params"].get("kernel_impl") == "triton" and not cuda and not kernels.interpreting():
+        errors.append(f"{impl_key}=triton needs a CUDA device (on the CPU only Triton's interpreter runs its kernels, "
+                      "with TRITON_INTERPRET=1, for tests): use auto (Triton on GPUs, PyTorch elsewhere) or reference")
+    if errors:
+        raise ConfigError("\n".join(errors))
+
+
 def rank_start(position: int, world: int) -> int:
     """Each rank's sampler start for a global data position: the samples drawn so far, split over the ranks and
     rounded up. A checkpoint of another batch size and rank count can hold a position that is no multiple of the
@@ -1079,6 +1099,7 @@ def _main(argv=None) -> int:
         # a setting they refuse (ValueError) is an error now, before any process starts or any file is written.
         build_optimizer(cfg, build_model_from_config(cfg, "meta"))
         nproc = rdist.resolve_launch(cfg["distributed"], cfg["training"]["device"])  # checks training.device
+        check_launch(cfg, nproc if nproc > 1 else int(os.environ.get("WORLD_SIZE", 1)))
     except ValueError as e:  # ConfigError included
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -202,14 +202,16 @@ def test_empty_sections_change_nothing(tmp_path):
     ("model_config.rmae.mae_vit.params.decoder_depth=-1", "decoder_depth must be >= 0"),
     ("model_config.rmae.mae_vit.params.mae_loss_weight=-1", "mae_loss_weight must be >= 0"),
     ("model_config.rmae.mae_vit.params.use_mae_loss=false", None),  # R-MAE without pixels = RAE: allowed
-    ("optimizer.params.lr=-1", "optimizer.params.lr must be >= 0"),
+    ("optimizer.params.lr=-1", "optimizer.params.lr must be > 0"),
+    ("optimizer.params.lr=0", "optimizer.params.lr must be > 0"),  # (the schedule divided by it)
     ("optimizer.params.lr=.nan", "optimizer.params.lr must be a finite number"),
-    ("optimizer.params.eps=-1", "optimizer.params.eps must be >= 0"),
+    ("optimizer.params.eps=0", "optimizer.params.eps must be > 0"),  # (AdamW then gives NaN weights)
     ("optimizer.params.weight_decay=-0.05", "optimizer.params.weight_decay must be >= 0"),
     ("optimizer.params.wd_norm=-1", "optimizer.params.wd_norm must be >= 0"),
     ("optimizer.params.betas=[0.9,1.0]", "optimizer.params.betas must have each value in [0, 1)"),
     ("optimizer.params.betas=[-0.1,0.9]", "optimizer.params.betas must have each value in [0, 1)"),
     ("scheduler.params.eta_min=-0.001", "scheduler.params.eta_min must be >= 0"),
+    ("scheduler.params.eta_min=1", "scheduler.params.eta_min (1) must not exceed optimizer.params.lr (0.0015)"),
     ("scheduler.params.warmup_factor=2", "scheduler.params.warmup_factor must be in [0, 1]"),
     ("scheduler.params.warmup_iterations=-1", "scheduler.params.warmup_iterations must be >= 0"),
     ("scheduler.params.T_max=0", "scheduler.params.T_max must be > 0"),
@@ -246,6 +248,30 @@ def test_model_variant_rules_at_config_time():
     with pytest.raises(ConfigError, match="the model has no loss"):
         load_config(None, ["model_config.rmae.mae_vit.params.use_mae_loss=false",
                            "model_config.rmae.mae_vit.params.num_region=0"])
+    # the original's base_rmae.yaml has num_region: 0, and its R-MAE runs trained MAE: refused, not copied
+    with pytest.raises(ConfigError, match="num_region is 0: --model rmae without regions would train plain MAE"):
+        load_config("RMAE/COCO/rmae_fh_4000eps.yaml", ["model_config.rmae.mae_vit.params.num_region=0"])
+    with pytest.raises(ConfigError, match="the model has no loss"):
+        load_config(None, ["model_config.rae.mae_vit.params.num_region=0"], model="rae")
+
+
+def test_launch_settings_checked_before_any_rank_starts(monkeypatch, capsys):
+    """Settings that depend on the rank count or the device: 'error:', exit 2, once, before spawning."""
+    from rmae import kernels
+    from rmae.train import main
+
+    monkeypatch.setattr(kernels, "interpreting", lambda: False)  # as outside the tests
+    for overrides, fragment in [
+        (["training.batch_size=32", "distributed.world_size=3", "training.device=cpu"],
+         "training.batch_size (32) must be divisible by training.iter_per_update x ranks (1 x 3)"),
+        (["distributed.world_size=2", "distributed.backend=nccl", "training.device=cpu"],
+         "distributed.backend=nccl needs CUDA devices; these 2 ranks run on the CPU"),
+        (["training.device=cpu", "model_config.rmae.mae_vit.params.kernel_impl=triton"],
+         "kernel_impl=triton needs a CUDA device"),
+    ]:
+        assert main(["training.max_update=1", "training.save_dir=/nonexistent/never_written", *overrides]) == 2
+        err = capsys.readouterr().err
+        assert err.count("error:") == 1 and fragment in err and "Traceback" not in err, err
 
 
 def test_every_range_is_declared():

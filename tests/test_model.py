@@ -739,6 +739,16 @@ def test_export_command_writes_the_encoder_of_a_checkpoint(tmp_path, capsys):
     assert "encoder keys" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
     assert main([str(tmp_path / "none.pt"), str(tmp_path / "x.safetensors")]) == 2
     assert "No such file" in capsys.readouterr().err
+    # the arguments swapped, or the output the input itself: refused, the checkpoint kept as it was
+    run_ckpt = tmp_path / "ckpt_00000007.pt"
+    run_ckpt.write_bytes((tmp_path / "ckpt.pt").read_bytes())
+    before = run_ckpt.read_bytes()
+    assert main([str(tmp_path / "enc.safetensors"), str(run_ckpt)]) == 2
+    assert "ckpt_00000007.pt is a training checkpoint" in capsys.readouterr().err
+    assert main([str(run_ckpt), str(run_ckpt)]) == 2
+    assert "ckpt_00000007.pt is the checkpoint it exports" in capsys.readouterr().err
+    assert run_ckpt.read_bytes() == before
+    run_ckpt.unlink()
     # an output folder that does not exist, an object that is no state, a file that is no checkpoint: errors
     assert main([str(tmp_path / "ckpt.pt"), str(tmp_path / "no" / "x.safetensors")]) == 2
     assert main([str(tmp_path / "ckpt.pt"), str(tmp_path / "no" / "x.pth")]) == 2

@@ -179,6 +179,16 @@ def test_missing_dataset_and_bad_arguments_are_explained(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             main(bad)
         assert exit_info.value.code == 2
+    capsys.readouterr()
+    # an empty scale (500,,1000 read as 500,1000), masks written into the image folder: refused, named
+    for bad, fragment in ((generic + ["500,,1000"], "none left empty), got '500,,1000'"),
+                          (generic + ["500,"], "none left empty"),
+                          (["--images", str(tmp_path), "--out", str(tmp_path)], f"is --images {tmp_path}"),
+                          (["--images", str(tmp_path), "--out", str(tmp_path / "fh")], "is inside --images")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(bad)
+        assert exit_info.value.code == 2 and fragment in capsys.readouterr().err
+    assert not (tmp_path / "fh").exists()
 
 
 def test_mask_files_round_trip_uint16_and_read_the_original_format(tmp_path):
