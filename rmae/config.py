@@ -434,7 +434,9 @@ def parse_overrides(overrides: Iterable[str]) -> DictConfig:
     items = list(overrides)
     for o in items:
         if "=" not in o:
-            raise ConfigError(f"command-line override {o!r} is not of the form dotted.key=value")
+            file_hint = (f"; to read a config file, give it with --config {o}"
+                         if o.endswith((".yaml", ".yml")) or os.path.isfile(o) else "")
+            raise ConfigError(f"command-line override {o!r} is not of the form dotted.key=value{file_hint}")
         key = o.split("=", 1)[0].lstrip("+")
         if key.split(".")[0] in ("includes", "config"):
             raise ConfigError(f"command-line override {o!r}: {key.split('.')[0]} cannot be set on the command line; "
@@ -502,6 +504,8 @@ def load_config(config: str | os.PathLike | None = None, overrides: Iterable[str
     for key, value in (("model", model), ("task", task), ("dataset", dataset)):
         if value is not None:
             cfg[key] = value
+    if cfg.get("dataset") == "imagenet":  # the data API's other name, in a file or an override as with --dataset
+        cfg.dataset = "imnet"
     return validate(cfg)
 
 
@@ -692,17 +696,37 @@ def _get(tree, dotted):
 
 
 def _suggest(key: str) -> str:
-    valid = list(FLAT_SCHEMA) + sorted(_SECTIONS)
-    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
-    if not close:  # same leaf name elsewhere, or a close leaf name under the same parent
-        leaf = key.rsplit(".", 1)[-1]
-        leaves = {}
-        for v in FLAT_SCHEMA:
-            leaves.setdefault(v.rsplit(".", 1)[-1], []).append(v)
-        for name in difflib.get_close_matches(leaf, list(leaves), n=3, cutoff=0.6):
-            close.extend(leaves[name][:2])
-        close = close[:3]
-    return f"; did you mean {' or '.join(close)}?" if close else ""
+    """Up to three keys the user may have meant: the same name in another section (training.lr:
+    optimizer.params.lr), then keys that read alike, then names of the same words in another order (region_num:
+    num_region). Keys of no effect are never offered, and of the sections every model and dataset repeat, only
+    the one the key is in (else one)."""
+    valid = [k for k, spec in FLAT_SCHEMA.items() if not spec.legacy]
+    leaf = key.rsplit(".", 1)[-1]
+    words = sorted(leaf.lower().split("_"))
+    same_leaf = [k for k in valid if k.rsplit(".", 1)[-1] == leaf and k != key]
+    alike = difflib.get_close_matches(key, valid + sorted(_SECTIONS), n=6, cutoff=0.6)
+    leaves: dict[str, list[str]] = {}
+    for k in valid:
+        leaves.setdefault(k.rsplit(".", 1)[-1], []).append(k)
+    alike_leaf = [k for name in difflib.get_close_matches(leaf, list(leaves), n=3, cutoff=0.6) for k in leaves[name]]
+    reordered = [k for k in valid if k.rsplit(".", 1)[-1] != leaf and sorted(k.rsplit(".", 1)[-1].split("_")) == words]
+    section = re.match(r"(model_config\.\w+|dataset_config\.\w+)\.", key)
+    if section and not any(k.startswith(section.group(0)) for k in valid):
+        section = None  # (a misspelt model or dataset: every section's keys may be meant)
+    out, seen = [], set()
+    def likeness(k):
+        return -difflib.SequenceMatcher(None, key, k).ratio()
+
+    for k in sorted(same_leaf, key=likeness) + sorted(reordered, key=likeness) + alike + alike_leaf:
+        repeated = re.match(r"(model_config\.\w+|dataset_config\.\w+)(\.|$)", k)
+        if repeated and section and repeated.group(1) != section.group(1):
+            continue  # another model's / dataset's section or copy of a key
+        generic = re.sub(r"^(model_config|dataset_config)\.\w+\.", r"\1.*.", k)
+        if k in out or (repeated and not section and generic in seen):
+            continue
+        out.append(k)
+        seen.add(generic)
+    return f"; did you mean {' or '.join(out[:3])}?" if out else ""
 
 
 def _check_key(key: str, where: str) -> None:

@@ -1060,10 +1060,15 @@ def _spawned(local_rank: int, world_size: int, port: int, cfg_yaml: str, require
         sys.exit(130)
 
 
-def unused_model_sections(overrides, model: str) -> list[str]:
-    """``model_config.<other>`` sections set on the command line while ``model`` reads only its own."""
-    found = {m.group(0) for o in overrides if (m := re.match(r"model_config\.(\w+)", o.lstrip("+")))
-             and m.group(1) != model}
+def unused_sections(overrides, model: str, dataset: str) -> list[tuple[str, str]]:
+    """(section, the one read) for the ``model_config.<other>`` and ``dataset_config.<other>_pretrain`` sections set
+    on the command line while the run reads only its model's and its dataset's."""
+    found = set()
+    for o in overrides:
+        if (m := re.match(r"model_config\.(\w+)", o.lstrip("+"))) and m.group(1) != model:
+            found.add((m.group(0), f"model_config.{model}"))
+        if (m := re.match(r"dataset_config\.(\w+)", o.lstrip("+"))) and m.group(1) != f"{dataset}_pretrain":
+            found.add((m.group(0), f"dataset_config.{dataset}_pretrain"))
     return sorted(found)
 
 
@@ -1082,9 +1087,8 @@ def _main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for section in unused_model_sections(args.overrides, cfg["model"]):
-        print(f"warning: the overrides of {section}.* have no effect: model {cfg['model']} reads "
-              f"model_config.{cfg['model']}", file=sys.stderr)
+    for section, read in unused_sections(args.overrides, cfg["model"], cfg["dataset"]):
+        print(f"warning: the overrides of {section}.* have no effect: this run reads {read}", file=sys.stderr)
     if args.resume:
         if not cfg.training.resume:
             print("error: --resume (continue from the newest checkpoint) contradicts training.resume=false (start "

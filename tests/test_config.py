@@ -70,15 +70,31 @@ def test_includes_with_original_prefix(tmp_path):
 
 
 @pytest.mark.parametrize("override, expected", [
-    ("training.max_updat=3", "training.max_update"),
-    ("trainng.seed=1", "training.seed"),
-    ("model_config.rmae.mae_vit.params.num_regions=3", "model_config.rmae.mae_vit.params.num_region"),
-    ("optimizer.params.weight_decy=0.1", "optimizer.params.weight_decay"),
+    ("training.max_updat=3", "did you mean training.max_update or"),
+    ("trainng.seed=1", "did you mean training.seed or"),
+    ("model_config.rmae.mae_vit.params.num_regions=3", "did you mean model_config.rmae.mae_vit.params.num_region or"),
+    ("optimizer.params.weight_decy=0.1", "did you mean optimizer.params.weight_decay or"),
+    ("training.lr=0.1", "did you mean optimizer.params.lr or"),  # the same name in another section first
+    ("model_config.rmae.mae_vit.params.region_num=4", "did you mean model_config.rmae.mae_vit.params.num_region or"),
+    ("model_config.rmea.mask_ratio=0.5", "did you mean model_config.rmae.mask_ratio or"),
 ])
 def test_unknown_keys_name_close_matches(override, expected):
     with pytest.raises(ConfigError, match="unknown config key") as e:
         load_config(None, [override])
     assert expected in str(e.value)
+    # never a key of no effect (training.max_epoch), never another model's copy of a key of the user's model
+    assert "max_epoch" not in str(e.value) and "model_config.rae." not in str(e.value)
+
+
+def test_imagenet_is_imnet_everywhere():
+    assert load_config(None, ["dataset=imagenet"]).dataset == "imnet"
+    assert load_config(None, dataset="imagenet").dataset == "imnet"
+
+
+def test_a_config_file_given_as_an_override_is_pointed_to_config(tmp_path):
+    (tmp_path / "mine.yaml").write_text("training:\n  max_update: 3\n")
+    with pytest.raises(ConfigError, match=f"to read a config file, give it with --config {tmp_path / 'mine.yaml'}"):
+        load_config(None, [str(tmp_path / "mine.yaml")])
 
 
 @pytest.mark.parametrize("override, fragment", [

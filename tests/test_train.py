@@ -1265,13 +1265,19 @@ def test_sharded_bf16_model_keeps_the_masking_noise_in_fp32(tmp_path):
 
 def test_overrides_of_another_models_section_are_warned_about(capsys):
     """--model mae reads model_config.mae: model_config.rmae.* set on the command line does nothing (the run was
-    a ViT-B at 224 px instead of the tiny model asked for, without a word)."""
+    a ViT-B at 224 px instead of the tiny model asked for, without a word); so for another dataset's section."""
     from rmae.train import main
 
     assert main(["--model", "mae", "model_config.rmae.mae_vit.params.img_size=32", "--print-config"]) == 0
     err = capsys.readouterr().err
-    assert "warning: the overrides of model_config.rmae.* have no effect: model mae reads model_config.mae" in err
+    assert "warning: the overrides of model_config.rmae.* have no effect: this run reads model_config.mae" in err
     assert main(["--model", "rmae", "model_config.rmae.mae_vit.params.img_size=32", "--print-config"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert main(["dataset_config.coco_pretrain.sampler=shard", "--print-config"]) == 0  # the demo reads sample
+    err = capsys.readouterr().err
+    assert "warning: the overrides of dataset_config.coco_pretrain.* have no effect: this run reads " \
+           "dataset_config.sample_pretrain" in err
+    assert main(["--dataset", "coco", "dataset_config.coco_pretrain.sampler=shard", "--print-config"]) == 0
     assert "warning" not in capsys.readouterr().err
 
 
