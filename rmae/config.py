@@ -824,3 +824,22 @@ def _check_value(key: str, value: Any, spec: Spec) -> str | None:
 
 def to_yaml(cfg) -> str:
     return OmegaConf.to_yaml(cfg)
+
+
+def arch_defaults_comment(cfg) -> str:
+    """YAML comment lines naming the values that the run's model takes from its architecture where
+    ``model_config.<model>.mae_vit.params`` leaves them null (what ``--print-config`` shows as null)."""
+    sec = model_section(cfg)
+    params = sec["mae_vit"]["params"]
+    values = _arch_values(sec["mae_vit"]["arch"], cfg["model"])
+    taken = {k: values[k] for k, v in params.items() if v is None and k in values}
+    if not taken:
+        return ""
+    items = [f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in taken.items()]
+    lines = [""]
+    for item in items:  # whole key: value pairs per line
+        if lines[-1] and len(lines[-1]) + len(item) > 96:
+            lines.append("")
+        lines[-1] += (", " if lines[-1] else "") + item
+    return (f"# model_config.{cfg['model']}.mae_vit.params left null take the values of "
+            f"{sec['mae_vit']['arch']} / --model {cfg['model']}:\n" + "".join(f"#   {line}\n" for line in lines))

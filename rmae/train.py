@@ -33,8 +33,8 @@ from rmae import checkpoint as ckpt
 from rmae import kernels
 from rmae import distributed as rdist
 from rmae.cores import command_name
-from rmae.config import (DATASETS, MODELS, TASKS, ConfigError, config_identity, dataset_section, legacy_keys_set,
-                         load_config, model_section, schedule_warnings, to_yaml)
+from rmae.config import (DATASETS, MODELS, TASKS, ConfigError, arch_defaults_comment, config_identity, dataset_section,
+                         legacy_keys_set, load_config, model_section, schedule_warnings, to_yaml)
 from rmae.logging_utils import RunLogger, logger, progress_bar, setup_console
 
 AMP_DTYPES = {"none": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -1096,12 +1096,13 @@ def _main(argv=None) -> int:
             return 2
         cfg.training.resume = True
     if args.print_config:
-        print(to_yaml(cfg))
+        print(to_yaml(cfg) + arch_defaults_comment(cfg))
         return 0
     try:
         # The model and optimizer the settings describe, on the meta device (no memory, a fraction of a second):
         # a setting they refuse (ValueError) is an error now, before any process starts or any file is written.
         build_optimizer(cfg, build_model_from_config(cfg, "meta"))
+        data_folders(cfg)  # folder lists that pair up
         nproc = rdist.resolve_launch(cfg["distributed"], cfg["training"]["device"])  # checks training.device
         check_launch(cfg, nproc if nproc > 1 else int(os.environ.get("WORLD_SIZE", 1)))
     except ValueError as e:  # ConfigError included

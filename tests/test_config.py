@@ -129,9 +129,20 @@ def test_cli_reports_config_errors(capsys):
     assert "training.max_update" in capsys.readouterr().err
 
 
-def test_print_config(capsys):
+def test_print_config(capsys, tmp_path):
     assert main(["--config", "MAE/COCO/mae_4000eps.yaml", "--print-config"]) == 0
     assert "max_update: 144000" in capsys.readouterr().out
+    # the values a null model key takes from the architecture, as comments (the config itself unchanged: it reads
+    # back as the same config)
+    assert main(["--config", "RMAE/COCO/rmae_fh_4000eps.yaml", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "# model_config.rmae.mae_vit.params left null take the values of rmae_base_patch16 / --model rmae:" in out
+    assert "decoder_embed_dim: 512" in out and "region_cross_layer: 8" in out
+    (tmp_path / "printed.yaml").write_text(out)
+    assert main(["--config", str(tmp_path / "printed.yaml"), "--print-config"]) == 0
+    again = capsys.readouterr().out
+    assert again.replace(str(tmp_path / "printed.yaml"), "X") == out.replace(
+        str(load_config("RMAE/COCO/rmae_fh_4000eps.yaml").config), "X")
 
 
 def test_meta_build_of_huge():
@@ -272,7 +283,8 @@ def test_model_variant_rules_at_config_time():
 
 
 def test_launch_settings_checked_before_any_rank_starts(monkeypatch, capsys):
-    """Settings that depend on the rank count or the device: 'error:', exit 2, once, before spawning."""
+    """Settings that depend on the rank count or the device, and folder lists that do not pair up: 'error:', exit 2,
+    once, before spawning or writing anything."""
     from rmae import kernels
     from rmae.train import main
 
@@ -284,6 +296,9 @@ def test_launch_settings_checked_before_any_rank_starts(monkeypatch, capsys):
          "distributed.backend=nccl needs CUDA devices; these 2 ranks run on the CPU"),
         (["training.device=cpu", "model_config.rmae.mae_vit.params.kernel_impl=triton"],
          "kernel_impl=triton needs a CUDA device"),
+        (["dataset_config.sample_pretrain.imdb_files.train.image_folder=[x]"], "the sample set has no folders"),
+        (["--dataset", "coco", "dataset_config.coco_pretrain.imdb_files.train.mask_folder=[a,b]"],
+         "mask_folder has 2 entries but dataset_config.coco_pretrain.imdb_files.train.image_folder has 1"),
     ]:
         assert main(["training.max_update=1", "training.save_dir=/nonexistent/never_written", *overrides]) == 2
         err = capsys.readouterr().err
