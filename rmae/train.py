@@ -1018,12 +1018,23 @@ def visualize_now(model, raw, cfg, vis_batch, run_dir: Path, step: int, device, 
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
+class _Once(argparse.Action):
+    """An option given at most once (a second --config silently replaced the first: a file lists others under
+    includes:)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest) is not None:
+            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)}, {values}): give one file; "
+                         "a file can list others under includes:")
+        setattr(namespace, self.dest, values)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog=command_name("rmae-train", "rmae.train"),
         description="R-MAE / MAE / RAE pre-training. Without arguments: a small demo on bundled photos.",
         epilog="Overrides are dotted keys, e.g. training.batch_size=256 model_config.rmae.mask_ratio=0.75")
-    p.add_argument("--config", default=None, help="config file: a path or a shipped name such as "
+    p.add_argument("--config", default=None, action=_Once, help="config file: a path or a shipped name such as "
                    "RMAE/COCO/rmae_fh_4000eps.yaml (default: the demo, default.yaml)")
     p.add_argument("--model", choices=MODELS, default=None)
     p.add_argument("--task", choices=TASKS, default=None)

@@ -86,6 +86,12 @@ def test_unknown_keys_name_close_matches(override, expected):
     assert "max_epoch" not in str(e.value) and "model_config.rae." not in str(e.value)
 
 
+def test_config_given_twice_is_an_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", "MAE/COCO/mae_4000eps.yaml", "--config", "RMAE/COCO/rmae_fh_4000eps.yaml", "--print-config"])
+    assert exit_info.value.code == 2 and "--config given twice" in capsys.readouterr().err
+
+
 def test_imagenet_is_imnet_everywhere():
     assert load_config(None, ["dataset=imagenet"]).dataset == "imnet"
     assert load_config(None, dataset="imagenet").dataset == "imnet"
