@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -105,25 +106,86 @@ def format_record(rec: dict) -> str:
     return " ".join(parts)
 
 
-def progress_bar(total: int, initial: int, enabled: bool):
-    """tqdm over optimizer steps (its postfix carries img/s and the loss terms), or a silent stand-in."""
-    if enabled:
-        try:
-            from tqdm.auto import tqdm
+def progress_bar(total: int, initial: int, enabled: bool, desc: str | None = None, unit: str = "step",
+                 every: float = 60.0):
+    """Progress over ``total`` units with rate and ETA, on stderr: a tqdm bar on a terminal; where stderr is a file
+    or pipe (CI, a slurm .out file) a plain line every ``every`` seconds and at the end instead of carriage-return
+    frames; a silent stand-in when not ``enabled``. Each has ``update``, ``set_postfix``, ``close`` and works as
+    a context manager."""
+    if not enabled:
+        return _Null()
+    if not _is_terminal(sys.stderr):
+        return PlainProgress(total, initial, desc, unit, every)
+    from tqdm.auto import tqdm
 
-            return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, smoothing=0.1,
-                        mininterval=1.0, file=sys.stderr)
-        except ImportError:
-            pass
+    # a terminal that reports no width (some CI runners' and docker -t's pseudo-terminals): a fixed one
+    width = shutil.get_terminal_size((0, 0)).columns
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=width > 0,
+                ncols=None if width > 0 else 100, smoothing=0.1, mininterval=1.0, file=sys.stderr)
 
-    class _Null:
-        def update(self, n=1):
-            pass
 
-        def set_postfix(self, *a, **k):
-            pass
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # a replaced or closed stream
+        return False
 
-        def close(self):
-            pass
 
-    return _Null()
+class _Null:
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, *a, **k):
+        pass
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class PlainProgress(_Null):
+    """Progress as whole lines (``desc: n/total (p%), rate unit/s, elapsed h:mm:ss, ETA h:mm:ss, postfix``), at most
+    one per ``every`` seconds, and one at the end."""
+
+    def __init__(self, total: int, initial: int, desc: str | None, unit: str, every: float):
+        self.total, self.n, self.start_n = total, initial, initial
+        self.desc, self.unit, self.every = desc, unit, every
+        self.postfix: dict = {}
+        self.t0 = self.last = time.monotonic()
+        self.closed = False
+
+    def update(self, n=1):
+        self.n += n
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            self._line(now)
+
+    def set_postfix(self, values=None, **kw):
+        self.postfix = {**(values or {}), **kw}
+
+    def close(self):
+        if not self.closed:
+            self.closed = True
+            if self.n > self.start_n:
+                self._line(time.monotonic())
+
+    def _line(self, now: float) -> None:
+        elapsed = now - self.t0
+        rate = (self.n - self.start_n) / elapsed if elapsed > 0 else 0.0
+        parts = [f"{self.n}/{self.total} {self.unit}s ({100 * self.n / max(self.total, 1):.0f}%)",
+                 f"{rate:.3g} {self.unit}/s", f"elapsed {_duration(elapsed)}"]
+        if 0 < rate and self.n < self.total:
+            parts.append(f"ETA {_duration((self.total - self.n) / rate)}")
+        parts += [f"{k}={v}" for k, v in self.postfix.items()]
+        print(f"{self.desc + ': ' if self.desc else ''}{', '.join(parts)}", file=sys.stderr, flush=True)

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from rmae import fh, listing
 from rmae.cores import command_name, usable_cores
 from rmae.image_io import IMAGE_SUFFIXES, ImageDecodeError, is_wide, load_rgb
+from rmae.logging_utils import progress_bar
 from rmae.masks import (DECODE_VERSION, MASK_SUFFIX, PARAMS_FILE, REDO_KEY, MaskError, load_labels,
                         mask_path, recorded_recipe, save_labels)
 from rmae.recipes import COCO_FH, IMAGENET_FH, FHRecipe, dataset_root, folder_command, recipe_folder
@@ -361,7 +362,7 @@ def _preprocess(images: Path, out: Path, recipe: FHRecipe, workers: int, verify:
     # broken links, which an annotation file may still list, nor the file system's errors, which may pass)
     bad_images = 0
     for path, reason in failures:  # on the console like the images that fail to decode
-        print(_shown(f"skipped {path}: {reason}"), file=sys.stderr)
+        print(_shown(f"failed {path}: {reason}"), file=sys.stderr)
     excluded = {relative for relative, _ in not_segmented}
     # (image, mask, whether the mask exists and is checked first: by --verify, and in a folder of an older
     # decoding for the image's depth)
@@ -412,14 +413,13 @@ def _preprocess(images: Path, out: Path, recipe: FHRecipe, workers: int, verify:
             _drop_stale_mask(mask_file, redo_since)
             with lock:
                 failures.append((path, reason))
-            tqdm.write(_shown(f"skipped {path}: {reason}"), file=sys.stderr)
+            tqdm.write(_shown(f"failed {path}: {reason}"), file=sys.stderr)
             return
         with lock:
             counts["regenerated" if existing else "written"] += 1  # (the categories add up to the images)
 
-    with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(
-        total=len(jobs), unit="img", desc=_shown(f"FH {out.name}"), dynamic_ncols=True, mininterval=1.0
-    ) as progress:
+    with ThreadPoolExecutor(max_workers=workers) as pool, \
+            progress_bar(len(jobs), 0, True, desc=_shown(f"FH {out.name}"), unit="img", every=30.0) as progress:
         _run_bounded(pool, work, jobs, limit=4 * workers, on_done=progress.update)
     if redo_since is not None and not unlistable:  # an unlisted folder may still hold old masks
         _finish_redo(out, recipe, {mask_path(out, relative) for relative in relative_paths + broken_links})
@@ -534,7 +534,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     print(_shown(
-        f"{summary['images']} images: {summary['written']} written, {summary['skipped_existing']} already done, "
+        f"{summary['images']} images: {summary['written']} written, {summary['skipped_existing']} already done"
+        f"{' (verified)' if args.verify else ''}, "
         f"{summary['regenerated']} regenerated, {summary['failed']} failed"
         + (f" (listed in {summary['failures_file']})" if summary["failures_file"] else "")
     ))

@@ -806,6 +806,11 @@ def train(cfg, require_resume: bool = False) -> dict:
             if dinfo.is_main:
                 log.event("checkpoint", step=s, file=str(path))
 
+        def pictures_now(s: int):
+            path = visualize_now(model, raw, cfg, vis_batch, run_dir, s, device, autocast, dinfo)
+            if path is not None:
+                log.event("pictures", step=s, file=str(path))
+
         first_step, in_a_row = step, 0  # in_a_row: the tries of the current update skipped so far
         console.enter_context(console_above(bar))
         while step < max_update:
@@ -892,15 +897,15 @@ def train(cfg, require_resume: bool = False) -> dict:
                 n = win["n"]
                 mean_loss = {k: win[k] / n for k in ("loss", "mae_loss", "region_loss")}
                 elapsed = time.perf_counter() - t_log
-                rec = {"step": step, "loss": mean_loss["loss"], "lr": lr, "grad_norm": win["grad_norm"] / n,
-                       "img_per_s": G * n / max(elapsed, 1e-9), "step_time": win["step"] / n,
-                       "data_time": win["data"] / n, "compute_time": (win["step"] - win["data"]) / n,
-                       "peak_mem_mb": peak_memory_mb(device), "skipped": skipped,
-                       "data_errors": errors}
+                rec = {"step": step, "loss": mean_loss["loss"]}  # its terms next to it
                 if raw.use_mae_loss:
                     rec["mae_loss"] = mean_loss["mae_loss"]
                 if num_region > 0:
                     rec["region_loss"] = mean_loss["region_loss"]
+                rec.update({"lr": lr, "grad_norm": win["grad_norm"] / n, "img_per_s": G * n / max(elapsed, 1e-9),
+                            "step_time": win["step"] / n, "data_time": win["data"] / n,
+                            "compute_time": (win["step"] - win["data"]) / n, "peak_mem_mb": peak_memory_mb(device),
+                            "skipped": skipped, "data_errors": errors})
                 log.log(rec)  # with the bar on, above it (console_above)
                 bar.set_postfix({k: f"{rec[k]:.4g}" for k in ("loss", "mae_loss", "region_loss", "img_per_s")
                                  if k in rec})
@@ -913,13 +918,14 @@ def train(cfg, require_resume: bool = False) -> dict:
             if step % tr["checkpoint_interval"] == 0 and step < max_update:
                 checkpoint_now(step)
             if vis_every and step % vis_every == 0 and step < max_update:
-                visualize_now(model, raw, cfg, vis_batch, run_dir, step, device, autocast, dinfo)
+                pictures_now(step)
             t_log += time.perf_counter() - t_write  # img_per_s is the training's rate, without these writes
+        bar.close()  # (the lines below are the run's last: not followed by the bar drawn again)
         # final (or interrupted) checkpoint; also after skipped tries since the last one (their batches are used)
         if saved_position != position:
             checkpoint_now(step)
         if interrupted is None:
-            visualize_now(model, raw, cfg, vis_batch, run_dir, step, device, autocast, dinfo)
+            pictures_now(step)
             load_with = export_now(model, optimizer, run_dir, dinfo)
             log.event("done", step=step, skipped=skipped, encoder=str(run_dir / "encoder.safetensors"),
                       **({"load_with": load_with} if load_with else {}))
@@ -989,10 +995,10 @@ def export_now(model, optimizer, run_dir: Path, dinfo) -> str:
 
 
 @torch.no_grad()
-def visualize_now(model, raw, cfg, vis_batch, run_dir: Path, step: int, device, autocast, dinfo) -> None:
-    """Collective forward on a fixed batch (every rank), rank 0 writes ``vis/step_XXXXXXXX.png``."""
+def visualize_now(model, raw, cfg, vis_batch, run_dir: Path, step: int, device, autocast, dinfo) -> Path | None:
+    """Collective forward on a fixed batch (every rank), rank 0 writes ``vis/step_XXXXXXXX.png``; returns it there."""
     if vis_batch is None:
-        return
+        return None
     from rmae.visualize import save_visualization
 
     images, region_parts = vis_batch
@@ -1012,7 +1018,9 @@ def visualize_now(model, raw, cfg, vis_batch, run_dir: Path, step: int, device, 
     model.train(was_training)
     if dinfo.is_main:
         path = run_dir / "vis" / f"step_{step:08d}.png"
-        save_visualization(path, raw, imgs, regions, out)
+        save_visualization(path, raw, imgs, regions, out, title=f"step {step}")
+        return path
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------

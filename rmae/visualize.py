@@ -1,11 +1,13 @@
-"""One PNG per call: a header row naming the columns, then for each image a row of
+"""One PNG per call: a title line (the step, and how to read the region tiles), a header row naming the columns,
+then for each image a row of
 
-    input | masked | reconstruction (visible patches pasted back) | target 1 | pred 1 | ... | target k | pred k
+    input | masked | reconstruction + visible | target 1 | pred 1 | ... | target k | pred k
 
-Every one of the k regions is shown as a pair of grey tiles: the binary target map, then sigmoid(logit) on the
-removed patches with the target at half brightness on the visible ones. A model without a pixel decoder (RAE) has
-no reconstruction column, one without regions (MAE) no region columns. Pixel reconstructions of a
-``norm_pix_loss`` model are de-normalised with the statistics of the true patches, as MAE's demo does.
+Every one of the k regions is shown as a pair of tiles: the binary target map (grey), then sigmoid(logit) in grey
+on the removed patches, and the given target in blue on the visible ones (the model sees those: they are no
+prediction). A model without a pixel decoder (RAE) has no reconstruction column, one without regions (MAE) no
+region columns. Pixel reconstructions of a ``norm_pix_loss`` model are de-normalised with the statistics of the
+true patches, as MAE's demo does; the visible patches are pasted back, as there.
 """
 from __future__ import annotations
 
@@ -31,14 +33,29 @@ def _gray(x: torch.Tensor) -> np.ndarray:
     return np.repeat(g[..., None], 3, axis=2)
 
 
+# the given (visible) patches of a region prediction tile: 0 -> dark blue, 1 -> light blue
+GIVEN_OFF = np.array([25, 35, 90], dtype=np.float32)
+GIVEN_ON = np.array([120, 170, 255], dtype=np.float32)
+
+
+def _prediction_tile(probs: torch.Tensor, target: torch.Tensor, removed: torch.Tensor) -> np.ndarray:
+    """[H, W] probabilities, binary target and 1-on-removed-patches mask -> [H, W, 3] uint8: grey probabilities
+    where removed, the target in blue where visible."""
+    grey = _gray(probs).astype(np.float32)
+    t = target.float().clamp(0, 1).cpu().numpy()[..., None]
+    given = GIVEN_OFF + (GIVEN_ON - GIVEN_OFF) * t
+    r = removed.float().cpu().numpy()[..., None]
+    return (grey * r + given * (1 - r) + 0.5).astype(np.uint8)
+
+
 def _patch_mask_image(mask: torch.Tensor, grid: int, p: int) -> torch.Tensor:
     """[N] 1 = removed -> [H, W] float."""
     return mask.float().view(grid, grid).repeat_interleave(p, 0).repeat_interleave(p, 1)
 
 
 @torch.no_grad()
-def render(model, images: torch.Tensor, regions, out) -> np.ndarray:
-    """The picture as an [H, W, 3] uint8 array (see module doc)."""
+def render(model, images: torch.Tensor, regions, out, title: str | None = None) -> np.ndarray:
+    """The picture as an [H, W, 3] uint8 array (see module doc); ``title`` starts its first line."""
     images = images.float().cpu()
     B, _, H, W = images.shape
     p = model.patch_size
@@ -71,15 +88,43 @@ def render(model, images: torch.Tensor, regions, out) -> np.ndarray:
             for j in range(k):
                 target = maps[i, j].float()
                 tiles.append(_gray(target))
-                # predictions where removed, the (given) target where visible, dimmed
-                shown = probs[j] * rmask_img + target * 0.5 * (1 - rmask_img)
-                tiles.append(_gray(shown))
+                tiles.append(_prediction_tile(probs[j], target, rmask_img))
         rows.append(np.concatenate([np.pad(t, ((PAD, PAD), (PAD, PAD), (0, 0)), constant_values=255) for t in tiles],
                                    1))
-    names = ["input", "masked"] + (["reconstruction"] if out.pred is not None else [])
-    if maps is not None and out.region_pred is not None:
+    names = ["input", "masked"] + (["reconstruction + visible"] if out.pred is not None else [])
+    with_regions = maps is not None and out.region_pred is not None
+    if with_regions:
         names += [name for j in range(1, maps.shape[1] + 1) for name in (f"target {j}", f"pred {j}")]
-    return np.concatenate([header(names, W + 2 * PAD), *rows], 0)
+    lines = [title] if title else []
+    if with_regions:
+        lines += ["pred: grey = predicted probability on the masked patches, blue = the given target on the "
+                  "visible patches (no prediction)"]
+    top = [text_lines(lines, len(names) * (W + 2 * PAD))] if lines else []
+    return np.concatenate([*top, header(names, W + 2 * PAD), *rows], 0)
+
+
+def text_lines(lines: list[str], width: int) -> np.ndarray:
+    """[h, width, 3] uint8: the lines left-aligned, each cut to the width (wrapped at words where it fits)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    wrapped: list[str] = []
+    for line in lines:
+        current = ""
+        for word in line.split(" "):
+            trial = f"{current} {word}".strip()
+            if current and draw.textlength(trial, font=font) > width - 4:
+                wrapped.append(current)
+                current = word
+            else:
+                current = trial
+        wrapped.append(current)
+    canvas = Image.new("RGB", (width, 12 * len(wrapped) + 2), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for n, line in enumerate(wrapped):
+        draw.text((2, 1 + 12 * n), line, fill=(0, 0, 0), font=font)
+    return np.asarray(canvas)
 
 
 def header(names: list[str], tile_width: int) -> np.ndarray:
@@ -91,7 +136,7 @@ def header(names: list[str], tile_width: int) -> np.ndarray:
     canvas = Image.new("RGB", (len(names) * tile_width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for i, name in enumerate(names):
-        short = {"reconstruction": "recon.", "masked": "mask"}.get(
+        short = {"reconstruction + visible": "recon.", "masked": "mask"}.get(
             name, name.replace("target ", "t").replace("pred ", "p"))
         for text in (name, short, short[:max(tile_width // 7, 1)]):
             if draw.textlength(text, font=font) <= tile_width - 2:
@@ -101,12 +146,12 @@ def header(names: list[str], tile_width: int) -> np.ndarray:
     return np.asarray(canvas)
 
 
-def save_visualization(path: str | Path, model, images, regions, out) -> Path:
+def save_visualization(path: str | Path, model, images, regions, out, title: str | None = None) -> Path:
     from PIL import Image
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    arr = render(model, images, regions, out)
+    arr = render(model, images, regions, out, title)
     tmp = path.with_suffix(".tmp.png")
     Image.fromarray(arr).save(tmp)
     tmp.replace(path)

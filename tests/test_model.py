@@ -789,19 +789,30 @@ def test_pictures_show_every_region_in_labelled_columns(variant):
     maps = (torch.rand(2, k, IMG, IMG) > 0.5).to(torch.uint8) if k else None
     with torch.no_grad():
         out = model(images, maps)
-    picture = render(model, images, maps, out)
+    picture = render(model, images, maps, out, title="step 7")
     columns = (2 if variant == "rae" else 3) + 2 * k
     tile = IMG + 2 * PAD
     head = picture.shape[0] - 2 * tile
-    assert picture.dtype == np.uint8 and picture.shape[1:] == (columns * tile, 3) and 8 <= head <= 20
-    for c in range(columns):  # a label (dark pixels) over every column
-        assert (picture[:head, c * tile:(c + 1) * tile] < 128).any(), c
+    assert picture.dtype == np.uint8 and picture.shape[1:] == (columns * tile, 3) and 20 <= head <= 80
+    for c in range(columns):  # a label (dark pixels) over every column, in the header row above the tiles
+        assert (picture[head - 14:head, c * tile:(c + 1) * tile] < 128).any(), c
+    assert (picture[:12, :tile] < 128).any()  # the title line
     from rmae.visualize import MEAN, STD
 
     first = picture[head + PAD:head + PAD + IMG, PAD:PAD + IMG].astype(int)
     expected = ((images[0] * STD + MEAN).clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(int)
     assert np.abs(first - expected).max() <= 1
-    for j in range(k):  # the target tile of region j of image 1
+    from rmae.visualize import GIVEN_OFF, GIVEN_ON
+
+    removed = None if not k else \
+        out.region_mask[1].view(IMG // P, IMG // P).repeat_interleave(P, 0).repeat_interleave(P, 1).bool()
+    for j in range(k):  # the target tile of region j of image 1, then its prediction tile
         left = ((2 if variant == "rae" else 3) + 2 * j) * tile + PAD
         shown = picture[head + tile + PAD:head + tile + PAD + IMG, left:left + IMG, 0]
         np.testing.assert_array_equal(shown, maps[1, j].numpy() * 255)
+        pred = picture[head + tile + PAD:head + tile + PAD + IMG, left + tile:left + tile + IMG].astype(int)
+        grey = pred[removed.numpy()]  # the masked patches: the probability in grey
+        assert (grey[:, 0] == grey[:, 1]).all() and (grey[:, 1] == grey[:, 2]).all()
+        given = pred[~removed.numpy()]  # the visible ones: the given target in blue
+        expected = np.where(maps[1, j].numpy()[~removed.numpy()][:, None] > 0, GIVEN_ON, GIVEN_OFF)
+        assert np.abs(given - expected).max() <= 1

@@ -402,7 +402,7 @@ def test_images_sharing_a_mask_file_are_failures(tmp_path, capsys):
     assert [line.split("\t")[0].rsplit("/", 1)[1] for line in failures] == ["x.jpg", "x.png", "y.JPG", "y.jpg"]
     assert "same mask file x.npy.zst as x.png" in failures[0]
     err = capsys.readouterr().err  # on the console too, as the images that cannot be decoded
-    assert f"skipped {images / 'x.jpg'}: same mask file x.npy.zst as x.png" in err, err
+    assert f"failed {images / 'x.jpg'}: same mask file x.npy.zst as x.png" in err, err
     assert "--allow-bad-images" not in err
     # training cannot do without them (they have no mask): still a failed run with --allow-bad-images
     assert main(["--images", str(images), "--out", str(out), "--scales", "10", "--allow-bad-images"]) == 1

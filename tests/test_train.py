@@ -111,6 +111,10 @@ def test_short_run_loss_falls_and_files_written(tmp_path):
     assert (run / "config.yaml").is_file() and (run / "log.jsonl").is_file()
     assert [p.name for p in ckpt.list_checkpoints(run)] == ["ckpt_00000020.pt", "ckpt_00000030.pt"]
     assert (run / "vis" / "step_00000015.png").is_file() and (run / "vis" / "step_00000030.png").is_file()
+    assert [(r["step"], Path(r["file"]).name) for r in log_records(run, "pictures")] == [
+        (15, "step_00000015.png"), (30, "step_00000030.png")]  # each picture is announced
+    rec = log_records(run)[-1]
+    assert list(rec)[2:5] == ["loss", "mae_loss", "region_loss"]  # (after time and step) the loss terms together
     rec = log_records(run)[-1]
     for key in ("loss", "mae_loss", "region_loss", "lr", "grad_norm", "img_per_s", "step_time", "data_time",
                 "compute_time", "peak_mem_mb", "skipped", "data_errors"):
@@ -827,19 +831,70 @@ def test_skip_warnings_read_as_log_lines(tmp_path, coco_tree):
 
 
 def test_log_lines_are_not_glued_to_the_progress_bar(tmp_path, coco_tree):
-    """With the bar on, console lines go through tqdm.write: each starts a line of its own."""
+    """On a terminal (a pseudo-terminal here, 120 columns), console lines go through tqdm.write: each starts a line
+    of its own above the bar."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
     run = tmp_path / "bar"
     args = [sys.executable, "-m", "rmae.train", *BASE, f"training.save_dir={run}", "training.max_update=2",
             "training.checkpoint_interval=1", "training.progress_bar=true",
             *coco_args(coco_tree, "dataset_config.coco_pretrain.sampler=shard")]
-    proc = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if " INFO " in line]
-    assert any("event=checkpoint step=1" in line for line in lines), proc.stderr
-    assert any("event=shard_cache" in line for line in lines), proc.stderr  # the cache size reaches the console
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the other side closed (EIO)
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    assert proc.wait(timeout=300) == 0
+    err = b"".join(chunks).decode(errors="replace")
+    assert "\r" in err and ("step/s" in err or "s/step" in err), err  # the bar was drawn
+    lines = [line.rsplit("\r", 1)[-1] for line in err.splitlines() if " INFO " in line]  # (after the bar's clearing)
+    assert any("event=checkpoint step=1" in line for line in lines), err
+    assert any("event=shard_cache" in line for line in lines), err  # the cache size reaches the console
     # the metric lines (lr, grad norm, memory: not in the bar's postfix) print above the bar too
-    assert any(re.search(r"step=2 .*lr=.*grad_norm=.*peak_mem_mb=", line) for line in lines), proc.stderr
+    assert any(re.search(r"step=2 .*lr=.*grad_norm=.*peak_mem_mb=", line) for line in lines), err
     assert all(re.match(r"\d\d:\d\d:\d\d INFO ", line) for line in lines), lines
+
+
+def test_progress_in_a_log_file_is_whole_lines(capsys, monkeypatch):
+    """Where stderr is no terminal (CI, a slurm .out file): whole lines with rate and ETA, at most one per
+    interval and one at the end, no carriage-return frames; a terminal that reports no width gets a bar of a
+    fixed width (tqdm drew none)."""
+    from rmae import logging_utils
+
+    progress = logging_utils.progress_bar(10, 2, True, desc="FH masks", unit="img", every=0.0)
+    for _ in range(8):
+        progress.update(1)
+        progress.set_postfix({"loss": "1.5"})
+    progress.close()
+    progress.close()  # (once)
+    err = capsys.readouterr().err
+    assert "\r" not in err and len(err.splitlines()) == 9, err
+    assert re.match(r"FH masks: 3/10 imgs \(30%\), [\d.e+]+ img/s, elapsed 0:00:00, ETA \d+:\d\d:\d\d$",
+                    err.splitlines()[0]), err
+    assert err.splitlines()[-1].startswith("FH masks: 10/10 imgs (100%)") and "ETA" not in err.splitlines()[-1]
+    assert err.splitlines()[-1].endswith("loss=1.5")
+    quiet = logging_utils.progress_bar(10, 0, True, every=60.0)
+    quiet.update(3)
+    assert capsys.readouterr().err == ""  # within the interval: nothing yet
+    quiet.close()
+    assert capsys.readouterr().err.startswith("3/10 steps (30%)")
+    monkeypatch.setattr(logging_utils, "_is_terminal", lambda stream: True)
+    monkeypatch.setattr(logging_utils.shutil, "get_terminal_size", lambda fallback=(0, 0): os.terminal_size((0, 0)))
+    bar = logging_utils.progress_bar(10, 0, True)
+    assert bar.ncols == 100 and not bar.dynamic_ncols
+    bar.close()
 
 
 @pytest.mark.parametrize("workers", [0, 1])
