@@ -582,7 +582,7 @@ def test_verify_runs_in_the_pool_and_counts(coco_tree, capsys):
     capsys.readouterr()
     assert main(args + ["--verify"]) == 1  # the two undecodable files still fail
     out = capsys.readouterr().out
-    assert "7 images: 0 written, 4 already done, 1 regenerated, 2 failed" in out  # the categories add up
+    assert "7 images: 0 written, 4 already done (verified), 1 regenerated, 2 failed" in out  # the categories add up
 
 
 def test_options_that_would_be_ignored_are_refused(tmp_path, capsys):
