@@ -30,6 +30,20 @@ def read_state(path: str, trust: bool) -> dict:
         return torch.load(path, map_location="cpu", weights_only=not trust)
 
 
+def recorded_num_heads(path: str) -> int | None:
+    """The head count an encoder file of ours records as the model's (its safetensors header), else None."""
+    if not path.endswith(".safetensors"):
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        return int(meta["num_heads"]) if meta.get("num_heads_from") == "the model" else None
+    except Exception:  # another producer's header, or none
+        return None
+
+
 def config_num_heads(checkpoint) -> int | None:
     """The encoder's head count from the config a training checkpoint of ours carries (``"config"``), else None."""
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("config"), str):
@@ -87,7 +101,8 @@ def main(argv=None) -> int:
     try:
         checkpoint = read_state(args.checkpoint, args.trust)
         state = export_encoder(checkpoint)
-        meta = save_encoder(state, tmp, num_heads=config_num_heads(checkpoint))
+        heads = config_num_heads(checkpoint)
+        meta = save_encoder(state, tmp, num_heads=heads if heads is not None else recorded_num_heads(args.checkpoint))
         os.replace(tmp, args.out)
     except pickle.UnpicklingError as e:
         if not _looks_like_torch_file(args.checkpoint):  # an image, a text file, ...

@@ -695,6 +695,12 @@ def test_exported_safetensors_say_what_encoder_they_hold(tmp_path, capsys):
         tmp_path / "o.pt")
     assert main([str(tmp_path / "o.pt"), str(tmp_path / "o.safetensors")]) == 0
     assert ", 3 heads)" in capsys.readouterr().out
+    # an exported encoder exported again keeps the head count its header records as the model's (6: not the standard)
+    save_encoder(build_model("rmae_tiny_patch16", "mae", img_size=112, num_heads=6), str(tmp_path / "six.safetensors"))
+    assert main([str(tmp_path / "six.safetensors"), str(tmp_path / "six_again.safetensors")]) == 0
+    assert ", 6 heads)" in capsys.readouterr().out
+    with safe_open(str(tmp_path / "six_again.safetensors"), "pt") as f:
+        assert (f.metadata()["num_heads"], f.metadata()["num_heads_from"]) == ("6", "the model")
     # a non-square grid of positions: no img_size, no timm call
     state = export_encoder(model)
     state["pos_embed"] = torch.zeros(1, 1 + 7 * 8, 192)
