@@ -267,19 +267,52 @@ def save_checkpoint(run_dir: str | os.PathLike, *, model: nn.Module, optimizer: 
     return path
 
 
+# What checkpoints of earlier rmae versions pickled besides tensors: numpy's RNG key array (plain data).
+_NUMPY_ARRAY_GLOBALS = re.compile(r"numpy\.(_?core\.multiarray\._reconstruct|ndarray|dtype|dtypes\.\w+DType)")
+
+
+def _numpy_array_globals(path) -> list | None:
+    """The objects that rebuild numpy arrays, when those are all the file pickles besides tensors, else None."""
+    import importlib
+
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:
+        return None
+    if not names or not all(_NUMPY_ARRAY_GLOBALS.fullmatch(name) for name in names):
+        return None
+    found = []
+    for name in names:
+        module, _, attribute = name.rpartition(".")
+        try:
+            found.append(getattr(importlib.import_module(module), attribute))
+        except (ImportError, AttributeError):
+            return None
+    # the arrays' dtypes are rebuilt from their classes, which the file's globals do not list
+    return found + [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")]
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """The payload of a checkpoint file, tensors memory-mapped (no full copy in RAM). CorruptCheckpoint naming
-    the file when it cannot be read, CheckpointError when it has another format version."""
+    the file when it cannot be read, CheckpointError when it has another format version or pickles objects other
+    than tensors, plain values and (as earlier rmae versions did) numpy arrays."""
     try:  # weights_only: tensors and plain values only, so resuming never runs code a file carries
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
-        if "weights only load failed" in str(e).lower():  # a whole file, with other objects: not ours
-            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found is None:  # damaged bytes inside an intact archive
+            raise CorruptCheckpoint(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from e
+        arrays = _numpy_array_globals(path)
+        if arrays is None:
             raise CheckpointError(
-                f"checkpoint {path} holds objects other than tensors and plain values"
-                + (f" ({found.group(1)})" if found else "") + ", which rmae's checkpoints never do: not loaded, "
-                "so that resuming never runs code a file carries") from e
-        raise CorruptCheckpoint(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from e
+                f"checkpoint {path} holds objects other than tensors, plain values and numpy arrays "
+                f"({found.group(1)}), which rmae's checkpoints never do: not loaded, so that resuming never runs "
+                "code a file carries") from e
+        try:
+            with torch.serialization.safe_globals(arrays):
+                payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as again:
+            raise CorruptCheckpoint(f"checkpoint {path} cannot be read ({type(again).__name__}: {again})") from again
     except Exception as e:  # truncated or damaged zip, ...
         raise CorruptCheckpoint(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from e
     if not isinstance(payload, dict) or "model" not in payload or "step" not in payload:

@@ -70,13 +70,12 @@ def _looks_like_torch_file(path: str) -> bool:
 
 
 def _overwrites_a_checkpoint(checkpoint: str, out: str) -> str | None:
-    """What the output would overwrite that must stay: the checkpoint read, or a run's training checkpoint."""
-    if not os.path.exists(out):
-        return None
-    if os.path.exists(checkpoint) and os.path.samefile(checkpoint, out):
+    """Why the output may not be written there: the checkpoint read, or a training checkpoint's name."""
+    if os.path.exists(out) and os.path.exists(checkpoint) and os.path.samefile(checkpoint, out):
         return "the checkpoint it exports"
-    if is_checkpoint_name(out):
-        return "a training checkpoint (ckpt_<step>.pt: the run's weights and optimizer state, which resuming reads)"
+    if is_checkpoint_name(out):  # also a new one: resuming would take it for the run's newest checkpoint
+        return ("named as a training checkpoint (ckpt_<step>.pt: a run's weights and optimizer state, which resuming "
+                "reads)")
     return None
 
 

@@ -20,6 +20,7 @@ import math
 import os
 import re
 import resource
+import shutil
 import signal
 import sys
 import time
@@ -463,20 +464,19 @@ def rank_start(position: int, world: int) -> int:
     """Each rank's sampler start for a global data position: the samples drawn so far, split over the ranks and
     rounded up. A checkpoint of another batch size and rank count can hold a position that is no multiple of the
     ranks (6 after one update of 6 on one rank, continued on 4 ranks): the fewer than ``world`` draws up to the
-    next multiple are skipped, never a drawn sample (with its augmentation) trained on twice."""
+    next multiple are skipped, never a drawn sample (with its augmentation) trained on twice. The trainer continues
+    from the rounded position (``rank_start * world``), so later checkpoints count the skipped draws as drawn."""
     return -(-position // world)
 
 
 def later_run_files(run_dir: Path, step: int) -> list[Path]:
     """What a history after ``step`` wrote besides its checkpoints and log records: its pictures, and the encoder
-    when that history finished (a ``done`` record or a checkpoint after ``step``: a finish writes both; without
-    them, the encoder is the kept history's)."""
+    when that history finished (its ``done`` record, after ``step``: an interrupted or killed later history wrote
+    checkpoints but no encoder, and the one there is the kept history's)."""
     pictures = [p for p in sorted((run_dir / "vis").glob("step_*.png"))
                 if p.stem[5:].isdigit() and int(p.stem[5:]) > step]
-    steps = [ckpt.step_of(p) for p in ckpt.list_checkpoints(run_dir)] + [s for s, _ in ckpt.corrupt_checkpoints(run_dir)]
-    finished_later = any(s > step for s in steps) or any(
-        r.get("event") == "done" and isinstance(r.get("step"), int) and r["step"] > step
-        for r in ckpt.log_records(run_dir / "log.jsonl"))
+    finished_later = any(r.get("event") == "done" and isinstance(r.get("step"), int) and r["step"] > step
+                         for r in ckpt.log_records(run_dir / "log.jsonl"))
     return pictures + ([run_dir / "encoder.safetensors"] if finished_later else [])
 
 
@@ -698,6 +698,8 @@ def train(cfg, require_resume: bool = False) -> dict:
             logger.warning("%s: the earlier run's files in %s (%s) were moved to %s, so the two runs do not mix",
                            "starting over" if meta is None else f"continuing from {resume_from}", run_dir,
                            ", ".join(sorted(os.listdir(moved))), moved)
+        if moved is not None and kept_step is not None and (run_dir / "config.yaml").is_file():
+            shutil.copy2(run_dir / "config.yaml", moved / "config.yaml")  # the later history's settings (rewritten below)
     rdist.barrier()
     log = RunLogger(run_dir, dinfo.is_main, tr["tensorboard"], tr["tensorboard_logdir"],
                     purge_step=None if meta is None else int(meta["step"]) + 1)
@@ -763,6 +765,7 @@ def train(cfg, require_resume: bool = False) -> dict:
         with warnings.catch_warnings(record=True) as data_warnings:  # a mask folder of other FH parameters, ...
             warnings.simplefilter("always")
             loader = data_loader(cfg, dinfo, b, rank_start(position, world), raw)
+        position = rank_start(position, world) * world  # (the draws skipped stay skipped in later checkpoints)
         for warning in data_warnings if dinfo.is_main else ():
             warn_and_record(log, "data_warning", str(warning.message), message=str(warning.message))
         cache = getattr(loader.dataset, "cache", None)

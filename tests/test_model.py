@@ -750,7 +750,10 @@ def test_export_command_writes_the_encoder_of_a_checkpoint(tmp_path, capsys):
     run_ckpt.write_bytes((tmp_path / "ckpt.pt").read_bytes())
     before = run_ckpt.read_bytes()
     assert main([str(tmp_path / "enc.safetensors"), str(run_ckpt)]) == 2
-    assert "ckpt_00000007.pt is a training checkpoint" in capsys.readouterr().err
+    assert "ckpt_00000007.pt is named as a training checkpoint" in capsys.readouterr().err
+    assert main([str(run_ckpt), str(tmp_path / "ckpt_00000009.pt")]) == 2  # a new file of that name: resuming reads it
+    assert "ckpt_00000009.pt is named as a training checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "ckpt_00000009.pt").exists()
     assert main([str(run_ckpt), str(run_ckpt)]) == 2
     assert "ckpt_00000007.pt is the checkpoint it exports" in capsys.readouterr().err
     assert run_ckpt.read_bytes() == before

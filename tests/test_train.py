@@ -679,17 +679,55 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caps
 
 def test_a_checkpoint_holding_other_objects_is_refused_not_unpickled(tmp_path):
     """Checkpoints are read with weights_only: a file that pickles another object (code that would run on
-    loading) is an error naming it, neither loaded nor renamed as corrupt, and no older checkpoint is taken."""
+    loading) is an error naming it, neither loaded nor renamed as corrupt, and no older checkpoint is taken. The
+    numpy RNG array of earlier versions' checkpoints still loads, and damaged bytes inside an intact archive
+    are a corrupt checkpoint (the next older one is used)."""
+    import argparse
+    import zipfile
+
     import numpy as np
 
     run = tmp_path / "run"
     train(cfg_for(run, "training.max_update=2", "training.checkpoint_interval=1"))
-    two = ckpt.checkpoint_dir(run) / "ckpt_00000002.pt"
+    one, two = (ckpt.checkpoint_dir(run) / f"ckpt_0000000{s}.pt" for s in (1, 2))
     payload = torch.load(two, weights_only=True)
-    torch.save({**payload, "extra": np.zeros(3)}, two)
-    with pytest.raises(ckpt.CheckpointError, match=r"ckpt_00000002.pt holds objects other than tensors .*numpy"):
+    torch.save({**payload, "extra": argparse.Namespace(lr=1)}, two)
+    with pytest.raises(ckpt.CheckpointError, match=r"ckpt_00000002.pt holds objects other than tensors.*Namespace"):
         train(cfg_for(run, "training.max_update=3"))
     assert [p.name for p in ckpt.list_checkpoints(run)] == ["ckpt_00000001.pt", "ckpt_00000002.pt"]
+    # an earlier version's checkpoint: numpy's RNG key array as an array
+    older = {**payload, "rng": [{**r, "numpy": (r["numpy"][0], np.asarray(r["numpy"][1], dtype=np.uint32),
+                                                *r["numpy"][2:])} for r in payload["rng"]]}
+    torch.save(older, two)
+    assert isinstance(ckpt.read_checkpoint(two)["step"], int)
+    # damaged bytes in the pickle of the newest: reported, renamed .corrupt, the run continues from step 1
+    with zipfile.ZipFile(two) as z:
+        entries = {name: z.read(name) for name in z.namelist()}
+    pickled = next(name for name in entries if name.endswith("data.pkl"))
+    entries[pickled] = entries[pickled][:5] + bytes(50) + entries[pickled][55:]
+    with zipfile.ZipFile(two, "w", zipfile.ZIP_STORED) as z:
+        for name, data in entries.items():
+            z.writestr(name, data)
+    train(cfg_for(run, "training.max_update=3"))
+    assert log_records(run, "resume")[-1]["step"] == 1
+
+
+def test_an_unfinished_later_history_leaves_the_encoder(tmp_path):
+    """A finished run (encoder of step 4) extended and killed after a later checkpoint (no finish: no new encoder):
+    continuing from step 4 moves the later checkpoint, records and pictures, keeps the encoder (the kept
+    history's) and copies config.yaml with the later history."""
+    run = tmp_path / "run"
+    train(cfg_for(run, "training.max_update=4", "training.checkpoint_interval=2", "training.num_checkpoint=5"))
+    encoder = (run / "encoder.safetensors").read_bytes()
+    train(cfg_for(run, "training.max_update=6", "training.checkpoint_interval=2", "training.num_checkpoint=5"))
+    (run / "encoder.safetensors").write_bytes(encoder)  # ... as if killed after checkpoint 6, before finishing
+    records = (run / "log.jsonl").read_text().splitlines(keepends=True)
+    (run / "log.jsonl").write_text("".join(r for r in records if not ('"event": "done"' in r and '"step": 6' in r)))
+    four = ckpt.checkpoint_dir(run) / "ckpt_00000004.pt"
+    train(cfg_for(run, "training.max_update=5", f"training.resume_file={four}"))
+    (old,) = (run / "previous").iterdir()
+    assert sorted(os.listdir(old)) == ["checkpoints", "config.yaml", "log.after_step_4.jsonl", "vis"]
+    assert (run / "encoder.safetensors").is_file()
 
 
 def test_fallback_resume_sets_the_later_history_aside(tmp_path, capsys):
@@ -719,7 +757,7 @@ def test_fallback_resume_sets_the_later_history_aside(tmp_path, capsys):
         assert [p.name for p in ckpt.list_checkpoints(run)] == ["ckpt_00000004.pt", "ckpt_00000005.pt"]
         assert f"held after step 4 (checkpoints, encoder.safetensors, log.after_step_4.jsonl, vis) was moved to {old}" \
             in capsys.readouterr().err
-    assert moved["fallback"] == moved["resume_file"] == ["checkpoints", "encoder.safetensors",
+    assert moved["fallback"] == moved["resume_file"] == ["checkpoints", "config.yaml", "encoder.safetensors",
                                                          "log.after_step_4.jsonl", "vis"]
 
 
