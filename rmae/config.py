@@ -14,6 +14,7 @@ rescales the learning rate of the shipped recipes (the demo, ``default.yaml``, f
 """
 from __future__ import annotations
 
+import contextvars
 import difflib
 import math
 import os
@@ -499,7 +500,14 @@ def load_config(config: str | os.PathLike | None = None, overrides: Iterable[str
     cfg = OmegaConf.create(defaults())
     path = find_config(config if config is not None else DEFAULT_CONFIG)
     cfg = _merge(cfg, _load_file(path), where=str(path))
-    cfg = _merge(cfg, parse_overrides(overrides), where="the command-line overrides")
+    overrides = list(overrides)
+    given = {o.split("=", 1)[0].lstrip("+"): o.split("=", 1)[1] for o in overrides if "=" in o}
+    token = _PREFERRED.set((model or given.get("model") or cfg.get("model"),
+                            dataset or given.get("dataset") or cfg.get("dataset")))
+    try:
+        cfg = _merge(cfg, parse_overrides(overrides), where="the command-line overrides")
+    finally:
+        _PREFERRED.reset(token)
     cfg.config = str(path)
     for key, value in (("model", model), ("task", task), ("dataset", dataset)):
         if value is not None:
@@ -695,6 +703,11 @@ def _get(tree, dotted):
     return tree
 
 
+# The model and dataset of the config being loaded: suggestions for a key without its section name theirs
+_PREFERRED: contextvars.ContextVar[tuple[str | None, str | None]] = contextvars.ContextVar("_PREFERRED",
+                                                                                         default=(None, None))
+
+
 def _suggest(key: str) -> str:
     """Up to three keys the user may have meant: the same name in another section (training.lr:
     optimizer.params.lr), then keys that read alike, then names of the same words in another order (region_num:
@@ -714,13 +727,18 @@ def _suggest(key: str) -> str:
     if section and not any(k.startswith(section.group(0)) for k in valid):
         section = None  # (a misspelt model or dataset: every section's keys may be meant)
     out, seen = [], set()
-    def likeness(k):
-        return -difflib.SequenceMatcher(None, key, k).ratio()
+    model, dataset = _PREFERRED.get()
+    ours = tuple(f"{prefix}." for prefix in (f"model_config.{model}", f"dataset_config.{dataset}_pretrain"))
+
+    def likeness(k):  # the run's own sections first, then by likeness
+        return (not k.startswith(ours), -difflib.SequenceMatcher(None, key, k).ratio())
 
     for k in sorted(same_leaf, key=likeness) + sorted(reordered, key=likeness) + alike + alike_leaf:
         repeated = re.match(r"(model_config\.\w+|dataset_config\.\w+)(\.|$)", k)
         if repeated and section and repeated.group(1) != section.group(1):
             continue  # another model's / dataset's section or copy of a key
+        if repeated and not section and model and dataset and not (k + ".").startswith(ours):
+            continue  # (a key without its section: the run's model's and dataset's sections only)
         generic = re.sub(r"^(model_config|dataset_config)\.\w+\.", r"\1.*.", k)
         if k in out or (repeated and not section and generic in seen):
             continue

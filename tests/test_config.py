@@ -97,6 +97,16 @@ def test_imagenet_is_imnet_everywhere():
     assert load_config(None, dataset="imagenet").dataset == "imnet"
 
 
+def test_a_key_without_its_section_is_suggested_in_the_runs_model_and_dataset():
+    for args, expected in ((dict(), "did you mean model_config.rmae.mask_ratio or"),
+                           (dict(model="mae"), "did you mean model_config.mae.mask_ratio or")):
+        with pytest.raises(ConfigError) as e:
+            load_config(None, ["mask_ratio=0.5"], **args)
+        assert expected in str(e.value) and "model_config.rae" not in str(e.value)
+    with pytest.raises(ConfigError, match="did you mean dataset_config.coco_pretrain.sampler"):
+        load_config(None, ["dataset=coco", "sampler=shard"])
+
+
 def test_a_config_file_given_as_an_override_is_pointed_to_config(tmp_path):
     (tmp_path / "mine.yaml").write_text("training:\n  max_update: 3\n")
     with pytest.raises(ConfigError, match=f"to read a config file, give it with --config {tmp_path / 'mine.yaml'}"):
