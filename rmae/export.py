@@ -7,6 +7,11 @@ written (nothing partial is left behind).
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # python -m rmae.export: a Ctrl-C while the libraries load exits quietly (rmae.cli)
+    from rmae.cli import quiet_ctrl_c_while_loading
+
+    quiet_ctrl_c_while_loading()
+
 import argparse
 import os
 import pickle
@@ -138,4 +143,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from rmae.cli import ctrl_c_as_usual
+
+    ctrl_c_as_usual()
     raise SystemExit(main())

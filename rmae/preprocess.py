@@ -16,6 +16,11 @@ existing masks and regenerates the bad ones.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # python -m rmae.preprocess: a Ctrl-C while the libraries load exits quietly (rmae.cli)
+    from rmae.cli import quiet_ctrl_c_while_loading
+
+    quiet_ctrl_c_while_loading()
+
 import argparse
 import contextlib
 import json
@@ -548,4 +553,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from rmae.cli import ctrl_c_as_usual
+
+    ctrl_c_as_usual()
     sys.exit(main())

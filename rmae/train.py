@@ -14,6 +14,11 @@ bfloat16 / float16 use FSDP2's low-precision weight copies where one rank keeps 
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # python -m rmae.train: a Ctrl-C while the libraries load exits quietly (rmae.cli)
+    from rmae.cli import quiet_ctrl_c_while_loading
+
+    quiet_ctrl_c_while_loading()
+
 import argparse
 import contextlib
 import math
@@ -1170,4 +1175,7 @@ def _main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from rmae.cli import ctrl_c_as_usual
+
+    ctrl_c_as_usual()
     sys.exit(main())

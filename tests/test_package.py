@@ -27,3 +27,43 @@ def test_source_distribution_holds_every_csrc_file(tmp_path):
     needed = {f"csrc/{p.name}" for p in (ROOT / "csrc").iterdir() if p.suffix in (".cpp", ".hpp", ".h")}
     assert needed <= shipped, f"missing from the sdist: {sorted(needed - shipped)}"
     assert "rmae/configs/default.yaml" in shipped
+
+
+def test_entry_points_are_the_quiet_loaders():
+    """pyproject's console scripts start through rmae.cli, which makes a Ctrl-C while torch loads quiet."""
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"rmae-train": "rmae.cli:train", "rmae-preprocess": "rmae.cli:preprocess",
+                       "rmae-export": "rmae.cli:export"}
+
+
+def test_ctrl_c_while_a_command_loads_is_one_line_and_status_130():
+    """Importing torch takes seconds; a Ctrl-C then printed a traceback from inside it. Through ``python -m`` and
+    through the console scripts' rmae.cli, it is one line and exit status 130; main() gets Python's usual
+    KeyboardInterrupt back (its own handling)."""
+    import signal
+    import time
+
+    from rmae import cli
+
+    for args in (["-m", "rmae.train", "--print-config"], ["-m", "rmae.export", "--help"],
+                 ["-c", "import sys; from rmae.cli import train; sys.exit(train())", "--print-config"]):
+        process = subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                   text=True)
+        time.sleep(0.5)  # python has started (tens of ms), torch is still loading (seconds)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+        assert process.returncode == 130 and err.strip() == cli.LOADING_INTERRUPTED.strip(), (args, err)
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        cli.quiet_ctrl_c_while_loading()
+        assert signal.getsignal(signal.SIGINT) is cli._exit_quietly
+        cli.ctrl_c_as_usual()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # ignored (a background job): left ignored
+        cli.quiet_ctrl_c_while_loading()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
