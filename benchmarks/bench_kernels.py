@@ -401,21 +401,26 @@ def main(argv=None):
     elif not cuda:
         print("note: no GPU — Triton runs only through its CPU interpreter; timing the reference only.")
 
-    rows, md = [], markdown(info, [], args)
+    rows, failures, md = [], [], markdown(info, [], args)
     for name in [s for s in args.kernels.split(",") if s]:
         g = torch.Generator().manual_seed(0)
         c = CASES[name](args.batch, args.k, dt, device, g)
         print(f"{c['name']}: {c['shape']}", flush=True)
-        rows += run_case(c, variants, device, args.warmup, args.reps)
+        try:
+            rows += run_case(c, variants, device, args.warmup, args.reps)
+        except Exception as e:  # one kernel's failure (a compile error on the card, say) is recorded; the rest run
+            failures.append(f"{name}: {type(e).__name__}: {e}")
+            print(f"  FAILED: {failures[-1]}", flush=True)
         del c
         if cuda:
             torch.cuda.empty_cache()
         # written after every kernel: a run stopped by a time limit keeps the rows it has
-        md = markdown(info, rows, args) + numerics_summary(rows, args.dtype)
-        write_report(Path(args.out) / "kernels", dict(machine=info, args=vars(args), rows=rows), md)
+        md = markdown(info, rows, args) + numerics_summary(rows, args.dtype) + "".join(
+            f"\nFAILED {f}\n" for f in failures)
+        write_report(Path(args.out) / "kernels", dict(machine=info, args=vars(args), rows=rows, failures=failures), md)
     print()
     print(md)
-    return 1 if "OUTSIDE tolerance" in md else 0
+    return 1 if "OUTSIDE tolerance" in md or failures else 0
 
 
 # Max |triton - reference| / max|reference| over outputs and input gradients that we accept at benchmark

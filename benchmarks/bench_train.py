@@ -177,13 +177,26 @@ def main(argv=None):
     peak = peak_bf16_matmul(device) if device.type == "cuda" else None
     spec = spec_peak_bf16(device) if device.type == "cuda" else None
     machine = f"{describe_machine()}, {torch.get_num_threads()} torch threads"
-    rows, bases = [], {}  # bases: the first row of each model
+    rows, bases, failures = [], {}, []  # bases: the first row of each model
     # in the order of --compile (compiled,eager: the rows of the goals first, for a run under a time limit)
     for compiled in [c == "compiled" for c in args.compile.split(",")]:
         for variant in args.models.split(","):
             for dtype in args.dtypes.split(","):
-                row = bench_one(variant, args.arch, args.img_size, args.batch, device, dtype, compiled,
-                                args.steps, args.warmup, args.kernel_impl)
+                try:
+                    row = bench_one(variant, args.arch, args.img_size, args.batch, device, dtype, compiled,
+                                    args.steps, args.warmup, args.kernel_impl)
+                except Exception as e:  # (torch.compile of a path on the card, say): recorded, the others run
+                    failures.append(f"{variant} {'compiled' if compiled else 'eager'} {dtype}: "
+                                    f"{type(e).__name__}: {e}")
+                    print(f"FAILED {failures[-1]}", file=sys.stderr, flush=True)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    result = {"machine": machine, "torch": torch.__version__,
+                              "peak_bf16_tflops": peak / 1e12 if peak else None,
+                              "spec_peak_bf16_tflops": spec / 1e12 if spec else None, "rows": rows,
+                              "failures": failures}
+                    write_report(args.out, result, markdown(result))
+                    continue
                 if peak:
                     row["of_measured_peak"] = row["tflops_per_s"] * 1e12 / peak
                 if spec:
@@ -200,12 +213,17 @@ def main(argv=None):
                 # written after every row: a run stopped by a time limit keeps the rows it has
                 result = {"machine": machine, "torch": torch.__version__,
                           "peak_bf16_tflops": peak / 1e12 if peak else None,
-                          "spec_peak_bf16_tflops": spec / 1e12 if spec else None, "rows": rows}
+                          "spec_peak_bf16_tflops": spec / 1e12 if spec else None, "rows": rows,
+                          "failures": failures}
                 write_report(args.out, result, markdown(result))
     print(markdown(result))
+    return 1 if failures else 0
 
 
 def markdown(result) -> str:
+    failed = "".join(f"\nFAILED {f}" for f in result.get("failures", []))
+    if not result["rows"]:
+        return f"Machine: {result['machine']}. No row ran.{failed}"
     has_mfu = any("mfu" in r for r in result["rows"])
     has_measured = any("of_measured_peak" in r for r in result["rows"])
     r0 = result["rows"][0]
@@ -228,8 +246,8 @@ def markdown(result) -> str:
         if has_measured:
             line += f" {100 * r['of_measured_peak']:.1f}% |"
         lines.append(line)
-    return "\n".join(lines)
+    return "\n".join(lines) + failed
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

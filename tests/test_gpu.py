@@ -7,8 +7,11 @@ round to nearest). Run it on a GPU machine with the interpreter off:
     TRITON_INTERPRET=0 python -m pytest -q tests/test_gpu.py
 
 ViT-B shapes (N = 196 patches, L = 49 visible, k = 8 regions), batch 4, fresh random inputs; forward outputs and
-the gradients of every differentiable input. Tolerance, relative to the reference's largest magnitude: 1e-4 in
-float32 (long reductions and tf32x3 dots round differently from PyTorch's), 2e-2 in bfloat16.
+the gradients of every differentiable input, the kernels' output buffers poisoned with NaN (an element a kernel
+does not write fails). Tolerance, relative to the reference's largest magnitude (however small: the BCE
+gradients are ~1e-6): 1e-4 in float32 (long reductions and tf32x3 dots round differently from PyTorch's), 2e-2
+in bfloat16. The references run in true float32: TF32 is off for cuDNN's convolutions and cuBLAS's matmuls
+(cuDNN's default TF32 alone puts the region-token weight gradient 2e-4 off).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import pytest
 import torch
 
 from rmae import kernels
+from rmae.kernels._dispatch import poison_outputs
 
 _UNAVAILABLE = not torch.cuda.is_available() or kernels.interpreting() or not kernels.HAS_TRITON
 if _UNAVAILABLE and os.environ.get("RMAE_REQUIRE_GPU") == "1":  # benchmarks/gpu_check.sh: a skip is a failure there
@@ -26,6 +30,15 @@ pytestmark = pytest.mark.skipif(_UNAVAILABLE, reason="needs a CUDA GPU, Triton, 
 
 B, N, L, K, P = 4, 196, 49, 8, 16
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def true_float32_references():
+    """The PyTorch references in float32 without TF32 (PyTorch lets cuDNN's convolutions use it by default)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _randn(*shape, dtype=torch.float32, grad=False):
@@ -83,9 +96,15 @@ def _outputs(out):
 def _assert_close(got, expected, dtype, what):
     assert got.shape == expected.shape and got.dtype == expected.dtype, (what, got.shape, expected.shape)
     assert torch.isfinite(got).all(), f"{what}: non-finite values"
-    scale = max(1.0, expected.detach().float().abs().max().item())
+    scale = max(expected.detach().float().abs().max().item(), torch.finfo(torch.float32).tiny)
     error = (got.detach().float() - expected.detach().float()).abs().max().item() / scale
-    assert error <= TOL[dtype], f"{what}: max error {error:.2e} of the reference's largest magnitude"
+    assert error <= TOL[dtype], f"{what}: max error {error:.2e} of the reference's largest magnitude {scale:.2e}"
+
+
+def _assert_close_in_norm(got, expected, tolerance, what):
+    """‖got − expected‖ / ‖expected‖: for a whole model's gradients, where rounding differences spread."""
+    error = (got.detach().float() - expected.detach().float()).norm() / expected.detach().float().norm()
+    assert torch.isfinite(got).all() and error <= tolerance, f"{what}: relative error {error:.2e} in norm"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -94,11 +113,14 @@ def _assert_close(got, expected, dtype, what):
 def test_compiled_kernel_matches_reference_forward_and_backward(name, dtype):
     torch.manual_seed(0)
     call, inputs = _case(name, dtype)
-    reference, triton = _outputs(call("reference")), _outputs(call("triton"))
+    reference = _outputs(call("reference"))
+    with poison_outputs():
+        triton = _outputs(call("triton"))
     upstream = [torch.randn_like(o) if o.dim() else torch.ones_like(o) for o in reference]
     for n, (a, b) in enumerate(zip(triton, reference)):
         _assert_close(a, b, dtype, f"{name} output {n}")
-    grads_triton = torch.autograd.grad(triton, inputs, upstream)
+    with poison_outputs():
+        grads_triton = torch.autograd.grad(triton, inputs, upstream)
     grads_reference = torch.autograd.grad(reference, inputs, upstream)
     for n, (a, b) in enumerate(zip(grads_triton, grads_reference)):
         _assert_close(a, b, dtype, f"{name} gradient {n}")
@@ -125,6 +147,6 @@ def test_model_on_the_gpu_kernels_matches_the_reference_path(amp):
         out.loss.backward()
         results[impl] = (out.loss.detach(), model.region_patch_embed.proj.weight.grad,
                          model.blocks[0].attn.qkv.weight.grad)
-    dtype = amp or torch.float32
+    tolerance = 3e-2 if amp is not None else 1e-4  # bf16: both paths round, differently, through the network
     for n, (a, b) in enumerate(zip(results["triton"], results["reference"])):
-        _assert_close(a, b, dtype, f"loss and gradients, item {n}")
+        _assert_close_in_norm(a, b, tolerance, f"loss and gradients, item {n}")
