@@ -111,7 +111,11 @@ def kernel_ms(fn, device, reps: int = 20) -> float | None:
             for _ in range(reps):
                 fn()
             torch.cuda.synchronize(device)
-        total_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in prof.key_averages())
+        events = prof.key_averages()
+        # the kernels' own entries (a CPU op's entry would count its kernels' time a second time), where the
+        # profiler labels them
+        kernels_only = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")]
+        total_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in kernels_only or events)
     except Exception as error:  # a profiler that does not run here: the wall-clock columns stay
         print(f"  (no kernel times: {type(error).__name__}: {error})", flush=True)
         return None

@@ -78,8 +78,8 @@ def synthetic_batch(model, batch: int, device, scales: int = 3, seed: int = 0):
 
 
 # dense bf16 tensor-core peak, FLOP/s, by a substring of torch.cuda.get_device_name() (first match wins)
-SPEC_PEAK_BF16 = [("GH200", 989.4e12), ("H200", 989.4e12), ("H100 PCIe", 756.0e12), ("H100 NVL", 835.0e12),
-                  ("H100", 989.4e12), ("A100", 312.0e12)]
+SPEC_PEAK_BF16 = [("GH200", 989.4e12), ("H200 NVL", 835.0e12), ("H200", 989.4e12), ("H100 PCIe", 756.0e12),
+                  ("H100 NVL", 835.0e12), ("H100", 989.4e12), ("A100", 312.0e12)]
 
 
 def spec_peak_bf16(device) -> float | None:
