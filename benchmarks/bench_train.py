@@ -221,19 +221,22 @@ def main(argv=None):
 
 
 def markdown(result) -> str:
-    failed = "".join(f"\nFAILED {f}" for f in result.get("failures", []))
+    failed = "".join(f"\n\nFAILED {f}" for f in result.get("failures", []))  # (after a blank line: the table ends)
     if not result["rows"]:
         return f"Machine: {result['machine']}. No row ran.{failed}"
     has_mfu = any("mfu" in r for r in result["rows"])
     has_measured = any("of_measured_peak" in r for r in result["rows"])
     r0 = result["rows"][0]
+    # each model's first row that ran (the same for all unless a row failed)
+    baselines = {r["baseline"] for r in result["rows"]}
+    baseline = r0["baseline"] if len(baselines) == 1 else "the model's first row"
     torch_note = "" if f"torch {result['torch']}" in result["machine"] else f", torch {result['torch']}"
     lines = [f"Machine: {result['machine']}{torch_note}"
              + (f", bf16 spec peak {result['spec_peak_bf16_tflops']:.0f} TFLOP/s" if has_mfu else "")
              + (f", measured bf16 matmul peak {result['peak_bf16_tflops']:.0f} TFLOP/s" if has_measured else "")
              + f". {r0['arch']}, {r0['img_size']} px, batch {r0['batch']}, k=8 regions for R-MAE; "
              "forward+backward+AdamW, median step; step vs MAE's: the same compile and dtype (goal <= 1.08x).", "",
-             f"| model | compile | dtype | step (ms) | img/s | vs {r0['baseline']} | step vs MAE's | model TFLOP/s |"
+             f"| model | compile | dtype | step (ms) | img/s | vs {baseline} | step vs MAE's | model TFLOP/s |"
              + (" MFU (spec) |" if has_mfu else "") + (" of measured peak |" if has_measured else ""),
              "|---|---|---|---:|---:|---:|---:|---:|" + ("---:|" if has_mfu else "")
              + ("---:|" if has_measured else "")]

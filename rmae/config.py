@@ -501,9 +501,11 @@ def load_config(config: str | os.PathLike | None = None, overrides: Iterable[str
     path = find_config(config if config is not None else DEFAULT_CONFIG)
     cfg = _merge(cfg, _load_file(path), where=str(path))
     overrides = list(overrides)
-    given = {o.split("=", 1)[0].lstrip("+"): o.split("=", 1)[1] for o in overrides if "=" in o}
-    token = _PREFERRED.set((model or given.get("model") or cfg.get("model"),
-                            dataset or given.get("dataset") or cfg.get("dataset")))
+    given = {o.split("=", 1)[0].lstrip("+"): o.split("=", 1)[1].strip().strip("'\"") for o in overrides if "=" in o}
+    chosen_model = model or given.get("model") or cfg.get("model")
+    chosen_dataset = {"imagenet": "imnet"}.get(d := dataset or given.get("dataset") or cfg.get("dataset"), d)
+    token = _PREFERRED.set((chosen_model if chosen_model in MODELS else None,  # (a typo: no preference)
+                            chosen_dataset if chosen_dataset in DATASETS else None))
     try:
         cfg = _merge(cfg, parse_overrides(overrides), where="the command-line overrides")
     finally:

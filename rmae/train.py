@@ -14,7 +14,9 @@ bfloat16 / float16 use FSDP2's low-precision weight copies where one rank keeps 
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # python -m rmae.train: a Ctrl-C while the libraries load exits quietly (rmae.cli)
+# python -m rmae.train, and the ranks it spawns (which load this module as __mp_main__): a Ctrl-C while the
+# libraries load exits quietly (rmae.cli)
+if __name__ in ("__main__", "__mp_main__"):
     from rmae.cli import quiet_ctrl_c_while_loading
 
     quiet_ctrl_c_while_loading()
@@ -1069,12 +1071,15 @@ USER_ERRORS = (ConfigError, FileNotFoundError, ckpt.CheckpointError, DataError, 
 
 
 STOPPED_AT_ONCE = ("\ninterrupted without a checkpoint of the current update; run the same command again to continue "
-                   "from the last one")  # a second Ctrl-C, on one process or the spawned ranks
+                   "from the last checkpoint, if the run has one")  # a second Ctrl-C (or one while the run sets up)
 
 
 def _spawned(local_rank: int, world_size: int, port: int, cfg_yaml: str, require_resume: bool) -> None:
     from omegaconf import OmegaConf
 
+    from rmae.cli import ctrl_c_as_usual
+
+    ctrl_c_as_usual()  # (the rank has loaded this module: see the top)
     rdist.spawn_env(local_rank, world_size, port)
     try:
         train(OmegaConf.create(cfg_yaml), require_resume=require_resume)

@@ -105,6 +105,10 @@ def test_a_key_without_its_section_is_suggested_in_the_runs_model_and_dataset():
         assert expected in str(e.value) and "model_config.rae" not in str(e.value)
     with pytest.raises(ConfigError, match="did you mean dataset_config.coco_pretrain.sampler"):
         load_config(None, ["dataset=coco", "sampler=shard"])
+    with pytest.raises(ConfigError, match="did you mean dataset_config.imnet_pretrain.sampler"):  # (the alias)
+        load_config(None, ["dataset=imagenet", "sampler=shard"])
+    with pytest.raises(ConfigError, match="did you mean model_config.mae.mask_ratio or"):  # (quoted, as YAML reads it)
+        load_config(None, ["model='mae'", "mask_ratio=0.5"])
 
 
 def test_a_config_file_given_as_an_override_is_pointed_to_config(tmp_path):
