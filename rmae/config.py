@@ -26,6 +26,8 @@ from typing import Any, Iterable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from rmae.recipes import dataset_name
+
 CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = "default.yaml"  # the small demo run of ``python -m rmae.train`` without arguments
 MODELS = ("mae", "rae", "rmae")
@@ -503,7 +505,7 @@ def load_config(config: str | os.PathLike | None = None, overrides: Iterable[str
     overrides = list(overrides)
     given = {o.split("=", 1)[0].lstrip("+"): o.split("=", 1)[1].strip().strip("'\"") for o in overrides if "=" in o}
     chosen_model = model or given.get("model") or cfg.get("model")
-    chosen_dataset = {"imagenet": "imnet"}.get(d := dataset or given.get("dataset") or cfg.get("dataset"), d)
+    chosen_dataset = dataset_name(dataset or given.get("dataset") or cfg.get("dataset"))
     token = _PREFERRED.set((chosen_model if chosen_model in MODELS else None,  # (a typo: no preference)
                             chosen_dataset if chosen_dataset in DATASETS else None))
     try:
@@ -514,8 +516,8 @@ def load_config(config: str | os.PathLike | None = None, overrides: Iterable[str
     for key, value in (("model", model), ("task", task), ("dataset", dataset)):
         if value is not None:
             cfg[key] = value
-    if cfg.get("dataset") == "imagenet":  # the data API's other name, in a file or an override as with --dataset
-        cfg.dataset = "imnet"
+    if dataset_name(cfg.get("dataset")) != cfg.get("dataset"):  # imagenet in a file or an override, as --dataset
+        cfg.dataset = dataset_name(cfg.dataset)
     return validate(cfg)
 
 

@@ -60,6 +60,15 @@ def mask_path(mask_dir: str | os.PathLike, relative_image_path: str | os.PathLik
     return Path(mask_dir) / Path(relative_image_path).with_suffix(MASK_SUFFIX)
 
 
+def shared_mask_names(relative_image_paths) -> dict[Path, list]:
+    """The mask file names (``mask_path("", relative)``) that several of the given image paths map to, each with
+    those paths in their order (``x.jpg`` and ``x.png``: ``x.npy.zst``): no mask can tell such images apart."""
+    by_mask: dict[Path, list] = {}
+    for relative in relative_image_paths:
+        by_mask.setdefault(mask_path("", relative), []).append(relative)
+    return {mask: group for mask, group in by_mask.items() if len(group) > 1}
+
+
 def find_mask(mask_dir: str | os.PathLike, relative_image_path: str | os.PathLike) -> Path | None:
     """Our mask file if present, else the original's ``.npy``, else None."""
     ours = mask_path(mask_dir, relative_image_path)

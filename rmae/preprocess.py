@@ -41,8 +41,8 @@ from rmae.cores import command_name, usable_cores
 from rmae.image_io import IMAGE_SUFFIXES, ImageDecodeError, is_wide, load_rgb
 from rmae.logging_utils import progress_bar
 from rmae.masks import (DECODE_VERSION, MASK_SUFFIX, PARAMS_FILE, REDO_KEY, MaskError, load_labels,
-                        mask_path, recorded_recipe, save_labels)
-from rmae.recipes import COCO_FH, IMAGENET_FH, FHRecipe, dataset_root, folder_command, recipe_folder
+                        mask_path, recorded_recipe, save_labels, shared_mask_names)
+from rmae.recipes import COCO_FH, IMAGENET_FH, FHRecipe, dataset_name, dataset_root, folder_command, recipe_folder
 
 try:
     import fcntl
@@ -100,13 +100,8 @@ def list_images(folder: Path) -> list[Path]:
 
 def _mask_collisions(relative_paths: list[Path]) -> list[tuple[Path, str]]:
     """Images that share their mask file with another image (x.jpg and x.png both map to x.npy.zst), with why."""
-    by_mask: dict[Path, list[Path]] = {}
-    for relative in relative_paths:
-        by_mask.setdefault(mask_path("", relative), []).append(relative)
     collisions = []
-    for mask, group in by_mask.items():
-        if len(group) < 2:
-            continue
+    for mask, group in shared_mask_names(relative_paths).items():
         for relative in group:
             others = ", ".join(str(other) for other in group if other != relative)
             collisions.append((relative, f"same mask file {mask} as {others}: rename one of the images"))
@@ -467,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     source = parser.add_argument_group("what to segment (a dataset split, or any folder)")
     source.add_argument("--dataset", choices=sorted(RECIPES) + ["imagenet"],
-                        type=lambda name: "imnet" if name == "imagenet" else name,  # the data API's other name
+                        type=dataset_name,
                         help="dataset under $E2E_DATASETS / --root (imagenet: the same as imnet)")
     source.add_argument("--split", help="coco: train2017, val2017, unlabeled2017; imnet: train, val")
     source.add_argument("--root", type=Path, help="datasets root (default: $E2E_DATASETS or .data)")

@@ -6,7 +6,13 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["FHRecipe", "COCO_FH", "IMAGENET_FH", "dataset_root", "folder_command", "recipe_folder"]
+__all__ = ["FHRecipe", "COCO_FH", "IMAGENET_FH", "dataset_name", "dataset_root", "folder_command", "recipe_folder"]
+
+
+def dataset_name(name):
+    """The commands' and configs' name of a dataset: ``imagenet`` (the data API's name) is ``imnet``; any other
+    value as it is."""
+    return "imnet" if name == "imagenet" else name
 
 
 def dataset_root(root: str | os.PathLike | None = None) -> Path:

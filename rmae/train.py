@@ -44,6 +44,7 @@ from rmae.cores import command_name
 from rmae.config import (DATASETS, MODELS, TASKS, ConfigError, arch_defaults_comment, config_identity, dataset_section,
                          legacy_keys_set, load_config, model_section, schedule_warnings, to_yaml)
 from rmae.logging_utils import RunLogger, logger, progress_bar, setup_console
+from rmae.recipes import dataset_name
 
 AMP_DTYPES = {"none": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -459,9 +460,9 @@ def check_launch(cfg, world: int) -> None:
     if world > 1 and cfg["distributed"]["backend"] == "nccl" and not cuda:
         errors.append(f"distributed.backend=nccl needs CUDA devices; these {world} ranks run on the CPU: use gloo "
                       "(or leave it null: nccl on GPUs, gloo on the CPU)")
-    impl_key = f"model_config.{cfg['model']}.mae_vit.params.kernel_impl"
-    if model_section(cfg)["mae_vit"]["params"].get("kernel_impl") == "triton" and not cuda and not kernels.interpreting():
-        errors.append(f"{impl_key}=triton needs a CUDA device (on the CPU only Triton's interpreter runs its kernels, "
+    impl = model_section(cfg)["mae_vit"]["params"].get("kernel_impl")
+    if impl == "triton" and not cuda and not kernels.interpreting():
+        errors.append(f"model_config.{cfg['model']}.mae_vit.params.kernel_impl=triton needs a CUDA device (on the CPU only Triton's interpreter runs its kernels, "
                       "with TRITON_INTERPRET=1, for tests): use auto (Triton on GPUs, PyTorch elsewhere) or reference")
     if errors:
         raise ConfigError("\n".join(errors))
@@ -645,8 +646,7 @@ def train(cfg, require_resume: bool = False) -> dict:
     run_dir = run_dir_of(cfg)
     world, rank = dinfo.world_size, dinfo.rank
     G, A = tr["batch_size"], tr["iter_per_update"]
-    if G % (A * world):
-        raise ConfigError(f"training.batch_size ({G}) must be divisible by iter_per_update x ranks ({A} x {world})")
+    check_launch(cfg, world)  # (also here: train() is called without main(), by the spawned ranks and by tests)
     b = G // (A * world)  # per-rank micro-batch
     amp_dtype = AMP_DTYPES[tr["use_fp16"]]
     use_compile = tr["use_compile"] if tr["use_compile"] is not None else device.type == "cuda"
@@ -706,7 +706,8 @@ def train(cfg, require_resume: bool = False) -> dict:
                            "starting over" if meta is None else f"continuing from {resume_from}", run_dir,
                            ", ".join(sorted(os.listdir(moved))), moved)
         if moved is not None and kept_step is not None and (run_dir / "config.yaml").is_file():
-            shutil.copy2(run_dir / "config.yaml", moved / "config.yaml")  # the later history's settings (rewritten below)
+            # the later history's settings (config.yaml is rewritten below)
+            shutil.copy2(run_dir / "config.yaml", moved / "config.yaml")
     rdist.barrier()
     log = RunLogger(run_dir, dinfo.is_main, tr["tensorboard"], tr["tensorboard_logdir"],
                     purge_step=None if meta is None else int(meta["step"]) + 1)
@@ -1057,7 +1058,7 @@ def parse_args(argv=None):
     p.add_argument("--model", choices=MODELS, default=None)
     p.add_argument("--task", choices=TASKS, default=None)
     p.add_argument("--dataset", choices=DATASETS, default=None, help="imagenet: the same as imnet",
-                   type=lambda name: "imnet" if name == "imagenet" else name)  # the data API's other name
+                   type=dataset_name)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the run folder "
                    "(an error when there is none); a run folder with checkpoints is continued anyway unless "
                    "training.resume=false")

@@ -31,7 +31,7 @@ from torch.utils.data import Dataset, get_worker_info
 from rmae import listing
 from rmae.fh import felzenszwalb_batch, felzenszwalb_multi
 from rmae.masks import (DECODE_VERSION, MASK_SUFFIX, ORIGINAL_SUFFIX, PARAMS_FILE, REDO_KEY, MaskError, find_mask,
-                        folder_params, mask_path, recorded_recipe)
+                        folder_params, mask_path, recorded_recipe, shared_mask_names)
 from rmae.recipes import recipe_folder
 
 from .cache import ShardCache
@@ -165,13 +165,11 @@ class RegionDataset(Dataset):
         for i, key in enumerate(keys):
             groups.setdefault(key, []).append(i)
         shared = []
-        for group in (g for g in groups.values() if len(g) > 1):  # confirmed by the mask name itself
-            by_mask: dict[tuple, set[str]] = {}
-            for i in group:  # (a name an annotation file lists twice is one image)
-                by_mask.setdefault((self.images.root_ids[i], mask_path("", self.images.relative(i))), set()).add(
-                    os.path.normpath(self.images.relative(i)))
-            shared += [f"{self.images.roots[root][0]}: " + " and ".join(sorted(names))
-                       for (root, _), names in by_mask.items() if len(names) > 1]
+        for group in (g for g in groups.values() if len(g) > 1):  # (one root each) confirmed by the mask names
+            # (a name an annotation file lists twice is one image)
+            names = sorted({os.path.normpath(self.images.relative(i)) for i in group})
+            shared += [f"{self.images.roots[self.images.root_ids[group[0]]][0]}: " + " and ".join(same)
+                       for same in shared_mask_names(names).values()]
         if not shared:
             return
         shown = "; ".join(shared[:5])
