@@ -178,6 +178,9 @@ def main(argv=None):
     spec = spec_peak_bf16(device) if device.type == "cuda" else None
     machine = f"{describe_machine()}, {torch.get_num_threads()} torch threads"
     rows, bases, failures = [], {}, []  # bases: the first row of each model
+    # written after every row (rows and failures grow in place): a run stopped by a time limit keeps what it has
+    result = {"machine": machine, "torch": torch.__version__, "peak_bf16_tflops": peak / 1e12 if peak else None,
+              "spec_peak_bf16_tflops": spec / 1e12 if spec else None, "rows": rows, "failures": failures}
     # in the order of --compile (compiled,eager: the rows of the goals first, for a run under a time limit)
     for compiled in [c == "compiled" for c in args.compile.split(",")]:
         for variant in args.models.split(","):
@@ -191,10 +194,6 @@ def main(argv=None):
                     print(f"FAILED {failures[-1]}", file=sys.stderr, flush=True)
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
-                    result = {"machine": machine, "torch": torch.__version__,
-                              "peak_bf16_tflops": peak / 1e12 if peak else None,
-                              "spec_peak_bf16_tflops": spec / 1e12 if spec else None, "rows": rows,
-                              "failures": failures}
                     write_report(args.out, result, markdown(result))
                     continue
                 if peak:
@@ -210,11 +209,6 @@ def main(argv=None):
                     row["step_vs_mae"] = row["step_ms"] / mae["step_ms"]
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
-                # written after every row: a run stopped by a time limit keeps the rows it has
-                result = {"machine": machine, "torch": torch.__version__,
-                          "peak_bf16_tflops": peak / 1e12 if peak else None,
-                          "spec_peak_bf16_tflops": spec / 1e12 if spec else None, "rows": rows,
-                          "failures": failures}
                 write_report(args.out, result, markdown(result))
     print(markdown(result))
     return 1 if failures else 0

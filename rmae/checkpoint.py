@@ -296,12 +296,18 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     """The payload of a checkpoint file, tensors memory-mapped (no full copy in RAM). CorruptCheckpoint naming
     the file when it cannot be read, CheckpointError when it has another format version or pickles objects other
     than tensors, plain values and (as earlier rmae versions did) numpy arrays."""
-    try:  # weights_only: tensors and plain values only, so resuming never runs code a file carries
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    def load():  # weights_only: tensors and plain values only, so resuming never runs code a file carries
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+    def unreadable(error: Exception) -> CorruptCheckpoint:
+        return CorruptCheckpoint(f"checkpoint {path} cannot be read ({type(error).__name__}: {error})")
+
+    try:
+        payload = load()
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         if found is None:  # damaged bytes inside an intact archive
-            raise CorruptCheckpoint(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from e
+            raise unreadable(e) from e
         arrays = _numpy_array_globals(path)
         if arrays is None:
             raise CheckpointError(
@@ -310,11 +316,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
                 "code a file carries") from e
         try:
             with torch.serialization.safe_globals(arrays):
-                payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                payload = load()
         except Exception as again:
-            raise CorruptCheckpoint(f"checkpoint {path} cannot be read ({type(again).__name__}: {again})") from again
+            raise unreadable(again) from again
     except Exception as e:  # truncated or damaged zip, ...
-        raise CorruptCheckpoint(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from e
+        raise unreadable(e) from e
     if not isinstance(payload, dict) or "model" not in payload or "step" not in payload:
         raise CorruptCheckpoint(f"checkpoint {path} is not an rmae checkpoint (no model state or step)")
     if payload.get("version") != FORMAT_VERSION:

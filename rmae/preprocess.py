@@ -489,8 +489,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--images {args.images} is not a folder")
         if args.out.exists() and not args.out.is_dir():
             parser.error(f"--out {args.out} exists and is not a folder")
-        if args.out.resolve() == args.images.resolve() or args.images.resolve() in args.out.resolve().parents:
-            parser.error(f"--out {args.out} is {'--images' if args.out.resolve() == args.images.resolve() else 'inside --images'} "
+        out_dir, image_dir = args.out.resolve(), args.images.resolve()
+        if out_dir == image_dir or image_dir in out_dir.parents:
+            parser.error(f"--out {args.out} is {'--images' if out_dir == image_dir else 'inside --images'} "
                          f"{args.images}: the masks would mix with the images; give a folder beside it (COCO's "
                          "layout: image/train2017 and image/fh_train2017)")
         images, out, base = args.images, args.out, RECIPES["coco"]
