@@ -157,7 +157,9 @@ def check_index_values(ids: torch.Tensor, upper: int, name: str, distinct: bool 
 
     One host sync. Skipped when ``RMAE_KERNELS_CHECK_INDICES=0``.
     """
-    if not check_indices_enabled() or ids.numel() == 0 or is_compiling():
+    # is_compiling() first: under torch.compile the setting is then never read, so turning the checks off after
+    # the first update (as rmae.train does) does not invalidate the compiled code (a recompile of every frame)
+    if is_compiling() or not check_indices_enabled() or ids.numel() == 0:
         return
     bad_range = (ids < 0) | (ids >= upper)
     bad = bad_range.any()

@@ -8,7 +8,8 @@ each program takes a tile of (region, visible patch) rows, loads only those patc
 label values, compared with the region's label id on the fly), subtracts 0.5 and multiplies by the
 weight viewed as [D, p·p] with ``tl.dot``, then adds bias and position. The backward computes the
 weight and bias gradients (the maps are data) as split-M partial sums of ``Gᵀ·A``, re-reading the
-patch pixels instead of saving a float copy; the partials are summed by PyTorch (deterministic).
+patch pixels instead of saving a float copy; the partials are summed by PyTorch (no atomics: one launch
+config gives the same bits every run; the autotuner's pick, timed once per shape, sets the summation order).
 
 fp32 weights use ``tf32x3`` dots on the GPU (about fp32 accuracy); bf16/fp16 weights dot in their own
 dtype (the ±0.5 inputs are exact in it) with fp32 accumulation.
@@ -395,7 +396,7 @@ def _check_values(src, ids_keep, P, scale_index, label_id):
     check_index_values(ids_keep, (H // P) * (W // P), "ids_keep")
     if scale_index is not None:
         check_index_values(scale_index, src.shape[1], "scale_index")
-        if label_id.numel() and check_indices_enabled() and not is_compiling() and bool((label_id < -1).any()):
+        if not is_compiling() and label_id.numel() and check_indices_enabled() and bool((label_id < -1).any()):
             raise ValueError("label_id must be >= -1 (-1 = empty region)")
 
 

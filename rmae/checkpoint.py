@@ -20,6 +20,7 @@ import os
 import pickle
 import random
 import re
+import socket
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -329,17 +330,20 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     return payload
 
 
-def read_on_all_ranks(path: str | os.PathLike) -> dict:
-    """``read_checkpoint`` on every rank (collective): the same CheckpointError on all when one rank fails."""
-    payload, error = None, None
-    try:
-        payload = read_checkpoint(path)
-    except CheckpointError as e:
-        error = e
-    errors = [e for e in rdist.all_gather_object(error) if e is not None]
-    if errors:
-        raise errors[0]
-    return payload
+def read_on_all_ranks(path: str | os.PathLike, what: str = "checkpoint") -> dict:
+    """``read_checkpoint`` on every rank (collective): the same error on all when one rank fails. A file that
+    rank 0 sees and another rank does not (a run folder on a node's own disk) is a CheckpointError naming the
+    ranks and hosts; one rank 0 does not see either is a FileNotFoundError (``what``: how the error names it)."""
+    path = Path(path)
+    found = rdist.all_gather_object((path.is_file(), path.exists(), socket.gethostname()))
+    if not found[0][0]:
+        raise FileNotFoundError(f"{what} {path} " + ("is not a file" if found[0][1] else "does not exist"))
+    blind = [f"rank {rank} on {host}" for rank, (is_file, _, host) in enumerate(found) if not is_file]
+    if blind:
+        raise CheckpointError(f"{what} {path} is there for rank 0 ({found[0][2]}) but not for "
+                              f"{', '.join(blind)}: every rank reads it, so the run folder (training.save_dir, "
+                              "as an absolute path) must be on a file system that all nodes share")
+    return rdist.on_every_rank(lambda: read_checkpoint(path))
 
 
 def read_latest(run_dir: str | os.PathLike, is_main: bool = True) -> tuple[Path | None, dict | None, list[str]]:
@@ -349,7 +353,8 @@ def read_latest(run_dir: str | os.PathLike, is_main: bool = True) -> tuple[Path 
     ``*.corrupt`` (kept to look at, not retried). When none can be read, nothing is renamed and a
     CheckpointError names every file. (None, None, []) when the run has no checkpoint."""
     bad: list[tuple[Path, str]] = []
-    for path in reversed(list_checkpoints(run_dir)):
+    # rank 0's listing (another rank may list a node-local folder or a stale one: read_on_all_ranks then says so)
+    for path in reversed(rdist.broadcast_object(list_checkpoints(run_dir))):
         try:
             payload = read_on_all_ranks(path)
         except CorruptCheckpoint as e:

@@ -15,18 +15,22 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import re
 import shutil
 import socket
 import subprocess
 import warnings
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 from rmae.config import ConfigError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -210,6 +214,23 @@ def uses_cuda(device_pref: str | None) -> bool:
     return torch.cuda.is_available() and not (device_pref or "").startswith("cpu")
 
 
+def check_local_ranks(local_rank: int, n_devices: int, world_size: int) -> None:
+    """Each rank on the GPU of its local rank. ConfigError when a node runs more ranks than it shows GPUs (two
+    would share one: NCCL fails with 'Duplicate GPU'), unless each rank sees one GPU of its own (srun
+    --gpus-per-task=1: every task's GPU is cuda:0). A warning when a node runs one rank of several with more
+    GPUs than that (the others stay idle)."""
+    host = socket.gethostname()
+    if 1 < n_devices <= local_rank:
+        raise ConfigError(f"local rank {local_rank} on {host}, which shows {n_devices} GPUs: two ranks would share "
+                          "a GPU; start at most one process per GPU (torchrun --nproc_per_node, srun "
+                          "--ntasks-per-node) or give each its own (srun --gpus-per-task=1)")
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 0))
+    if local_rank == 0 and world_size > 1 and 0 < local_world < n_devices:
+        warnings.warn(f"{host} runs {local_world} rank(s) of {world_size} but shows {n_devices} GPUs: the others "
+                      "stay idle (start one process per GPU: torchrun --nproc_per_node, srun --ntasks-per-node)",
+                      stacklevel=2)
+
+
 def init_distributed(dist_cfg: dict, device_pref: str | None = None) -> DistInfo:
     """Initializes the process group when the environment describes several ranks; picks the device."""
     apply_slurm_env()
@@ -220,6 +241,8 @@ def init_distributed(dist_cfg: dict, device_pref: str | None = None) -> DistInfo
     use_cuda = uses_cuda(device_pref)
     if use_cuda:
         ndev = torch.cuda.device_count()
+        if index is None:
+            check_local_ranks(local_rank, ndev, world)
         device = torch.device("cuda", local_rank % ndev if index is None else index)
         torch.cuda.set_device(device)
     else:
@@ -280,6 +303,32 @@ def broadcast_object(obj, src: int = 0):
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def on_every_rank(fn: Callable[[], T]) -> T:
+    """``fn()`` on every rank (collective): when it raises on any rank, every rank raises the exception of the
+    lowest failing rank, so that no rank goes on into a collective the others never reach (NCCL would wait
+    there until its timeout). An exception that cannot be pickled travels as a RuntimeError with its text."""
+    result, error = None, None
+    try:
+        result = fn()
+    except Exception as e:  # (KeyboardInterrupt and SystemExit end the process: the launcher stops the others)
+        error = e
+    if not dist.is_initialized():
+        if error is not None:
+            raise error
+        return result
+    sent = error
+    if error is not None:
+        try:
+            pickle.dumps(error)
+        except Exception:
+            sent = RuntimeError(f"{type(error).__name__} on rank {dist.get_rank()}: {error}")
+    gathered = all_gather_object(sent)
+    first = next((rank for rank, e in enumerate(gathered) if e is not None), None)
+    if first is not None:
+        raise error if first == dist.get_rank() else gathered[first]  # (its own: with its traceback)
+    return result
 
 
 # ------------------------------------------------------------------------------------------------------------

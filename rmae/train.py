@@ -677,18 +677,16 @@ def train(cfg, require_resume: bool = False) -> dict:
     resume_from, meta, unreadable = None, None, []
     if tr["resume_file"]:
         resume_from = Path(tr["resume_file"])
-        if not resume_from.is_file():
-            raise FileNotFoundError(f"training.resume_file {resume_from} "
-                                    + ("is not a file" if resume_from.exists() else "does not exist"))
-        meta = ckpt.read_on_all_ranks(resume_from)  # an explicit file that cannot be read: an error, no fallback
+        # an explicit file that cannot be read: an error, no fallback
+        meta = ckpt.read_on_all_ranks(resume_from, what="training.resume_file")
     elif tr["resume"]:
         resume_from, meta, unreadable = ckpt.read_latest(run_dir, dinfo.is_main)
     if require_resume and resume_from is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {ckpt.checkpoint_dir(run_dir)}")
-    if meta is not None:
-        check_model_config(cfg, meta, resume_from)
+    if meta is not None:  # (on every rank alike: paths are resolved in each rank's own working directory)
+        rdist.on_every_rank(lambda: check_model_config(cfg, meta, resume_from))
         if not tr["resume_file"]:
-            check_same_experiment(cfg, meta, resume_from, run_dir)
+            rdist.on_every_rank(lambda: check_same_experiment(cfg, meta, resume_from, run_dir))
     moved = None
     if dinfo.is_main:
         kept_step = history_step(run_dir, resume_from, meta)
@@ -754,7 +752,10 @@ def train(cfg, require_resume: bool = False) -> dict:
             for message in schedule_warnings(cfg):
                 warn_and_record(log, "config_warning", message, message=message)
         if use_compile:
-            model.compile()  # in place: state_dict keys stay clean (no _orig_mod.)
+            # in place: state_dict keys stay clean (no _orig_mod.). Static shapes: a sharded model compiles per block,
+            # and one Block.forward serves the encoder, the pixel decoder and the region decoder (three widths);
+            # automatic dynamic shapes would make that frame one generic graph for all three
+            model.compile(dynamic=False)
 
         max_update = tr["max_update"]
         nparams = sum(p.numel() for p in raw.parameters())
@@ -830,18 +831,21 @@ def train(cfg, require_resume: bool = False) -> dict:
             scheduler.set(step)
             acc = torch.zeros(3, dtype=torch.float32, device=device)  # loss, mae_loss, region_loss (means)
             replaced = 0  # unreadable images this rank's micro-batches skipped
-            noise_table = step_noise(tr["seed"], step, G, num_patches)
+            # this rank's rows of the step's noise table, in the order of its micro-batches: rows of the table are
+            # the samples' offsets in the update (their sampler draw minus step * G), and micro-batch m of rank r
+            # holds offsets m*b*W + i*W + r. One copy per update, from pinned memory: no stall of the GPU
+            noise_rows = step_noise(tr["seed"], step, G, num_patches)[rank::world]
+            noise_rows = noise_rows.contiguous().pin_memory() if device.type == "cuda" else noise_rows
+            noise_rows = noise_rows.to(device, non_blocking=True)
             for m in range(A):
                 td = time.perf_counter()
                 batch = next_batch(it)
                 t_data += time.perf_counter() - td
                 replaced += int(batch["replaced"].sum()) if "replaced" in batch else 0
                 images, regions = to_device(batch, device, num_region)
-                # rows of the step's noise table are the samples' offsets in the update (their sampler draw
-                # minus step * G): micro m of rank r holds offsets m*b*W + i*W + r
-                noise = noise_table[m * b * world:(m + 1) * b * world][rank::world].to(device)
+                noise = noise_rows[m * b:(m + 1) * b]
                 if "noise" in batch:  # region_sample_type=random_fg: the loader drew the masks with the regions
-                    noise = batch["noise"].to(device)
+                    noise = batch["noise"].to(device, non_blocking=True)
                 if sharded:
                     model.set_requires_gradient_sync(m == A - 1)
                 with autocast:
@@ -1021,10 +1025,11 @@ def visualize_now(model, raw, cfg, vis_batch, run_dir: Path, step: int, device, 
         noise = step_noise(cfg["training"]["seed"] + 1, 0, imgs.shape[0], raw.num_patches).to(device)
     was_training = model.training
     model.eval()
-    # One process: the eager forward (a compiled model would recompile for this batch shape). Sharded: through
-    # __call__, whose FSDP hooks gather the parameters.
-    fwd = model if torch.distributed.is_initialized() else model.forward
-    with autocast:
+    # Eager: a compiled model would recompile for this batch shape and for no_grad. One process: its forward.
+    # Sharded: through __call__, whose FSDP hooks gather the parameters, with compiled code set aside.
+    sharded = torch.distributed.is_initialized()
+    fwd = model if sharded else model.forward
+    with autocast, torch.compiler.set_stance("force_eager") if sharded else contextlib.nullcontext():
         out = fwd(imgs, regions, noise=noise, mask_ratio=model_section(cfg)["mask_ratio"])
     model.train(was_training)
     if dinfo.is_main:

@@ -1,5 +1,6 @@
 """Config system: shipped recipes parse and build, bad keys/values are rejected with close matches."""
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -485,6 +486,27 @@ def test_device_must_exist(monkeypatch, capsys):
     assert rdist.resolve_launch({"world_size": None, "no_spawn": False}, "cuda") == 2
     with pytest.raises(ConfigError, match="names one GPU"):
         rdist.resolve_launch({"world_size": 2, "no_spawn": False}, "cuda:1")
+
+
+def test_ranks_of_a_node_and_its_gpus(monkeypatch):
+    """Each rank takes the GPU of its local rank: more ranks than GPUs on a node is an error (two would share one),
+    unless every rank sees one GPU of its own (srun --gpus-per-task=1); idle GPUs are warned about."""
+    from rmae import distributed as rdist
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    for local_rank in range(8):
+        rdist.check_local_ranks(local_rank, 8, 16)
+        rdist.check_local_ranks(local_rank, 1, 16)  # each task's own GPU is its cuda:0
+    with pytest.raises(ConfigError, match="local rank 4 on .*, which shows 4 GPUs: two ranks would share a GPU"):
+        rdist.check_local_ranks(4, 4, 16)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    with pytest.warns(UserWarning, match="runs 1 rank\\(s\\) of 4 but shows 8 GPUs: the others stay idle"):
+        rdist.check_local_ranks(0, 8, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rdist.check_local_ranks(0, 8, 1)  # one process alone (training.device=cuda): no warning
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+        rdist.check_local_ranks(0, 8, 16)
 
 
 def test_config_directory_and_empty_file(tmp_path):

@@ -542,6 +542,31 @@ def test_triton_paths_under_torch_compile():
         close(a, c, torch.float32)
 
 
+def test_turning_index_checks_off_keeps_compiled_code():
+    """rmae.train checks the first update's indices, then turns the checks off: a compiled model that read the
+    setting while tracing recompiled every frame at the second update (a guard on the module global)."""
+    from torch._dynamo.testing import CompileCounter
+
+    from rmae.kernels import set_index_checks
+
+    g = gen(41)
+    x = randn((2, 16, 8), g)
+    ids_keep, _ = mask_ids(2, 16, 5, g)
+    counter = CompileCounter()
+    compiled = torch.compile(lambda x, ids: gather_visible(x * 2, ids, impl="reference")[0].sum(), backend=counter)
+    torch._dynamo.reset()
+    try:
+        set_index_checks(True)
+        first = compiled(x, ids_keep)
+        frames = counter.frame_count
+        set_index_checks(False)
+        second = compiled(x, ids_keep)
+    finally:
+        set_index_checks(None)
+    assert frames >= 1 and torch.equal(first, second)
+    assert counter.frame_count == frames  # nothing recompiled after the checks were turned off
+
+
 # ===================================================================================================
 # 5 (stretch, partial). region_bce_loss: targets read from the maps / labels, no float target tensor
 # ===================================================================================================

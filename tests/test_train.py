@@ -4,6 +4,7 @@ command line, schedule and parameter groups."""
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -1400,3 +1401,56 @@ def test_data_warnings_format_keeps_the_users_formatter_for_others():
     assert fmt("hello", UserWarning, "x.py", 1) == "[mine] hello\n"
     assert re.fullmatch(r"\d\d:\d\d:\d\d WARNING skipping sample: x\n", fmt("skipping sample: x", RuntimeWarning,
                                                                            "rmae.data", 0))
+
+
+def test_ranks_agree_on_resume_errors_and_on_files_only_rank_0_sees(tmp_path):
+    """On several nodes a rank may not see the run folder rank 0 writes (a node's own disk, a relative save_dir
+    from another working directory): every rank must reach the same error, not go on into a collective alone
+    (NCCL would wait there for 30 minutes). Two gloo ranks, each in its own working directory."""
+    script = tmp_path / "agree.py"
+    script.write_text(
+        "import os, sys, pickle, threading, torch, torch.distributed as dist, torch.multiprocessing as mp\n"
+        "from pathlib import Path\n"
+        "from rmae import checkpoint as ckpt, distributed as rdist\n"
+        "def outcome(fn):\n"
+        "    try:\n"
+        "        fn()\n"
+        "        return 'ok'\n"
+        "    except Exception as e:\n"
+        "        return f'{type(e).__name__}: {e}'\n"
+        "def fail_on_1():\n"
+        "    if dist.get_rank() == 1:\n"
+        "        raise ValueError('only rank 1')\n"
+        "def unpicklable_on_1():\n"
+        "    if dist.get_rank() == 1:\n"
+        "        raise OSError(threading.Lock(), 'holds a lock')\n"
+        "def worker(rank, root, port):\n"
+        "    os.chdir(Path(root) / f'node{rank}')\n"
+        "    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=2)\n"
+        "    results = [outcome(lambda: rdist.on_every_rank(fail_on_1)),\n"
+        "               outcome(lambda: rdist.on_every_rank(unpicklable_on_1)),\n"
+        "               outcome(lambda: ckpt.read_on_all_ranks('only0.pt')),\n"
+        "               outcome(lambda: ckpt.read_on_all_ranks('nowhere.pt', what='training.resume_file')),\n"
+        "               outcome(lambda: ckpt.read_latest('run', rank == 0)),\n"
+        "               rdist.on_every_rank(lambda: rank * 10)]\n"
+        "    (Path(root) / f'result{rank}.pkl').write_bytes(pickle.dumps(results))\n"
+        "    dist.destroy_process_group()\n"
+        "if __name__ == '__main__':\n"
+        "    mp.spawn(worker, args=(sys.argv[1], rdist.free_port()), nprocs=2)\n")
+    for node in ("node0", "node1"):
+        (tmp_path / node).mkdir()
+    (tmp_path / "node0" / "only0.pt").write_bytes(b"x")
+    (tmp_path / "node0" / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "node0" / "run" / "checkpoints" / "ckpt_00000005.pt").write_bytes(b"x")
+    r = subprocess.run([sys.executable, str(script), str(tmp_path)], env=ENV, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    results = [pickle.loads((tmp_path / f"result{rank}.pkl").read_bytes()) for rank in (0, 1)]
+    for rank, (failed, unpicklable, only0, nowhere, latest, value) in enumerate(results):
+        assert failed == "ValueError: only rank 1"
+        assert unpicklable.startswith("OSError") if rank == 1 else unpicklable.startswith("RuntimeError: OSError on rank 1")
+        assert only0.startswith("CheckpointError: checkpoint only0.pt is there for rank 0") and "not for rank 1 on" in only0
+        assert nowhere == "FileNotFoundError: training.resume_file nowhere.pt does not exist"
+        assert latest.startswith("CheckpointError: checkpoint run/checkpoints/ckpt_00000005.pt is there for rank 0")
+        assert value == 10 * rank  # (no error: each rank keeps its own result)
+    assert (tmp_path / "node0" / "run" / "checkpoints" / "ckpt_00000005.pt").is_file()  # not renamed *.corrupt
