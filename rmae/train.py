@@ -40,7 +40,7 @@ import torch.nn as nn
 from rmae import checkpoint as ckpt
 from rmae import kernels
 from rmae import distributed as rdist
-from rmae.cores import command_name
+from rmae.cores import command_name, usable_cores
 from rmae.config import (DATASETS, MODELS, TASKS, ConfigError, arch_defaults_comment, config_identity, dataset_section,
                          legacy_keys_set, load_config, model_section, schedule_warnings, to_yaml)
 from rmae.logging_utils import RunLogger, logger, progress_bar, setup_console
@@ -762,7 +762,8 @@ def train(cfg, require_resume: bool = False) -> dict:
         if dinfo.is_main and step == 0:
             log.event("start", model=cfg["model"], arch=sec["mae_vit"]["arch"], params=nparams, world_size=world,
                       device=str(device), batch_size=G, micro_batch=b, iter_per_update=A, amp=tr["use_fp16"],
-                      compile=use_compile, img_size=img_size, num_region=num_region, run_dir=str(run_dir))
+                      compile=use_compile, img_size=img_size, num_region=num_region, run_dir=str(run_dir),
+                      threads=torch.get_num_threads())
 
         source = region_source(cfg, num_region)
         if num_region > 0 and source != dataset_section(cfg)["region_source"]:  # an MAE recipe with --model rmae or rae
@@ -1087,6 +1088,8 @@ def _spawned(local_rank: int, world_size: int, port: int, cfg_yaml: str, require
 
     ctrl_c_as_usual()  # (the rank has loaded this module: see the top)
     rdist.spawn_env(local_rank, world_size, port)
+    if "OMP_NUM_THREADS" not in os.environ:  # the ranks share the cores (as torchrun's ranks share one thread each)
+        torch.set_num_threads(max(1, usable_cores() // world_size))
     try:
         train(OmegaConf.create(cfg_yaml), require_resume=require_resume)
     except USER_ERRORS as e:  # as on one process: a message and exit status 2, which main() passes on

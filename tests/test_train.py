@@ -391,6 +391,7 @@ def test_plain_launch_spawns_one_process_per_device(tmp_path, monkeypatch):
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert log_records(spawned, "start")[0]["world_size"] == 2
+    assert log_records(spawned, "start")[0]["threads"] == THREADS  # OMP_NUM_THREADS given: kept
     train(cfg_for(tmp_path / "single", "training.max_update=2"))
     torch.testing.assert_close(losses(spawned), losses(tmp_path / "single"), rtol=1e-5, atol=1e-6)
 
@@ -1454,3 +1455,26 @@ def test_ranks_agree_on_resume_errors_and_on_files_only_rank_0_sees(tmp_path):
         assert latest.startswith("CheckpointError: checkpoint run/checkpoints/ckpt_00000005.pt is there for rank 0")
         assert value == 10 * rank  # (no error: each rank keeps its own result)
     assert (tmp_path / "node0" / "run" / "checkpoints" / "ckpt_00000005.pt").is_file()  # not renamed *.corrupt
+
+
+def test_spawned_ranks_share_the_cores(monkeypatch):
+    """Ranks that ``python -m rmae.train`` spawns split the cores between them (each took all of them: four ranks
+    on 16 cores ran 64 threads), unless OMP_NUM_THREADS says otherwise; the start record shows the count."""
+    import rmae.train as train_module
+
+    seen = []
+    monkeypatch.setattr(train_module, "train", lambda cfg, require_resume: seen.append(torch.get_num_threads()))
+    monkeypatch.setattr(train_module, "usable_cores", lambda: 16)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(key, "0")  # (spawn_env sets them; restored afterwards)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before, handler = torch.get_num_threads(), signal.getsignal(signal.SIGINT)
+    try:
+        train_module._spawned(1, 4, 12345, "{}", False)
+        torch.set_num_threads(3)
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        train_module._spawned(1, 4, 12345, "{}", False)
+    finally:
+        torch.set_num_threads(before)
+        signal.signal(signal.SIGINT, handler)
+    assert seen == [4, 3]
