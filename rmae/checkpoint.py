@@ -233,8 +233,10 @@ def save_checkpoint(run_dir: str | os.PathLike, *, model: nn.Module, optimizer: 
     """Collective (every rank calls it): gathers the state, rank 0 writes atomically and prunes old files."""
     msd, osd = gather_state(model, optimizer)
     rngs = rdist.all_gather_object(rng_state())
-    path = None
-    if is_main:
+
+    def write() -> Path | None:
+        if not is_main:
+            return None
         d = checkpoint_dir(run_dir)
         d.mkdir(parents=True, exist_ok=True)
         path = d / f"ckpt_{step:08d}.pt"
@@ -264,8 +266,10 @@ def save_checkpoint(run_dir: str | os.PathLike, *, model: nn.Module, optimizer: 
         older = [p for p in list_checkpoints(run_dir) if step_of(p) <= step and (p.is_file() or p.is_symlink())]
         for old in older[:-keep]:
             old.unlink(missing_ok=True)
-    rdist.barrier()
-    return path
+        return path
+
+    # (a failed write - a full disk, a quota - is every rank's error: the others do not go on to wait for rank 0)
+    return rdist.on_every_rank(write)
 
 
 # What checkpoints of earlier rmae versions pickled besides tensors: numpy's RNG key array (plain data).
@@ -354,7 +358,8 @@ def read_latest(run_dir: str | os.PathLike, is_main: bool = True) -> tuple[Path 
     CheckpointError names every file. (None, None, []) when the run has no checkpoint."""
     bad: list[tuple[Path, str]] = []
     # rank 0's listing (another rank may list a node-local folder or a stale one: read_on_all_ranks then says so)
-    for path in reversed(rdist.broadcast_object(list_checkpoints(run_dir))):
+    listing = rdist.on_every_rank(lambda: list_checkpoints(run_dir) if is_main else None)
+    for path in reversed(rdist.broadcast_object(listing)):
         try:
             payload = read_on_all_ranks(path)
         except CorruptCheckpoint as e:

@@ -214,21 +214,16 @@ def uses_cuda(device_pref: str | None) -> bool:
     return torch.cuda.is_available() and not (device_pref or "").startswith("cpu")
 
 
-def check_local_ranks(local_rank: int, n_devices: int, world_size: int) -> None:
-    """Each rank on the GPU of its local rank. ConfigError when a node runs more ranks than it shows GPUs (two
-    would share one: NCCL fails with 'Duplicate GPU'), unless each rank sees one GPU of its own (srun
-    --gpus-per-task=1: every task's GPU is cuda:0). A warning when a node runs one rank of several with more
-    GPUs than that (the others stay idle)."""
-    host = socket.gethostname()
-    if 1 < n_devices <= local_rank:
-        raise ConfigError(f"local rank {local_rank} on {host}, which shows {n_devices} GPUs: two ranks would share "
-                          "a GPU; start at most one process per GPU (torchrun --nproc_per_node, srun "
-                          "--ntasks-per-node) or give each its own (srun --gpus-per-task=1)")
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 0))
-    if local_rank == 0 and world_size > 1 and 0 < local_world < n_devices:
-        warnings.warn(f"{host} runs {local_world} rank(s) of {world_size} but shows {n_devices} GPUs: the others "
-                      "stay idle (start one process per GPU: torchrun --nproc_per_node, srun --ntasks-per-node)",
-                      stacklevel=2)
+def warn_of_idle_gpus(rank: int, hosts: list[str], n_devices: int) -> None:
+    """On the first rank of each host: a warning when the host runs fewer ranks than the GPUs a rank sees (one
+    process on a node of 8 GPUs trains on one of them). ``hosts``: every rank's host name, by rank. Ranks that
+    each see GPUs of their own (srun --gpus-per-task, CUDA_VISIBLE_DEVICES per rank) are as many as they need."""
+    host = hosts[rank]
+    local_world = hosts.count(host)
+    if hosts.index(host) == rank and len(hosts) > 1 and local_world < n_devices:
+        warnings.warn(f"{host} runs {local_world} rank(s) of {len(hosts)} but each sees {n_devices} GPUs: "
+                      f"{n_devices - local_world} stay idle (start one process per GPU: torchrun --nproc_per_node, "
+                      "srun --ntasks-per-node)", stacklevel=2)
 
 
 def init_distributed(dist_cfg: dict, device_pref: str | None = None) -> DistInfo:
@@ -241,8 +236,6 @@ def init_distributed(dist_cfg: dict, device_pref: str | None = None) -> DistInfo
     use_cuda = uses_cuda(device_pref)
     if use_cuda:
         ndev = torch.cuda.device_count()
-        if index is None:
-            check_local_ranks(local_rank, ndev, world)
         device = torch.device("cuda", local_rank % ndev if index is None else index)
         torch.cuda.set_device(device)
     else:
@@ -258,6 +251,8 @@ def init_distributed(dist_cfg: dict, device_pref: str | None = None) -> DistInfo
         if backend == "nccl":
             kwargs["device_id"] = device
         dist.init_process_group(**kwargs)
+        if use_cuda and index is None:  # (ranks sharing a GPU: NCCL's init stops them, 'Duplicate GPU detected')
+            warn_of_idle_gpus(rank, all_gather_object(socket.gethostname()), ndev)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device,
                     backend=backend if world > 1 else None)
 
@@ -265,6 +260,14 @@ def init_distributed(dist_cfg: dict, device_pref: str | None = None) -> DistInfo
 def cleanup() -> None:
     if dist.is_initialized():
         dist.barrier()
+        dist.destroy_process_group()
+
+
+def leave_after_error() -> None:
+    """Destroys the process group, without a barrier, after an error (every rank's, as on_every_rank raises
+    them): a process that exits with live gloo connections can end in 'terminate called without an active
+    exception' and exit status 1 instead of its own."""
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -308,7 +311,8 @@ def barrier() -> None:
 def on_every_rank(fn: Callable[[], T]) -> T:
     """``fn()`` on every rank (collective): when it raises on any rank, every rank raises the exception of the
     lowest failing rank, so that no rank goes on into a collective the others never reach (NCCL would wait
-    there until its timeout). An exception that cannot be pickled travels as a RuntimeError with its text."""
+    there until its timeout). An exception that cannot be pickled travels as a RuntimeError with its text.
+    Returns each rank's own result."""
     result, error = None, None
     try:
         result = fn()
@@ -320,8 +324,8 @@ def on_every_rank(fn: Callable[[], T]) -> T:
         return result
     sent = error
     if error is not None:
-        try:
-            pickle.dumps(error)
+        try:  # (one that pickles but cannot be rebuilt - a custom __init__ - would fail on every rank)
+            pickle.loads(pickle.dumps(error))
         except Exception:
             sent = RuntimeError(f"{type(error).__name__} on rank {dist.get_rank()}: {error}")
     gathered = all_gather_object(sent)

@@ -687,8 +687,10 @@ def train(cfg, require_resume: bool = False) -> dict:
         rdist.on_every_rank(lambda: check_model_config(cfg, meta, resume_from))
         if not tr["resume_file"]:
             rdist.on_every_rank(lambda: check_same_experiment(cfg, meta, resume_from, run_dir))
-    moved = None
-    if dinfo.is_main:
+    def set_aside_later_history() -> Path | None:
+        """Rank 0 moves what does not belong to the history this run continues; returns where to."""
+        if not dinfo.is_main:
+            return None
         kept_step = history_step(run_dir, resume_from, meta)
         moved = ckpt.set_aside(run_dir, RUN_FILES, keep_up_to=kept_step, later_files=later_run_files)
         tail = None if moved is None else moved / f"log.after_step_{kept_step}.jsonl"
@@ -706,7 +708,9 @@ def train(cfg, require_resume: bool = False) -> dict:
         if moved is not None and kept_step is not None and (run_dir / "config.yaml").is_file():
             # the later history's settings (config.yaml is rewritten below)
             shutil.copy2(run_dir / "config.yaml", moved / "config.yaml")
-    rdist.barrier()
+        return moved
+
+    moved = rdist.on_every_rank(set_aside_later_history)  # (a failure: every rank's error, no rank left waiting)
     log = RunLogger(run_dir, dinfo.is_main, tr["tensorboard"], tr["tensorboard_logdir"],
                     purge_step=None if meta is None else int(meta["step"]) + 1)
     stop = StopFlag(announce=dinfo.is_main)
@@ -745,8 +749,9 @@ def train(cfg, require_resume: bool = False) -> dict:
                 logger.info("the run is already at step %d of training.max_update=%d: nothing to train (the "
                             "pictures and encoder.safetensors are written again); raise training.max_update to "
                             "train on, or set training.resume=false to start afresh", step, tr["max_update"])
+        # (the write on rank 0 is every rank's outcome: a failure stops all, none waits for rank 0 in a collective)
+        rdist.on_every_rank(lambda: (run_dir / "config.yaml").write_text(to_yaml(cfg)) if dinfo.is_main else None)
         if dinfo.is_main:
-            (run_dir / "config.yaml").write_text(to_yaml(cfg))
             for k in legacy_keys_set(cfg):
                 logger.warning("config key %s is accepted for compatibility with the original but has no effect", k)
             for message in schedule_warnings(cfg):
@@ -1001,13 +1006,16 @@ def export_now(model, optimizer, run_dir: Path, dinfo) -> str:
     from rmae.models.export import model_num_heads, timm_call
 
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if dinfo.is_main:
-        sd = ckpt.clean_state_dict(sd)
+
+    def write() -> str:
+        if not dinfo.is_main:
+            return ""
         tmp = run_dir / ".encoder.safetensors.tmp"
-        meta = save_encoder(sd, str(tmp) + ".safetensors", num_heads=model_num_heads(model))
+        meta = save_encoder(ckpt.clean_state_dict(sd), str(tmp) + ".safetensors", num_heads=model_num_heads(model))
         os.replace(str(tmp) + ".safetensors", run_dir / "encoder.safetensors")
         return timm_call(meta)
-    return ""
+
+    return rdist.on_every_rank(write)  # (a failed write: every rank's error, no rank left waiting for rank 0)
 
 
 @torch.no_grad()
@@ -1033,11 +1041,14 @@ def visualize_now(model, raw, cfg, vis_batch, run_dir: Path, step: int, device, 
     with autocast, torch.compiler.set_stance("force_eager") if sharded else contextlib.nullcontext():
         out = fwd(imgs, regions, noise=noise, mask_ratio=model_section(cfg)["mask_ratio"])
     model.train(was_training)
-    if dinfo.is_main:
+    def write() -> Path | None:
+        if not dinfo.is_main:
+            return None
         path = run_dir / "vis" / f"step_{step:08d}.png"
         save_visualization(path, raw, imgs, regions, out, title=f"step {step}")
         return path
-    return None
+
+    return rdist.on_every_rank(write)  # (a failed write: every rank's error, no rank left waiting for rank 0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1094,6 +1105,7 @@ def _spawned(local_rank: int, world_size: int, port: int, cfg_yaml: str, require
         train(OmegaConf.create(cfg_yaml), require_resume=require_resume)
     except USER_ERRORS as e:  # as on one process: a message and exit status 2, which main() passes on
         print(f"error{'' if local_rank == 0 else f' (rank {local_rank})'}: {e}", file=sys.stderr)
+        rdist.leave_after_error()
         sys.exit(2)
     except KeyboardInterrupt:  # a second Ctrl-C: as on one process
         if local_rank == 0:
@@ -1181,6 +1193,7 @@ def _main(argv=None) -> int:
         train(cfg, require_resume=args.resume)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
+        rdist.leave_after_error()  # (a rank of torchrun or srun)
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C
         print(STOPPED_AT_ONCE, file=sys.stderr)

@@ -488,25 +488,20 @@ def test_device_must_exist(monkeypatch, capsys):
         rdist.resolve_launch({"world_size": 2, "no_spawn": False}, "cuda:1")
 
 
-def test_ranks_of_a_node_and_its_gpus(monkeypatch):
-    """Each rank takes the GPU of its local rank: more ranks than GPUs on a node is an error (two would share one),
-    unless every rank sees one GPU of its own (srun --gpus-per-task=1); idle GPUs are warned about."""
+def test_idle_gpus_of_a_node_are_warned_about():
+    """One rank on a node of several GPUs trains on one of them: the first rank of that host says so; ranks that
+    each see GPUs of their own (srun --gpus-per-task=2) or one rank per GPU are no warning."""
     from rmae import distributed as rdist
 
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-    for local_rank in range(8):
-        rdist.check_local_ranks(local_rank, 8, 16)
-        rdist.check_local_ranks(local_rank, 1, 16)  # each task's own GPU is its cuda:0
-    with pytest.raises(ConfigError, match="local rank 4 on .*, which shows 4 GPUs: two ranks would share a GPU"):
-        rdist.check_local_ranks(4, 4, 16)
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    with pytest.warns(UserWarning, match="runs 1 rank\\(s\\) of 4 but shows 8 GPUs: the others stay idle"):
-        rdist.check_local_ranks(0, 8, 4)
+    with pytest.warns(UserWarning, match="b runs 1 rank\\(s\\) of 3 but each sees 8 GPUs: 7 stay idle"):
+        rdist.warn_of_idle_gpus(2, ["a", "a", "b"], 8)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        rdist.check_local_ranks(0, 8, 1)  # one process alone (training.device=cuda): no warning
-        monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-        rdist.check_local_ranks(0, 8, 16)
+        rdist.warn_of_idle_gpus(1, ["a", "a", "b"], 8)  # not the first rank of its host
+        for rank in range(8):
+            rdist.warn_of_idle_gpus(rank, ["a"] * 4 + ["b"] * 4, 2)  # four ranks, two GPUs each
+            rdist.warn_of_idle_gpus(rank, ["a"] * 8, 8)
+        rdist.warn_of_idle_gpus(0, ["a"], 8)  # one process alone (training.device=cuda)
 
 
 def test_config_directory_and_empty_file(tmp_path):

@@ -1425,6 +1425,12 @@ def test_ranks_agree_on_resume_errors_and_on_files_only_rank_0_sees(tmp_path):
         "def unpicklable_on_1():\n"
         "    if dist.get_rank() == 1:\n"
         "        raise OSError(threading.Lock(), 'holds a lock')\n"
+        "class Custom(Exception):\n"
+        "    def __init__(self, a, b):\n"
+        "        super().__init__(f'{a} and {b}')\n"
+        "def custom_on_1():\n"
+        "    if dist.get_rank() == 1:\n"
+        "        raise Custom('pickles', 'does not unpickle')\n"
         "def worker(rank, root, port):\n"
         "    os.chdir(Path(root) / f'node{rank}')\n"
         "    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=2)\n"
@@ -1433,7 +1439,11 @@ def test_ranks_agree_on_resume_errors_and_on_files_only_rank_0_sees(tmp_path):
         "               outcome(lambda: ckpt.read_on_all_ranks('only0.pt')),\n"
         "               outcome(lambda: ckpt.read_on_all_ranks('nowhere.pt', what='training.resume_file')),\n"
         "               outcome(lambda: ckpt.read_latest('run', rank == 0)),\n"
-        "               rdist.on_every_rank(lambda: rank * 10)]\n"
+        "               rdist.on_every_rank(lambda: rank * 10),\n"
+        "               outcome(lambda: rdist.on_every_rank(custom_on_1))]\n"
+        "    model = torch.nn.Linear(2, 2)\n"
+        "    results.append(outcome(lambda: ckpt.save_checkpoint('blocked', model=model, step=1, extra={},\n"
+        "        optimizer=torch.optim.SGD(model.parameters(), lr=0.1), is_main=rank == 0)))\n"
         "    (Path(root) / f'result{rank}.pkl').write_bytes(pickle.dumps(results))\n"
         "    dist.destroy_process_group()\n"
         "if __name__ == '__main__':\n"
@@ -1443,17 +1453,22 @@ def test_ranks_agree_on_resume_errors_and_on_files_only_rank_0_sees(tmp_path):
     (tmp_path / "node0" / "only0.pt").write_bytes(b"x")
     (tmp_path / "node0" / "run" / "checkpoints").mkdir(parents=True)
     (tmp_path / "node0" / "run" / "checkpoints" / "ckpt_00000005.pt").write_bytes(b"x")
+    (tmp_path / "node0" / "blocked").mkdir()
+    (tmp_path / "node0" / "blocked" / "checkpoints").write_text("a file where rank 0 writes its checkpoints")
     r = subprocess.run([sys.executable, str(script), str(tmp_path)], env=ENV, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     results = [pickle.loads((tmp_path / f"result{rank}.pkl").read_bytes()) for rank in (0, 1)]
-    for rank, (failed, unpicklable, only0, nowhere, latest, value) in enumerate(results):
+    for rank, (failed, unpicklable, only0, nowhere, latest, value, custom, save) in enumerate(results):
         assert failed == "ValueError: only rank 1"
         assert unpicklable.startswith("OSError") if rank == 1 else unpicklable.startswith("RuntimeError: OSError on rank 1")
         assert only0.startswith("CheckpointError: checkpoint only0.pt is there for rank 0") and "not for rank 1 on" in only0
         assert nowhere == "FileNotFoundError: training.resume_file nowhere.pt does not exist"
         assert latest.startswith("CheckpointError: checkpoint run/checkpoints/ckpt_00000005.pt is there for rank 0")
         assert value == 10 * rank  # (no error: each rank keeps its own result)
+        assert custom == ("Custom: pickles and does not unpickle" if rank == 1
+                          else "RuntimeError: Custom on rank 1: pickles and does not unpickle")
+        assert save.startswith("FileExistsError")  # rank 0's failed write is every rank's error (none waits)
     assert (tmp_path / "node0" / "run" / "checkpoints" / "ckpt_00000005.pt").is_file()  # not renamed *.corrupt
 
 
