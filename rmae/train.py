@@ -416,6 +416,26 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
+DATA_BOUND_SHARE = 0.2  # of an update's time spent waiting for the loader, in a log window after the first
+
+
+def data_bound_warning(data_time: float, step_time: float, num_workers: int, cores: int,
+                       source: str) -> str | None:
+    """The warning for a GPU rank that waits for its loader (seconds per update, in one log window), or None.
+    ``source``: where the regions come from (``region_source``). On the CPU the loader's workers and the
+    training share the cores, so more workers is no remedy there."""
+    if step_time <= 0 or data_time <= DATA_BOUND_SHARE * step_time:
+        return None
+    remedy = (f"raise training.num_workers (now {num_workers}; this rank may use {cores} cores, so up to about "
+              f"{max(1, cores - 1)} workers)" if num_workers < cores - 1 else
+              f"training.num_workers ({num_workers}) already uses this rank's {cores} cores: give the ranks more "
+              "cores (srun --cpus-per-task)")
+    online = ("; offline FH masks (python -m rmae.preprocess, region_source=offline) cost a worker far less "
+              "than FH computed while loading") if source.startswith("online") else ""
+    return (f"the GPU waits for data {data_time:.3g} s of each {step_time:.3g} s update "
+            f"({100 * data_time / step_time:.0f}%): {remedy}{online}")
+
+
 def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     """Global L2 norm of the gradients (DTensor shards reduced across ranks), float32."""
     grads = [p.grad for p in params if p.grad is not None]
@@ -830,6 +850,7 @@ def train(cfg, require_resume: bool = False) -> dict:
                 log.event("pictures", step=s, file=str(path))
 
         first_step, in_a_row = step, 0  # in_a_row: the tries of the current update skipped so far
+        warned_data_bound = False
         console.enter_context(console_above(bar))
         while step < max_update:
             t0 = time.perf_counter()
@@ -928,6 +949,13 @@ def train(cfg, require_resume: bool = False) -> dict:
                             "compute_time": (win["step"] - win["data"]) / n, "peak_mem_mb": peak_memory_mb(device),
                             "skipped": skipped, "data_errors": errors})
                 log.log(rec)  # with the bar on, above it (console_above)
+                if dinfo.is_main and device.type == "cuda" and step - n > first_step and not warned_data_bound:
+                    message = data_bound_warning(rec["data_time"], rec["step_time"], tr["num_workers"],
+                                                 usable_cores(), source)
+                    if message is not None:  # once a run (data_time is in every log record)
+                        warned_data_bound = True
+                        warn_and_record(log, "data_bound", message, data_time=rec["data_time"],
+                                        step_time=rec["step_time"])
                 bar.set_postfix({k: f"{rec[k]:.4g}" for k in ("loss", "mae_loss", "region_loss", "img_per_s")
                                  if k in rec})
                 win = dict.fromkeys(win, 0.0)

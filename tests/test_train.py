@@ -1493,3 +1493,18 @@ def test_spawned_ranks_share_the_cores(monkeypatch):
         torch.set_num_threads(before)
         signal.signal(signal.SIGINT, handler)
     assert seen == [4, 3]
+
+
+def test_a_gpu_waiting_for_its_loader_is_told_what_to_do():
+    """A log window in which the GPU waits for data more than a fifth of each update: the warning names the time,
+    the workers and the cores, and offline masks when FH runs while loading."""
+    from rmae.train import data_bound_warning
+
+    assert data_bound_warning(0.01, 0.2, 4, 16, "offline") is None  # 5%: the loader keeps up
+    assert data_bound_warning(0.0, 0.0, 4, 16, "offline") is None
+    message = data_bound_warning(0.1, 0.25, 4, 16, "online_crop")
+    assert message.startswith("the GPU waits for data 0.1 s of each 0.25 s update (40%): raise "
+                              "training.num_workers (now 4; this rank may use 16 cores, so up to about 15 workers)")
+    assert "offline FH masks" in message
+    message = data_bound_warning(0.1, 0.25, 15, 16, "offline")
+    assert "already uses this rank's 16 cores" in message and "offline FH masks" not in message
