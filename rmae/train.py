@@ -823,7 +823,8 @@ def train(cfg, require_resume: bool = False) -> dict:
         sharded = world > 1
         losses: list[float] = []
         # the log window's sums over its updates (a skipped try is none: its time counts into the next update's)
-        win = dict.fromkeys(("loss", "mae_loss", "region_loss", "grad_norm", "n", "data", "step"), 0.0)
+        # ("timed": the updates whose time is in data and step: not the run's first one in a longer window)
+        win = dict.fromkeys(("loss", "mae_loss", "region_loss", "grad_norm", "n", "data", "step", "timed"), 0.0)
         vis_every = tr["visualize_interval"]
         interrupted = None
         errors = errors_before  # unreadable images skipped for the samples trained on so far, all ranks
@@ -934,9 +935,15 @@ def train(cfg, require_resume: bool = False) -> dict:
             win["region_loss"] += flags[2].item()
             win["grad_norm"] += gnorm.item()
             win["n"] += 1
+            win["timed"] += 1
             bar.update(1)
+            if step == first_step + 1 and step % tr["log_interval"] and step != max_update:
+                # the first update carries the start-up (the loader's workers, the compilation): the rates and times
+                # of its window are those of the updates after it
+                win["data"] = win["step"] = win["timed"] = 0.0
+                t_log = time.perf_counter()
             if step % tr["log_interval"] == 0 or step == max_update:
-                n = win["n"]
+                n, timed = win["n"], win["timed"]
                 mean_loss = {k: win[k] / n for k in ("loss", "mae_loss", "region_loss")}
                 elapsed = time.perf_counter() - t_log
                 rec = {"step": step, "loss": mean_loss["loss"]}  # its terms next to it
@@ -944,9 +951,9 @@ def train(cfg, require_resume: bool = False) -> dict:
                     rec["mae_loss"] = mean_loss["mae_loss"]
                 if num_region > 0:
                     rec["region_loss"] = mean_loss["region_loss"]
-                rec.update({"lr": lr, "grad_norm": win["grad_norm"] / n, "img_per_s": G * n / max(elapsed, 1e-9),
-                            "step_time": win["step"] / n, "data_time": win["data"] / n,
-                            "compute_time": (win["step"] - win["data"]) / n, "peak_mem_mb": peak_memory_mb(device),
+                rec.update({"lr": lr, "grad_norm": win["grad_norm"] / n, "img_per_s": G * timed / max(elapsed, 1e-9),
+                            "step_time": win["step"] / timed, "data_time": win["data"] / timed,
+                            "compute_time": (win["step"] - win["data"]) / timed, "peak_mem_mb": peak_memory_mb(device),
                             "skipped": skipped, "data_errors": errors})
                 log.log(rec)  # with the bar on, above it (console_above)
                 if dinfo.is_main and device.type == "cuda" and step - n > first_step and not warned_data_bound:

@@ -182,6 +182,31 @@ def test_img_per_s_leaves_out_checkpoint_writes(tmp_path, monkeypatch):
     assert rec["img_per_s"] * rec["step_time"] > 0.5 * 8, rec  # img/s ≈ batch / step time (without: 8 / 1.6 s)
 
 
+def test_first_log_line_times_the_updates_after_the_start_up(tmp_path, monkeypatch):
+    """The run's first update carries the start-up (workers, compilation: minutes on a GPU): the first line's img/s
+    and times are those of the updates after it (here the first batch is made to take 1.5 s), its losses all."""
+    import rmae.train as train_module
+
+    calls = []
+    next_batch = train_module.next_batch
+
+    def slow_first(it):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(1.5)
+        return next_batch(it)
+
+    monkeypatch.setattr(train_module, "next_batch", slow_first)
+    run = tmp_path / "run"
+    train(cfg_for(run, "training.max_update=4", "training.log_interval=4"))
+    (rec,) = log_records(run)
+    assert rec["step"] == 4 and rec["data_time"] < 0.3, rec  # (with the first update: 1.5 s / 4 and more)
+    assert rec["img_per_s"] * rec["step_time"] > 0.5 * 8, rec
+    monkeypatch.setattr(train_module, "next_batch", next_batch)
+    train(cfg_for(tmp_path / "each", "training.max_update=4", "training.log_interval=1"))
+    assert rec["loss"] == pytest.approx(sum(r["loss"] for r in log_records(tmp_path / "each")) / 4, rel=1e-5)
+
+
 def test_records_of_steps_after_the_last_checkpoint_are_set_aside_on_resume(tmp_path, monkeypatch, capsys):
     """A run killed (-9, a node failure) after its last checkpoint logged steps it has to redo: the resumed run
     moves those records (and a line cut short) out of log.jsonl, so every step is logged once, and TensorBoard
