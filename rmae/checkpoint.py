@@ -368,10 +368,13 @@ def read_latest(run_dir: str | os.PathLike, is_main: bool = True) -> tuple[Path 
             bad.append((path, str(e)))
             continue
         rdist.barrier()  # every rank has given up on the bad files before rank 0 renames them
-        for p, _ in bad:
-            if is_main:
+
+        def rename_bad() -> None:
+            for p, _ in bad if is_main else ():
                 os.replace(p, p.with_name(p.name + ".corrupt"))
                 logger.warning("resuming from %s; the unreadable %s is renamed %s.corrupt", path, p, p.name)
+
+        rdist.on_every_rank(rename_bad)  # (a rename that fails: every rank's error)
         return path, payload, [str(p) for p, _ in bad]
     if bad:
         raise CheckpointError(f"no checkpoint in {checkpoint_dir(run_dir)} can be read:\n  "

@@ -214,16 +214,28 @@ def uses_cuda(device_pref: str | None) -> bool:
     return torch.cuda.is_available() and not (device_pref or "").startswith("cpu")
 
 
-def warn_of_idle_gpus(rank: int, hosts: list[str], n_devices: int) -> None:
-    """On the first rank of each host: a warning when the host runs fewer ranks than the GPUs a rank sees (one
-    process on a node of 8 GPUs trains on one of them). ``hosts``: every rank's host name, by rank. Ranks that
-    each see GPUs of their own (srun --gpus-per-task, CUDA_VISIBLE_DEVICES per rank) are as many as they need."""
-    host = hosts[rank]
-    local_world = hosts.count(host)
-    if hosts.index(host) == rank and len(hosts) > 1 and local_world < n_devices:
-        warnings.warn(f"{host} runs {local_world} rank(s) of {len(hosts)} but each sees {n_devices} GPUs: "
-                      f"{n_devices - local_world} stay idle (start one process per GPU: torchrun --nproc_per_node, "
-                      "srun --ntasks-per-node)", stacklevel=2)
+def gpu_ids() -> tuple[list[str], str]:
+    """The UUIDs of the GPUs this process sees, and of the one it uses (the current device)."""
+    def uuid(index: int) -> str:
+        return str(getattr(torch.cuda.get_device_properties(index), "uuid", index))
+
+    return [uuid(i) for i in range(torch.cuda.device_count())], uuid(torch.cuda.current_device())
+
+
+def warn_of_idle_gpus(rank: int, seen: list[tuple[str, list[str], str]]) -> None:
+    """On the first rank of each host: a warning when GPUs the host's ranks see are used by none of them (one
+    process on a node of 8 GPUs, or tasks given two GPUs each: each trains on one). ``seen``: every rank's
+    (host name, UUIDs of the GPUs it sees, UUID of the one it uses), by rank."""
+    host = seen[rank][0]
+    mine = [s for s in seen if s[0] == host]
+    if len(seen) < 2 or seen.index(mine[0]) != rank:
+        return
+    visible = {u for _, uuids, _ in mine for u in uuids}
+    idle = visible - {used for _, _, used in mine}
+    if idle:
+        warnings.warn(f"{host}: {len(idle)} of the {len(visible)} GPUs its {len(mine)} rank(s) see stay idle (each "
+                      "rank trains on one GPU: start one process per GPU, torchrun --nproc_per_node, srun "
+                      "--ntasks-per-node, or --gpus-per-task=1)", stacklevel=2)
 
 
 def init_distributed(dist_cfg: dict, device_pref: str | None = None) -> DistInfo:
@@ -252,7 +264,7 @@ def init_distributed(dist_cfg: dict, device_pref: str | None = None) -> DistInfo
             kwargs["device_id"] = device
         dist.init_process_group(**kwargs)
         if use_cuda and index is None:  # (ranks sharing a GPU: NCCL's init stops them, 'Duplicate GPU detected')
-            warn_of_idle_gpus(rank, all_gather_object(socket.gethostname()), ndev)
+            warn_of_idle_gpus(rank, all_gather_object((socket.gethostname(), *gpu_ids())))
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device,
                     backend=backend if world > 1 else None)
 

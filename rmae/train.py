@@ -40,7 +40,7 @@ import torch.nn as nn
 from rmae import checkpoint as ckpt
 from rmae import kernels
 from rmae import distributed as rdist
-from rmae.cores import command_name, usable_cores
+from rmae.cores import command_name, cores_per_rank, usable_cores
 from rmae.config import (DATASETS, MODELS, TASKS, ConfigError, arch_defaults_comment, config_identity, dataset_section,
                          legacy_keys_set, load_config, model_section, schedule_warnings, to_yaml)
 from rmae.logging_utils import RunLogger, logger, progress_bar, setup_console
@@ -958,7 +958,7 @@ def train(cfg, require_resume: bool = False) -> dict:
                 log.log(rec)  # with the bar on, above it (console_above)
                 if dinfo.is_main and device.type == "cuda" and step - n > first_step and not warned_data_bound:
                     message = data_bound_warning(rec["data_time"], rec["step_time"], tr["num_workers"],
-                                                 usable_cores(), source)
+                                                 cores_per_rank(), source)
                     if message is not None:  # once a run (data_time is in every log record)
                         warned_data_bound = True
                         warn_and_record(log, "data_bound", message, data_time=rec["data_time"],

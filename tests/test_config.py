@@ -489,19 +489,25 @@ def test_device_must_exist(monkeypatch, capsys):
 
 
 def test_idle_gpus_of_a_node_are_warned_about():
-    """One rank on a node of several GPUs trains on one of them: the first rank of that host says so; ranks that
-    each see GPUs of their own (srun --gpus-per-task=2) or one rank per GPU are no warning."""
+    """GPUs that a host's ranks see but none uses: the first rank of that host says how many (one process on a
+    node of 8 GPUs; tasks given two GPUs each). One rank per GPU, shared or own visibility, is no warning."""
     from rmae import distributed as rdist
 
-    with pytest.warns(UserWarning, match="b runs 1 rank\\(s\\) of 3 but each sees 8 GPUs: 7 stay idle"):
-        rdist.warn_of_idle_gpus(2, ["a", "a", "b"], 8)
+    gpus = [f"GPU-{i}" for i in range(8)]
+    one_task = [("a", gpus[:2], gpus[0]), ("a", gpus[:2], gpus[1]), ("b", gpus, gpus[0])]
+    with pytest.warns(UserWarning, match="b: 7 of the 8 GPUs its 1 rank\\(s\\) see stay idle"):
+        rdist.warn_of_idle_gpus(2, one_task)
+    two_each = [("a", gpus[2 * r:2 * r + 2], gpus[2 * r]) for r in range(4)]
+    with pytest.warns(UserWarning, match="a: 4 of the 8 GPUs its 4 rank\\(s\\) see stay idle"):
+        rdist.warn_of_idle_gpus(0, two_each)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        rdist.warn_of_idle_gpus(1, ["a", "a", "b"], 8)  # not the first rank of its host
+        rdist.warn_of_idle_gpus(1, one_task)  # not the first rank of its host
+        rdist.warn_of_idle_gpus(1, two_each)
         for rank in range(8):
-            rdist.warn_of_idle_gpus(rank, ["a"] * 4 + ["b"] * 4, 2)  # four ranks, two GPUs each
-            rdist.warn_of_idle_gpus(rank, ["a"] * 8, 8)
-        rdist.warn_of_idle_gpus(0, ["a"], 8)  # one process alone (training.device=cuda)
+            rdist.warn_of_idle_gpus(rank, [("a", gpus, gpus[r]) for r in range(8)])  # torchrun: all see all
+            rdist.warn_of_idle_gpus(rank, [("a", [gpus[r]], gpus[r]) for r in range(8)])  # --gpus-per-task=1
+        rdist.warn_of_idle_gpus(0, [("a", gpus, gpus[0])])  # one process alone (training.device=cuda)
 
 
 def test_config_directory_and_empty_file(tmp_path):

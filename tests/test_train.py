@@ -1533,3 +1533,19 @@ def test_a_gpu_waiting_for_its_loader_is_told_what_to_do():
     assert "offline FH masks" in message
     message = data_bound_warning(0.1, 0.25, 15, 16, "offline")
     assert "already uses this rank's 16 cores" in message and "offline FH masks" not in message
+
+
+def test_cores_per_rank_shares_the_node(monkeypatch):
+    """The data-bound advice counts this rank's cores: torchrun's and the spawned ranks share one affinity
+    (LOCAL_WORLD_SIZE of them), Slurm tasks get SLURM_CPUS_PER_TASK."""
+    import rmae.cores as cores
+
+    monkeypatch.setattr(cores, "usable_cores", lambda: 64)
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert cores.cores_per_rank() == 64
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert cores.cores_per_rank() == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "12")
+    assert cores.cores_per_rank() == 12
