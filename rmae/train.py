@@ -852,6 +852,7 @@ def train(cfg, require_resume: bool = False) -> dict:
 
         first_step, in_a_row = step, 0  # in_a_row: the tries of the current update skipped so far
         warned_data_bound = False
+        pinned = device.type == "cuda" and tr["pin_memory"]  # (as the loader's batches)
         console.enter_context(console_above(bar))
         while step < max_update:
             t0 = time.perf_counter()
@@ -863,7 +864,7 @@ def train(cfg, require_resume: bool = False) -> dict:
             # the samples' offsets in the update (their sampler draw minus step * G), and micro-batch m of rank r
             # holds offsets m*b*W + i*W + r. One copy per update, from pinned memory: no stall of the GPU
             noise_rows = step_noise(tr["seed"], step, G, num_patches)[rank::world]
-            noise_rows = noise_rows.contiguous().pin_memory() if device.type == "cuda" else noise_rows
+            noise_rows = noise_rows.contiguous().pin_memory() if pinned else noise_rows
             noise_rows = noise_rows.to(device, non_blocking=True)
             for m in range(A):
                 td = time.perf_counter()
