@@ -668,6 +668,28 @@ def test_missing_mask_names_the_path(tree, tmp_path):
     assert _coco(root)[(0, 0)]["index"].item() == 0
 
 
+def test_undecodable_images_without_masks_are_replaced_not_an_error(tree, tmp_path):
+    """Preprocessing lists an image whose content cannot be decoded and writes no mask for it: the loader's start
+    says so and goes on (training replaces it, as any unreadable image) instead of pointing to the preprocessing
+    command, which fails on it again; a decodable image without a mask is still an error, named alone."""
+    root = _copy_tree(tree, tmp_path)
+    images, masks = root / "coco" / "image" / "train2017", root / "coco" / "image" / "fh_train2017"
+    (images / "000000000001.jpg").write_bytes(b"no image at all")
+    (masks / "000000000001.npy.zst").unlink()
+    with pytest.warns(RuntimeWarning, match=r"1 image\(s\) of coco/train2017 cannot be decoded and have no FH mask: "
+                                            r"\S*train2017/000000000001\.jpg; training replaces each with another"):
+        dataset = _coco(root)
+    bad = next(i for i in range(len(dataset)) if dataset.images.image_file(i).name == "000000000001.jpg")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert dataset[(bad, 0)]["index"].item() != bad  # replaced
+    (masks / "000000000003.npy.zst").unlink()
+    with pytest.warns(RuntimeWarning, match="cannot be decoded"), \
+            pytest.raises(MissingMaskError, match=r"1 of the 6 images of coco/train2017 have no FH mask: \S*"
+                                                  r"fh_train2017/000000000003\.npy\.zst \("):
+        _coco(root)
+
+
 def test_images_sharing_a_mask_name_are_explained(tree, tmp_path):
     """x.jpg and x.png map to one mask, so preprocessing segments neither: the loader refuses them when it starts,
     also when a mask of that name exists (made from one of them, or before the other came: the other trained on a

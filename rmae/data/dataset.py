@@ -47,6 +47,11 @@ REGION_SOURCES = ("offline", "online", "online_crop", "none")
 _MAX_WORKER_SLOTS = 256
 
 
+# Images without a mask that the start-up check decodes to tell undecodable ones (replaced while training) from
+# missing masks; more missing masks than this: an unfinished preprocessing run, an error without decoding them
+MAX_DECODED_AT_START = 64
+
+
 class MissingMaskError(FileNotFoundError):
     """An image without its FH mask file while regions='offline'."""
 
@@ -147,6 +152,16 @@ class RegionDataset(Dataset):
         # it could not list)
         missing = [i for i, key in enumerate(keys) if key not in present
                    and find_mask(self.images.mask_dir(i), self.images.relative(i)) is None]
+        # Images whose content cannot be decoded have no mask (preprocessing lists them and goes on) and are
+        # replaced by others while training, as any unreadable image: a few are decoded here to tell them apart
+        bad = [i for i in missing if self._undecodable(i)] if len(missing) <= MAX_DECODED_AT_START else []
+        if bad:
+            shown = ", ".join(str(self.images.image_file(i)) for i in bad[:5])
+            more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+            warnings.warn(f"{len(bad)} image(s) of {self.images.name} cannot be decoded and have no FH mask: "
+                          f"{shown}{more}; training replaces each with another image (counted in data_errors)",
+                          RuntimeWarning, stacklevel=3)
+            missing = [i for i in missing if i not in set(bad)]
         if missing:
             shown = ", ".join(str(mask_path(self.images.mask_dir(i), self.images.relative(i))) for i in missing[:5])
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -155,6 +170,16 @@ class RegionDataset(Dataset):
                 f"(an unfinished preprocessing run, or images added since). Make them with: "
                 f"{self.images.preprocess_hint} (it skips the masks already made), or use regions='online' / "
                 "'online_crop'.")
+
+    def _undecodable(self, index: int) -> bool:
+        """Whether image ``index`` exists but its content cannot be decoded."""
+        try:
+            self._read_image(index)
+        except CorruptImageError as error:  # (content: the bytes are there but are no image; else a read error)
+            return bool(error.content)
+        except OSError:  # missing (MissingImageError): no bad content to replace, the mask is what is missing
+            return False
+        return False
 
     def _check_shared_mask_names(self, keys: list[tuple[int, bytes]]) -> None:
         """Two images of one folder whose names differ only in the suffix (``x.jpg``, ``x.png``) would read one mask
