@@ -229,14 +229,13 @@ def gather_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[di
 
 
 def save_checkpoint(run_dir: str | os.PathLike, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    step: int, extra: dict[str, Any], keep: int = 2, is_main: bool = True) -> Path | None:
-    """Collective (every rank calls it): gathers the state, rank 0 writes atomically and prunes old files."""
+                    step: int, extra: dict[str, Any], keep: int = 2, is_main: bool = True) -> Path:
+    """Collective (every rank calls it): gathers the state, rank 0 writes atomically and prunes old files; returns
+    the file written."""
     msd, osd = gather_state(model, optimizer)
     rngs = rdist.all_gather_object(rng_state())
 
-    def write() -> Path | None:
-        if not is_main:
-            return None
+    def write() -> Path:
         d = checkpoint_dir(run_dir)
         d.mkdir(parents=True, exist_ok=True)
         path = d / f"ckpt_{step:08d}.pt"
@@ -268,8 +267,7 @@ def save_checkpoint(run_dir: str | os.PathLike, *, model: nn.Module, optimizer: 
             old.unlink(missing_ok=True)
         return path
 
-    # (a failed write - a full disk, a quota - is every rank's error: the others do not go on to wait for rank 0)
-    return rdist.on_every_rank(write)
+    return rdist.from_main_rank(write, is_main)  # (a failed write - a full disk, a quota - is every rank's error)
 
 
 # What checkpoints of earlier rmae versions pickled besides tensors: numpy's RNG key array (plain data).
@@ -358,8 +356,7 @@ def read_latest(run_dir: str | os.PathLike, is_main: bool = True) -> tuple[Path 
     CheckpointError names every file. (None, None, []) when the run has no checkpoint."""
     bad: list[tuple[Path, str]] = []
     # rank 0's listing (another rank may list a node-local folder or a stale one: read_on_all_ranks then says so)
-    listing = rdist.on_every_rank(lambda: list_checkpoints(run_dir) if is_main else None)
-    for path in reversed(rdist.broadcast_object(listing)):
+    for path in reversed(rdist.from_main_rank(lambda: list_checkpoints(run_dir), is_main)):
         try:
             payload = read_on_all_ranks(path)
         except CorruptCheckpoint as e:
@@ -370,11 +367,11 @@ def read_latest(run_dir: str | os.PathLike, is_main: bool = True) -> tuple[Path 
         rdist.barrier()  # every rank has given up on the bad files before rank 0 renames them
 
         def rename_bad() -> None:
-            for p, _ in bad if is_main else ():
+            for p, _ in bad:
                 os.replace(p, p.with_name(p.name + ".corrupt"))
                 logger.warning("resuming from %s; the unreadable %s is renamed %s.corrupt", path, p, p.name)
 
-        rdist.on_every_rank(rename_bad)  # (a rename that fails: every rank's error)
+        rdist.from_main_rank(rename_bad, is_main)  # (a rename that fails: every rank's error)
         return path, payload, [str(p) for p, _ in bad]
     if bad:
         raise CheckpointError(f"no checkpoint in {checkpoint_dir(run_dir)} can be read:\n  "

@@ -320,6 +320,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _sendable(error: Exception) -> Exception:
+    """The exception itself when it survives pickling (one that pickles but cannot be rebuilt - a custom
+    __init__ - would fail on every rank), else a RuntimeError with its type, rank and text."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return RuntimeError(f"{type(error).__name__} on rank {dist.get_rank()}: {error}")
+
+
 def on_every_rank(fn: Callable[[], T]) -> T:
     """``fn()`` on every rank (collective): when it raises on any rank, every rank raises the exception of the
     lowest failing rank, so that no rank goes on into a collective the others never reach (NCCL would wait
@@ -334,17 +344,31 @@ def on_every_rank(fn: Callable[[], T]) -> T:
         if error is not None:
             raise error
         return result
-    sent = error
-    if error is not None:
-        try:  # (one that pickles but cannot be rebuilt - a custom __init__ - would fail on every rank)
-            pickle.loads(pickle.dumps(error))
-        except Exception:
-            sent = RuntimeError(f"{type(error).__name__} on rank {dist.get_rank()}: {error}")
-    gathered = all_gather_object(sent)
+    gathered = all_gather_object(None if error is None else _sendable(error))
     first = next((rank for rank, e in enumerate(gathered) if e is not None), None)
     if first is not None:
         raise error if first == dist.get_rank() else gathered[first]  # (its own: with its traceback)
     return result
+
+
+def from_main_rank(fn: Callable[[], T], is_main: bool) -> T:
+    """``fn()`` on rank 0 only (collective; ``is_main``: this is rank 0): every rank returns its result or raises
+    its exception, so a failed write of rank 0 (a full disk) stops every rank instead of leaving the others
+    waiting for it in their next collective. The result must pickle."""
+    result, error = None, None
+    if is_main:
+        try:
+            result = fn()
+        except Exception as e:  # (KeyboardInterrupt and SystemExit end the process: the launcher stops the others)
+            error = e
+    if not dist.is_initialized():
+        if error is not None:
+            raise error
+        return result
+    sent_result, sent_error = broadcast_object((result, None if error is None else _sendable(error)))
+    if sent_error is not None:
+        raise error if is_main else sent_error  # (its own: with its traceback)
+    return sent_result
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ import torch.nn as nn
 from rmae import checkpoint as ckpt
 from rmae import kernels
 from rmae import distributed as rdist
-from rmae.cores import command_name, cores_per_rank, usable_cores
+from rmae.cores import command_name, cores_per_rank
 from rmae.config import (DATASETS, MODELS, TASKS, ConfigError, arch_defaults_comment, config_identity, dataset_section,
                          legacy_keys_set, load_config, model_section, schedule_warnings, to_yaml)
 from rmae.logging_utils import RunLogger, logger, progress_bar, setup_console
@@ -707,10 +707,9 @@ def train(cfg, require_resume: bool = False) -> dict:
         rdist.on_every_rank(lambda: check_model_config(cfg, meta, resume_from))
         if not tr["resume_file"]:
             rdist.on_every_rank(lambda: check_same_experiment(cfg, meta, resume_from, run_dir))
+
     def set_aside_later_history() -> Path | None:
-        """Rank 0 moves what does not belong to the history this run continues; returns where to."""
-        if not dinfo.is_main:
-            return None
+        """(Rank 0) moves what does not belong to the history this run continues; returns where to."""
         kept_step = history_step(run_dir, resume_from, meta)
         moved = ckpt.set_aside(run_dir, RUN_FILES, keep_up_to=kept_step, later_files=later_run_files)
         tail = None if moved is None else moved / f"log.after_step_{kept_step}.jsonl"
@@ -730,7 +729,7 @@ def train(cfg, require_resume: bool = False) -> dict:
             shutil.copy2(run_dir / "config.yaml", moved / "config.yaml")
         return moved
 
-    moved = rdist.on_every_rank(set_aside_later_history)  # (a failure: every rank's error, no rank left waiting)
+    moved = rdist.from_main_rank(set_aside_later_history, dinfo.is_main)  # (a failure: every rank's error)
     log = RunLogger(run_dir, dinfo.is_main, tr["tensorboard"], tr["tensorboard_logdir"],
                     purge_step=None if meta is None else int(meta["step"]) + 1)
     stop = StopFlag(announce=dinfo.is_main)
@@ -769,8 +768,7 @@ def train(cfg, require_resume: bool = False) -> dict:
                 logger.info("the run is already at step %d of training.max_update=%d: nothing to train (the "
                             "pictures and encoder.safetensors are written again); raise training.max_update to "
                             "train on, or set training.resume=false to start afresh", step, tr["max_update"])
-        # (the write on rank 0 is every rank's outcome: a failure stops all, none waits for rank 0 in a collective)
-        rdist.on_every_rank(lambda: (run_dir / "config.yaml").write_text(to_yaml(cfg)) if dinfo.is_main else None)
+        rdist.from_main_rank(lambda: (run_dir / "config.yaml").write_text(to_yaml(cfg)), dinfo.is_main)
         if dinfo.is_main:
             for k in legacy_keys_set(cfg):
                 logger.warning("config key %s is accepted for compatibility with the original but has no effect", k)
@@ -1034,7 +1032,7 @@ def console_above(bar):
 
 
 def export_now(model, optimizer, run_dir: Path, dinfo) -> str:
-    """``encoder.safetensors`` (timm ViT keys) from the full state, written by rank 0; returns (on rank 0) the
+    """``encoder.safetensors`` (timm ViT keys) from the full state, written by rank 0; returns (on every rank) the
     ``timm.create_model(...)`` call that builds its model, or ``""``."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -1044,19 +1042,17 @@ def export_now(model, optimizer, run_dir: Path, dinfo) -> str:
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def write() -> str:
-        if not dinfo.is_main:
-            return ""
         tmp = run_dir / ".encoder.safetensors.tmp"
         meta = save_encoder(ckpt.clean_state_dict(sd), str(tmp) + ".safetensors", num_heads=model_num_heads(model))
         os.replace(str(tmp) + ".safetensors", run_dir / "encoder.safetensors")
         return timm_call(meta)
 
-    return rdist.on_every_rank(write)  # (a failed write: every rank's error, no rank left waiting for rank 0)
+    return rdist.from_main_rank(write, dinfo.is_main)  # (a failed write: every rank's error)
 
 
 @torch.no_grad()
 def visualize_now(model, raw, cfg, vis_batch, run_dir: Path, step: int, device, autocast, dinfo) -> Path | None:
-    """Collective forward on a fixed batch (every rank), rank 0 writes ``vis/step_XXXXXXXX.png``; returns it there."""
+    """Collective forward on a fixed batch (every rank), rank 0 writes ``vis/step_XXXXXXXX.png``; returns its path."""
     if vis_batch is None:
         return None
     from rmae.visualize import save_visualization
@@ -1077,14 +1073,13 @@ def visualize_now(model, raw, cfg, vis_batch, run_dir: Path, step: int, device, 
     with autocast, torch.compiler.set_stance("force_eager") if sharded else contextlib.nullcontext():
         out = fwd(imgs, regions, noise=noise, mask_ratio=model_section(cfg)["mask_ratio"])
     model.train(was_training)
-    def write() -> Path | None:
-        if not dinfo.is_main:
-            return None
+
+    def write() -> Path:
         path = run_dir / "vis" / f"step_{step:08d}.png"
         save_visualization(path, raw, imgs, regions, out, title=f"step {step}")
         return path
 
-    return rdist.on_every_rank(write)  # (a failed write: every rank's error, no rank left waiting for rank 0)
+    return rdist.from_main_rank(write, dinfo.is_main)  # (a failed write: every rank's error)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1136,7 +1131,7 @@ def _spawned(local_rank: int, world_size: int, port: int, cfg_yaml: str, require
     ctrl_c_as_usual()  # (the rank has loaded this module: see the top)
     rdist.spawn_env(local_rank, world_size, port)
     if "OMP_NUM_THREADS" not in os.environ:  # the ranks share the cores (as torchrun's ranks share one thread each)
-        torch.set_num_threads(max(1, usable_cores() // world_size))
+        torch.set_num_threads(cores_per_rank())  # (over LOCAL_WORLD_SIZE, which spawn_env sets)
     try:
         train(OmegaConf.create(cfg_yaml), require_resume=require_resume)
     except USER_ERRORS as e:  # as on one process: a message and exit status 2, which main() passes on

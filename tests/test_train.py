@@ -1500,11 +1500,12 @@ def test_ranks_agree_on_resume_errors_and_on_files_only_rank_0_sees(tmp_path):
 def test_spawned_ranks_share_the_cores(monkeypatch):
     """Ranks that ``python -m rmae.train`` spawns split the cores between them (each took all of them: four ranks
     on 16 cores ran 64 threads), unless OMP_NUM_THREADS says otherwise; the start record shows the count."""
+    import rmae.cores as cores
     import rmae.train as train_module
 
     seen = []
     monkeypatch.setattr(train_module, "train", lambda cfg, require_resume: seen.append(torch.get_num_threads()))
-    monkeypatch.setattr(train_module, "usable_cores", lambda: 16)
+    monkeypatch.setattr(cores, "usable_cores", lambda: 16)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.setenv(key, "0")  # (spawn_env sets them; restored afterwards)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)

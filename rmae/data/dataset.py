@@ -161,7 +161,7 @@ class RegionDataset(Dataset):
             warnings.warn(f"{len(bad)} image(s) of {self.images.name} cannot be decoded and have no FH mask: "
                           f"{shown}{more}; training replaces each with another image (counted in data_errors)",
                           RuntimeWarning, stacklevel=3)
-            missing = [i for i in missing if i not in set(bad)]
+            missing = sorted(set(missing) - set(bad))
         if missing:
             shown = ", ".join(str(mask_path(self.images.mask_dir(i), self.images.relative(i))) for i in missing[:5])
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
