@@ -269,6 +269,80 @@ def test_edges_are_scikit_image_costs_in_stable_sorted_order(channels):
     np.testing.assert_array_equal(codes, expected_codes)
 
 
+def two_channel_rows(diffs: np.ndarray) -> np.ndarray:
+    """[len(diffs), 2, 2] image whose row r has a right edge of colour difference diffs[r] (from
+    (0, 0)); its diagonals repeat the same squared costs."""
+    image = np.zeros((len(diffs), 2, 2))
+    image[:, 1] = diffs
+    return image
+
+
+def test_distinct_squared_costs_with_one_square_root_go_in_edge_order():
+    """Two sums of squares a few ulps apart can have one square root: equal costs, which numpy's stable
+    argsort keeps in edge order (a sort on the squared costs would not). Cases: both squares under one
+    float32 key, and under two (0x3effffff, 0x3f000000: two buckets of a sort on that key), each with
+    the larger square first in edge order."""
+    same_key = (0.6369616873214543, 0.26978671376386815, 0.2697867137638681)
+    across_buckets = (0.2592919003070348, 0.6578508155607968, 0.6578508155607967)
+    for a, b_large, b_small in (same_key, across_buckets):
+        large, small = a * a + b_large * b_large, a * a + b_small * b_small
+        assert large > small and np.sqrt(large) == np.sqrt(small)  # the premise of the case
+        image = two_channel_rows(np.array([[a, b_large], [a, b_small]]))
+        expected_costs, expected_codes = scikit_image_edge_order(image)
+        sorted_costs, codes = _fh.sorted_edges(image)
+        np.testing.assert_array_equal(codes, expected_codes)
+        np.testing.assert_array_equal(sorted_costs, expected_costs)
+
+
+def test_equal_cost_group_inside_a_run_of_equal_keys_out_of_order():
+    """Equal costs (squares 2 ulps apart) next to a smaller, distinct cost that comes later in edge order,
+    among 27 equal fillers of a nearby cost (a bucket of over 48 edges: the radix path): the smaller
+    cost goes first, the equal ones in edge order."""
+    a = b = 0.8
+    larger_same_root = b + 2 * np.spacing(b)
+    smaller_same_key = b - 1000 * np.spacing(b)
+    filler = np.sqrt(1.26 - a * a)  # same bucket
+    diffs = np.array([(a, b), (a, larger_same_root), (a, smaller_same_key)] + [(a, filler)] * 27)
+    image = np.zeros((1, 2 * len(diffs) + 1, 2))
+    image[0, 1::2] = diffs
+    expected_costs, expected_codes = scikit_image_edge_order(image)
+    sorted_costs, codes = _fh.sorted_edges(image)
+    np.testing.assert_array_equal(codes, expected_codes)
+    np.testing.assert_array_equal(sorted_costs, expected_costs)
+    for scale in (0, 1e-3):
+        assert same_partition(fh.felzenszwalb(image, scale, 0, 3), reference(image, scale, 0, 3))
+
+
+def test_edge_order_with_many_groups_of_equal_costs_from_distinct_squares():
+    """Hundreds of rows whose squared costs sit a few ulps apart, some around float32 rounding points
+    (equal costs whose squares float32 rounds apart), shuffled, also scaled beyond float32's range,
+    into its subnormals and under them: the order is numpy's stable argsort of the costs."""
+    rng = np.random.default_rng(11)
+    diffs = []
+    for target in rng.random(40).tolist() + [0.5, 0.3, 0.25, 0.75, 1.5]:
+        below = float(np.nextafter(np.float32(target), np.float32(0)))
+        midpoint = (below + float(np.float32(target))) / 2  # float32 rounds squares on either side apart
+        for centre in (target, midpoint):
+            a = rng.random() * np.sqrt(centre)
+            b = np.sqrt(centre - a * a)
+            for step in rng.integers(-12, 13, size=8):
+                diffs.append((a, b + step * np.spacing(b)))
+    diffs = np.array(diffs)[rng.permutation(len(diffs))]
+    image = two_channel_rows(diffs)
+    squares = np.sort(np.sum(diffs * diffs, axis=-1))
+    same_root = (np.diff(np.sqrt(squares)) == 0) & (np.diff(squares) != 0)
+    keys = squares.astype(np.float32).view(np.uint32).astype(np.int64)
+    assert same_root.sum() >= 20 and (same_root & (np.diff(keys) != 0)).sum() >= 1  # the cases are there
+    for magnitude in (1, 1e20, 1e-21, 1e-25):  # squared costs beyond float32's range, subnormal, under it
+        scaled = image * magnitude
+        expected_costs, expected_codes = scikit_image_edge_order(scaled)
+        sorted_costs, codes = _fh.sorted_edges(scaled)
+        np.testing.assert_array_equal(codes, expected_codes)
+        np.testing.assert_array_equal(sorted_costs, expected_costs)
+    for scale in (0.5, 3, 50):
+        assert same_partition(fh.felzenszwalb(image, scale, 0, 2), reference(image, scale, 0, 2))
+
+
 def test_gaussian_weights_are_scipys_kernel():
     from scipy.ndimage._filters import _gaussian_kernel1d
 
