@@ -33,7 +33,8 @@ _ZSTD_LEVEL = 3
 
 
 class MaskError(ValueError):
-    """A mask file that cannot be read or does not hold label maps."""
+    """A mask file that cannot be read or does not hold label maps (or, raised by the dataset, whose maps do not fit
+    their image or the recipe: training replaces such a sample and counts it)."""
 
 
 def folder_params(mask_dir: str | os.PathLike) -> dict:

@@ -274,19 +274,20 @@ class RegionDataset(Dataset):
         index, rng = self._rng(key)
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images")
+        last_error = None
         for replaced in range(self.max_retries):
             try:
                 sample = self._load(index, rng)
             except (CorruptImageError, MaskError) as error:
                 self._skip(error, index)
-                index = int(rng.integers(len(self)))
+                index, last_error = int(rng.integers(len(self))), error
                 continue
             # the unreadable images skipped for this sample: counted with the batch it reaches (a worker's shared
             # count also holds the batches it has read ahead)
             sample["replaced"] = torch.tensor(replaced, dtype=torch.int64)
             return sample
-        raise RuntimeError(
-            f"{self.max_retries} consecutive unreadable samples in {self.images.name}; last index {index}. "
+        raise ValueError(  # (a data error: training stops with this message, exit status 2)
+            f"{self.max_retries} consecutive unreadable samples in {self.images.name}, the last: {last_error}. "
             "Check the dataset files."
         )
 
@@ -340,9 +341,10 @@ class RegionDataset(Dataset):
             self._check_scales(labels, found, index)
             width, height = image_size
             if labels.shape[1:] != (height, width):
-                raise ValueError(
+                raise MaskError(
                     f"mask {found} is {labels.shape[2]}x{labels.shape[1]} (WxH) but image "
-                    f"{self.images.image_file(index)} is {width}x{height}: the mask was made from another image"
+                    f"{self.images.image_file(index)} is {width}x{height}: the mask was made from another image. "
+                    f"Remake it with: {self.images.command(index)} --verify"
                 )
         return labels, found
 
@@ -371,7 +373,7 @@ class RegionDataset(Dataset):
         expected = len(self.fh.scales)
         if labels.shape[0] != expected:
             scales = ", ".join(f"{s:g}" for s in self.fh.scales)
-            raise ValueError(
+            raise MaskError(
                 f"mask {found} holds {labels.shape[0]} FH scale(s) but the recipe has {expected} ({scales}): "
                 f"it was made with another recipe. Regenerate the bad masks with: {self.images.command(index)} "
                 "--verify (or --overwrite to recompute them all), or use regions='online' / 'online_crop'."
@@ -414,8 +416,11 @@ class RegionDataset(Dataset):
                 try:
                     compact, counts = relabel_crop(labels, ys, xs)
                 except ValueError as error:  # labels out of range, too many segments: name the file
-                    raise ValueError(f"mask {label_source or 'of ' + str(self.images.image_file(index))}: {error}; "
-                                     "FH masks hold labels 0..n-1 (rmae.preprocess --verify checks them)") from None
+                    message = (f"mask {label_source or 'of ' + str(self.images.image_file(index))}: {error}; FH masks "
+                               "hold labels 0..n-1 (rmae.preprocess --verify checks them)")
+                    if label_source is None:  # labels computed here, not read from a file: no file to replace
+                        raise ValueError(message) from None
+                    raise MaskError(message) from None
             keep = None
             if self.min_region_patches > 1:
                 keep = region_patch_counts(compact, counts, self.patch_size) >= self.min_region_patches
