@@ -421,7 +421,8 @@ DATA_BOUND_SHARE = 0.2  # of an update's time spent waiting for the loader, in a
 
 def data_bound_warning(data_time: float, step_time: float, num_workers: int, cores: int,
                        source: str) -> str | None:
-    """The warning for a GPU rank that waits for its loader (seconds per update, in one log window), or None.
+    """The warning for a GPU rank that waits for its loader (seconds per update, in one log window: the wait for
+    each update's first micro-batch, which the GPU surely shares), or None.
     ``source``: where the regions come from (``region_source``). On the CPU the loader's workers and the
     training share the cores, so more workers is no remedy there."""
     if step_time <= 0 or data_time <= DATA_BOUND_SHARE * step_time:
@@ -822,7 +823,10 @@ def train(cfg, require_resume: bool = False) -> dict:
         losses: list[float] = []
         # the log window's sums over its updates (a skipped try is none: its time counts into the next update's)
         # ("timed": the updates whose time is in data and step: not the run's first one in a longer window)
-        win = dict.fromkeys(("loss", "mae_loss", "region_loss", "grad_norm", "n", "data", "step", "timed"), 0.0)
+        # data: waiting for the loader; data_idle: the part of it the GPU surely waits too (the first micro-batch's:
+        # while a later one is fetched, the GPU still runs the micro-batches already launched)
+        win = dict.fromkeys(("loss", "mae_loss", "region_loss", "grad_norm", "n", "data", "data_idle", "step", "timed"),
+                            0.0)
         vis_every = tr["visualize_interval"]
         interrupted = None
         errors = errors_before  # unreadable images skipped for the samples trained on so far, all ranks
@@ -854,7 +858,7 @@ def train(cfg, require_resume: bool = False) -> dict:
         console.enter_context(console_above(bar))
         while step < max_update:
             t0 = time.perf_counter()
-            t_data = 0.0
+            t_data = t_data_idle = 0.0
             scheduler.set(step)
             acc = torch.zeros(3, dtype=torch.float32, device=device)  # loss, mae_loss, region_loss (means)
             replaced = 0  # unreadable images this rank's micro-batches skipped
@@ -868,6 +872,7 @@ def train(cfg, require_resume: bool = False) -> dict:
                 td = time.perf_counter()
                 batch = next_batch(it)
                 t_data += time.perf_counter() - td
+                t_data_idle = t_data if m == 0 else t_data_idle
                 replaced += int(batch["replaced"].sum()) if "replaced" in batch else 0
                 images, regions = to_device(batch, device, num_region)
                 noise = noise_rows[m * b:(m + 1) * b]
@@ -916,6 +921,7 @@ def train(cfg, require_resume: bool = False) -> dict:
                     "with a lower optimizer.params.lr, training.max_norm > 0 or training.use_fp16=bfloat16 instead "
                     "of float16")
             win["data"] += t_data
+            win["data_idle"] += t_data_idle
             win["step"] += time.perf_counter() - t0  # (a skipped try's time counts into the update's)
             if not finite:  # as the original: the update is tried again on the next batch, and a skipped try
                 if flags[4].item() > 0:  # counts neither towards max_update nor in the lr schedule
@@ -939,7 +945,7 @@ def train(cfg, require_resume: bool = False) -> dict:
             if step == first_step + 1 and step % tr["log_interval"] and step != max_update:
                 # the first update carries the start-up (the loader's workers, the compilation): the rates and times
                 # of its window are those of the updates after it
-                win["data"] = win["step"] = win["timed"] = 0.0
+                win["data"] = win["data_idle"] = win["step"] = win["timed"] = 0.0
                 t_log = time.perf_counter()
             if step % tr["log_interval"] == 0 or step == max_update:
                 n, timed = win["n"], win["timed"]
@@ -956,7 +962,7 @@ def train(cfg, require_resume: bool = False) -> dict:
                             "skipped": skipped, "data_errors": errors})
                 log.log(rec)  # with the bar on, above it (console_above)
                 if dinfo.is_main and device.type == "cuda" and step - n > first_step and not warned_data_bound:
-                    message = data_bound_warning(rec["data_time"], rec["step_time"], tr["num_workers"],
+                    message = data_bound_warning(win["data_idle"] / timed, rec["step_time"], tr["num_workers"],
                                                  cores_per_rank(), source)
                     if message is not None:  # once a run (data_time is in every log record)
                         warned_data_bound = True
