@@ -236,12 +236,24 @@ def _decoded_differently(image_file: Path) -> bool:
         return False
 
 
+def _own_files(out: Path, keep) -> list[Path]:
+    """The files under mask folder ``out`` whose names ``keep`` accepts, not looking into subfolders that are mask
+    folders of their own (a ``PARAMS_FILE`` or a run's ``LOCK_FILE``: another run's masks, never this one's)."""
+    found = []
+    for folder, subfolders, files in os.walk(out):
+        found += [Path(folder, name) for name in files if keep(name)]
+        subfolders[:] = [name for name in subfolders if not any(
+            os.path.lexists(os.path.join(folder, name, marker)) for marker in (PARAMS_FILE, LOCK_FILE))]
+    return found
+
+
 def _finish_redo(out: Path, recipe: FHRecipe, listed: set[Path] | None = None) -> None:
     """Records that every mask in ``out`` is now the recipe's (the redo is complete). After a redo (``listed``: the
     masks of the images listed now), the other masks first go: the old recipe's masks of images no longer in the
-    folder, which would otherwise be taken as done should such an image come back."""
+    folder, which would otherwise be taken as done should such an image come back (not in subfolders that are mask
+    folders of their own)."""
     if listed is not None:
-        for mask_file in out.rglob(f"*{MASK_SUFFIX}"):
+        for mask_file in _own_files(out, lambda name: name.endswith(MASK_SUFFIX)):
             if mask_file not in listed:
                 mask_file.unlink(missing_ok=True)
     _write_params(out, _recipe_params(recipe))
@@ -349,8 +361,8 @@ def preprocess(
 
 def _preprocess(images: Path, out: Path, recipe: FHRecipe, workers: int, verify: bool, overwrite: bool) -> dict:
     redo_since, old_decode = _check_params(out, recipe, overwrite, images)
-    for stale in out.rglob(f".*{MASK_SUFFIX}*.tmp"):  # left by a run killed mid-write
-        stale.unlink(missing_ok=True)
+    for stale in _own_files(out, lambda name: name.startswith(".") and name.endswith(".tmp") and MASK_SUFFIX in name):
+        stale.unlink(missing_ok=True)  # left by a run killed mid-write (not another run's, in a folder of its own)
     relative_paths, broken_links, unlistable = scan_images(images)
     not_segmented = [(relative, "broken symbolic link (its target does not exist or cannot be reached)")
                      for relative in broken_links]
@@ -490,10 +502,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.out.exists() and not args.out.is_dir():
             parser.error(f"--out {args.out} exists and is not a folder")
         out_dir, image_dir = args.out.resolve(), args.images.resolve()
-        if out_dir == image_dir or image_dir in out_dir.parents:
-            parser.error(f"--out {args.out} is {'--images' if out_dir == image_dir else 'inside --images'} "
-                         f"{args.images}: the masks would mix with the images; give a folder beside it (COCO's "
-                         "layout: image/train2017 and image/fh_train2017)")
+        if out_dir == image_dir or image_dir in out_dir.parents or out_dir in image_dir.parents:
+            where = ("--images" if out_dir == image_dir else "inside --images" if image_dir in out_dir.parents
+                     else "a folder that holds --images")
+            parser.error(f"--out {args.out} is {where} {args.images}: the masks would mix with the images (and an "
+                         "--overwrite run, which removes the masks of images no longer listed, with other folders' "
+                         "masks); give a folder beside it (COCO's layout: image/train2017 and image/fh_train2017)")
         images, out, base = args.images, args.out, RECIPES["coco"]
     elif args.dataset is not None:
         if args.split is None:

@@ -295,6 +295,28 @@ def tiny(path: Path, seed: int, size=(8, 10)) -> Path:
     return path
 
 
+def test_an_overwrite_run_never_removes_other_mask_folders_masks(tmp_path, capsys):
+    """--overwrite removes the masks of images no longer listed, never those of another mask folder: an --out that
+    holds the image folder (and so its sibling mask folders) is refused, and a mask folder of its own inside --out
+    (its recipe record or a run's lock) is left alone, as are the temporary files of a run writing into it."""
+    for name in ("a", "b"):
+        tiny(tmp_path / "setA" / f"{name}.png", 1)
+        tiny(tmp_path / "setB" / f"{name}.png", 2)
+    assert main(["--images", str(tmp_path / "setB"), "--out", str(tmp_path / "fh_setB")]) == 0
+    with pytest.raises(SystemExit) as exit_info:  # the helper's case: every mask of fh_setB was deleted
+        main(["--images", str(tmp_path / "setA"), "--out", str(tmp_path), "--overwrite", "--scales", "1000"])
+    assert exit_info.value.code == 2 and "a folder that holds --images" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "fh_setB").glob("*.npy.zst")) == ["a.npy.zst", "b.npy.zst"]
+    masks = tmp_path / "masks"
+    assert main(["--images", str(tmp_path / "setB"), "--out", str(masks / "other")]) == 0
+    in_flight = masks / "other" / ".a.npy.zst.123.tmp"
+    in_flight.write_bytes(b"a write in progress")
+    assert main(["--images", str(tmp_path / "setA"), "--out", str(masks)]) == 0
+    assert main(["--images", str(tmp_path / "setA"), "--out", str(masks), "--overwrite", "--scales", "1000"]) == 0
+    assert sorted(p.name for p in (masks / "other").glob("*.npy.zst")) == ["a.npy.zst", "b.npy.zst"]
+    assert in_flight.exists() and load_labels(masks / "a.npy.zst").shape[0] == 1
+
+
 def test_killed_overwrite_is_resumed_and_its_old_masks_never_count_as_done(tmp_path, monkeypatch, capsys):
     from rmae.data import DataConfig, MaskRecipeError, build_dataset
 
