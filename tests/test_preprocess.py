@@ -317,6 +317,53 @@ def test_an_overwrite_run_never_removes_other_mask_folders_masks(tmp_path, capsy
     assert in_flight.exists() and load_labels(masks / "a.npy.zst").shape[0] == 1
 
 
+def test_memory_gate_runs_segmentations_in_turn_within_the_budget():
+    """Reservations beyond the budget wait, in the order they asked (a large one is not overtaken for ever by small
+    ones that would fit); one larger than the whole budget is refused."""
+    import threading
+
+    gate = preprocess_module.MemoryGate(100)
+    entered, release = [], {name: threading.Event() for name in "abc"}
+
+    def job(name: str, nbytes: int) -> None:
+        with gate.reserve(nbytes, name):
+            entered.append(name)
+            release[name].wait(10)
+
+    threads = {}
+    for name, nbytes in (("a", 60), ("b", 60), ("c", 30)):
+        threads[name] = threading.Thread(target=job, args=(name, nbytes))
+        threads[name].start()
+        time.sleep(0.2)
+    assert entered == ["a"]  # b does not fit beside a; c would, but b asked first
+    release["a"].set()
+    threads["a"].join(10)
+    time.sleep(0.2)
+    assert entered == ["a", "b", "c"]  # 60 + 30 fit together
+    for name in "bc":
+        release[name].set()
+        threads[name].join(10)
+    with pytest.raises(preprocess_module.ImageTooLargeError, match=r"big needs about 0 MiB to segment, more than"):
+        with gate.reserve(101, "big"):
+            pass
+    with preprocess_module.MemoryGate(None).reserve(10**15, "anything"):  # memory unknown: no limit
+        pass
+
+
+def test_an_image_too_large_for_the_memory_is_a_failure_not_the_end_of_the_run(tmp_path, monkeypatch, capsys):
+    """An image whose segmentation alone would need more memory than the machine has (a small PNG of 13000x13000
+    pixels needs about 54 GB) is listed as a failure before it is decoded; the others are segmented."""
+    tiny(tmp_path / "images" / "small.png", 1)
+    tiny(tmp_path / "images" / "large.png", 2, size=(100, 120))
+    monkeypatch.setattr(preprocess_module, "available_memory", lambda: 2 * 10**6)  # 1.7 MB for FH; large needs 3.8
+    assert main(["--images", str(tmp_path / "images"), "--out", str(tmp_path / "fh")]) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"failed \S*large\.png: ImageTooLargeError: \S*large\.png \(120x100 pixels, 3 FH scale\(s\)\) "
+                     r"needs about 4 MiB to segment, more than the 2 MiB this run may use", err), err
+    assert (tmp_path / "fh" / "small.npy.zst").exists() and not (tmp_path / "fh" / "large.npy.zst").exists()
+    assert "large.png" in (tmp_path / "fh" / "preprocess_failures.tsv").read_text()
+
+
 def test_killed_overwrite_is_resumed_and_its_old_masks_never_count_as_done(tmp_path, monkeypatch, capsys):
     from rmae.data import DataConfig, MaskRecipeError, build_dataset
 
