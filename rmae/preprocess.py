@@ -303,10 +303,37 @@ def _check_params(out: Path, recipe: FHRecipe, overwrite: bool, images: Path) ->
                 f"    {folder_command(images.resolve(), elsewhere, recipe)}\n"
                 "or add --overwrite to recompute every mask in this folder.")
         return redo_since, decode < DECODE_VERSION
+    if not overwrite and not (out / PARAMS_FILE).exists():
+        _check_unrecorded_masks(out, recipe)
     out.mkdir(parents=True, exist_ok=True)
     redo_since = _file_system_now(out) if overwrite else None
     _write_params(out, wanted if redo_since is None else {**wanted, REDO_KEY: redo_since})
     return redo_since, False
+
+
+def _check_unrecorded_masks(out: Path, recipe: FHRecipe, looked_at: int = 3) -> None:
+    """Masks already in a folder without a recipe record (copied without it, made by hand) would count as done
+    for this recipe: a few are read, and another number of scales is refused (PreprocessError); the same number
+    is taken as this recipe's, with a note (no file tells more)."""
+    masks = []
+    for folder, files in _walk_own(out):
+        masks += [Path(folder, name) for name in sorted(files) if name.endswith(MASK_SUFFIX)][: looked_at - len(masks)]
+        if len(masks) >= looked_at:
+            break
+    for mask_file in masks:
+        try:
+            scales = load_labels(mask_file).shape[0]
+        except (MaskError, OSError):  # unreadable: --verify remakes such a mask
+            continue
+        if scales != len(recipe.scales):
+            raise PreprocessError(
+                f"{out} holds masks but no record of their FH recipe ({PARAMS_FILE}), and {mask_file} has "
+                f"{scales} scale(s), not the {len(recipe.scales)} of FH {recipe.describe()}: they would count as "
+                "done. Give another --out, or add --overwrite to recompute every mask in this folder.")
+    if masks:
+        print(_shown(f"note: {out} holds masks but no record of their FH recipe ({PARAMS_FILE}); they are taken as "
+                     f"FH {recipe.describe()}'s (their number of scales matches; --overwrite recomputes them)"),
+              file=sys.stderr)
 
 
 def _decoded_differently(image_file: Path) -> bool:
@@ -322,15 +349,18 @@ def _decoded_differently(image_file: Path) -> bool:
         return False
 
 
-def _own_files(out: Path, keep) -> list[Path]:
-    """The files under mask folder ``out`` whose names ``keep`` accepts, not looking into subfolders that are mask
-    folders of their own (a ``PARAMS_FILE`` or a run's ``LOCK_FILE``: another run's masks, never this one's)."""
-    found = []
+def _walk_own(out: Path):
+    """(folder, file names) of mask folder ``out`` and its subfolders, but not of subfolders that are mask folders
+    of their own (a ``PARAMS_FILE`` or a run's ``LOCK_FILE``: another run's masks, never this one's)."""
     for folder, subfolders, files in os.walk(out):
-        found += [Path(folder, name) for name in files if keep(name)]
         subfolders[:] = [name for name in subfolders if not any(
             os.path.lexists(os.path.join(folder, name, marker)) for marker in (PARAMS_FILE, LOCK_FILE))]
-    return found
+        yield folder, files
+
+
+def _own_files(out: Path, keep) -> list[Path]:
+    """The files of mask folder ``out`` (``_walk_own``) whose names ``keep`` accepts."""
+    return [Path(folder, name) for folder, files in _walk_own(out) for name in files if keep(name)]
 
 
 def _finish_redo(out: Path, recipe: FHRecipe, listed: set[Path] | None = None) -> None:

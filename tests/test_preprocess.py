@@ -364,6 +364,26 @@ def test_an_image_too_large_for_the_memory_is_a_failure_not_the_end_of_the_run(t
     assert "large.png" in (tmp_path / "fh" / "preprocess_failures.tsv").read_text()
 
 
+def test_masks_without_a_recipe_record_of_another_scale_count_are_refused(tmp_path, capsys):
+    """Masks copied without their folder's recipe record: another number of scales would count as done for this
+    recipe (and be written down as it), so the run is refused; the same number is used, with a note."""
+    for name in ("a", "b"):
+        tiny(tmp_path / "images" / f"{name}.png", 3)
+    assert main(["--images", str(tmp_path / "images"), "--out", str(tmp_path / "one"), "--scales", "300"]) == 0
+    for copy in ("copy", "copy3"):
+        (tmp_path / copy).mkdir()
+    for mask in (tmp_path / "one").glob("*.npy.zst"):
+        (tmp_path / "copy" / mask.name).write_bytes(mask.read_bytes())
+    capsys.readouterr()
+    assert main(["--images", str(tmp_path / "images"), "--out", str(tmp_path / "copy")]) == 2
+    assert re.search(r"copy holds masks but no record of their FH recipe \(fh_params\.json\), and \S*\.npy\.zst has 1 "
+                     r"scale\(s\), not the 3 of FH scales 500,1000,1500", capsys.readouterr().err)
+    assert not (tmp_path / "copy" / "fh_params.json").exists()
+    assert main(["--images", str(tmp_path / "images"), "--out", str(tmp_path / "copy"), "--scales", "700"]) == 0
+    assert "note: " in capsys.readouterr().err and load_labels(tmp_path / "copy" / "a.npy.zst").shape[0] == 1
+    assert main(["--images", str(tmp_path / "images"), "--out", str(tmp_path / "copy3"), "--overwrite"]) == 0
+
+
 def test_killed_overwrite_is_resumed_and_its_old_masks_never_count_as_done(tmp_path, monkeypatch, capsys):
     from rmae.data import DataConfig, MaskRecipeError, build_dataset
 
