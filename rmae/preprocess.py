@@ -24,8 +24,10 @@ if __name__ == "__main__":  # python -m rmae.preprocess: a Ctrl-C while the libr
 import argparse
 import collections
 import contextlib
+import errno
 import json
 import os
+import signal
 import stat
 import sys
 import threading
@@ -403,16 +405,19 @@ def _tsv_field(text: str) -> str:
 
 def _write_failures(failures_file: Path, failures: list[tuple[str, str]]) -> bool:
     """Writes (atomically) or removes the failures file; False (and the list on stderr) when it cannot be written."""
+    tmp = failures_file.with_name(failures_file.name + ".tmp")
     try:
         if not failures:
-            failures_file.unlink(missing_ok=True)
+            if os.path.lexists(failures_file):  # (a read-only folder refuses even the removal of nothing)
+                failures_file.unlink()
             return True
-        tmp = failures_file.with_name(failures_file.name + ".tmp")
         text = "".join(f"{_tsv_field(path)}\t{_tsv_field(reason)}\n" for path, reason in sorted(failures))
         tmp.write_text(text, encoding="utf-8", errors="surrogateescape")  # file names as their bytes
         os.replace(tmp, failures_file)
         return True
     except OSError as error:
+        with contextlib.suppress(OSError):  # a disk full half way: no partial file left behind
+            tmp.unlink(missing_ok=True)
         print(_shown(f"warning: cannot write {failures_file} ({error}); the failures:"), file=sys.stderr)
         for path, reason in sorted(failures):
             print(_shown(f"  {path}: {reason}"), file=sys.stderr)
@@ -512,11 +517,14 @@ def _preprocess(images: Path, out: Path, recipe: FHRecipe, workers: int, verify:
     lock = threading.Lock()
     counts = {"written": 0, "skipped": skipped, "regenerated": 0, "unchecked": 0}
     available = available_memory()
+    disk_full = threading.Event()
     gate = MemoryGate(None if available is None else int(0.85 * available))
 
     def work(job: tuple[Path, Path, bool]) -> None:
         nonlocal bad_images
         image_file, mask_file, existing = job
+        if disk_full.is_set():
+            return
         try:
             if existing:
                 problem = _check_mask(mask_file, image_file, recipe) if verify else None
@@ -531,6 +539,8 @@ def _preprocess(images: Path, out: Path, recipe: FHRecipe, workers: int, verify:
             with gate.reserve(*_segmentation_bytes(image_file, recipe)):
                 _segment_one(image_file, mask_file, recipe)
         except Exception as error:  # one image fails (bad file, name too long, MemoryError, ...), not the run
+            if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+                disk_full.set()  # every later mask would fail the same way: the run stops
             if existing:
                 with lock:
                     counts["unchecked"] += 1  # its existing mask may still be of the older decoding
@@ -549,9 +559,18 @@ def _preprocess(images: Path, out: Path, recipe: FHRecipe, workers: int, verify:
         with lock:
             counts["regenerated" if existing else "written"] += 1  # (the categories add up to the images)
 
-    with ThreadPoolExecutor(max_workers=workers) as pool, \
-            progress_bar(len(jobs), 0, True, desc=_shown(f"FH {out.name}"), unit="img", every=30.0) as progress:
-        _run_bounded(pool, work, jobs, limit=4 * workers, on_done=progress.update)
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        with progress_bar(len(jobs), 0, True, desc=_shown(f"FH {out.name}"), unit="img", every=30.0) as progress:
+            _run_bounded(pool, work, jobs, limit=4 * workers, on_done=progress.update)
+    except BaseException:  # Ctrl-C, SIGTERM: the images being segmented finish (atomic writes), the queued do not
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+    if disk_full.is_set():
+        _write_failures(out / FAILURES_FILE, failures)
+        raise PreprocessError(f"the disk holding {out} is full: the masks written so far are kept; free some space "
+                              "and run the same command again to continue")
     if redo_since is not None and not unlistable:  # an unlisted folder may still hold old masks
         _finish_redo(out, recipe, {mask_path(out, relative) for relative in relative_paths + broken_links})
     elif old_decode and not unlistable and not counts["unchecked"]:  # every mask is now of the current decoding
@@ -584,6 +603,14 @@ def _parse_numbers(text: str, kind: type) -> tuple:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers (one per scale, none left empty), "
                                          f"got {text!r}")
     return numbers
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler stopping the job, ``kill``), handled as Ctrl-C."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -657,16 +684,22 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--sigma {chosen.sigma:g} is too large: its Gaussian kernel cannot be built "
                      f"({type(error).__name__}: {error})")
 
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         summary = preprocess(images, out, chosen, args.workers, verify=args.verify, overwrite=args.overwrite)
     # the mask folder cannot be made or written (read-only, a file in the way, ...), holds another recipe's masks
     except (OSError, PreprocessError) as error:
         print(_shown(f"error: {error}"), file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: every mask written is complete (atomic writes), the rest is redone
-        print("\ninterrupted: the masks written so far are kept; run the same command again to continue",
+    except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM: every mask written is complete (atomic writes)
+        what = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
+        print(f"\n{what}: the masks written so far are kept; run the same command again to continue",
               file=sys.stderr)
-        return 130
+        return 143 if isinstance(stop, Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     print(_shown(
         f"{summary['images']} images: {summary['written']} written, {summary['skipped_existing']} already done"
         f"{' (verified)' if args.verify else ''}, "

@@ -1,4 +1,5 @@
 """python -m rmae.preprocess, the mask files and image decoding, on temporary dataset trees."""
+import errno
 import io
 import json
 import os
@@ -102,6 +103,30 @@ def test_killed_run_resumes_to_complete_correct_masks(tmp_path):
     for i in range(24):
         np.testing.assert_array_equal(load_labels(out / f"{i:03d}.npy.zst"), expected_masks(images / f"{i:03d}.png"))
     assert not list(out.glob(".*.tmp"))
+
+
+def test_sigterm_stops_soon_with_a_message_and_the_rerun_completes(tmp_path):
+    """SIGTERM (a Slurm job's end, kill) is handled as Ctrl-C: the images being segmented finish, the queued ones
+    are dropped (no waiting for them), the run says what happened and exits with 143."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(24):
+        Image.fromarray(photo(["astronaut", "coffee", "chelsea"][i % 3], (360, 480))).save(images / f"{i:03d}.png")
+    out = tmp_path / "masks"
+    command = [sys.executable, "-m", "rmae.preprocess", "--images", str(images), "--out", str(out), "--workers", "2"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list(out.glob("*.npy.zst"))) < 2:
+        time.sleep(0.01)
+    done = len(list(out.glob("*.npy.zst")))
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err
+    assert "terminated (SIGTERM): the masks written so far are kept; run the same command again" in err
+    assert "Traceback" not in err
+    assert len(list(out.glob("*.npy.zst"))) <= done + 2 + 1  # and the 2 being made (+1: timing), not the 8 queued
+    assert subprocess.run(command, capture_output=True).returncode == 0
+    assert len(list(out.glob("*.npy.zst"))) == 24 and not list(out.glob(".*.tmp"))
 
 
 def test_imagenet_layout_and_recipe(tmp_path):
@@ -650,6 +675,49 @@ def test_failures_file_that_cannot_be_written_still_reports(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "cannot write" in captured.err and "bad.png" in captured.err
     assert "1 written" in captured.out and "1 failed" in captured.out and "listed in" not in captured.out
+
+
+def test_failures_file_writes_leave_nothing_behind_and_a_read_only_folder_is_fine(tmp_path, monkeypatch, capsys):
+    """A failures list whose write fails half way (a full disk) leaves no temporary file; a run without failures in
+    a read-only folder, which refuses even the removal of a file that is not there, says nothing."""
+    listed = tmp_path / "preprocess_failures.tsv"
+
+    def full_disk(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(preprocess_module.os, "replace", full_disk)
+    assert not preprocess_module._write_failures(listed, [("a.png", "bad")])
+    assert "cannot write" in capsys.readouterr().err and not list(tmp_path.iterdir())
+    monkeypatch.undo()
+
+    def read_only(self, missing_ok=False):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    assert preprocess_module._write_failures(listed, []) and capsys.readouterr().err == ""
+
+
+def test_a_full_disk_stops_the_run_instead_of_failing_every_image(tmp_path, monkeypatch, capsys):
+    """Once a mask cannot be written for lack of space, every later one would fail the same way after its
+    segmentation: the run stops (exit 2), keeping the masks written, and says what to do."""
+    for i in range(8):
+        tiny(tmp_path / "in" / f"{i}.png", i)
+    segment_one, calls = preprocess_module._segment_one, []
+
+    def until_full(image_file, mask_file, recipe):
+        calls.append(image_file)
+        if len(calls) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        segment_one(image_file, mask_file, recipe)
+
+    monkeypatch.setattr(preprocess_module, "_segment_one", until_full)
+    assert main(["--images", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--workers", "1"]) == 2
+    assert re.search(r"error: the disk holding \S*out is full: the masks written so far are kept; free some space "
+                     r"and run the same command again", capsys.readouterr().err)
+    assert len(calls) == 3 and len(list((tmp_path / "out").glob("*.npy.zst"))) == 2
+    monkeypatch.undo()
+    assert main(["--images", str(tmp_path / "in"), "--out", str(tmp_path / "out")]) == 0
+    assert len(list((tmp_path / "out").glob("*.npy.zst"))) == 8
 
 
 @pytest.mark.parametrize("content", ['{"scales": [500.0', "[]", "\xff"])
