@@ -150,13 +150,15 @@ def _parse_npy(raw) -> np.ndarray:
     return array.reshape(shape, order="F" if fortran else "C")
 
 
-def load_labels(source: str | os.PathLike | bytes | memoryview, name: str | os.PathLike | None = None) -> np.ndarray:
+def load_labels(source: str | os.PathLike | bytes | memoryview, name: str | os.PathLike | None = None,
+                max_bytes: int | None = None) -> np.ndarray:
     """Labels [S, H, W] from our ``.npy.zst`` (uint16) or the original's ``.npy`` (uint8) file.
 
     ``source`` is a path, or the file's bytes (e.g. from an in-memory cache) with ``name`` naming the
     file in messages; the Zstandard magic number tells ours from an NPY stream. Zstandard decompresses
     straight into the array's buffer, so the result may be read-only. Raises FileNotFoundError for a
-    missing file and MaskError for an unreadable (or empty) one.
+    missing file and MaskError for an unreadable (or empty) one, or for one whose contents exceed
+    ``max_bytes`` (when given: a foreign file that would decompress to gigabytes is refused unread).
     """
     in_memory = isinstance(source, (bytes, bytearray, memoryview))
     if name is None:
@@ -165,21 +167,38 @@ def load_labels(source: str | os.PathLike | bytes | memoryview, name: str | os.P
         raw = source if in_memory else Path(source).read_bytes()
         if len(raw) == 0:
             raise MaskError(f"mask file {name} is empty (0 bytes); rmae.preprocess --verify makes it again")
+        too_large = f"mask file {name} holds more than {max_bytes} bytes, more than a mask of its image"
         if bytes(raw[:4]) == _ZSTD_MAGIC:  # ours (whatever the case of the suffix); else an NPY stream
             decompressor = getattr(_local, "zstd", None)
             if decompressor is None:
                 decompressor = _local.zstd = zstandard.ZstdDecompressor()
-            try:
-                raw = decompressor.decompress(raw)
-            except zstandard.ZstdError as error:  # a frame without its content size (`zstd` writing to a pipe)
-                if "content size" not in str(error):
-                    raise
-                raw = decompressor.decompressobj().decompress(raw)
+            size = zstandard.frame_content_size(raw) if max_bytes is not None else None
+            if size is not None and size > max_bytes:
+                raise MaskError(too_large)
+            if size is not None and size < 0:  # not recorded (`zstd` writing to a pipe): read no further than that
+                with decompressor.stream_reader(raw) as reader:
+                    raw = reader.read(max_bytes + 1)
+                if len(raw) > max_bytes:
+                    raise MaskError(too_large)
+            else:
+                try:
+                    raw = decompressor.decompress(raw)
+                except zstandard.ZstdError as error:  # a frame without its content size (`zstd` writing to a pipe)
+                    if "content size" not in str(error):
+                        raise
+                    raw = decompressor.decompressobj().decompress(raw)
+        elif max_bytes is not None and len(raw) > max_bytes:
+            raise MaskError(too_large)
         labels = _parse_npy(raw)
     except (FileNotFoundError, MaskError):
         raise
     except Exception as error:  # truncated zstd frame, bad NPY header, ...
         raise MaskError(f"cannot read mask file {name}: {error}") from error
+    return _as_labels(labels, name)
+
+
+def _as_labels(labels: np.ndarray, name) -> np.ndarray:
+    """Checks parsed NPY contents as label maps: [S, H, W] ([H, W] taken as one scale), integers, native order."""
     if labels.ndim == 2:
         labels = labels[None]
     if labels.ndim != 3 or labels.dtype.kind not in "iu":

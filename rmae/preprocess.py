@@ -116,10 +116,6 @@ def _check_mask(mask_file: Path, image_file: Path, recipe: FHRecipe) -> str | No
     the mask or the image is raised: the image is then a failure and its mask is kept."""
     raw = mask_file.read_bytes()  # (an error of the file system is raised, not taken as a bad mask)
     try:
-        labels = load_labels(raw, mask_file)
-    except MaskError as error:
-        return str(error)
-    try:
         with Image.open(image_file) as image:
             width, height = image.size
     except OSError as error:
@@ -129,6 +125,10 @@ def _check_mask(mask_file: Path, image_file: Path, recipe: FHRecipe) -> str | No
     except Exception as error:  # the image itself is broken: nothing to compare against
         return f"image unreadable ({error})"
     expected = (len(recipe.scales), height, width)
+    try:  # (a file that would decompress to more than this image's mask is not decompressed)
+        labels = load_labels(raw, mask_file, max_bytes=2 * int(np.prod(expected)) + 4096)
+    except MaskError as error:
+        return str(error)
     if labels.shape != expected or labels.dtype != np.uint16:
         return f"holds {labels.dtype} {labels.shape}, expected uint16 {expected}"
     for scale_labels in labels:

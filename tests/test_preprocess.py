@@ -697,6 +697,25 @@ def test_failures_file_writes_leave_nothing_behind_and_a_read_only_folder_is_fin
     assert preprocess_module._write_failures(listed, []) and capsys.readouterr().err == ""
 
 
+def test_verify_does_not_decompress_a_mask_far_larger_than_its_image(tmp_path, capsys):
+    """A foreign file that decompresses to gigabytes (65 KB of zstd can hold 2 GB) is judged from its recorded size,
+    or read no further than a mask of its image could be, and remade; the loader's reads are unbounded as before."""
+    tiny(tmp_path / "in" / "a.png", 0)
+    tiny(tmp_path / "in" / "b.png", 1)
+    out = tmp_path / "out"
+    assert main(["--images", str(tmp_path / "in"), "--out", str(out)]) == 0
+    header = b"\x93NUMPY\x01\x00v\x00{'descr': '<u2', 'fortran_order': False, 'shape': (3, 4000, 4000), }"
+    bomb = header.ljust(128 - 1) + b"\n" + bytes(10**6)  # 1 MB of zeros standing for gigabytes
+    (out / "a.npy.zst").write_bytes(zstandard.ZstdCompressor().compress(bomb))
+    (out / "b.npy.zst").write_bytes(zstandard.ZstdCompressor(write_content_size=False).compress(bomb))
+    capsys.readouterr()
+    assert main(["--images", str(tmp_path / "in"), "--out", str(out), "--verify"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("holds more than 4576 bytes, more than a mask of its image") == 2, err
+    for name in ("a", "b"):
+        np.testing.assert_array_equal(load_labels(out / f"{name}.npy.zst"), expected_masks(tmp_path / "in" / f"{name}.png"))
+
+
 def test_a_full_disk_stops_the_run_instead_of_failing_every_image(tmp_path, monkeypatch, capsys):
     """Once a mask cannot be written for lack of space, every later one would fail the same way after its
     segmentation: the run stops (exit 2), keeping the masks written, and says what to do."""
