@@ -565,6 +565,7 @@ def _preprocess(images: Path, out: Path, recipe: FHRecipe, workers: int, verify:
             _run_bounded(pool, work, jobs, limit=4 * workers, on_done=progress.update)
     except BaseException:  # Ctrl-C, SIGTERM: the images being segmented finish (atomic writes), the queued do not
         pool.shutdown(wait=True, cancel_futures=True)
+        _write_failures(out / FAILURES_FILE, failures)  # this run's so far, not an earlier run's list
         raise
     pool.shutdown(wait=True)
     if disk_full.is_set():

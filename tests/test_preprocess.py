@@ -113,6 +113,8 @@ def test_sigterm_stops_soon_with_a_message_and_the_rerun_completes(tmp_path):
     for i in range(24):
         Image.fromarray(photo(["astronaut", "coffee", "chelsea"][i % 3], (360, 480))).save(images / f"{i:03d}.png")
     out = tmp_path / "masks"
+    out.mkdir()
+    (out / "preprocess_failures.tsv").write_text("gone.png\tan earlier run's failure\n")
     command = [sys.executable, "-m", "rmae.preprocess", "--images", str(images), "--out", str(out), "--workers", "2"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
@@ -125,6 +127,7 @@ def test_sigterm_stops_soon_with_a_message_and_the_rerun_completes(tmp_path):
     assert "terminated (SIGTERM): the masks written so far are kept; run the same command again" in err
     assert "Traceback" not in err
     assert len(list(out.glob("*.npy.zst"))) <= done + 2 + 1  # and the 2 being made (+1: timing), not the 8 queued
+    assert not (out / "preprocess_failures.tsv").exists()  # an earlier run's list (below) is not left as this one's
     assert subprocess.run(command, capture_output=True).returncode == 0
     assert len(list(out.glob("*.npy.zst"))) == 24 and not list(out.glob(".*.tmp"))
 
