@@ -22,6 +22,7 @@ import random
 import re
 import socket
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -295,6 +296,19 @@ def _numpy_array_globals(path) -> list | None:
     return found + [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")]
 
 
+def damaged_member(path: str | os.PathLike) -> str | None:
+    """The first member of a torch zip archive whose bytes do not match their stored CRC-32 (damage that leaves the
+    archive's size and directory intact, which a memory-mapped load never notices), else None (also for a file that
+    is no zip archive: loading says what it is). Reads the whole file once."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return None
+    except Exception as error:  # zlib/struct errors of a mangled member: that member is damaged
+        return f"? ({type(error).__name__}: {error})"
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """The payload of a checkpoint file, tensors memory-mapped (no full copy in RAM). CorruptCheckpoint naming
     the file when it cannot be read, CheckpointError when it has another format version or pickles objects other
@@ -305,6 +319,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     def unreadable(error: Exception) -> CorruptCheckpoint:
         return CorruptCheckpoint(f"checkpoint {path} cannot be read ({type(error).__name__}: {error})")
 
+    damaged = damaged_member(path)
+    if damaged is not None:
+        raise CorruptCheckpoint(f"checkpoint {path} is damaged: its part {damaged} does not match its checksum")
     try:
         payload = load()
     except pickle.UnpicklingError as e:

@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from rmae.checkpoint import is_checkpoint_name
+from rmae.checkpoint import damaged_member, is_checkpoint_name
 from rmae.cores import command_name
 from rmae.models.export import export_encoder, save_encoder, timm_call
 
@@ -65,13 +65,14 @@ def config_num_heads(checkpoint) -> int | None:
 
 
 def _looks_like_torch_file(path: str) -> bool:
-    """A zip archive (torch.save since 1.6) or a pickle (before): its first bytes."""
+    """A zip archive (torch.save since 1.6), a pickle (before) or a safetensors file (8 bytes of header size, then
+    its JSON header): its first bytes (an empty file is none of them)."""
     try:
         with open(path, "rb") as f:
-            head = f.read(2)
+            head = f.read(9)
     except OSError:
-        return True
-    return head == b"PK" or head[:1] == b"\x80"
+        return True  # (the load says why it cannot be read)
+    return head[:2] == b"PK" or head[:1] == b"\x80" or head[8:9] == b"{"
 
 
 def _overwrites_a_checkpoint(checkpoint: str, out: str) -> str | None:
@@ -101,6 +102,15 @@ def main(argv=None) -> int:
     if overwrites:
         print(f"error: {args.out} is {overwrites}: the encoder would replace it (the arguments are CHECKPOINT, then "
               "OUT); give another output file", file=sys.stderr)
+        return 2
+    if os.path.isfile(args.checkpoint) and not _looks_like_torch_file(args.checkpoint):  # an image, a text file, ...
+        print(f"error: {args.checkpoint} is not a torch checkpoint (neither a zip archive nor a pickle: checkpoints "
+              "are the runs' checkpoints/ckpt_<step>.pt files; exported encoders are .safetensors)", file=sys.stderr)
+        return 2
+    damaged = damaged_member(args.checkpoint)
+    if damaged is not None:
+        print(f"error: {args.checkpoint} is damaged: its part {damaged} does not match its checksum (an earlier "
+              "checkpoint of the run may be intact)", file=sys.stderr)
         return 2
     try:
         checkpoint = read_state(args.checkpoint, args.trust)

@@ -739,6 +739,35 @@ def test_a_checkpoint_holding_other_objects_is_refused_not_unpickled(tmp_path):
     assert log_records(run, "resume")[-1]["step"] == 1
 
 
+def test_damaged_weights_in_an_intact_archive_are_found_by_their_checksums(tmp_path, capsys):
+    """Bytes damaged in place inside a tensor's data (size and zip directory intact, so the memory-mapped load reads
+    them as weights): the archive's CRC-32s tell, so resuming takes the next older checkpoint and the export
+    refuses the file, instead of training on (or exporting) 3e38s. A file that is no torch file, or an empty one,
+    is named as such."""
+    from rmae.export import main as export_main
+
+    run = tmp_path / "run"
+    train(cfg_for(run, "training.max_update=2", "training.checkpoint_interval=1"))
+    two = ckpt.checkpoint_dir(run) / "ckpt_00000002.pt"
+    with open(two, "r+b") as f:
+        f.seek(two.stat().st_size // 2)
+        f.write(b"\x7f" * 64)
+    with pytest.raises(ckpt.CorruptCheckpoint, match=r"ckpt_00000002\.pt is damaged: its part \S+ does not match its "
+                                                     r"checksum"):
+        ckpt.read_checkpoint(two)
+    capsys.readouterr()
+    assert export_main([str(two), str(tmp_path / "encoder.safetensors")]) == 2
+    assert "ckpt_00000002.pt is damaged" in capsys.readouterr().err and not (tmp_path / "encoder.safetensors").exists()
+    train(cfg_for(run, "training.max_update=3"))
+    (resumed,) = log_records(run, "resume")
+    assert resumed["step"] == 1 and resumed["unreadable"] == [str(two)]
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    for name in ("notes.pt", "empty.pt"):
+        assert export_main([str(tmp_path / name), str(tmp_path / "encoder.safetensors")]) == 2
+        assert f"{name} is not a torch checkpoint (neither a zip archive nor a pickle" in capsys.readouterr().err
+
+
 def test_an_unfinished_later_history_leaves_the_encoder(tmp_path):
     """A finished run (encoder of step 4) extended and killed after a later checkpoint (no finish: no new encoder):
     continuing from step 4 moves the later checkpoint, records and pictures, keeps the encoder (the kept
