@@ -775,18 +775,45 @@ def _normalize(tree: dict, where: str, prefix: str = "") -> dict:
         if prefix == "" and k == "includes":
             out[k] = v
             continue
+        if isinstance(k, str) and "." in k and not _opaque(key):  # `training.max_update: 7` in a file: nested
+            head, rest = k.split(".", 1)
+            _check_key(key, where)
+            out[head] = _merged_sections(out.get(head, {}), _normalize({rest: v}, where, f"{prefix}{head}."),
+                                         f"{prefix}{head}", where)
+            continue
         _check_key(key, where)
         spec = FLAT_SCHEMA.get(key)
         if spec is not None:
             out[k] = v  # leaf (its value is checked after merging)
         elif isinstance(v, dict):
-            out[k] = _normalize(v, where, key + ".")
+            out[k] = _merged_sections(out.get(k, {}), _normalize(v, where, key + "."), key, where)
         elif v is None:
             out[k] = {}
         else:
             child = next((c for c in sorted(FLAT_SCHEMA) if c.startswith(key + ".")), key + ".<key>")
             raise ConfigError(f"{key} must be a mapping (it is a section of keys such as {child}), got {v!r} "
                               f"({type(v).__name__}, {where})")
+    return out
+
+
+def _opaque(key: str) -> bool:
+    """Whether ``key`` lies inside a value the schema leaves opaque (a legacy "any" key, whose contents are free)."""
+    parts = key.split(".")
+    return any((spec := FLAT_SCHEMA.get(".".join(parts[:i]))) is not None and spec.kind == "any"
+               for i in range(1, len(parts)))
+
+
+def _merged_sections(first: dict, second: dict, section: str, where: str) -> dict:
+    """Two spellings of one section in a file (``training:`` and ``training.max_update:``) merged; a key that both
+    set is an error naming it."""
+    if not isinstance(first, dict) or not isinstance(second, dict):
+        raise ConfigError(f"{section} is set twice in {where}")
+    out = dict(first)
+    for k, v in second.items():
+        if k in out:
+            out[k] = _merged_sections(out[k], v, f"{section}.{k}", where)
+        else:
+            out[k] = v
     return out
 
 

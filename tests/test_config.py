@@ -140,6 +140,24 @@ def test_bad_key_in_file(tmp_path):
         load_config(str(f))
 
 
+def test_dotted_keys_in_a_file_set_their_nested_keys(tmp_path):
+    """``training.max_update: 7`` in a file is the key it names (it was kept as a literal top-level key that nothing
+    read: the run silently trained 300 updates), also beside the same section spelled as a mapping; one key set
+    in both spellings, and an unknown dotted key, are errors naming them."""
+    f = tmp_path / "flat.yaml"
+    f.write_text("includes: [default.yaml]\ntraining.max_update: 7\nmodel_config.rmae.mask_ratio: 0.5\n"
+                 "training:\n  seed: 3\n")
+    cfg = load_config(str(f))
+    assert cfg.training.max_update == 7 and cfg.training.seed == 3 and model_section(cfg)["mask_ratio"] == 0.5
+    assert "training.max_update" not in cfg
+    f.write_text("training.max_update: 7\ntraining:\n  max_update: 3\n")
+    with pytest.raises(ConfigError, match=r"training\.max_update is set twice in \S*flat\.yaml"):
+        load_config(str(f))
+    f.write_text("training.max_updat: 7\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'training\.max_updat' .*training\.max_update"):
+        load_config(str(f))
+
+
 def test_missing_config_suggests():
     with pytest.raises(ConfigError, match="rmae_fh_4000eps"):
         load_config("RMAE/COCO/rmae_fh_400eps.yaml")
