@@ -15,12 +15,14 @@ from the newest checkpoint falls back to the next older one when it cannot be re
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import random
 import re
 import socket
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -45,6 +47,44 @@ class CheckpointError(Exception):
 
 class CorruptCheckpoint(CheckpointError):
     """A checkpoint file that cannot be read (truncated, damaged, not a checkpoint)."""
+
+
+class RunFolderInUse(CheckpointError):
+    """Another run is writing into the run folder."""
+
+
+RUN_LOCK = ".run.lock"  # held (flock) by the run writing into the folder; says which process that is
+
+
+@contextlib.contextmanager
+def hold_run_folder(run_dir: str | os.PathLike):
+    """Holds ``run_dir``'s lock for the run: a second run into it (a requeued job while the first still runs, a
+    retry) would set aside, resume from and prune the first one's files under it. RunFolderInUse names the
+    process that holds it. A file system without locks (some NFS, Lustre without flock) gets a note, no lock."""
+    try:
+        import fcntl
+    except ImportError:  # (not POSIX)
+        yield
+        return
+    folder = Path(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / RUN_LOCK, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise RunFolderInUse(f"another run is writing into {folder} ({holder}); wait for it to end, or give "
+                                 "another training.save_dir") from None
+        except OSError as error:
+            print(f"note: {folder} cannot be locked ({error.strerror or error}); do not start a second run into it "
+                  "until this one ends", file=sys.stderr)
+        else:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            handle.flush()
+        yield
 
 
 def clean_state_dict(sd: dict) -> dict:

@@ -1198,6 +1198,19 @@ def _main(argv=None) -> int:
     except ValueError as e:  # ConfigError included
         print(f"error: {e}", file=sys.stderr)
         return 2
+    with contextlib.ExitStack() as held:
+        if int(os.environ.get("RANK", 0)) == 0:  # one process, the launcher of spawned ranks, or rank 0 of torchrun/srun
+            try:
+                held.enter_context(ckpt.hold_run_folder(run_dir_of(cfg)))
+            except (ckpt.RunFolderInUse, OSError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                rdist.leave_after_error()
+                return 2
+        return _run(cfg, args, nproc)
+
+
+def _run(cfg, args, nproc: int) -> int:
+    """Trains in this process, or spawns ``nproc`` ranks and waits for them; the exit status."""
     if nproc > 1:
         import torch.multiprocessing as mp
 
@@ -1217,14 +1230,23 @@ def _main(argv=None) -> int:
                     if process.is_alive():
                         process.kill()
 
-        previous = signal.signal(signal.SIGINT, interrupted)
+        def passed_on(signum, frame):  # SIGTERM, SIGUSR1 to the launcher alone (kill, timeout, a container's stop)
+            for process in ranks.processes:
+                if process.is_alive():
+                    os.kill(process.pid, signum)
+
+        previous = {signal.SIGINT: signal.signal(signal.SIGINT, interrupted)}
+        for signum in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+            if signum is not None:
+                previous[signum] = signal.signal(signum, passed_on)
         try:
             while not ranks.join():
                 pass
         except mp.ProcessExitedException as e:  # a rank exited (its message is printed); the others are stopped
             return e.exit_code if e.exit_code and e.exit_code > 0 else 1
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
         return 0
     try:
         train(cfg, require_resume=args.resume)

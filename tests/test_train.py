@@ -444,6 +444,37 @@ def test_a_ctrl_c_reaches_the_spawned_ranks_not_the_launcher(tmp_path):
     assert err.count("stopping after this update") == 1 and "before training started" not in err, err[-3000:]
 
 
+def test_sigterm_to_the_launcher_alone_reaches_the_ranks_and_a_second_run_is_refused(tmp_path, capsys):
+    """kill, timeout or a container's stop signal the launcher only: it passes SIGTERM on to the ranks, which
+    checkpoint and exit 0, and waits for them (it exited at once with 143, the ranks were left to finish on their
+    own, and killed with it in a container). While the run lasts, a second run into its folder (a requeued job, a
+    retry) is refused naming the process that holds it (it set aside and deleted the first one's files)."""
+    from rmae.train import main
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "rmae.train", *BASE, f"training.save_dir={run}", "training.max_update=400",
+           "training.device=cpu", "distributed.world_size=2"]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not ((run / "log.jsonl").is_file() and log_records(run)):
+            time.sleep(0.2)
+        assert main([*BASE, f"training.save_dir={run}", "training.max_update=3"]) == 2
+        err = capsys.readouterr().err
+        assert re.search(rf"error: another run is writing into \S*run \(pid {proc.pid} on \S+\); wait for it to "
+                         r"end, or give another training.save_dir", err), err
+        os.kill(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err[-3000:]
+    (event,) = log_records(run, "interrupted")
+    assert ckpt.latest_checkpoint(run).name == f"ckpt_{event['step']:08d}.pt" and event["step"] < 400
+    assert train(cfg_for(run, f"training.max_update={event['step'] + 1}"))["step"] == event["step"] + 1
+
+
 def test_spawned_ranks_log_each_ranks_shard_cache_and_the_data_errors_of_all(tmp_path, coco_tree):
     """sampler=shard on 2 ranks: a shard_cache record per rank (rank 1's was lost), and data_errors counts the
     unreadable samples of every rank (it was rank 0's count): the bad image is in rank 1's shard."""
