@@ -518,7 +518,11 @@ def history_step(run_dir: Path, resume_from: Path | None, meta: dict | None) -> 
 
 
 def model_settings(c: dict) -> dict:
-    """``model`` and ``model_config.<model>`` (dotted keys below it), less the kernel choice (the same model)."""
+    """``model`` and ``model_config.<model>`` (dotted keys below it) as the model is built: a parameter left null
+    as the architecture's value, the original's MAE names of an architecture as ours (``mae_base_patch16`` is
+    ``rmae_base_patch16``), less the kernel choice (the same model)."""
+    from rmae.config import _arch_alias, _arch_values
+
     out, todo = {"model": c["model"]}, [("", model_section(c))]
     while todo:
         prefix, d = todo.pop()
@@ -528,6 +532,16 @@ def model_settings(c: dict) -> dict:
             else:
                 out[f"{prefix}{k}"] = v
     out.pop("mae_vit.params.kernel_impl", None)
+    arch = out.get("mae_vit.arch")
+    if isinstance(arch, str):
+        try:
+            built = {**_arch_values(arch, c["model"]), **({"num_region": 0} if c["model"] == "mae" else {})}
+        except KeyError:  # not an architecture (refused when the config is checked)
+            built = {}
+        out["mae_vit.arch"] = _arch_alias(arch)
+        for key, value in built.items():
+            if out.get(f"mae_vit.params.{key}", 0) is None:
+                out[f"mae_vit.params.{key}"] = value
     return out
 
 

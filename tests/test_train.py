@@ -1123,6 +1123,8 @@ def test_demo_variants_have_their_own_run_folders():
 
 
 def test_resuming_another_model_is_a_clear_error(tmp_path):
+    from rmae.config import _arch_values
+
     run = tmp_path / "run"
     train(cfg_for(run, "training.max_update=1"))
     mae = cfg_for(run, "model=mae", "model_config.mae.mae_vit.arch=rmae_tiny_patch16",
@@ -1132,6 +1134,13 @@ def test_resuming_another_model_is_a_clear_error(tmp_path):
         train(mae)
     with pytest.raises(ConfigError, match=r"model_config.rmae.mask_ratio: 0.75 in the checkpoint, 0.5 now"):
         train(cfg_for(run, "model_config.rmae.mask_ratio=0.5"))
+    # the same network spelled otherwise continues: a parameter set to the architecture's value it was left at
+    # (null), the original's MAE name of the architecture
+    tiny_regions = _arch_values("rmae_tiny_patch16", "rmae")["num_region"]
+    assert train(cfg_for(run, "training.max_update=2", f"model_config.rmae.mae_vit.params.num_region={tiny_regions}",
+                         "model_config.rmae.mae_vit.arch=mae_tiny_patch16"))["step"] == 2
+    with pytest.raises(ConfigError, match=rf"num_region: {tiny_regions} in the checkpoint, 2 now"):
+        train(cfg_for(run, "training.max_update=3", "model_config.rmae.mae_vit.params.num_region=2"))
 
 
 def test_default_run_folder_of_another_config_file_is_not_continued(tmp_path, monkeypatch):
