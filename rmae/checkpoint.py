@@ -67,6 +67,8 @@ def hold_run_folder(run_dir: str | os.PathLike):
         yield
         return
     folder = Path(run_dir)
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"the run folder {folder} (training.save_dir) is a file, not a folder")
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / RUN_LOCK, "a+") as handle:
         try:

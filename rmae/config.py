@@ -518,7 +518,24 @@ def load_config(config: str | os.PathLike | None = None, overrides: Iterable[str
             cfg[key] = value
     if dataset_name(cfg.get("dataset")) != cfg.get("dataset"):  # imagenet in a file or an override, as --dataset
         cfg.dataset = dataset_name(cfg.dataset)
-    return validate(cfg)
+    return _expand_home(validate(cfg))
+
+
+# Settings that name files or folders: ``~`` in them is the home folder (a shell leaves ``key=~/x`` alone)
+_PATH_KEYS = ("save_dir", "tensorboard_logdir", "resume_file", "data_dir", "image_folder", "mask_folder", "anno_file")
+
+
+def _expand_home(cfg: DictConfig) -> DictConfig:
+    for key in FLAT_SCHEMA:
+        if key.rsplit(".", 1)[-1] not in _PATH_KEYS:
+            continue
+        value = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+        if isinstance(value, str) and value.startswith("~"):
+            OmegaConf.update(cfg, key, os.path.expanduser(value), merge=False)
+        elif isinstance(value, ListConfig) and any(isinstance(v, str) and v.startswith("~") for v in value):
+            OmegaConf.update(cfg, key, [os.path.expanduser(v) if isinstance(v, str) else v for v in value],
+                             merge=False)
+    return cfg
 
 
 def _is_interpolation(value) -> bool:

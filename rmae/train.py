@@ -1216,7 +1216,7 @@ def _main(argv=None) -> int:
         if int(os.environ.get("RANK", 0)) == 0:  # one process, the launcher of spawned ranks, or rank 0 of torchrun/srun
             try:
                 held.enter_context(ckpt.hold_run_folder(run_dir_of(cfg)))
-            except (ckpt.RunFolderInUse, OSError) as e:
+            except (ckpt.CheckpointError, OSError) as e:  # in use, a file in the way, a read-only place
                 print(f"error: {e}", file=sys.stderr)
                 rdist.leave_after_error()
                 return 2

@@ -158,6 +158,19 @@ def test_dotted_keys_in_a_file_set_their_nested_keys(tmp_path):
         load_config(str(f))
 
 
+def test_home_folder_in_path_settings_is_expanded(tmp_path, monkeypatch, capsys):
+    """``training.save_dir=~/x`` (which the shell leaves alone after ``=``) is the home folder's x, not a folder
+    named ``~`` in the current one; a run folder that is a file is a clear error."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(None, ["training.save_dir=~/x", "training.resume_file=~/r.pt", "dataset=coco",
+                             "dataset_config.coco_pretrain.imdb_files.train.image_folder=[~/a,b]"])
+    assert cfg.training.save_dir == str(tmp_path / "x") and cfg.training.resume_file == str(tmp_path / "r.pt")
+    assert list(cfg.dataset_config.coco_pretrain.imdb_files.train.image_folder) == [str(tmp_path / "a"), "b"]
+    (tmp_path / "afile").write_text("x")
+    assert main([f"training.save_dir={tmp_path / 'afile'}", "training.max_update=1"]) == 2
+    assert f"the run folder {tmp_path / 'afile'} (training.save_dir) is a file, not a folder" in capsys.readouterr().err
+
+
 def test_missing_config_suggests():
     with pytest.raises(ConfigError, match="rmae_fh_4000eps"):
         load_config("RMAE/COCO/rmae_fh_400eps.yaml")
