@@ -385,8 +385,26 @@ class StopFlag:
                 pass
         return self
 
+    _holding = False  # a checkpoint is being written: a second Ctrl-C waits for it (``holding``)
+    _held = False
+
+    @contextlib.contextmanager
+    def holding(self):
+        """A second Ctrl-C while inside stops at the end of the block, not in it: torch's archive writer turns the
+        KeyboardInterrupt into a RuntimeError (a traceback and exit 1 where a message and 130 were meant)."""
+        self._holding, self._held = True, False
+        try:
+            yield
+        finally:
+            self._holding = False
+        if self._held:
+            raise KeyboardInterrupt
+
     def _handle(self, signum, frame):
         if self.signal is not None and signum == signal.SIGINT:
+            if self._holding:
+                self._held = True
+                return
             raise KeyboardInterrupt
         self.signal = signum
         if signum == signal.SIGINT and self.announce:
@@ -855,11 +873,12 @@ def train(cfg, require_resume: bool = False) -> dict:
             extra = {"data_position": position, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                      "skipped": skipped, "data_errors": errors, "config": to_yaml(cfg),
                      "config_identity": config_identity(cfg["config"]), "data_root": data_root(cfg)}
-            path = ckpt.save_checkpoint(run_dir, model=model, optimizer=optimizer, step=s, extra=extra,
-                                        keep=tr["num_checkpoint"], is_main=dinfo.is_main)
-            saved_position = position
-            if dinfo.is_main:
-                log.event("checkpoint", step=s, file=str(path))
+            with stop.holding():
+                path = ckpt.save_checkpoint(run_dir, model=model, optimizer=optimizer, step=s, extra=extra,
+                                            keep=tr["num_checkpoint"], is_main=dinfo.is_main)
+                saved_position = position
+                if dinfo.is_main:
+                    log.event("checkpoint", step=s, file=str(path))
 
         def pictures_now(s: int):
             path = visualize_now(model, raw, cfg, vis_batch, run_dir, s, device, autocast, dinfo)

@@ -166,6 +166,25 @@ def test_sigterm_saves_and_resume_matches(tmp_path):
     assert resumed["step"] == n
 
 
+def test_a_second_ctrl_c_during_a_checkpoint_write_stops_after_it():
+    """torch's archive writer turns a KeyboardInterrupt inside it into a RuntimeError (a traceback, exit 1): a second
+    Ctrl-C while a checkpoint is written stops right after the write instead; outside one it stops at once."""
+    from rmae.train import StopFlag
+
+    stop = StopFlag(announce=False)
+    stop._handle(signal.SIGINT, None)  # the first: stop after this update
+    written = []
+    with pytest.raises(KeyboardInterrupt):
+        with stop.holding():
+            stop._handle(signal.SIGINT, None)  # the second, mid-write: held
+            written.append("checkpoint")
+    assert written == ["checkpoint"]
+    with stop.holding():
+        pass  # (nothing held: no interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        stop._handle(signal.SIGINT, None)
+
+
 def test_img_per_s_leaves_out_checkpoint_writes(tmp_path, monkeypatch):
     """A log window's img/s is its updates' rate: a checkpoint written between two log lines (here made to take
     1.5 s) does not count into the next window (it read 10-20x too low there)."""
