@@ -188,8 +188,16 @@ def resolve_launch(dist_cfg: dict, device_pref: str | None) -> int:
     unused = slurm_allocation_unused()
     if unused:
         warnings.warn(unused, stacklevel=2)
+    world = os.environ.get("WORLD_SIZE", "1").strip() or "1"
+    if "RANK" not in os.environ and world != "1":  # e.g. left exported from an earlier torchrun session
+        raise ValueError(f"WORLD_SIZE={world} is set but RANK is not: torchrun and srun set both for each rank they "
+                         "start, and this command spawns ranks itself with distributed.world_size; unset WORLD_SIZE "
+                         "to train in one process")
+    if "RANK" in os.environ and world != "1" and not os.environ.get("MASTER_ADDR"):
+        raise ValueError(f"RANK and WORLD_SIZE={world} are set but MASTER_ADDR is not: the ranks cannot find each "
+                         "other; start them with torchrun or srun, which set it")
     if "RANK" in os.environ:
-        check_device(device_pref, int(os.environ.get("WORLD_SIZE", 1)))
+        check_device(device_pref, int(world))
         return 0
     one_gpu = check_device(device_pref, 1) is not None
     if dist_cfg.get("no_spawn"):

@@ -166,6 +166,22 @@ def test_sigterm_saves_and_resume_matches(tmp_path):
     assert resumed["step"] == n
 
 
+def test_stray_distributed_variables_are_a_clear_error(tmp_path, monkeypatch, capsys):
+    """WORLD_SIZE left in the environment (an earlier torchrun session) without RANK, or RANK and WORLD_SIZE without
+    MASTER_ADDR: an error saying so, before anything is written (it was the process group's traceback)."""
+    from rmae.train import main
+
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "SLURM_PROCID"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main([*BASE, f"training.save_dir={tmp_path / 'run'}", "training.max_update=1"]) == 2
+    assert "WORLD_SIZE=2 is set but RANK is not" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "0")
+    assert main([*BASE, f"training.save_dir={tmp_path / 'run'}", "training.max_update=1"]) == 2
+    assert "RANK and WORLD_SIZE=2 are set but MASTER_ADDR is not" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_second_ctrl_c_during_a_checkpoint_write_stops_after_it():
     """torch's archive writer turns a KeyboardInterrupt inside it into a RuntimeError (a traceback, exit 1): a second
     Ctrl-C while a checkpoint is written stops right after the write instead; outside one it stops at once."""
