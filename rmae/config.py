@@ -871,6 +871,9 @@ def _check_value(key: str, value: Any, spec: Spec) -> str | None:
         if kind in ("str", "strs") and isinstance(value, (bool, int, float)):
             hint = (" (a name that reads as a number or true/false must be quoted in a YAML file, e.g. "
                     f"{key.rsplit('.', 1)[-1]}: '0001')")
+        elif kind in ("int", "float", "bool") and isinstance(value, str):
+            hint = (" (text: an environment variable's value, ${oc.env:NAME}, is text; ${oc.decode:${oc.env:NAME}} "
+                    "reads it as a number or true/false)")
         return f"{key} must be {bad}, got {value!r} ({type(value).__name__}){hint}"
     if spec.choices is not None and value not in spec.choices:
         close = difflib.get_close_matches(str(value), [str(c) for c in spec.choices], n=1, cutoff=0.5)

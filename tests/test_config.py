@@ -171,6 +171,15 @@ def test_home_folder_in_path_settings_is_expanded(tmp_path, monkeypatch, capsys)
     assert f"the run folder {tmp_path / 'afile'} (training.save_dir) is a file, not a folder" in capsys.readouterr().err
 
 
+def test_an_environment_variable_for_a_number_points_to_oc_decode(monkeypatch):
+    """${oc.env:NAME} is text: the error for a number key says how to read it as one, which then works."""
+    monkeypatch.setenv("MAXU", "7")
+    with pytest.raises(ConfigError, match=r"max_update must be an integer, got '7' \(str\) \(text: .*"
+                                          r"\$\{oc\.decode:\$\{oc\.env:NAME\}\}"):
+        load_config(None, ["training.max_update=${oc.env:MAXU}"])
+    assert load_config(None, ["training.max_update=${oc.decode:${oc.env:MAXU}}"]).training.max_update == 7
+
+
 def test_missing_config_suggests():
     with pytest.raises(ConfigError, match="rmae_fh_4000eps"):
         load_config("RMAE/COCO/rmae_fh_400eps.yaml")
