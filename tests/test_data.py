@@ -1,6 +1,7 @@
 """Data pipeline: datasets, joint crop/flip alignment, region sampling, samplers, robustness."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -883,6 +884,24 @@ def test_shard_cache_serves_identical_samples(tree):
     assert set(next(iter(workers))["index"].tolist()) <= {1, 3, 5}  # forked workers read the shared cache
     small = ShardCache(uncached.images, [1, 3, 5], limit_bytes=cache.nbytes - 1)  # bounded: the last one is left out
     assert small.items == 2 and small.nbytes <= cache.nbytes - 1 and small.image(5) is None
+
+
+def test_under_sampler_shard_an_unreadable_image_is_replaced_from_the_ranks_own_shard(tree, tmp_path):
+    """The stand-in comes from the rank's shard (held in its cache, read by no other rank), not from the whole
+    dataset; under sampler=infinite from any image."""
+    root = _copy_tree(tree, tmp_path)
+    (root / "coco" / "image" / "train2017" / "000000000004.jpg").write_bytes(b"garbage")  # index 3: rank 1's shard
+    cfg = DataConfig(dataset="coco", split="train2017", root=str(root), img_size=32, sampler="shard")
+    dataset = build_loader(cfg, batch_size=2, num_workers=0, rank=1, world_size=2, seed=0).dataset
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stand_ins = {dataset[(3, draw)]["index"].item() for draw in range(20)}
+    assert stand_ins <= {1, 5} and dataset.error_count >= 20  # (a draw of the bad one itself is drawn again)
+    dataset = build_loader(dataclasses.replace(cfg, sampler="infinite"), batch_size=2, num_workers=0, rank=1,
+                           world_size=2, seed=0).dataset
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert {dataset[(3, draw)]["index"].item() for draw in range(20)} - {1, 3, 5}  # others too
 
 
 def test_shard_cache_never_keeps_a_file_cut_short(tree, monkeypatch):

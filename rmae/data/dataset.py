@@ -121,6 +121,9 @@ class RegionDataset(Dataset):
         self.seed = int(seed)
         self.epoch = 0
         self.max_retries = int(max_retries)
+        # the images an unreadable one is replaced with (None: any): a rank's shard under sampler=shard, whose
+        # images its cache holds (and which no other rank reads)
+        self.replacements: np.ndarray | None = None
         self.cache = cache
         self._errors = torch.zeros(_MAX_WORKER_SLOTS, dtype=torch.int64).share_memory_()
         self._decodings: dict[Path, int] = {}  # mask folder -> its DECODE_VERSION, read at its first wide image
@@ -280,7 +283,9 @@ class RegionDataset(Dataset):
                 sample = self._load(index, rng)
             except (CorruptImageError, MaskError) as error:
                 self._skip(error, index)
-                index, last_error = int(rng.integers(len(self))), error
+                pool = self.replacements
+                index = int(rng.integers(len(self))) if pool is None else int(pool[rng.integers(len(pool))])
+                last_error = error
                 continue
             # the unreadable images skipped for this sample: counted with the batch it reaches (a worker's shared
             # count also holds the batches it has read ahead)

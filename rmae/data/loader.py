@@ -115,6 +115,7 @@ def build_loader(
         sampler = InfiniteSampler(len(dataset), rank, world_size, seed, shuffle=cfg.train, start=start)
     elif cfg.sampler == "shard":
         sampler = ShardSampler(len(dataset), rank, world_size, seed, shuffle=cfg.train, start=start)
+        dataset.replacements = sampler.indices
         if dataset.images.arrays is None:
             dataset.cache = ShardCache(dataset.images, sampler.indices, cfg.cache_bytes,
                                        masks=cfg.regions == "offline")
