@@ -1,6 +1,7 @@
 """Training loop on CPU: short run, exact resume (also after a real SIGTERM), accumulation, FSDP2 over gloo,
 resume on another rank count, non-finite steps skipped, one history per run folder, corrupt checkpoints, the
 command line, schedule and parameter groups."""
+import contextlib
 import json
 import math
 import os
@@ -456,26 +457,40 @@ def test_plain_launch_spawns_one_process_per_device(tmp_path, monkeypatch):
     torch.testing.assert_close(losses(spawned), losses(tmp_path / "single"), rtol=1e-5, atol=1e-6)
 
 
-def test_a_ctrl_c_reaches_the_spawned_ranks_not_the_launcher(tmp_path):
-    """A terminal's Ctrl-C goes to the whole process group: the ranks checkpoint and exit 0, and the launcher
-    waits for them (it raised KeyboardInterrupt and exited 130 with a message saying nothing was written)."""
-    run = tmp_path / "run"
+@contextlib.contextmanager
+def _spawned_run(run: Path, **popen_options):
+    """A run of 2 spawned CPU ranks and 400 updates, in a process group of its own, given once it has logged a step;
+    killed if the test leaves it running."""
     cmd = [sys.executable, "-m", "rmae.train", *BASE, f"training.save_dir={run}", "training.max_update=400",
            "training.device=cpu", "distributed.world_size=2"]
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            start_new_session=True, **popen_options)
     try:
         deadline = time.time() + 240
         while time.time() < deadline and not ((run / "log.jsonl").is_file() and log_records(run)):
             time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGINT)
-        out, err = proc.communicate(timeout=240)
+        yield proc
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _stopped_with_a_checkpoint(run: Path, proc: subprocess.Popen, err: str) -> dict:
+    """The run's 'interrupted' event, after checking that it exited 0 with a checkpoint of that step."""
     assert proc.returncode == 0, err[-3000:]
     (event,) = log_records(run, "interrupted")
     assert ckpt.latest_checkpoint(run).name == f"ckpt_{event['step']:08d}.pt" and event["step"] < 400
+    return event
+
+
+def test_a_ctrl_c_reaches_the_spawned_ranks_not_the_launcher(tmp_path):
+    """A terminal's Ctrl-C goes to the whole process group: the ranks checkpoint and exit 0, and the launcher
+    waits for them (it raised KeyboardInterrupt and exited 130 with a message saying nothing was written)."""
+    run = tmp_path / "run"
+    with _spawned_run(run, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) as proc:
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=240)
+    _stopped_with_a_checkpoint(run, proc, err)
     assert err.count("stopping after this update") == 1 and "before training started" not in err, err[-3000:]
 
 
@@ -487,26 +502,14 @@ def test_sigterm_to_the_launcher_alone_reaches_the_ranks_and_a_second_run_is_ref
     from rmae.train import main
 
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "rmae.train", *BASE, f"training.save_dir={run}", "training.max_update=400",
-           "training.device=cpu", "distributed.world_size=2"]
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and not ((run / "log.jsonl").is_file() and log_records(run)):
-            time.sleep(0.2)
+    with _spawned_run(run) as proc:
         assert main([*BASE, f"training.save_dir={run}", "training.max_update=3"]) == 2
         err = capsys.readouterr().err
         assert re.search(rf"error: another run is writing into \S*run \(pid {proc.pid} on \S+\); wait for it to "
                          r"end, or give another training.save_dir", err), err
         os.kill(proc.pid, signal.SIGTERM)
-        out, err = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, err[-3000:]
-    (event,) = log_records(run, "interrupted")
-    assert ckpt.latest_checkpoint(run).name == f"ckpt_{event['step']:08d}.pt" and event["step"] < 400
+        _, err = proc.communicate(timeout=240)
+    event = _stopped_with_a_checkpoint(run, proc, err)
     assert train(cfg_for(run, f"training.max_update={event['step'] + 1}"))["step"] == event["step"] + 1
 
 
