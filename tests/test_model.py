@@ -341,6 +341,18 @@ def test_matches_official_transcription(variant, kw):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
 
+def test_pixel_target_statistics_are_float32_for_low_precision_images():
+    """Images given in bfloat16 (under autocast): the norm_pix target's per-patch mean and variance are computed in
+    float32 from those values (they were bf16 arithmetic: a loss off by 3e-3), so the loss is the float32 images'."""
+    torch.manual_seed(0)
+    model = tiny(norm_pix_loss=True).eval()
+    images = (0.3 * torch.randn(2, 3, model.img_size, model.img_size) + 0.1).bfloat16()  # low-contrast patches
+    pred = torch.randn(2, model.num_patches, model.patch_size ** 2 * 3).bfloat16()
+    mask = (torch.rand(2, model.num_patches) < 0.75).float()
+    low, full = model.forward_loss(images, pred, mask), model.forward_loss(images.float(), pred, mask)
+    assert low.dtype == torch.float32 and torch.equal(low, full)
+
+
 def test_loss_recomputed_from_outputs():
     """Pixel loss from pred / patchified target / mask, BCE from region_pred / patchified maps / region_mask."""
     torch.manual_seed(2)
