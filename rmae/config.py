@@ -610,13 +610,13 @@ def _model_errors(c: dict) -> list[str]:
     sec = model_section(c)
     pre = f"model_config.{model}"
     arch = sec["mae_vit"]["arch"]
-    if arch not in ARCHS and _arch_alias(arch) not in ARCHS:
+    if arch not in ARCHS and canonical_arch(arch) not in ARCHS:
         close = difflib.get_close_matches(arch, ARCHS, n=2, cutoff=0.3)
         return [f"{pre}.mae_vit.arch={arch!r} is not an architecture (valid: {', '.join(ARCHS)})"
                 f"{'; did you mean ' + ' or '.join(close) + '?' if close else ''}"]
     given = {k: v for k, v in sec["mae_vit"]["params"].items() if v is not None}
     arch_values = _arch_values(arch, model)
-    p = {**arch_values, **given}
+    p = built_model_params(c)
 
     def name(k):  # the key and its value (and where it comes from when the config leaves it null)
         return f"{pre}.mae_vit.params.{k} ({p[k]}{'' if k in given else f', the {arch} value'})"
@@ -671,9 +671,17 @@ def dataset_section(cfg) -> dict:
     return cfg["dataset_config"][f"{cfg['dataset']}_pretrain"]
 
 
-def _arch_alias(arch: str) -> str:
+def canonical_arch(arch: str) -> str:
     """The original's MAE configs name ``mae_base_patch16``; the same network is ``rmae_base_patch16``."""
     return "r" + arch if arch.startswith("mae_") else arch
+
+
+def built_model_params(c: dict) -> dict:
+    """``model_config.<model>.mae_vit.params`` as ``build_model`` gets them: a value left null is the architecture's
+    or the variant's (``_arch_values``). KeyError for a name that is no architecture."""
+    sec = model_section(c)
+    given = {k: v for k, v in sec["mae_vit"]["params"].items() if v is not None}
+    return {**_arch_values(sec["mae_vit"]["arch"], c["model"]), **given}
 
 
 def legacy_keys_set(cfg) -> list[str]:
@@ -793,8 +801,7 @@ def _normalize(tree: dict, where: str, prefix: str = "") -> dict:
             out[k] = v
             continue
         if isinstance(k, str) and "." in k and not _opaque(key):  # `training.max_update: 7` in a file: nested
-            head, rest = k.split(".", 1)
-            _check_key(key, where)
+            head, rest = k.split(".", 1)  # (the key is checked below, as part of its section)
             out[head] = _merged_sections(out.get(head, {}), _normalize({rest: v}, where, f"{prefix}{head}."),
                                          f"{prefix}{head}", where)
             continue

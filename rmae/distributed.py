@@ -338,16 +338,21 @@ def _sendable(error: Exception) -> Exception:
         return RuntimeError(f"{type(error).__name__} on rank {dist.get_rank()}: {error}")
 
 
+def _caught(fn: Callable[[], T]) -> tuple[T | None, Exception | None]:
+    """(``fn()``, None), or (None, the exception it raised). KeyboardInterrupt and SystemExit pass: they end the
+    process, and the launcher stops the other ranks."""
+    try:
+        return fn(), None
+    except Exception as e:
+        return None, e
+
+
 def on_every_rank(fn: Callable[[], T]) -> T:
     """``fn()`` on every rank (collective): when it raises on any rank, every rank raises the exception of the
     lowest failing rank, so that no rank goes on into a collective the others never reach (NCCL would wait
     there until its timeout). An exception that cannot be pickled travels as a RuntimeError with its text.
     Returns each rank's own result."""
-    result, error = None, None
-    try:
-        result = fn()
-    except Exception as e:  # (KeyboardInterrupt and SystemExit end the process: the launcher stops the others)
-        error = e
+    result, error = _caught(fn)
     if not dist.is_initialized():
         if error is not None:
             raise error
@@ -363,12 +368,7 @@ def from_main_rank(fn: Callable[[], T], is_main: bool) -> T:
     """``fn()`` on rank 0 only (collective; ``is_main``: this is rank 0): every rank returns its result or raises
     its exception, so a failed write of rank 0 (a full disk) stops every rank instead of leaving the others
     waiting for it in their next collective. The result must pickle."""
-    result, error = None, None
-    if is_main:
-        try:
-            result = fn()
-        except Exception as e:  # (KeyboardInterrupt and SystemExit end the process: the launcher stops the others)
-            error = e
+    result, error = _caught(fn) if is_main else (None, None)
     if not dist.is_initialized():
         if error is not None:
             raise error

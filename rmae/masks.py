@@ -167,19 +167,18 @@ def load_labels(source: str | os.PathLike | bytes | memoryview, name: str | os.P
         raw = source if in_memory else Path(source).read_bytes()
         if len(raw) == 0:
             raise MaskError(f"mask file {name} is empty (0 bytes); rmae.preprocess --verify makes it again")
-        too_large = f"mask file {name} holds more than {max_bytes} bytes, more than a mask of its image"
         if bytes(raw[:4]) == _ZSTD_MAGIC:  # ours (whatever the case of the suffix); else an NPY stream
             decompressor = getattr(_local, "zstd", None)
             if decompressor is None:
                 decompressor = _local.zstd = zstandard.ZstdDecompressor()
             size = zstandard.frame_content_size(raw) if max_bytes is not None else None
             if size is not None and size > max_bytes:
-                raise MaskError(too_large)
+                raise _too_large(name, max_bytes)
             if size is not None and size < 0:  # not recorded (`zstd` writing to a pipe): read no further than that
                 with decompressor.stream_reader(raw) as reader:
                     raw = reader.read(max_bytes + 1)
                 if len(raw) > max_bytes:
-                    raise MaskError(too_large)
+                    raise _too_large(name, max_bytes)
             else:
                 try:
                     raw = decompressor.decompress(raw)
@@ -188,13 +187,17 @@ def load_labels(source: str | os.PathLike | bytes | memoryview, name: str | os.P
                         raise
                     raw = decompressor.decompressobj().decompress(raw)
         elif max_bytes is not None and len(raw) > max_bytes:
-            raise MaskError(too_large)
+            raise _too_large(name, max_bytes)
         labels = _parse_npy(raw)
     except (FileNotFoundError, MaskError):
         raise
     except Exception as error:  # truncated zstd frame, bad NPY header, ...
         raise MaskError(f"cannot read mask file {name}: {error}") from error
     return _as_labels(labels, name)
+
+
+def _too_large(name, max_bytes: int) -> MaskError:
+    return MaskError(f"mask file {name} holds more than {max_bytes} bytes, more than a mask of its image")
 
 
 def _as_labels(labels: np.ndarray, name) -> np.ndarray:

@@ -41,8 +41,9 @@ from rmae import checkpoint as ckpt
 from rmae import kernels
 from rmae import distributed as rdist
 from rmae.cores import command_name, cores_per_rank
-from rmae.config import (DATASETS, MODELS, TASKS, ConfigError, arch_defaults_comment, config_identity, dataset_section,
-                         legacy_keys_set, load_config, model_section, schedule_warnings, to_yaml)
+from rmae.config import (DATASETS, MODELS, TASKS, ConfigError, arch_defaults_comment, built_model_params, canonical_arch,
+                         config_identity, dataset_section, legacy_keys_set, load_config, model_section, schedule_warnings,
+                         to_yaml)
 from rmae.logging_utils import RunLogger, logger, progress_bar, setup_console
 from rmae.recipes import dataset_name
 
@@ -539,8 +540,6 @@ def model_settings(c: dict) -> dict:
     """``model`` and ``model_config.<model>`` (dotted keys below it) as the model is built: a parameter left null
     as the architecture's value, the original's MAE names of an architecture as ours (``mae_base_patch16`` is
     ``rmae_base_patch16``), less the kernel choice (the same model)."""
-    from rmae.config import _arch_alias, _arch_values
-
     out, todo = {"model": c["model"]}, [("", model_section(c))]
     while todo:
         prefix, d = todo.pop()
@@ -552,14 +551,11 @@ def model_settings(c: dict) -> dict:
     out.pop("mae_vit.params.kernel_impl", None)
     arch = out.get("mae_vit.arch")
     if isinstance(arch, str):
-        try:
-            built = {**_arch_values(arch, c["model"]), **({"num_region": 0} if c["model"] == "mae" else {})}
-        except KeyError:  # not an architecture (refused when the config is checked)
-            built = {}
-        out["mae_vit.arch"] = _arch_alias(arch)
-        for key, value in built.items():
-            if out.get(f"mae_vit.params.{key}", 0) is None:
-                out[f"mae_vit.params.{key}"] = value
+        out["mae_vit.arch"] = canonical_arch(arch)
+        with contextlib.suppress(KeyError):  # not an architecture (refused when the config is checked)
+            for key, value in built_model_params(c).items():
+                if f"mae_vit.params.{key}" in out:
+                    out[f"mae_vit.params.{key}"] = value
     return out
 
 
@@ -905,7 +901,8 @@ def train(cfg, require_resume: bool = False) -> dict:
                 td = time.perf_counter()
                 batch = next_batch(it)
                 t_data += time.perf_counter() - td
-                t_data_idle = t_data if m == 0 else t_data_idle
+                if m == 0:
+                    t_data_idle = t_data
                 replaced += int(batch["replaced"].sum()) if "replaced" in batch else 0
                 images, regions = to_device(batch, device, num_region)
                 noise = noise_rows[m * b:(m + 1) * b]
@@ -1237,7 +1234,6 @@ def _main(argv=None) -> int:
                 held.enter_context(ckpt.hold_run_folder(run_dir_of(cfg)))
             except (ckpt.CheckpointError, OSError) as e:  # in use, a file in the way, a read-only place
                 print(f"error: {e}", file=sys.stderr)
-                rdist.leave_after_error()
                 return 2
         return _run(cfg, args, nproc)
 
