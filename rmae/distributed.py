@@ -13,16 +13,19 @@ Backend: nccl on CUDA, gloo on CPU (``distributed.backend`` overrides).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import logging
 import os
 import pickle
 import re
 import shutil
 import socket
 import subprocess
+import sys
 import warnings
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import Callable, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -31,6 +34,8 @@ import torch.nn as nn
 from rmae.config import ConfigError
 
 T = TypeVar("T")
+
+_joined_a_group = False  # whether this process has initialized a process group (it is a rank of several)
 
 
 @dataclass
@@ -271,6 +276,8 @@ def init_distributed(dist_cfg: dict, device_pref: str | None = None) -> DistInfo
         if backend == "nccl":
             kwargs["device_id"] = device
         dist.init_process_group(**kwargs)
+        global _joined_a_group
+        _joined_a_group = True
         if use_cuda and index is None:  # (ranks sharing a GPU: NCCL's init stops them, 'Duplicate GPU detected')
             warn_of_idle_gpus(rank, all_gather_object((socket.gethostname(), *gpu_ids())))
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device,
@@ -289,6 +296,25 @@ def leave_after_error() -> None:
     exception' and exit status 1 instead of its own."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def joined_a_group() -> bool:
+    """Whether this process has been a rank of a process group (and should end with ``exit_rank``)."""
+    return _joined_a_group
+
+
+def exit_rank(status: int) -> NoReturn:
+    """Ends a rank's process with ``status`` once its work is done (files closed, data workers stopped), without
+    the interpreter's finalization. DTensor's caches keep FSDP2's device mesh, and with it the gloo group and its
+    worker threads, alive after ``destroy_process_group``; tearing them down during finalization can abort the
+    process ('terminate called without an active exception', status 1 instead of the rank's own)."""
+    with contextlib.suppress(Exception):
+        leave_after_error()  # (a no-op when the group has been destroyed)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -1168,16 +1168,17 @@ def _spawned(local_rank: int, world_size: int, port: int, cfg_yaml: str, require
     rdist.spawn_env(local_rank, world_size, port)
     if "OMP_NUM_THREADS" not in os.environ:  # the ranks share the cores (as torchrun's ranks share one thread each)
         torch.set_num_threads(cores_per_rank())  # (over LOCAL_WORLD_SIZE, which spawn_env sets)
+    status = 0
     try:
         train(OmegaConf.create(cfg_yaml), require_resume=require_resume)
     except USER_ERRORS as e:  # as on one process: a message and exit status 2, which main() passes on
         print(f"error{'' if local_rank == 0 else f' (rank {local_rank})'}: {e}", file=sys.stderr)
-        rdist.leave_after_error()
-        sys.exit(2)
+        status = 2
     except KeyboardInterrupt:  # a second Ctrl-C: as on one process
         if local_rank == 0:
             print(STOPPED_AT_ONCE, file=sys.stderr)
-        sys.exit(130)
+        status = 130
+    rdist.exit_rank(status)  # (past the except blocks: the error's traceback, and the frames it holds, are freed)
 
 
 def unused_sections(overrides, model: str, dataset: str) -> list[tuple[str, str]]:
@@ -1194,10 +1195,13 @@ def unused_sections(overrides, model: str, dataset: str) -> list[tuple[str, str]
 
 def main(argv=None) -> int:
     try:
-        return _main(argv)
+        status = _main(argv)
     except KeyboardInterrupt:  # a Ctrl-C while the settings are checked, before the run has a folder
         print("\ninterrupted before training started; nothing was written", file=sys.stderr)
-        return 130
+        status = 130
+    if rdist.joined_a_group():  # a rank of torchrun or srun (a spawned rank ends in _spawned)
+        rdist.exit_rank(status)
+    return status
 
 
 def _main(argv=None) -> int:

@@ -1622,8 +1622,9 @@ def test_spawned_ranks_share_the_cores(monkeypatch):
     import rmae.cores as cores
     import rmae.train as train_module
 
-    seen = []
+    seen, exits = [], []
     monkeypatch.setattr(train_module, "train", lambda cfg, require_resume: seen.append(torch.get_num_threads()))
+    monkeypatch.setattr(train_module.rdist, "exit_rank", exits.append)  # (ends the process)
     monkeypatch.setattr(cores, "usable_cores", lambda: 16)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.setenv(key, "0")  # (spawn_env sets them; restored afterwards)
@@ -1637,7 +1638,62 @@ def test_spawned_ranks_share_the_cores(monkeypatch):
     finally:
         torch.set_num_threads(before)
         signal.signal(signal.SIGINT, handler)
-    assert seen == [4, 3]
+    assert seen == [4, 3] and exits == [0, 0]
+
+
+@pytest.mark.parametrize("raised, status, printed", [
+    (FileNotFoundError("--resume: no checkpoint"), 2, "error (rank 1): --resume: no checkpoint"),
+    (KeyboardInterrupt(), 130, ""),  # (rank 0 prints the advice; the others are quiet)
+])
+def test_a_spawned_rank_ends_with_its_own_status(monkeypatch, capsys, raised, status, printed):
+    """A spawned rank ends through ``exit_rank`` with the status one process would return (2 for a user error,
+    130 for a second Ctrl-C), after the error's traceback is gone (it holds the run's frames)."""
+    import rmae.train as train_module
+
+    def fails(cfg, require_resume):
+        raise raised
+
+    exits = []
+    monkeypatch.setattr(train_module, "train", fails)
+    monkeypatch.setattr(train_module.rdist, "exit_rank", lambda s: exits.append((s, sys.exc_info()[0])))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(key, "0")
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        train_module._spawned(1, 2, 12345, "{}", False)
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert exits == [(status, None)]
+    assert capsys.readouterr().err.strip() == printed
+
+
+def test_a_rank_process_ends_without_finalization(tmp_path):
+    """``exit_rank`` flushes what the rank printed and exits with the status at once: the interpreter's
+    finalization, where FSDP2's leftover gloo group could abort the process, does not run (no atexit handler)."""
+    script = ("import atexit, sys\n"
+              "from rmae import distributed as rdist\n"
+              "atexit.register(lambda: print('finalized'))\n"
+              "print('to a pipe', end='')\n"  # (block-buffered: lost without the flush)
+              "sys.stderr.write('error: x')\n"
+              "rdist.exit_rank(2)\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stdout, r.stderr) == (2, "to a pipe", "error: x")
+
+
+def test_main_of_a_rank_ends_through_exit_rank(monkeypatch, capsys):
+    """A torchrun or srun rank (a process that joined a group) ends through ``exit_rank`` with main's status; one
+    process returns it."""
+    import rmae.train as train_module
+
+    exits = []
+    monkeypatch.setattr(train_module.rdist, "exit_rank", exits.append)
+    assert train_module.main(["--print-config"]) == 0 and exits == []
+    monkeypatch.setattr(train_module.rdist, "_joined_a_group", True)
+    train_module.main(["--print-config"])
+    train_module.main(["no_such_key=1"])
+    assert exits == [0, 2]
+    capsys.readouterr()
 
 
 def test_a_gpu_waiting_for_its_loader_is_told_what_to_do():
