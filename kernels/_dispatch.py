@@ -2,8 +2,8 @@
 
 ``impl`` on every public function:
 
-* ``"auto"``: Triton when the tensors are on CUDA, or when ``TRITON_INTERPRET=1`` (CPU interpreter);
-  otherwise the PyTorch reference.
+* ``"auto"``: Triton when the tensors are on an NVIDIA GPU of compute capability 8.0+ (``kernel_gpu``), or
+  when ``TRITON_INTERPRET=1`` (CPU interpreter); otherwise the PyTorch reference.
 * ``"triton"``: force Triton; raises if Triton is not importable or the tensors are on a device it
   cannot run on (CPU without ``TRITON_INTERPRET=1``).
 * ``"reference"``: force the PyTorch reference (plain ops, autograd through PyTorch).
@@ -72,6 +72,15 @@ def check_indices_enabled() -> bool:
     return os.environ.get("RMAE_KERNELS_CHECK_INDICES", "1") != "0"
 
 
+def kernel_gpu(device: torch.device) -> bool:
+    """Whether ``impl="auto"`` runs the kernels on this CUDA device: an NVIDIA GPU of compute capability 8.0 or
+    newer (Ampere, Hopper: bfloat16 and tf32 dots), what they are written and tested for. Older cards and ROCm
+    take the reference unless ``impl="triton"`` forces the kernels."""
+    if getattr(torch.version, "hip", None):
+        return False
+    return tuple(torch.cuda.get_device_capability(device)) >= (8, 0)
+
+
 def use_triton(impl: str, *tensors: torch.Tensor | None) -> bool:
     """Decide the implementation for a call; see the module docstring."""
     if impl not in IMPLS:
@@ -85,6 +94,8 @@ def use_triton(impl: str, *tensors: torch.Tensor | None) -> bool:
                                "reference (impl='auto' or 'reference')")
         return False
     on_cuda = bool(ts) and all(t.is_cuda for t in ts)
+    if impl == "auto" and on_cuda and not interpreting() and not kernel_gpu(ts[0].device):
+        return False
     runnable = HAS_TRITON and (on_cuda or interpreting())
     if impl == "triton":
         if not HAS_TRITON:
@@ -176,6 +187,17 @@ def check_index_values(ids: torch.Tensor, upper: int, name: str, distinct: bool 
             raise IndexError(f"{name} out of range: values must lie in [0, {upper}), got min {lo}, max {hi}")
         what = f"a permutation of 0..{upper - 1}" if permutation else "distinct"
         raise ValueError(f"every row of {name} must be {what} (the backward relies on it)")
+
+
+def check_binary_maps(maps: torch.Tensor, name: str = "maps") -> None:
+    """uint8 maps hold only 0 and 1 (the kernels read any nonzero byte as inside the region, the reference
+    takes the value itself as the target). One host sync, skipped with the index checks; bool needs none."""
+    if maps.dtype == torch.bool or is_compiling() or not check_indices_enabled() or maps.numel() == 0:
+        return
+    top = int(maps.max())
+    if top > 1:
+        raise ValueError(f"{name} must be binary maps with values 0/1, got values up to {top} (for 0/255 "
+                         f"masks pass maps != 0)")
 
 
 def check_same_device(**tensors) -> None:

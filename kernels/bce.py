@@ -16,10 +16,12 @@ tensor and their reductions; the backward writes d(logits) in one pass, recomput
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 import torch.nn.functional as F
 
 from ._dispatch import (
     HAS_TRITON,
+    check_binary_maps,
     check_float,
     check_index_values,
     check_ndim,
@@ -82,13 +84,13 @@ if HAS_TRITON:
         """Rows m = ((b*K)+i)*N + n. Forward: out[pid] = Σ_rows mask[b,n]·Σ_j w·bce(z, t).
         Backward: out[m, j] = scale · mask[b,n] · w · (σ(z) − t), scale = grad/(p²·K·Σmask)."""
         pid = tl.program_id(0)
-        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
         rmask = rows < M
         n, base, lid = _patch_rows(rows, rmask, ids_ptr, sel_ptr, lid_ptr, N, K, Wp,
                                    s0, s1, s2, s3, P, FROM_LABELS)
         b = rows.to(tl.int64) // N // K
         mval = tl.load(mask_ptr + b * smb + n * smn, mask=rmask, other=0.0).to(tl.float32)
-        jj = tl.arange(0, BLOCK_J)
+        jj = tl.arange(0, BLOCK_J).to(tl.int64)
         jmask = jj < P * P
         m2 = rmask[:, None] & jmask[None, :]
         t = _patch_tile(src_ptr, base, lid, rmask, jj, s2, s3, P, FROM_LABELS) + 0.5
@@ -145,6 +147,7 @@ class _RegionBCE(torch.autograd.Function):
         return total / (denom * (K * P * P))
 
     @staticmethod
+    @once_differentiable  # (a second derivative raises instead of silently being zero)
     def backward(ctx, g):
         logits, src, sel, lid, region_mask, denom = ctx.saved_tensors
         P, bg = ctx.meta
@@ -188,6 +191,7 @@ def region_bce_loss(logits, maps, region_mask, patch_size, bg_weight: float = 1.
     B, K, H, W = maps.shape
     _validate(logits, B, K, H, W, region_mask, patch_size)
     check_same_device(logits=logits, maps=maps, region_mask=region_mask)
+    check_binary_maps(maps)
     if not use_triton(impl, logits, maps, region_mask):
         return region_bce_loss_reference(logits, maps, region_mask, patch_size, bg_weight)
     _check_mask_no_grad(region_mask)

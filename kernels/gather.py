@@ -7,6 +7,7 @@ at the removed positions (no separate zero fill): it gathers through the inverse
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ._dispatch import (
     HAS_TRITON,
@@ -72,13 +73,13 @@ if HAS_TRITON:
         b = tl.program_id(0).to(tl.int64)  # the batch in grid axis 0: axes 1 and 2 stop at 65535
         pid_r = tl.program_id(1)
         j = tl.program_id(2) + (0 if DO_X else 1)  # 0: image sequence, 1..k: region j-1
-        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
         rmask = rows < R_OUT
         idx = tl.load(idx_ptr + b * R_OUT + rows, mask=rmask, other=-1)
         valid = idx >= 0
         src_row = tl.where(valid, idx, 0)
         if j == 0:
-            cols = tl.arange(0, BLOCK_C)
+            cols = tl.arange(0, BLOCK_C).to(tl.int64)
             for c0 in range(0, C, BLOCK_C):
                 cc = c0 + cols
                 cm = cc < C
@@ -90,7 +91,7 @@ if HAS_TRITON:
                          mask=rmask[:, None] & cm[None, :])
         else:
             i = (j - 1).to(tl.int64)
-            rcols = tl.arange(0, BLOCK_CR)
+            rcols = tl.arange(0, BLOCK_CR).to(tl.int64)
             for c0 in range(0, CR, BLOCK_CR):
                 rc = c0 + rcols
                 rm = rc < CR
@@ -160,6 +161,7 @@ class _GatherVisible(torch.autograd.Function):
         return x_vis, r_vis
 
     @staticmethod
+    @once_differentiable  # (a second derivative raises instead of silently being zero)
     def backward(ctx, g_x, g_r):
         (ids_keep,) = ctx.saved_tensors
         need_x, _, need_r = ctx.needs_input_grad

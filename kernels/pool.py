@@ -7,6 +7,7 @@ in one pass (two separate buffers, so autograd never sees aliased gradients).
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ._dispatch import (
     HAS_TRITON,
@@ -55,9 +56,9 @@ if HAS_TRITON:
         pid_c = tl.program_id(1)
         b = (pid // K).to(tl.int64)
         i = (pid % K).to(tl.int64)
-        cc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        cc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
         cm = cc < C
-        ls = tl.arange(0, BLOCK_L)
+        ls = tl.arange(0, BLOCK_L).to(tl.int64)
         acc = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
         for l0 in range(0, L, BLOCK_L):
             ll = l0 + ls
@@ -83,12 +84,12 @@ if HAS_TRITON:
         pid_c = tl.program_id(1)
         b = (pid // K).to(tl.int64)
         i = (pid % K).to(tl.int64)
-        cc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        cc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
         cm = cc < C
         g = tl.load(g_ptr + b * sgb + i * sgk + cc * sgc, mask=cm, other=0.0).to(tl.float32) / L
         tile = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32) + g[None, :]
         base = pid.to(tl.int64) * L * C
-        ls = tl.arange(0, BLOCK_L)
+        ls = tl.arange(0, BLOCK_L).to(tl.int64)
         for l0 in range(0, L, BLOCK_L):
             ll = l0 + ls
             m = (ll < L)[:, None] & cm[None, :]
@@ -137,6 +138,7 @@ class _RegionQueryPool(torch.autograd.Function):
         return _launch_fwd(x, residual)
 
     @staticmethod
+    @once_differentiable  # (a second derivative raises instead of silently being zero)
     def backward(ctx, g):
         need_x, need_r = ctx.needs_input_grad
         need_r = need_r and ctx.has_res

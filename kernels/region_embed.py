@@ -17,10 +17,12 @@ dtype (the ±0.5 inputs are exact in it) with fp32 accumulation.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 import torch.nn.functional as F
 
 from ._dispatch import (
     HAS_TRITON,
+    check_binary_maps,
     check_float,
     check_index_tensor,
     check_index_values,
@@ -159,14 +161,14 @@ if HAS_TRITON:
     ):
         pid_m = tl.program_id(0)
         pid_d = tl.program_id(1)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
         rmask = rows < M
         n, base, lid = _patch_rows(rows, rmask, ids_ptr, sel_ptr, lid_ptr, L, K, Wp,
                                    s0, s1, s2, s3, P, FROM_LABELS)
-        dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
         dmask = dd < D
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        kr = tl.arange(0, BLOCK_K)
+        kr = tl.arange(0, BLOCK_K).to(tl.int64)
         for k0 in range(0, P * P, BLOCK_K):
             kk = k0 + kr
             a = _patch_tile(src_ptr, base, lid, rmask, kk, s2, s3, P, FROM_LABELS)
@@ -203,13 +205,13 @@ if HAS_TRITON:
         pid_d = tl.program_id(0)
         pid_k = tl.program_id(1)
         pid_s = tl.program_id(2)
-        dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
         dmask = dd < D
-        kk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        kk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
         kmask = kk < P * P
         acc = tl.zeros((BLOCK_D, BLOCK_K), dtype=tl.float32)
         bacc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        mr = tl.arange(0, BLOCK_M)
+        mr = tl.arange(0, BLOCK_M).to(tl.int64)
         for m0 in range(pid_s * BLOCK_M, M, SPLIT * BLOCK_M):
             rows = m0 + mr
             rmask = rows < M
@@ -319,6 +321,7 @@ class _RegionTokens(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # (a second derivative raises instead of silently being zero)
     def backward(ctx, g):
         src, ids_keep, sel, lid = ctx.saved_tensors
         P, K, w_dtype, b_dtype = ctx.meta
@@ -382,6 +385,7 @@ def region_tokens(maps, ids_keep, weight, bias, pos_embed, patch_size, impl: str
         promoted dtype of (weight, bias, pos_embed). Gradients flow to weight and bias only.
     """
     _validate_maps(maps, ids_keep, weight, bias, pos_embed, patch_size)
+    check_binary_maps(maps)
     if not use_triton(impl, maps, ids_keep, weight, bias, pos_embed):
         _check_values(maps, ids_keep, patch_size, None, None)
         return region_tokens_reference(maps, ids_keep, weight, bias, pos_embed, patch_size)

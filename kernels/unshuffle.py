@@ -8,6 +8,7 @@ position gradient and the mask token (reduced by PyTorch; the batch is split so 
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ._dispatch import (
     HAS_TRITON,
@@ -61,7 +62,7 @@ if HAS_TRITON:
     ):
         b = tl.program_id(0).to(tl.int64)  # the batch in grid axis 0: axis 1 stops at 65535
         pid_r = tl.program_id(1)
-        t = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # output row, 0 = cls
+        t = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)  # output row, 0 = cls
         tmask = t < NP1
         is_tok = (t > 0) & tmask
         r = tl.load(ids_ptr + b * sib + (t - 1) * sin, mask=is_tok, other=0)
@@ -69,7 +70,7 @@ if HAS_TRITON:
         from_x = tmask & (is_mask == 0)
         src = tl.where(t > 0, r + 1, 0)
         src = tl.where(from_x, src, 0)
-        cols = tl.arange(0, BLOCK_C)
+        cols = tl.arange(0, BLOCK_C).to(tl.int64)
         for c0 in range(0, C, BLOCK_C):
             cc = c0 + cols
             cm = cc < C
@@ -108,10 +109,10 @@ if HAS_TRITON:
         pid_s = tl.program_id(2)
         b0 = pid_s * B_PER
         b1 = tl.minimum(b0 + B_PER, B)
-        t = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        t = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
         tmask = t < NP1
         is_tok = (t > 0) & tmask
-        cc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        cc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
         cm = cc < C
         m2 = tmask[:, None] & cm[None, :]
         pos_acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
@@ -216,6 +217,7 @@ class _UnshuffleFill(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # (a second derivative raises instead of silently being zero)
     def backward(ctx, g):
         (ids_restore,) = ctx.saved_tensors
         need_x, need_m, _, need_pos = ctx.needs_input_grad

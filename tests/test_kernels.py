@@ -669,3 +669,74 @@ def test_float64_inputs_take_the_reference_and_pass_gradcheck():
     assert loss.dtype == torch.float64
     assert torch.autograd.gradcheck(
         lambda z: region_bce_loss_from_labels(z, labels, scale_index, label_id, mask, P, 0.3), (logits,))
+
+
+# ===================================================================================================
+# what every path shares: no double backward, binary maps, the GPUs "auto" runs on
+# ===================================================================================================
+def test_second_derivatives_through_the_triton_paths_raise():
+    """The kernels' backwards are not differentiable: a gradient taken with create_graph=True and differentiated
+    again raises (it was silently a constant, so a gradient penalty lost its second-order term)."""
+    g = gen(70)
+    B, N, L, k, C, P, Hp, Wp = 2, 6, 3, 2, 8, 2, 2, 3
+    ids, restore = mask_ids(B, N, L, g)
+    x, regions = randn((B, N, C), g, grad=True), randn((B, k, N, 4), g, grad=True)
+    tokens, token, pos = randn((B, 1 + L, C), g, grad=True), randn((1, 1, C), g, grad=True), randn((1, N + 1, C), g)
+    pooled = randn((B, k, L, C), g, grad=True)
+    w, b, pos_r = region_params(C, P, Hp, Wp, g)
+    maps = (torch.rand((B, k, Hp * P, Wp * P), generator=g) < 0.5).to(torch.uint8)
+    logits, mask = randn((B, k, N, P * P), g, grad=True), torch.ones(B, N)
+    calls = {
+        "gather_visible": (lambda: gather_visible(x, ids, regions)[1], [regions]),
+        "unshuffle_fill": (lambda: unshuffle_fill(tokens, token, restore, pos), [tokens, token]),
+        "region_query_pool": (lambda: region_query_pool(pooled), [pooled]),
+        "region_tokens": (lambda: region_tokens(maps, ids, w, b, pos_r, P), [w, b]),
+        "region_bce_loss": (lambda: region_bce_loss(logits, maps, mask, P, 0.5), [logits]),
+    }
+    for name, (call, inputs) in calls.items():
+        out = call()
+        assert not backward_name(out).startswith(("Gather", "Mean", "Add", "Cat", "Binary")), name  # Triton's
+        first = torch.autograd.grad(out.float().square().sum(), inputs, create_graph=True)
+        with pytest.raises(RuntimeError, match="differentiate twice"):
+            sum(f.float().sum() for f in first).backward()
+
+
+def test_maps_must_be_binary():
+    """uint8 maps hold 0 and 1: a 0/255 mask is refused on both paths (the kernels read any nonzero byte as 1,
+    the reference the byte's value), unless the index checks are off; bool maps need no check."""
+    g = gen(71)
+    B, k, L, D, P, Hp, Wp = 2, 2, 3, 8, 2, 2, 3
+    N = Hp * Wp
+    maps = (torch.rand((B, k, Hp * P, Wp * P), generator=g) < 0.5).to(torch.uint8) * 255
+    ids, _ = mask_ids(B, N, L, g)
+    w, b, pos = region_params(D, P, Hp, Wp, g)
+    logits, mask = randn((B, k, N, P * P), g), torch.ones(B, N)
+    for impl in ("triton", "reference"):
+        with pytest.raises(ValueError, match="values 0/1, got values up to 255.*maps != 0"):
+            region_tokens(maps, ids, w, b, pos, P, impl=impl)
+        with pytest.raises(ValueError, match="values 0/1, got values up to 255"):
+            region_bce_loss(logits, maps, mask, P, impl=impl)
+        region_tokens(maps != 0, ids, w, b, pos, P, impl=impl)
+        region_bce_loss(logits, (maps != 0).to(torch.uint8), mask, P, impl=impl)
+    dispatch.set_index_checks(False)
+    try:
+        region_bce_loss(logits, maps, mask, P, impl="triton")  # unchecked: no host sync
+    finally:
+        dispatch.set_index_checks(None)
+
+
+class _OnGpu:
+    """Stands in for a CUDA tensor in use_triton (which reads dtype, is_cuda and device)."""
+    dtype, is_cuda, device = torch.float32, True, torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize("capability, hip, picked", [((9, 0), None, True), ((8, 0), None, True),
+                                                     ((7, 5), None, False), ((9, 4), "6.2", False)])
+def test_auto_runs_the_kernels_on_ampere_or_newer_nvidia_gpus(monkeypatch, capability, hip, picked):
+    """``impl="auto"`` takes the kernels on NVIDIA GPUs of compute capability 8.0+ (bfloat16 and tf32 dots; what
+    they are tested on) and the reference on older cards and ROCm; ``impl="triton"`` still forces them."""
+    monkeypatch.setattr(dispatch, "_INTERPRETING", False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.version, "hip", hip)
+    assert use_triton("auto", _OnGpu(), _OnGpu()) is picked
+    assert use_triton("triton", _OnGpu()) and not use_triton("reference", _OnGpu())
