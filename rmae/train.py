@@ -119,26 +119,31 @@ def build_model_from_config(cfg, device: torch.device | str | None = None) -> nn
         return build_model(sec["mae_vit"]["arch"], variant=cfg["model"], **kwargs)
 
 
+def group_weight_decay(group: str, weight_decay: float, wd_norm: float, wd_bias: float) -> float:
+    """The decay of one of ``param_groups``' groups, by the original's rule (``get_mae_parameters``):
+    ``wd_norm`` and ``wd_bias`` are switches, 0 exempts norm-layer parameters / biases from decay and any other
+    value leaves them at ``weight_decay``; a norm layer's bias is exempt when either switch is 0."""
+    exempt = {"decay": False, "norm": wd_norm == 0, "bias": wd_bias == 0,
+              "norm_bias": wd_norm == 0 or wd_bias == 0}[group]
+    return 0.0 if exempt else weight_decay
+
+
 def param_groups(model: nn.Module, weight_decay: float, wd_norm: float, wd_bias: float) -> list[dict]:
-    """Three groups: weights (``weight_decay``), LayerNorm weights (``wd_norm``), biases (``wd_bias``)."""
+    """Four groups, the same for any setting (so a resumed run may change them): weights, norm-layer weights,
+    other biases, norm-layer biases; each with ``group_weight_decay``."""
     norm_params = set()
     for m in model.modules():
         if isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)):
             norm_params.update(id(p) for p in m.parameters(recurse=False))
-    decay, norm, bias = [], [], []
+    members: dict[str, list] = {"decay": [], "norm": [], "bias": [], "norm_bias": []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if id(p) in norm_params and not name.endswith(".bias"):
-            norm.append(p)
-        elif name.endswith(".bias") or (id(p) in norm_params):
-            bias.append(p)
-        else:
-            decay.append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-              {"params": norm, "weight_decay": wd_norm, "name": "norm"},
-              {"params": bias, "weight_decay": wd_bias, "name": "bias"}]
-    return [g for g in groups if g["params"]]
+        is_bias = "bias" in name.rsplit(".", 1)[-1]  # (the original tests the name inside its module)
+        members[("norm_" if id(p) in norm_params and is_bias else "") + ("bias" if is_bias else
+                 "norm" if id(p) in norm_params else "decay")].append(p)
+    return [{"params": ps, "weight_decay": group_weight_decay(name, weight_decay, wd_norm, wd_bias), "name": name}
+            for name, ps in members.items() if ps]
 
 
 def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
@@ -152,22 +157,26 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
                              weight_decay=p["weight_decay"], fused=fused)
 
 
-def apply_optimizer_settings(cfg, optimizer: torch.optim.Optimizer, base_lrs: list[float]) -> list[str]:
-    """After loading a checkpoint's optimizer state (which carries the hyperparameters it was saved with): the
-    configured weight decays, betas, eps and base lr again, so that the run trains with what config.yaml records.
-    Returns the settings that differed, as ``"optimizer.params.<key>: then -> now"``."""
+def apply_optimizer_settings(cfg, optimizer: torch.optim.Optimizer, base_lrs: list[float],
+                             group_names: list[str]) -> list[str]:
+    """After loading a checkpoint's optimizer state (which carries the hyperparameters it was saved with, names
+    included: a checkpoint of three groups gives its names to the four of today): the configured weight decays,
+    betas, eps and base lr again, with ``group_names`` as ``param_groups`` made them, so that the run trains with
+    what config.yaml records. Returns the settings that differed, as ``"optimizer.params.<key>: then -> now"``."""
     p = cfg["optimizer"]["params"]
-    decay_key = {"decay": "weight_decay", "norm": "wd_norm", "bias": "wd_bias"}
+    decay_keys = {"decay": "weight_decay", "norm": "wd_norm", "bias": "wd_bias", "norm_bias": "wd_norm, wd_bias"}
     changed: dict[str, str] = {}
-    for g, base_lr in zip(optimizer.param_groups, base_lrs):
-        wd_key = decay_key.get(g.get("name"), "weight_decay")
-        wanted = {wd_key: ("weight_decay", p[wd_key]), "betas": ("betas", tuple(p["betas"])),
-                  "eps": ("eps", p["eps"]), "lr": ("initial_lr", base_lr)}
+    for g, base_lr, name in zip(optimizer.param_groups, base_lrs, group_names):
+        g["name"] = name
+        decay = group_weight_decay(name, p["weight_decay"], p["wd_norm"], p["wd_bias"])
+        wanted = {f"weight decay of the {name} group ({decay_keys[name]})": ("weight_decay", decay),
+                  "betas": ("betas", tuple(p["betas"])), "eps": ("eps", p["eps"]), "lr": ("initial_lr", base_lr)}
         for key, (group_key, now) in wanted.items():
             then = g.get(group_key)
             then = tuple(then) if isinstance(then, (list, tuple)) else then
             if then != now:
-                changed.setdefault(key, f"optimizer.params.{key}: {then!r} -> {now!r}")
+                label = key if key.startswith("weight decay") else f"optimizer.params.{key}"
+                changed.setdefault(key, f"{label}: {then!r} -> {now!r}")
             g[group_key] = now
     return list(changed.values())
 
@@ -717,6 +726,7 @@ def train(cfg, require_resume: bool = False) -> dict:
         rdist.shard_model(model, param_dtype=amp_dtype)
     ckpt.seed_everything(tr["seed"] + rank)
     optimizer = build_optimizer(cfg, model)
+    group_names = [g["name"] for g in optimizer.param_groups]  # (a checkpoint's state brings its own names)
     scheduler = build_scheduler(cfg, optimizer)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -776,7 +786,7 @@ def train(cfg, require_resume: bool = False) -> dict:
             step, position = int(meta["step"]), int(meta["data_position"])
             skipped = int(meta.get("skipped", 0))  # checkpoints before it was stored: 0
             errors_before = int(meta.get("data_errors", 0))
-            changed = apply_optimizer_settings(cfg, optimizer, scheduler.base_lrs)
+            changed = apply_optimizer_settings(cfg, optimizer, scheduler.base_lrs, group_names)
             scheduler.load_state_dict(meta["scheduler"])
             run_changes = run_settings_changed(meta, cfg)
             if changed and dinfo.is_main:

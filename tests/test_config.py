@@ -240,7 +240,8 @@ def test_batch_size_type_named_before_the_lr_interpolation(name, value, fragment
 
 def test_interpolated_batch_size_named_by_the_lr_resolver():
     with pytest.raises(ConfigError) as e:
-        load_config("RMAE/COCO/rmae_fh_4000eps.yaml", ["training.batch_size=${training.use_fp16}"])
+        load_config("RMAE/COCO/rmae_fh_4000eps.yaml",
+                    ["training.use_fp16=bfloat16", "training.batch_size=${training.use_fp16}"])
     assert "training.batch_size must be an integer" in str(e.value) and "bfloat16" in str(e.value)
 
 

@@ -1266,14 +1266,16 @@ def test_resume_trains_with_the_configured_optimizer_settings(tmp_path):
     train(cfg_for(run, "training.max_update=3", *new))
     groups = {g["name"]: g for g in torch.load(ckpt.latest_checkpoint(run), map_location="cpu",
                                                weights_only=False)["optimizer"]["param_groups"]}
-    assert (groups["decay"]["weight_decay"], groups["norm"]["weight_decay"], groups["bias"]["weight_decay"]) == \
-        (0.2, 0.01, 0.0)
+    # wd_norm is a switch, as in the original: not 0, so norm weights decay at weight_decay (norm biases stay
+    # exempt, wd_bias being 0)
+    assert {name: g["weight_decay"] for name, g in groups.items()} == \
+        {"decay": 0.2, "norm": 0.2, "bias": 0.0, "norm_bias": 0.0}
     assert all(tuple(g["betas"]) == (0.8, 0.9) and g["eps"] == 1e-6 for g in groups.values())
     changed = log_records(run, "optimizer_settings_changed")[-1]["changed"]
     assert sorted(changed) == ["optimizer.params.betas: (0.9, 0.95) -> (0.8, 0.9)",
                                "optimizer.params.eps: 1e-08 -> 1e-06",
-                               "optimizer.params.wd_norm: 0.0 -> 0.01",
-                               "optimizer.params.weight_decay: 0.05 -> 0.2"]
+                               "weight decay of the decay group (weight_decay): 0.05 -> 0.2",
+                               "weight decay of the norm group (wd_norm): 0.0 -> 0.2"]
     train(cfg_for(run, "training.max_update=4", *new))  # the same settings again: nothing to report
     assert len(log_records(run, "optimizer_settings_changed")) == 1
 
@@ -1362,17 +1364,41 @@ def test_schedule_warmup_then_cosine():
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
 
 
-def test_no_weight_decay_on_norms_and_biases():
+def test_resume_from_a_checkpoint_of_three_weight_decay_groups(tmp_path):
+    """Checkpoints written before the norm biases had a group of their own hold three groups (decay, norm, bias:
+    the norm biases in the last); they resume, and each of today's four groups gets its own decay and name."""
+    run = tmp_path / "run"
+    train(cfg_for(run, "training.max_update=2"))
+    path = ckpt.latest_checkpoint(run)
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    groups = payload["optimizer"]["param_groups"]
+    assert [g["name"] for g in groups] == ["decay", "norm", "bias", "norm_bias"]
+    groups[2]["params"] += groups.pop()["params"]  # the old layout
+    torch.save(payload, path)
+    train(cfg_for(run, "training.max_update=3", "optimizer.params.wd_bias=0.01"))
+    saved = torch.load(ckpt.latest_checkpoint(run), map_location="cpu", weights_only=False)["optimizer"]
+    assert [(g["name"], g["weight_decay"]) for g in saved["param_groups"]] == \
+        [("decay", 0.05), ("norm", 0.0), ("bias", 0.05), ("norm_bias", 0.0)]  # (wd_norm is 0)
+    assert all(int(state["step"]) == 3 for state in saved["state"].values())  # the moments carried on
+
+
+@pytest.mark.parametrize("wd_norm, wd_bias", [(0.0, 0.0), (0.01, 0.0), (0.0, 0.01), (0.01, 0.01)])
+def test_weight_decay_groups_follow_the_original(wd_norm, wd_bias):
+    """The original's rule (get_mae_parameters): no decay for a norm layer's parameters when wd_norm is 0 and for
+    a bias when wd_bias is 0; every other parameter, whatever the switches' values, at weight_decay."""
     cfg = load_config(None, BASE)
     model = build_model_from_config(cfg, "cpu")
-    groups = {g["name"]: g for g in param_groups(model, 0.05, 0.0, 0.0)}
-    names = {id(p): n for n, p in model.named_parameters()}
-    norm_weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.LayerNorm)}
-    assert all(names[id(p)].endswith(".bias") for p in groups["bias"]["params"])
-    assert {id(p) for p in groups["norm"]["params"]} == norm_weights  # incl. region_proj.0 (a LayerNorm)
-    assert all(not names[id(p)].endswith(".bias") and id(p) not in norm_weights for p in groups["decay"]["params"])
-    assert sum(len(g["params"]) for g in groups.values()) == sum(p.requires_grad for p in model.parameters())
-    assert groups["decay"]["weight_decay"] == 0.05 and groups["norm"]["weight_decay"] == 0.0
+    groups = param_groups(model, 0.05, wd_norm, wd_bias)
+    decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    norm_params = {id(p) for m in model.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()}
+    expected = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            exempt = (id(p) in norm_params and wd_norm == 0) or (name.endswith("bias") and wd_bias == 0)
+            expected[id(p)] = 0.0 if exempt else 0.05
+    assert decay_of == expected  # every trainable parameter once
+    assert any(n.startswith("region_proj.0") for n, p in model.named_parameters() if id(p) in norm_params)
+    assert [g["name"] for g in groups] == ["decay", "norm", "bias", "norm_bias"]  # whatever the switches
 
 
 def test_slurm_environment():
