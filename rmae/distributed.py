@@ -411,24 +411,28 @@ def from_main_rank(fn: Callable[[], T], is_main: bool) -> T:
 def shard_model(model: nn.Module, param_dtype: torch.dtype | None = None) -> nn.Module:
     """``fully_shard`` every transformer block (every element of every ``nn.ModuleList``), then the root.
 
-    ``param_dtype`` (bf16 / fp16) is FSDP2's compute dtype for parameters; gradients are reduced in fp32.
-    Inputs are not cast (``cast_forward_inputs=False``): the masking noise must stay fp32 (rounded to bf16 it
-    ties, and argsort then keeps other patches than on one process), and autocast chooses compute precision.
+    ``param_dtype`` (bf16 / fp16) is FSDP2's compute dtype for the blocks' parameters; the rest (embeddings,
+    position tables, tokens, heads: the root's) stay fp32, so that, as on one process under autocast, the residual
+    stream between and through the blocks is fp32 (the blocks' LayerNorms compute in fp32; their matmuls run in
+    the autocast dtype either way). Gradients are reduced in fp32. Inputs are not cast
+    (``cast_forward_inputs=False``): the masking noise must stay fp32 (rounded to bf16 it ties, and argsort then
+    keeps other patches than on one process), and autocast chooses compute precision.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     # The model returns views (e.g. ``x[:, 1:]``) and never modifies them in place; FSDP2 warns on every call.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    blocks_mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    root_mp = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for module in list(model.modules()):
         if isinstance(module, nn.ModuleList):
             for block in module:
-                fully_shard(block, mp_policy=mp)
+                fully_shard(block, mp_policy=blocks_mp)
                 # methods the model calls besides forward (e.g. Block.forward_split) must gather the shards too
                 for name in FORWARD_METHODS:
                     if callable(getattr(block, name, None)):
                         register_fsdp_forward_method(block, name)
-    fully_shard(model, mp_policy=mp)
+    fully_shard(model, mp_policy=root_mp)
     return model
 
 

@@ -8,6 +8,7 @@ drop cls) that reuses only the model's weights.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 
@@ -837,3 +838,28 @@ def test_pictures_show_every_region_in_labelled_columns(variant):
         given = pred[~removed.numpy()]  # the visible ones: the given target in blue
         expected = np.where(maps[1, j].numpy()[~removed.numpy()][:, None] > 0, GIVEN_ON, GIVEN_OFF)
         assert np.abs(given - expected).max() <= 1
+
+
+def test_layer_norm_computes_in_fp32_with_low_precision_weights():
+    """The model's LayerNorm is nn.LayerNorm (same parameters, eps 1e-6, bit-equal in fp32) computed in fp32
+    whatever the dtypes: bf16 weights (FSDP2's copies) with an fp32 input under CPU autocast, which
+    nn.LayerNorm refuses there, give the fp32 result of the upcast weights."""
+    from rmae.models.vit import LayerNorm
+
+    g = torch.Generator().manual_seed(3)
+    ours, plain = LayerNorm(16), torch.nn.LayerNorm(16, eps=1e-6)
+    with torch.no_grad():
+        for p in (*ours.parameters(), *plain.parameters()):
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    assert ours.state_dict().keys() == plain.state_dict().keys() and ours.eps == 1e-6
+    x = torch.randn(4, 5, 16, generator=g)
+    assert torch.equal(ours(x), plain(x))
+    low = copy.deepcopy(ours).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = low(x)
+        out_bf16_input = low(x.bfloat16())
+        with pytest.raises(RuntimeError, match="mixed dtype"):
+            copy.deepcopy(plain).to(torch.bfloat16)(x)
+    expected = torch.nn.functional.layer_norm(x, (16,), low.weight.float(), low.bias.float(), 1e-6)
+    assert out.dtype == torch.float32 and torch.equal(out, expected)
+    assert out_bf16_input.dtype == torch.float32

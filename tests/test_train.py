@@ -1528,6 +1528,41 @@ def test_sharded_bf16_model_keeps_the_masking_noise_in_fp32(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
 
 
+def test_sharded_bf16_model_keeps_the_residual_stream_in_fp32(tmp_path):
+    """Under FSDP2's bf16 policy only the blocks' weights are bf16: the embeddings, position tables and tokens
+    stay fp32, so each block gets the same input dtype as on one process under autocast (the residual stream was
+    bf16 through every block), and the loss is one process's."""
+    script = tmp_path / "residual.py"
+    script.write_text(
+        "import copy, os, sys, torch, torch.distributed as dist, torch.nn as nn\n"
+        "from rmae import distributed as rdist\n"
+        "from rmae.models import build_model\n"
+        "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(rdist.free_port()))\n"
+        "dist.init_process_group('gloo', rank=0, world_size=1)\n"
+        "torch.manual_seed(0)\n"
+        "one = build_model('rmae_tiny_patch16', 'rmae', img_size=32, patch_size=4, depth=2, kernel_impl='reference')\n"
+        "sharded = rdist.shard_model(copy.deepcopy(one), param_dtype=torch.bfloat16)\n"
+        "g = torch.Generator().manual_seed(1)\n"
+        "imgs, noise = torch.randn(2, 3, 32, 32, generator=g), torch.rand(2, one.num_patches, generator=g)\n"
+        "maps = (torch.rand(2, 8, 32, 32, generator=g) < 0.3).to(torch.uint8)\n"
+        "results = []\n"
+        "for m in (one, sharded):\n"
+        "    seen = []\n"
+        "    for name, mod in m.named_modules():\n"
+        "        if isinstance(mod, nn.ModuleList):\n"
+        "            for b in mod:\n"
+        "                b.register_forward_pre_hook(lambda _, args, n=name: seen.append((n, str(args[0].dtype))))\n"
+        "    with torch.autocast('cpu', dtype=torch.bfloat16):\n"
+        "        results.append((seen, m(imgs, maps, noise=noise, mask_ratio=0.75).loss.item()))\n"
+        "print(results)\n"
+        "(seen_one, loss_one), (seen_sharded, loss_sharded) = results\n"
+        "assert ('blocks', 'torch.float32') in seen_one\n"
+        "assert seen_one == seen_sharded and abs(loss_one - loss_sharded) < 1e-5\n"
+        "dist.destroy_process_group()\n")
+    r = subprocess.run([sys.executable, str(script)], env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+
+
 def test_overrides_of_another_models_section_are_warned_about(capsys):
     """--model mae reads model_config.mae: model_config.rmae.* set on the command line does nothing (the run was
     a ViT-B at 224 px instead of the tiny model asked for, without a word); so for another dataset's section."""

@@ -9,14 +9,26 @@ pre-norm, qkv bias, GELU, LayerNorm eps 1e-6, no dropout / drop-path / layer-sca
 """
 from __future__ import annotations
 
-from functools import partial
-
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` (eps 1e-6, the same parameters) computed in float32 (float64 for a float64 input) whatever
+    the dtypes of the input and of the weights, as CUDA autocast computes it, and returned in that dtype. Under
+    FSDP2's low-precision policy the blocks' weights arrive in bfloat16 while the residual stream stays float32,
+    which CPU autocast's kernel refuses."""
+
+    def __init__(self, normalized_shape, eps: float = 1e-6, **kwargs):
+        super().__init__(normalized_shape, eps=eps, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        weight = None if self.weight is None else self.weight.to(dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.layer_norm(x.to(dtype), self.normalized_shape, weight, bias, self.eps)
 
 
 # --------------------------------------------------------------------------
