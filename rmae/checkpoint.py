@@ -69,24 +69,32 @@ def hold_run_folder(run_dir: str | os.PathLike):
     folder = Path(run_dir)
     if folder.exists() and not folder.is_dir():
         raise CheckpointError(f"the run folder {folder} (training.save_dir) is a file, not a folder")
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / RUN_LOCK, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise RunFolderInUse(f"another run is writing into {folder} ({holder}); wait for it to end, or give "
-                                 "another training.save_dir") from None
-        except OSError as error:
-            print(f"note: {folder} cannot be locked ({error.strerror or error}); do not start a second run into it "
-                  "until this one ends", file=sys.stderr)
-        else:
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-            handle.flush()
-        yield
+    try:
+        with open(folder / RUN_LOCK, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise RunFolderInUse(f"another run is writing into {folder} ({holder}); wait for it to end, or "
+                                     "give another training.save_dir") from None
+            except OSError as error:
+                print(f"note: {folder} cannot be locked ({error.strerror or error}); do not start a second run into "
+                      "it until this one ends", file=sys.stderr)
+            else:
+                handle.seek(0)
+                handle.truncate()
+                handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+                handle.flush()
+            yield
+    finally:
+        if created:  # a run that wrote nothing (e.g. --resume with no checkpoint) leaves no folder behind
+            with contextlib.suppress(OSError):
+                if {p.name for p in folder.iterdir()} <= {RUN_LOCK}:
+                    (folder / RUN_LOCK).unlink(missing_ok=True)
+                    folder.rmdir()
 
 
 def clean_state_dict(sd: dict) -> dict:

@@ -3,6 +3,7 @@ importable even where ``rmae`` resolves to a namespace package, e.g. from the fo
 ``rmae``)."""
 import os
 import sys
+import time
 
 
 def usable_cores() -> int:
@@ -20,6 +21,50 @@ def cores_per_rank() -> int:
         return max(1, cores // local_ranks)
     per_task = int(os.environ.get("SLURM_CPUS_PER_TASK") or 0)
     return min(cores, per_task) if per_task > 0 else cores
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs since boot, from /proc/stat (Linux)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def busy_cores(sample_s: float = 0.3) -> float | None:
+    """How many cores other processes keep busy: the smaller of the 1-minute load average and the busy share
+    of all CPUs over ``sample_s`` seconds (while this process sleeps), so that neither a job that just ended
+    (the average lags) nor a moment's pause counts; None where neither can be read."""
+    readings = []
+    try:
+        readings.append(os.getloadavg()[0])
+    except (AttributeError, OSError):
+        pass
+    try:
+        busy0, total0 = _cpu_times()
+        time.sleep(sample_s)
+        busy1, total1 = _cpu_times()
+        if total1 > total0:
+            readings.append((busy1 - busy0) / (total1 - total0) * (os.cpu_count() or 1))
+    except (OSError, ValueError, IndexError):
+        pass
+    return min(readings) if readings else None
+
+
+def threads_beside_other_jobs(threads: int) -> tuple[int, str | None]:
+    """Torch threads for a CPU run that has ``threads``, given the cores other processes keep busy
+    (``busy_cores``, taken before the run starts): threads that must share a core with another job wait on
+    each other at every parallel op (a demo step took 9 s on 2 threads beside one busy job, 0.5 s on 1). Returns
+    the count and a note when it is lower, else (threads, None)."""
+    busy = busy_cores()
+    if busy is None:
+        return threads, None
+    idle = max(1, min(threads, round((os.cpu_count() or 1) - busy)))
+    if idle >= threads:
+        return threads, None
+    return idle, (f"note: other jobs keep about {busy:.1f} of the {os.cpu_count()} cores busy: training on "
+                  f"{idle} torch thread{'s' if idle > 1 else ''} instead of {threads} (OMP_NUM_THREADS=N sets "
+                  f"the count)")
 
 
 def command_name(entry_point: str, module: str) -> str:

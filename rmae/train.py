@@ -40,7 +40,7 @@ import torch.nn as nn
 from rmae import checkpoint as ckpt
 from rmae import kernels
 from rmae import distributed as rdist
-from rmae.cores import command_name, cores_per_rank
+from rmae.cores import command_name, cores_per_rank, threads_beside_other_jobs
 from rmae.config import (DATASETS, MODELS, TASKS, ConfigError, arch_defaults_comment, built_model_params, canonical_arch,
                          config_identity, dataset_section, legacy_keys_set, load_config, model_section, schedule_warnings,
                          to_yaml)
@@ -1243,6 +1243,14 @@ def _main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     with contextlib.ExitStack() as held:
+        one_cpu_process = nproc <= 1 and int(os.environ.get("WORLD_SIZE", 1)) == 1 and \
+            not rdist.uses_cuda(cfg["training"]["device"])
+        if one_cpu_process and "OMP_NUM_THREADS" not in os.environ:
+            threads, note = threads_beside_other_jobs(torch.get_num_threads())
+            if note:
+                print(note, file=sys.stderr)
+                held.callback(torch.set_num_threads, torch.get_num_threads())  # (main() called in a process)
+                torch.set_num_threads(threads)
         if int(os.environ.get("RANK", 0)) == 0:  # one process, the launcher of spawned ranks, or rank 0 of torchrun/srun
             try:
                 held.enter_context(ckpt.hold_run_folder(run_dir_of(cfg)))

@@ -1469,6 +1469,10 @@ def test_cli_demo_config_runs(tmp_path):
     assert (start["arch"], start["img_size"], start["num_region"], start["batch_size"]) == ("rmae_tiny_patch16", 112, 8, 32)
     assert (run / "encoder.safetensors").is_file() and list((run / "vis").glob("*.png"))
     assert main(["--resume", f"training.save_dir={tmp_path / 'empty'}"]) == 2  # nothing to resume: a clear error
+    assert not (tmp_path / "empty").exists()  # and no folder left behind (it held only the run lock)
+    (tmp_path / "kept").mkdir()
+    assert main(["--resume", f"training.save_dir={tmp_path / 'kept'}"]) == 2
+    assert (tmp_path / "kept").is_dir()  # a folder that was there stays
 
 
 def test_random_fg_takes_masks_from_the_loader(tmp_path, monkeypatch):
@@ -1755,6 +1759,68 @@ def test_main_of_a_rank_ends_through_exit_rank(monkeypatch, capsys):
     train_module.main(["no_such_key=1"])
     assert exits == [0, 2]
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("load, cpus, threads, expected", [
+    (1.2, 2, 2, 1), (0.4, 2, 2, 2), (5.0, 2, 2, 1), (4.0, 16, 8, 8), (10.3, 16, 16, 6), (None, 2, 2, 2)])
+def test_a_cpu_run_leaves_the_cores_other_jobs_use(monkeypatch, load, cpus, threads, expected):
+    """Torch threads beside other jobs wait on each other at every op (a demo step: 9 s on 2 threads beside one
+    busy job, 0.5 s on 1): a CPU run takes the cores the load average leaves, at least one."""
+    import rmae.cores as cores
+
+    def loadavg():
+        if load is None:
+            raise OSError("no load average")
+        return (load, load, load)
+
+    monkeypatch.setattr(cores.os, "getloadavg", loadavg)
+    monkeypatch.setattr(cores.os, "cpu_count", lambda: cpus)
+    monkeypatch.setattr(cores, "_cpu_times", lambda: (_ for _ in ()).throw(OSError("no /proc/stat")))
+    got, note = cores.threads_beside_other_jobs(threads)
+    assert got == expected and (note is None) == (expected == threads)
+    if note:
+        assert f"about {load:.1f} of the {cpus} cores busy" in note and f"on {expected} torch thread" in note
+
+
+def test_busy_cores_take_the_smaller_of_the_load_average_and_a_sample(monkeypatch):
+    """A job that just ended still weighs in the 1-minute load average, and a job pausing for a moment does not
+    show in a short sample: the smaller of the two counts (here on 4 cores)."""
+    import rmae.cores as cores
+
+    times = iter([(1000, 4000), (1300, 4400)])  # 300 of 400 jiffies busy over the sample: 3 of the 4 cores
+    monkeypatch.setattr(cores, "_cpu_times", lambda: next(times))
+    monkeypatch.setattr(cores.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(cores.time, "sleep", lambda s: None)
+    monkeypatch.setattr(cores.os, "getloadavg", lambda: (3.6, 3.0, 2.0))
+    assert cores.busy_cores() == pytest.approx(3.0)
+    times = iter([(1000, 4000), (1300, 4400)])
+    monkeypatch.setattr(cores.os, "getloadavg", lambda: (0.4, 3.0, 2.0))
+    assert cores.busy_cores() == pytest.approx(0.4)
+    monkeypatch.setattr(cores, "_cpu_times", lambda: (_ for _ in ()).throw(OSError("no /proc/stat")))
+    monkeypatch.setattr(cores.os, "getloadavg", lambda: (_ for _ in ()).throw(OSError("none")))
+    assert cores.busy_cores() is None
+    assert cores.threads_beside_other_jobs(2) == (2, None)
+
+
+def test_main_trains_beside_busy_cores_on_fewer_threads(tmp_path, monkeypatch, capsys):
+    """``python -m rmae.train`` on a CPU whose cores other jobs use: fewer threads, said on the console and in the
+    start record; the process's thread count is restored afterwards (main() called in a process)."""
+    import rmae.cores as cores
+    from rmae.train import main
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cores, "busy_cores", lambda: 1.4)
+    monkeypatch.setattr(cores.os, "cpu_count", lambda: 2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert main([*BASE, f"training.save_dir={tmp_path / 'run'}", "training.max_update=1",
+                     "training.device=cpu"]) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert "training on 1 torch thread instead of 2" in capsys.readouterr().err
+    assert log_records(tmp_path / "run", "start")[0]["threads"] == 1
 
 
 def test_a_gpu_waiting_for_its_loader_is_told_what_to_do():
