@@ -76,9 +76,13 @@ def kernel_gpu(device: torch.device) -> bool:
     """Whether ``impl="auto"`` runs the kernels on this CUDA device: an NVIDIA GPU of compute capability 8.0 or
     newer (Ampere, Hopper: bfloat16 and tf32 dots), what they are written and tested for. Older cards and ROCm
     take the reference unless ``impl="triton"`` forces the kernels."""
-    if getattr(torch.version, "hip", None):
-        return False
-    return tuple(torch.cuda.get_device_capability(device)) >= (8, 0)
+    key = (device.index, getattr(torch.version, "hip", None))
+    if key not in _KERNEL_GPUS:  # (once per device: use_triton runs on every call, also while torch.compile traces)
+        _KERNEL_GPUS[key] = not key[1] and tuple(torch.cuda.get_device_capability(device)) >= (8, 0)
+    return _KERNEL_GPUS[key]
+
+
+_KERNEL_GPUS: dict[tuple, bool] = {}
 
 
 def use_triton(impl: str, *tensors: torch.Tensor | None) -> bool:

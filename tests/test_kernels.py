@@ -736,6 +736,7 @@ def test_auto_runs_the_kernels_on_ampere_or_newer_nvidia_gpus(monkeypatch, capab
     """``impl="auto"`` takes the kernels on NVIDIA GPUs of compute capability 8.0+ (bfloat16 and tf32 dots; what
     they are tested on) and the reference on older cards and ROCm; ``impl="triton"`` still forces them."""
     monkeypatch.setattr(dispatch, "_INTERPRETING", False)
+    monkeypatch.setattr(dispatch, "_KERNEL_GPUS", {})
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.version, "hip", hip)
     assert use_triton("auto", _OnGpu(), _OnGpu()) is picked
