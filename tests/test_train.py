@@ -1509,40 +1509,41 @@ def test_random_fg_takes_masks_from_the_loader(tmp_path, monkeypatch):
     assert all(math.isfinite(r["loss"]) for r in log_records(run) if "loss" in r)
 
 
-def test_sharded_bf16_model_keeps_the_masking_noise_in_fp32(tmp_path):
-    """FSDP2 with bf16 parameters must not cast the forward inputs: noise rounded to bf16 ties, and argsort then
-    keeps other patches than one process does (about 7% of ViT-B images per step)."""
-    script = tmp_path / "noise.py"
-    script.write_text(
-        "import os, sys, torch, torch.distributed as dist\n"
-        "from rmae import distributed as rdist\n"
-        "from rmae.models import build_model\n"
-        "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(rdist.free_port()))\n"
-        "dist.init_process_group('gloo', rank=0, world_size=1)\n"
-        "m = build_model('rmae_tiny_patch16', 'mae', img_size=32, patch_size=4, depth=1, kernel_impl='reference')\n"
-        "rdist.shard_model(m, param_dtype=torch.bfloat16)\n"
-        "n = m.num_patches\n"
-        "noise = (0.5 + torch.arange(n, 0, -1) * 1e-6).repeat(2, 1)  # descending in fp32, all 0.5 in bf16\n"
-        "with torch.autocast('cpu', dtype=torch.bfloat16):\n"
-        "    out = m(torch.randn(2, 3, 32, 32), None, noise=noise, mask_ratio=0.75)\n"
-        "ok = torch.equal(out.ids_restore, torch.argsort(torch.argsort(noise, 1), 1)) and torch.isfinite(out.loss).item()\n"
-        "dist.destroy_process_group()\n"
-        "sys.exit(0 if ok else 3)\n")
-    r = subprocess.run([sys.executable, str(script)], env=ENV, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-
-
-def test_sharded_bf16_model_keeps_the_residual_stream_in_fp32(tmp_path):
-    """Under FSDP2's bf16 policy only the blocks' weights are bf16: the embeddings, position tables and tokens
-    stay fp32, so each block gets the same input dtype as on one process under autocast (the residual stream was
-    bf16 through every block), and the loss is one process's."""
-    script = tmp_path / "residual.py"
+def _in_a_one_rank_group(tmp_path, body: str) -> None:
+    """Runs ``body`` (Python source) in a fresh process inside a gloo process group of one rank, with ``torch``,
+    ``nn``, ``copy``, ``rdist`` and ``build_model`` imported; it passes when the process exits 0."""
+    script = tmp_path / "one_rank.py"
     script.write_text(
         "import copy, os, sys, torch, torch.distributed as dist, torch.nn as nn\n"
         "from rmae import distributed as rdist\n"
         "from rmae.models import build_model\n"
         "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(rdist.free_port()))\n"
         "dist.init_process_group('gloo', rank=0, world_size=1)\n"
+        + body +
+        "dist.destroy_process_group()\n")
+    r = subprocess.run([sys.executable, str(script)], env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+def test_sharded_bf16_model_keeps_the_masking_noise_in_fp32(tmp_path):
+    """FSDP2 with bf16 parameters must not cast the forward inputs: noise rounded to bf16 ties, and argsort then
+    keeps other patches than one process does (about 7% of ViT-B images per step)."""
+    _in_a_one_rank_group(tmp_path, (
+        "m = build_model('rmae_tiny_patch16', 'mae', img_size=32, patch_size=4, depth=1, kernel_impl='reference')\n"
+        "rdist.shard_model(m, param_dtype=torch.bfloat16)\n"
+        "n = m.num_patches\n"
+        "noise = (0.5 + torch.arange(n, 0, -1) * 1e-6).repeat(2, 1)  # descending in fp32, all 0.5 in bf16\n"
+        "with torch.autocast('cpu', dtype=torch.bfloat16):\n"
+        "    out = m(torch.randn(2, 3, 32, 32), None, noise=noise, mask_ratio=0.75)\n"
+        "assert torch.equal(out.ids_restore, torch.argsort(torch.argsort(noise, 1), 1))\n"
+        "assert torch.isfinite(out.loss).item()\n"))
+
+
+def test_sharded_bf16_model_keeps_the_residual_stream_in_fp32(tmp_path):
+    """Under FSDP2's bf16 policy only the blocks' weights are bf16: the embeddings, position tables and tokens
+    stay fp32, so each block gets the same input dtype as on one process under autocast (the residual stream was
+    bf16 through every block), and the loss is one process's."""
+    _in_a_one_rank_group(tmp_path, (
         "torch.manual_seed(0)\n"
         "one = build_model('rmae_tiny_patch16', 'rmae', img_size=32, patch_size=4, depth=2, kernel_impl='reference')\n"
         "sharded = rdist.shard_model(copy.deepcopy(one), param_dtype=torch.bfloat16)\n"
@@ -1561,10 +1562,7 @@ def test_sharded_bf16_model_keeps_the_residual_stream_in_fp32(tmp_path):
         "print(results)\n"
         "(seen_one, loss_one), (seen_sharded, loss_sharded) = results\n"
         "assert ('blocks', 'torch.float32') in seen_one\n"
-        "assert seen_one == seen_sharded and abs(loss_one - loss_sharded) < 1e-5\n"
-        "dist.destroy_process_group()\n")
-    r = subprocess.run([sys.executable, str(script)], env=ENV, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        "assert seen_one == seen_sharded and abs(loss_one - loss_sharded) < 1e-5\n"))
 
 
 def test_overrides_of_another_models_section_are_warned_about(capsys):
