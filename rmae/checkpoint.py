@@ -71,6 +71,7 @@ def hold_run_folder(run_dir: str | os.PathLike):
         raise CheckpointError(f"the run folder {folder} (training.save_dir) is a file, not a folder")
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
+    held = False  # (a run refused here must not clean up: the folder is the holder's, even if both made it)
     try:
         with open(folder / RUN_LOCK, "a+") as handle:
             try:
@@ -84,13 +85,14 @@ def hold_run_folder(run_dir: str | os.PathLike):
                 print(f"note: {folder} cannot be locked ({error.strerror or error}); do not start a second run into "
                       "it until this one ends", file=sys.stderr)
             else:
+                held = True
                 handle.seek(0)
                 handle.truncate()
                 handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
                 handle.flush()
             yield
     finally:
-        if created:  # a run that wrote nothing (e.g. --resume with no checkpoint) leaves no folder behind
+        if created and held:  # a run that wrote nothing (e.g. --resume with no checkpoint) leaves no folder
             with contextlib.suppress(OSError):
                 if {p.name for p in folder.iterdir()} <= {RUN_LOCK}:
                     (folder / RUN_LOCK).unlink(missing_ok=True)

@@ -30,15 +30,15 @@ def ctrl_c_as_usual() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def _run(module: str) -> int:
+def _run(module: str, entry: str = "main") -> int:
     quiet_ctrl_c_while_loading()
-    main = importlib.import_module(module).main
+    main = getattr(importlib.import_module(module), entry)
     ctrl_c_as_usual()
     return main()
 
 
 def train() -> int:
-    return _run("rmae.train")
+    return _run("rmae.train", "command")
 
 
 def preprocess() -> int:

@@ -23,29 +23,38 @@ def cores_per_rank() -> int:
     return min(cores, per_task) if per_task > 0 else cores
 
 
-def _cpu_times() -> tuple[int, int]:
-    """(busy, total) jiffies of all CPUs since boot, from /proc/stat (Linux)."""
+def _cpu_times(cpus: set[int] | None) -> tuple[int, int]:
+    """(busy, total) jiffies since boot of the CPUs ``cpus`` (None: all), from /proc/stat (Linux)."""
+    busy = total = 0
     with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return sum(fields) - idle, sum(fields)
+        for line in f:
+            name, *values = line.split()
+            if not name.startswith("cpu") or name == "cpu" or (cpus is not None and int(name[3:]) not in cpus):
+                continue
+            fields = [int(v) for v in values]
+            idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+            busy, total = busy + sum(fields) - idle, total + sum(fields)
+    return busy, total
 
 
 def busy_cores(sample_s: float = 0.3) -> float | None:
-    """How many cores other processes keep busy: the smaller of the 1-minute load average and the busy share
-    of all CPUs over ``sample_s`` seconds (while this process sleeps), so that neither a job that just ended
-    (the average lags) nor a moment's pause counts; None where neither can be read."""
+    """How many of this process's cores (its CPU affinity) other processes keep busy: the busy share of those
+    CPUs over ``sample_s`` seconds (while this process sleeps) and, when the process may use every CPU, the
+    1-minute load average, the smaller of the two, so that neither a job that just ended (the average lags) nor
+    a moment's pause counts; None where neither can be read."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     readings = []
+    if cpus is None or len(cpus) >= (os.cpu_count() or 1):  # (the load average counts the whole host)
+        try:
+            readings.append(os.getloadavg()[0])
+        except (AttributeError, OSError):
+            pass
     try:
-        readings.append(os.getloadavg()[0])
-    except (AttributeError, OSError):
-        pass
-    try:
-        busy0, total0 = _cpu_times()
+        busy0, total0 = _cpu_times(cpus)
         time.sleep(sample_s)
-        busy1, total1 = _cpu_times()
+        busy1, total1 = _cpu_times(cpus)
         if total1 > total0:
-            readings.append((busy1 - busy0) / (total1 - total0) * (os.cpu_count() or 1))
+            readings.append((busy1 - busy0) / (total1 - total0) * (len(cpus) if cpus else os.cpu_count() or 1))
     except (OSError, ValueError, IndexError):
         pass
     return min(readings) if readings else None
@@ -59,10 +68,11 @@ def threads_beside_other_jobs(threads: int) -> tuple[int, str | None]:
     busy = busy_cores()
     if busy is None:
         return threads, None
-    idle = max(1, min(threads, round((os.cpu_count() or 1) - busy)))
+    cores = usable_cores()
+    idle = max(1, min(threads, round(cores - busy)))
     if idle >= threads:
         return threads, None
-    return idle, (f"note: other jobs keep about {busy:.1f} of the {os.cpu_count()} cores busy: training on "
+    return idle, (f"note: other jobs keep about {busy:.1f} of this process's {cores} cores busy: training on "
                   f"{idle} torch thread{'s' if idle > 1 else ''} instead of {threads} (OMP_NUM_THREADS=N sets "
                   f"the count)")
 

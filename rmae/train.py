@@ -31,6 +31,7 @@ import shutil
 import signal
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -174,7 +175,7 @@ def apply_optimizer_settings(cfg, optimizer: torch.optim.Optimizer, base_lrs: li
         for key, (group_key, now) in wanted.items():
             then = g.get(group_key)
             then = tuple(then) if isinstance(then, (list, tuple)) else then
-            if then != now:
+            if then is not None and then != now:  # (None: a group the checkpoint did not have)
                 label = key if key.startswith("weight decay") else f"optimizer.params.{key}"
                 changed.setdefault(key, f"{label}: {then!r} -> {now!r}")
             g[group_key] = now
@@ -1188,6 +1189,9 @@ def _spawned(local_rank: int, world_size: int, port: int, cfg_yaml: str, require
         if local_rank == 0:
             print(STOPPED_AT_ONCE, file=sys.stderr)
         status = 130
+    except Exception:  # a bug: its traceback, and the rank still ends through exit_rank
+        traceback.print_exc()
+        status = 1
     rdist.exit_rank(status)  # (past the except blocks: the error's traceback, and the frames it holds, are freed)
 
 
@@ -1205,11 +1209,24 @@ def unused_sections(overrides, model: str, dataset: str) -> list[tuple[str, str]
 
 def main(argv=None) -> int:
     try:
-        status = _main(argv)
+        return _main(argv)
     except KeyboardInterrupt:  # a Ctrl-C while the settings are checked, before the run has a folder
         print("\ninterrupted before training started; nothing was written", file=sys.stderr)
-        status = 130
-    if rdist.joined_a_group():  # a rank of torchrun or srun (a spawned rank ends in _spawned)
+        return 130
+
+
+def command(argv=None) -> int:
+    """``main`` as the command line runs it (``python -m rmae.train``, ``rmae-train``): a rank of torchrun or srun
+    ends through ``exit_rank`` with main's status, or 1 after an unexpected error (whose traceback it prints);
+    one process returns the status. (A spawned rank ends in ``_spawned``.)"""
+    try:
+        status = main(argv)
+    except Exception:
+        if not rdist.joined_a_group():
+            raise
+        traceback.print_exc()
+        status = 1
+    if rdist.joined_a_group():
         rdist.exit_rank(status)
     return status
 
@@ -1315,4 +1332,4 @@ if __name__ == "__main__":
     from rmae.cli import ctrl_c_as_usual
 
     ctrl_c_as_usual()
-    sys.exit(main())
+    sys.exit(command())

@@ -863,3 +863,8 @@ def test_layer_norm_computes_in_fp32_with_low_precision_weights():
     expected = torch.nn.functional.layer_norm(x, (16,), low.weight.float(), low.bias.float(), 1e-6)
     assert out.dtype == torch.float32 and torch.equal(out, expected)
     assert out_bf16_input.dtype == torch.float32
+    # without autocast (a .bfloat16() model): computed in fp32, returned in the input's dtype
+    bf16_out = low(x.bfloat16())
+    assert bf16_out.dtype == torch.bfloat16
+    assert torch.equal(bf16_out, torch.nn.functional.layer_norm(
+        x.bfloat16().float(), (16,), low.weight.float(), low.bias.float(), 1e-6).bfloat16())

@@ -1375,11 +1375,13 @@ def test_resume_from_a_checkpoint_of_three_weight_decay_groups(tmp_path):
     assert [g["name"] for g in groups] == ["decay", "norm", "bias", "norm_bias"]
     groups[2]["params"] += groups.pop()["params"]  # the old layout
     torch.save(payload, path)
-    train(cfg_for(run, "training.max_update=3", "optimizer.params.wd_bias=0.01"))
+    train(cfg_for(run, "training.max_update=3"))
     saved = torch.load(ckpt.latest_checkpoint(run), map_location="cpu", weights_only=False)["optimizer"]
-    assert [(g["name"], g["weight_decay"]) for g in saved["param_groups"]] == \
-        [("decay", 0.05), ("norm", 0.0), ("bias", 0.05), ("norm_bias", 0.0)]  # (wd_norm is 0)
+    assert [(g["name"], g["weight_decay"], g["lr"] > 0) for g in saved["param_groups"]] == \
+        [("decay", 0.05, True), ("norm", 0.0, True), ("bias", 0.0, True), ("norm_bias", 0.0, True)]
     assert all(int(state["step"]) == 3 for state in saved["state"].values())  # the moments carried on
+    # the group the file lacked gets the configured settings without a report of changed ones
+    assert not log_records(run, "optimizer_settings_changed")
 
 
 @pytest.mark.parametrize("wd_norm, wd_bias", [(0.0, 0.0), (0.01, 0.0), (0.0, 0.01), (0.01, 0.01)])
@@ -1707,6 +1709,7 @@ def test_spawned_ranks_share_the_cores(monkeypatch):
 @pytest.mark.parametrize("raised, status, printed", [
     (FileNotFoundError("--resume: no checkpoint"), 2, "error (rank 1): --resume: no checkpoint"),
     (KeyboardInterrupt(), 130, ""),  # (rank 0 prints the advice; the others are quiet)
+    (ZeroDivisionError("a bug"), 1, "ZeroDivisionError: a bug"),  # (the end of its traceback)
 ])
 def test_a_spawned_rank_ends_with_its_own_status(monkeypatch, capsys, raised, status, printed):
     """A spawned rank ends through ``exit_rank`` with the status one process would return (2 for a user error,
@@ -1728,7 +1731,7 @@ def test_a_spawned_rank_ends_with_its_own_status(monkeypatch, capsys, raised, st
     finally:
         signal.signal(signal.SIGINT, handler)
     assert exits == [(status, None)]
-    assert capsys.readouterr().err.strip() == printed
+    assert capsys.readouterr().err.strip().endswith(printed)
 
 
 def test_a_rank_process_ends_without_finalization(tmp_path):
@@ -1744,19 +1747,47 @@ def test_a_rank_process_ends_without_finalization(tmp_path):
     assert (r.returncode, r.stdout, r.stderr) == (2, "to a pipe", "error: x")
 
 
-def test_main_of_a_rank_ends_through_exit_rank(monkeypatch, capsys):
-    """A torchrun or srun rank (a process that joined a group) ends through ``exit_rank`` with main's status; one
-    process returns it."""
+def test_a_refused_run_leaves_the_holders_new_folder(tmp_path, monkeypatch):
+    """Two runs started at once into a new folder both see it missing; the one refused (the other holds the lock)
+    must not remove the folder or the lock as a run that wrote nothing would."""
+    import pathlib
+
+    run = tmp_path / "new"
+    with ckpt.hold_run_folder(run):
+        real_exists = pathlib.Path.exists
+        monkeypatch.setattr(pathlib.Path, "exists", lambda self, **kw: False if self == run else real_exists(self))
+        with pytest.raises(ckpt.RunFolderInUse):
+            with ckpt.hold_run_folder(run):
+                pass
+        monkeypatch.undo()
+        assert (run / ckpt.RUN_LOCK).is_file()
+    assert not run.exists()  # the holder wrote nothing: its folder goes when it ends
+
+
+def test_the_command_of_a_rank_ends_through_exit_rank(monkeypatch, capsys):
+    """The command line's entry (``command``) ends a torchrun or srun rank (a process that joined a group) through
+    ``exit_rank`` with main's status, or 1 after an unexpected error (its traceback printed); one process gets
+    the status back, or the error. ``main`` itself always returns (a script may call it and go on)."""
     import rmae.train as train_module
 
     exits = []
     monkeypatch.setattr(train_module.rdist, "exit_rank", exits.append)
-    assert train_module.main(["--print-config"]) == 0 and exits == []
+    assert train_module.command(["--print-config"]) == 0 and exits == []
     monkeypatch.setattr(train_module.rdist, "_joined_a_group", True)
-    train_module.main(["--print-config"])
-    train_module.main(["no_such_key=1"])
-    assert exits == [0, 2]
-    capsys.readouterr()
+    assert train_module.main(["--print-config"]) == 0 and exits == []
+    train_module.command(["--print-config"])
+    train_module.command(["no_such_key=1"])
+
+    def bug(argv=None):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(train_module, "_main", bug)
+    train_module.command([])
+    assert exits == [0, 2, 1]
+    assert "ZeroDivisionError: a bug" in capsys.readouterr().err
+    monkeypatch.setattr(train_module.rdist, "_joined_a_group", False)
+    with pytest.raises(ZeroDivisionError):
+        train_module.command([])
 
 
 @pytest.mark.parametrize("load, cpus, threads, expected", [
@@ -1773,31 +1804,56 @@ def test_a_cpu_run_leaves_the_cores_other_jobs_use(monkeypatch, load, cpus, thre
 
     monkeypatch.setattr(cores.os, "getloadavg", loadavg)
     monkeypatch.setattr(cores.os, "cpu_count", lambda: cpus)
-    monkeypatch.setattr(cores, "_cpu_times", lambda: (_ for _ in ()).throw(OSError("no /proc/stat")))
+    monkeypatch.setattr(cores.os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    monkeypatch.setattr(cores, "_cpu_times", lambda cpus: (_ for _ in ()).throw(OSError("no /proc/stat")))
     got, note = cores.threads_beside_other_jobs(threads)
     assert got == expected and (note is None) == (expected == threads)
     if note:
-        assert f"about {load:.1f} of the {cpus} cores busy" in note and f"on {expected} torch thread" in note
+        assert f"about {load:.1f} of this process's {cpus} cores busy" in note
+        assert f"on {expected} torch thread" in note
 
 
 def test_busy_cores_take_the_smaller_of_the_load_average_and_a_sample(monkeypatch):
     """A job that just ended still weighs in the 1-minute load average, and a job pausing for a moment does not
-    show in a short sample: the smaller of the two counts (here on 4 cores)."""
+    show in a short sample: the smaller of the two counts (here on 4 cores). A process held to some of the CPUs
+    (taskset, a cgroup's cpuset) counts those only: the host's load average is left out."""
     import rmae.cores as cores
 
-    times = iter([(1000, 4000), (1300, 4400)])  # 300 of 400 jiffies busy over the sample: 3 of the 4 cores
-    monkeypatch.setattr(cores, "_cpu_times", lambda: next(times))
+    def sampled(*readings):
+        values = iter(readings)
+        return lambda cpus: next(values)
+
     monkeypatch.setattr(cores.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(cores.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     monkeypatch.setattr(cores.time, "sleep", lambda s: None)
+    monkeypatch.setattr(cores, "_cpu_times", sampled((1000, 4000), (1300, 4400)))  # 300 of 400 jiffies: 3 cores
     monkeypatch.setattr(cores.os, "getloadavg", lambda: (3.6, 3.0, 2.0))
     assert cores.busy_cores() == pytest.approx(3.0)
-    times = iter([(1000, 4000), (1300, 4400)])
+    monkeypatch.setattr(cores, "_cpu_times", sampled((1000, 4000), (1300, 4400)))
     monkeypatch.setattr(cores.os, "getloadavg", lambda: (0.4, 3.0, 2.0))
     assert cores.busy_cores() == pytest.approx(0.4)
-    monkeypatch.setattr(cores, "_cpu_times", lambda: (_ for _ in ()).throw(OSError("no /proc/stat")))
-    monkeypatch.setattr(cores.os, "getloadavg", lambda: (_ for _ in ()).throw(OSError("none")))
-    assert cores.busy_cores() is None
+    monkeypatch.setattr(cores.os, "sched_getaffinity", lambda pid: {2, 3})  # two of the four
+    monkeypatch.setattr(cores, "_cpu_times", sampled((100, 2000), (110, 2200)))  # 10 of 200: 0.1 of 2 cores
+    assert cores.busy_cores() == pytest.approx(0.1)
+    monkeypatch.setattr(cores, "_cpu_times", lambda cpus: (_ for _ in ()).throw(OSError("no /proc/stat")))
+    assert cores.busy_cores() is None  # (the load average is the host's: not used)
     assert cores.threads_beside_other_jobs(2) == (2, None)
+
+
+def test_cpu_times_read_the_cpus_asked_for(tmp_path, monkeypatch):
+    """/proc/stat's per-CPU lines: busy = all fields but idle and iowait, summed over the CPUs asked for."""
+    import builtins
+
+    import rmae.cores as cores
+
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  30 0 30 300 10 0 0 0 0 0\ncpu0 10 0 10 100 5 0 0 0 0 0\n"
+                    "cpu1 20 0 20 200 5 0 0 0 0 0\nintr 12345\n")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open",
+                        lambda path, *a, **k: real_open(stat if path == "/proc/stat" else path, *a, **k))
+    assert cores._cpu_times({1}) == (40, 245)
+    assert cores._cpu_times(None) == (60, 370)
 
 
 def test_main_trains_beside_busy_cores_on_fewer_threads(tmp_path, monkeypatch, capsys):

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 class LayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` (eps 1e-6, the same parameters) computed in float32 (float64 for a float64 input) whatever
-    the dtypes of the input and of the weights, as CUDA autocast computes it, and returned in that dtype. Under
+    the dtypes of the input and of the weights, as CUDA autocast computes it; under autocast the result stays in
+    that dtype (as CUDA autocast's), otherwise it is returned in the input's dtype (a ``.bfloat16()`` model). Under
     FSDP2's low-precision policy the blocks' weights arrive in bfloat16 while the residual stream stays float32,
     which CPU autocast's kernel refuses."""
 
@@ -27,8 +28,10 @@ class LayerNorm(nn.LayerNorm):
         dtype = torch.promote_types(x.dtype, torch.float32)
         weight = None if self.weight is None else self.weight.to(dtype)
         bias = None if self.bias is None else self.bias.to(dtype)
+        autocasting = torch.is_autocast_enabled(x.device.type)
         with torch.autocast(x.device.type, enabled=False):
-            return F.layer_norm(x.to(dtype), self.normalized_shape, weight, bias, self.eps)
+            out = F.layer_norm(x.to(dtype), self.normalized_shape, weight, bias, self.eps)
+        return out if autocasting else out.to(x.dtype)
 
 
 # --------------------------------------------------------------------------
