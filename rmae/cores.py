@@ -54,7 +54,7 @@ def busy_cores(sample_s: float = 0.3) -> float | None:
         time.sleep(sample_s)
         busy1, total1 = _cpu_times(cpus)
         if total1 > total0:
-            readings.append((busy1 - busy0) / (total1 - total0) * (len(cpus) if cpus else os.cpu_count() or 1))
+            readings.append((busy1 - busy0) / (total1 - total0) * usable_cores())
     except (OSError, ValueError, IndexError):
         pass
     return min(readings) if readings else None

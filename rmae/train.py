@@ -120,13 +120,16 @@ def build_model_from_config(cfg, device: torch.device | str | None = None) -> nn
         return build_model(sec["mae_vit"]["arch"], variant=cfg["model"], **kwargs)
 
 
+# ``param_groups``' groups and the switches that exempt each from decay (the original's ``get_mae_parameters``)
+GROUP_SWITCHES = {"decay": (), "norm": ("wd_norm",), "bias": ("wd_bias",), "norm_bias": ("wd_norm", "wd_bias")}
+
+
 def group_weight_decay(group: str, weight_decay: float, wd_norm: float, wd_bias: float) -> float:
     """The decay of one of ``param_groups``' groups, by the original's rule (``get_mae_parameters``):
     ``wd_norm`` and ``wd_bias`` are switches, 0 exempts norm-layer parameters / biases from decay and any other
     value leaves them at ``weight_decay``; a norm layer's bias is exempt when either switch is 0."""
-    exempt = {"decay": False, "norm": wd_norm == 0, "bias": wd_bias == 0,
-              "norm_bias": wd_norm == 0 or wd_bias == 0}[group]
-    return 0.0 if exempt else weight_decay
+    switches = {"wd_norm": wd_norm, "wd_bias": wd_bias}
+    return 0.0 if any(switches[key] == 0 for key in GROUP_SWITCHES[group]) else weight_decay
 
 
 def param_groups(model: nn.Module, weight_decay: float, wd_norm: float, wd_bias: float) -> list[dict]:
@@ -136,13 +139,15 @@ def param_groups(model: nn.Module, weight_decay: float, wd_norm: float, wd_bias:
     for m in model.modules():
         if isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)):
             norm_params.update(id(p) for p in m.parameters(recurse=False))
-    members: dict[str, list] = {"decay": [], "norm": [], "bias": [], "norm_bias": []}
+    members: dict[str, list] = {group: [] for group in GROUP_SWITCHES}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        is_bias = "bias" in name.rsplit(".", 1)[-1]  # (the original tests the name inside its module)
-        members[("norm_" if id(p) in norm_params and is_bias else "") + ("bias" if is_bias else
-                 "norm" if id(p) in norm_params else "decay")].append(p)
+        is_norm = id(p) in norm_params
+        if "bias" in name.rsplit(".", 1)[-1]:  # (the original tests the name inside its module)
+            members["norm_bias" if is_norm else "bias"].append(p)
+        else:
+            members["norm" if is_norm else "decay"].append(p)
     return [{"params": ps, "weight_decay": group_weight_decay(name, weight_decay, wd_norm, wd_bias), "name": name}
             for name, ps in members.items() if ps]
 
@@ -165,12 +170,12 @@ def apply_optimizer_settings(cfg, optimizer: torch.optim.Optimizer, base_lrs: li
     betas, eps and base lr again, with ``group_names`` as ``param_groups`` made them, so that the run trains with
     what config.yaml records. Returns the settings that differed, as ``"optimizer.params.<key>: then -> now"``."""
     p = cfg["optimizer"]["params"]
-    decay_keys = {"decay": "weight_decay", "norm": "wd_norm", "bias": "wd_bias", "norm_bias": "wd_norm, wd_bias"}
     changed: dict[str, str] = {}
     for g, base_lr, name in zip(optimizer.param_groups, base_lrs, group_names):
         g["name"] = name
         decay = group_weight_decay(name, p["weight_decay"], p["wd_norm"], p["wd_bias"])
-        wanted = {f"weight decay of the {name} group ({decay_keys[name]})": ("weight_decay", decay),
+        keys = ", ".join(GROUP_SWITCHES[name]) or "weight_decay"
+        wanted = {f"weight decay of the {name} group ({keys})": ("weight_decay", decay),
                   "betas": ("betas", tuple(p["betas"])), "eps": ("eps", p["eps"]), "lr": ("initial_lr", base_lr)}
         for key, (group_key, now) in wanted.items():
             then = g.get(group_key)

@@ -1681,6 +1681,19 @@ def test_ranks_agree_on_resume_errors_and_on_files_only_rank_0_sees(tmp_path):
     assert (tmp_path / "node0" / "run" / "checkpoints" / "ckpt_00000005.pt").is_file()  # not renamed *.corrupt
 
 
+@contextlib.contextmanager
+def _as_a_spawned_rank(monkeypatch):
+    """For ``_spawned`` called in this process: the variables spawn_env sets, and Ctrl-C's handler, which the rank
+    resets, are restored afterwards."""
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(key, "0")
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
+
+
 def test_spawned_ranks_share_the_cores(monkeypatch):
     """Ranks that ``python -m rmae.train`` spawns split the cores between them (each took all of them: four ranks
     on 16 cores ran 64 threads), unless OMP_NUM_THREADS says otherwise; the start record shows the count."""
@@ -1691,18 +1704,16 @@ def test_spawned_ranks_share_the_cores(monkeypatch):
     monkeypatch.setattr(train_module, "train", lambda cfg, require_resume: seen.append(torch.get_num_threads()))
     monkeypatch.setattr(train_module.rdist, "exit_rank", exits.append)  # (ends the process)
     monkeypatch.setattr(cores, "usable_cores", lambda: 16)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.setenv(key, "0")  # (spawn_env sets them; restored afterwards)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    before, handler = torch.get_num_threads(), signal.getsignal(signal.SIGINT)
+    before = torch.get_num_threads()
     try:
-        train_module._spawned(1, 4, 12345, "{}", False)
-        torch.set_num_threads(3)
-        monkeypatch.setenv("OMP_NUM_THREADS", "3")
-        train_module._spawned(1, 4, 12345, "{}", False)
+        with _as_a_spawned_rank(monkeypatch):
+            train_module._spawned(1, 4, 12345, "{}", False)
+            torch.set_num_threads(3)
+            monkeypatch.setenv("OMP_NUM_THREADS", "3")
+            train_module._spawned(1, 4, 12345, "{}", False)
     finally:
         torch.set_num_threads(before)
-        signal.signal(signal.SIGINT, handler)
     assert seen == [4, 3] and exits == [0, 0]
 
 
@@ -1722,14 +1733,9 @@ def test_a_spawned_rank_ends_with_its_own_status(monkeypatch, capsys, raised, st
     exits = []
     monkeypatch.setattr(train_module, "train", fails)
     monkeypatch.setattr(train_module.rdist, "exit_rank", lambda s: exits.append((s, sys.exc_info()[0])))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.setenv(key, "0")
     monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
-    handler = signal.getsignal(signal.SIGINT)
-    try:
+    with _as_a_spawned_rank(monkeypatch):
         train_module._spawned(1, 2, 12345, "{}", False)
-    finally:
-        signal.signal(signal.SIGINT, handler)
     assert exits == [(status, None)]
     assert capsys.readouterr().err.strip().endswith(printed)
 

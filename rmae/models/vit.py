@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+
 class LayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` (eps 1e-6, the same parameters) computed in float32 (float64 for a float64 input) whatever
     the dtypes of the input and of the weights, as CUDA autocast computes it; under autocast the result stays in
