@@ -700,6 +700,30 @@ def test_undecodable_images_without_masks_are_replaced_not_an_error(tree, tmp_pa
         _coco(root)
 
 
+def test_many_undecodable_images_are_checked_batch_by_batch(tree, tmp_path, monkeypatch):
+    """More undecodable images than one check batch (here 2, 64 when training) are all decoded and replaced, not
+    reported as missing masks (a dead end: preprocessing cannot make them); the check stops after the first batch
+    that holds a decodable image without a mask, so an unfinished preprocessing run is reported at once."""
+    import rmae.data.dataset as dataset_module
+
+    monkeypatch.setattr(dataset_module, "DECODE_CHECK_BATCH", 2)
+    root = _copy_tree(tree, tmp_path)
+    images, masks = root / "coco" / "image" / "train2017", root / "coco" / "image" / "fh_train2017"
+    order = [_coco(root, regions="online").images.image_file(i).stem for i in range(len(PHOTOS))]
+    for stem in order[1:4]:
+        (images / f"{stem}.jpg").write_bytes(b"no image at all")
+        for mask in masks.glob(f"{stem}.npy*"):  # ours, or the original's .npy the tree also holds
+            mask.unlink()
+    with pytest.warns(RuntimeWarning, match=r"3 image\(s\) of coco/train2017 cannot be decoded and have no FH mask"):
+        dataset = _coco(root)
+    assert len(dataset) == len(PHOTOS)
+    (masks / f"{order[0]}.npy.zst").unlink()  # a decodable image without its mask, in the first batch
+    with pytest.warns(RuntimeWarning, match=r"1 image\(s\) of coco/train2017 cannot be decoded"), \
+            pytest.raises(MissingMaskError, match=rf"3 of the 6 images of coco/train2017 have no FH mask: \S*"
+                                                  rf"{order[0]}\.npy\.zst, \S*{order[2]}\.npy\.zst"):
+        _coco(root)
+
+
 def test_images_sharing_a_mask_name_are_explained(tree, tmp_path):
     """x.jpg and x.png map to one mask, so preprocessing segments neither: the loader refuses them when it starts,
     also when a mask of that name exists (made from one of them, or before the other came: the other trained on a

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ from torch.utils.data import Dataset, get_worker_info
 
 from rmae import listing
 from rmae.fh import felzenszwalb_batch, felzenszwalb_multi
+from rmae.logging_utils import progress_bar
 from rmae.masks import (DECODE_VERSION, MASK_SUFFIX, ORIGINAL_SUFFIX, PARAMS_FILE, REDO_KEY, MaskError, find_mask,
                         folder_params, mask_path, recorded_recipe, shared_mask_names)
 from rmae.recipes import recipe_folder
@@ -47,9 +49,10 @@ REGION_SOURCES = ("offline", "online", "online_crop", "none")
 _MAX_WORKER_SLOTS = 256
 
 
-# Images without a mask that the start-up check decodes to tell undecodable ones (replaced while training) from
-# missing masks; more missing masks than this: an unfinished preprocessing run, an error without decoding them
-MAX_DECODED_AT_START = 64
+# Images without a mask that the start-up check decodes at once to tell undecodable ones (replaced while training)
+# from missing masks; with more, it goes on a batch at a time until a batch holds a decodable image (a mask is then
+# certainly missing: an unfinished preprocessing run stops at its first batch)
+DECODE_CHECK_BATCH = 64
 
 
 class MissingMaskError(FileNotFoundError):
@@ -156,8 +159,8 @@ class RegionDataset(Dataset):
         missing = [i for i, key in enumerate(keys) if key not in present
                    and find_mask(self.images.mask_dir(i), self.images.relative(i)) is None]
         # Images whose content cannot be decoded have no mask (preprocessing lists them and goes on) and are
-        # replaced by others while training, as any unreadable image: a few are decoded here to tell them apart
-        bad = [i for i in missing if self._undecodable(i)] if len(missing) <= MAX_DECODED_AT_START else []
+        # replaced by others while training, as any unreadable image: they are decoded here to tell them apart
+        bad = self._undecodable_among(missing)
         if bad:
             shown = ", ".join(str(self.images.image_file(i)) for i in bad[:5])
             more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
@@ -173,6 +176,23 @@ class RegionDataset(Dataset):
                 f"(an unfinished preprocessing run, or images added since). Make them with: "
                 f"{self.images.preprocess_hint} (it skips the masks already made), or use regions='online' / "
                 "'online_crop'.")
+
+    def _undecodable_among(self, missing: list[int]) -> list[int]:
+        """The images of ``missing`` (no mask) whose content cannot be decoded: all of them are decoded when there are
+        at most DECODE_CHECK_BATCH, else batch after batch (on threads, with a progress bar) until a batch holds a
+        decodable image, the rest then left unchecked."""
+        bad: list[int] = []
+        batches = range(0, len(missing), DECODE_CHECK_BATCH)
+        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool, \
+                progress_bar(len(missing), 0, len(batches) > 1, "checking images without a mask", "img") as bar:
+            for start in batches:
+                batch = missing[start:start + DECODE_CHECK_BATCH]
+                undecodable = list(pool.map(self._undecodable, batch))
+                bad += [i for i, flag in zip(batch, undecodable) if flag]
+                bar.update(len(batch))
+                if not all(undecodable):
+                    break
+        return bad
 
     def _undecodable(self, index: int) -> bool:
         """Whether image ``index`` exists but its content cannot be decoded."""
