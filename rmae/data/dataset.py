@@ -278,7 +278,9 @@ class RegionDataset(Dataset):
         return len(self.images)
 
     def set_epoch(self, epoch: int) -> None:
-        """Epoch mixed into the seed of plain integer indices (sampler keys carry their own draw number)."""
+        """Epoch mixed into the seed of plain integer indices (sampler keys carry their own draw number). It reaches
+        only this copy of the dataset: a DataLoader's persistent workers keep the epoch they were started with, so
+        give them (index, draw) keys (``rmae.data.build_loader`` does) for new augmentations every epoch."""
         self.epoch = int(epoch)
 
     @property
