@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include <atomic>
+#include <cstring>
 #include <exception>
 #include <new>
 #include <stdexcept>
@@ -160,6 +161,56 @@ py::tuple sorted_edges(const py::array& image) {
     return py::make_tuple(costs, codes);
 }
 
+// Pass 1, pass 2 and labels over edges given in processing order by the caller: (cost, code) pairs
+// of all edges of an H x W image (rmae.fh's tie_order="numpy": scikit-image's own np.argsort order).
+py::array_t<int32_t> segment_in_order(int64_t height, int64_t width, const py::array_t<double>& costs,
+                                      const py::array_t<uint32_t>& codes, const std::vector<double>& scales,
+                                      const std::vector<int64_t>& min_sizes) {
+    if (height < 1 || width < 1 || height * width >= fh::kMaxPixels)
+        throw std::invalid_argument("image size out of range");
+    if (scales.size() != min_sizes.size() || scales.empty())
+        throw std::invalid_argument("expected one min_size per scale, and at least one scale");
+    const int64_t n_edges = height * (width - 1) + (height - 1) * width + 2 * (height - 1) * (width - 1);
+    if (costs.ndim() != 1 || codes.ndim() != 1 || costs.shape(0) != n_edges || codes.shape(0) != n_edges)
+        throw std::invalid_argument("expected " + std::to_string(n_edges) + " costs and codes");
+    if (!(costs.flags() & py::array::c_style) || !(codes.flags() & py::array::c_style))
+        throw std::invalid_argument("expected C-contiguous costs and codes");
+    py::array_t<int32_t> labels({static_cast<int64_t>(scales.size()), height, width});
+    int32_t* out = labels.mutable_data();
+    const double* cost = costs.data();
+    const uint32_t* code = codes.data();
+    {
+        py::gil_scoped_release release;
+        std::vector<fh::SortedEdge> items(n_edges);
+        std::vector<uint8_t> seen(n_edges, 0);  // each edge exactly once: the passes trust the codes
+        const int64_t per_row[4] = {width - 1, width, width - 1, width - 1};
+        const int64_t first_x[4] = {0, 0, 0, 1};
+        const int64_t first_of_type[4] = {0, height * (width - 1), height * (width - 1) + (height - 1) * width,
+                                          height * (width - 1) + (height - 1) * width + (height - 1) * (width - 1)};
+        for (int64_t i = 0; i < n_edges; ++i) {
+            const uint32_t type = code[i] >> 30;
+            const int64_t p = code[i] & ((uint32_t(1) << 30) - 1), y = p / width, x = p % width;
+            const int64_t rows = type == 0 ? height : height - 1;
+            if (y >= rows || x < first_x[type] || x >= first_x[type] + per_row[type])
+                throw std::invalid_argument("edge code " + std::to_string(code[i]) + " is not an edge of the image");
+            const int64_t e = first_of_type[type] + y * per_row[type] + x - first_x[type];
+            if (seen[e]++) throw std::invalid_argument("edge code " + std::to_string(code[i]) + " given twice");
+            const float key = static_cast<float>(cost[i]);
+            items[i].cost = cost[i];
+            std::memcpy(&items[i].key, &key, sizeof key);
+            items[i].code = code[i];
+        }
+        try {
+            fh::segment(fh::SortedEdges{height, width, items.data(), n_edges}, scales, min_sizes, out);
+        } catch (...) {
+            fh::release_scratch();
+            throw;
+        }
+        fh::release_scratch();
+    }
+    return labels;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_fh, m) {
@@ -171,5 +222,8 @@ PYBIND11_MODULE(_fh, m) {
     m.def("smooth", &smooth, py::arg("image"), py::arg("weights"), "the Gaussian step alone (float64 [H, W, C])");
     m.def("sorted_edges", &sorted_edges, py::arg("image"),
           "(costs, codes) of all edges of an already smoothed image, in processing order");
+    m.def("segment_in_order", &segment_in_order, py::arg("height"), py::arg("width"), py::arg("costs"),
+          py::arg("codes"), py::arg("scales"), py::arg("min_sizes"),
+          "passes 1, 2 and labels over all (cost, code) edges of an image in the given order -> int32 [S, H, W]");
     m.attr("MAX_PIXELS") = fh::kMaxPixels;
 }

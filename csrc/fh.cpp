@@ -641,6 +641,8 @@ std::vector<int32_t> segment(const SortedEdges& edges, const std::vector<double>
     return counts;
 }
 
+void release_scratch() { release_large_workspace(); }
+
 std::vector<int32_t> felzenszwalb_multi(FloatImage image, const std::vector<double>& weights,
                                         const std::vector<double>& scales,
                                         const std::vector<int64_t>& min_sizes, int32_t* labels) {

@@ -63,6 +63,10 @@ SortedEdges sorted_edges(const FloatImage& image);
 std::vector<int32_t> segment(const SortedEdges& edges, const std::vector<double>& scales,
                              const std::vector<int64_t>& min_sizes, int32_t* labels);
 
+// Hands back the calling thread's scratch space if it holds more than a COCO-sized image needs
+// (felzenszwalb_multi does so itself; for callers of segment).
+void release_scratch();
+
 // Whole pipeline for several scales sharing one smoothing and one sort.
 // labels: S * H * W int32; returns the segment count per scale.
 std::vector<int32_t> felzenszwalb_multi(FloatImage image, const std::vector<double>& weights,
