@@ -55,6 +55,27 @@ class RunFolderInUse(CheckpointError):
 
 RUN_LOCK = ".run.lock"  # held (flock) by the run writing into the folder; says which process that is
 
+# The descriptors of the run-folder locks this process holds. A flock belongs to the open file, which a fork
+# shares: a forked child (a DataLoader worker) that outlives its killed parent by a few seconds would keep the lock
+# and refuse the restart, naming the dead process. Each forked child points its copies at /dev/null at once.
+_held_lock_fds: set[int] = set()
+
+
+def _drop_held_locks_in_child() -> None:
+    if not _held_lock_fds:
+        return
+    with contextlib.suppress(OSError):
+        null = os.open(os.devnull, os.O_RDONLY)
+        for fd in _held_lock_fds:  # (dup2, not close: the number stays taken, so no later file reuses it)
+            with contextlib.suppress(OSError):
+                os.dup2(null, fd)
+        os.close(null)
+    _held_lock_fds.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_held_locks_in_child)
+
 
 @contextlib.contextmanager
 def hold_run_folder(run_dir: str | os.PathLike):
@@ -90,7 +111,11 @@ def hold_run_folder(run_dir: str | os.PathLike):
                 handle.truncate()
                 handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
                 handle.flush()
-            yield
+                _held_lock_fds.add(handle.fileno())
+            try:
+                yield
+            finally:
+                _held_lock_fds.discard(handle.fileno())
     finally:
         if created and held:  # a run that wrote nothing (e.g. --resume with no checkpoint) leaves no folder
             with contextlib.suppress(OSError):

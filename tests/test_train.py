@@ -1770,6 +1770,36 @@ def test_a_refused_run_leaves_the_holders_new_folder(tmp_path, monkeypatch):
     assert not run.exists()  # the holder wrote nothing: its folder goes when it ends
 
 
+def test_a_forked_child_does_not_keep_the_run_folder_lock(tmp_path):
+    """A run's forked children (DataLoader workers) do not share its lock: when the run is killed (SIGKILL, an OOM
+    kill) while a child still lives, a restart into the folder is not refused in the name of the dead run."""
+    run = tmp_path / "run"
+    script = ("import os, sys, time\n"
+              "from rmae import checkpoint as ckpt\n"
+              f"with ckpt.hold_run_folder({str(run)!r}):\n"
+              "    child = os.fork()\n"
+              "    if child == 0:\n"
+              "        time.sleep(60)\n"
+              "        os._exit(0)\n"
+              "    print(child, flush=True)\n"
+              "    time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child = int(holder.stdout.readline())
+    try:
+        with pytest.raises(ckpt.RunFolderInUse, match=rf"pid {holder.pid} "):
+            with ckpt.hold_run_folder(run):
+                pass
+        holder.kill()
+        holder.wait(timeout=60)
+        os.kill(child, 0)  # still alive
+        with ckpt.hold_run_folder(run):
+            assert (run / ckpt.RUN_LOCK).read_text().startswith(f"pid {os.getpid()} ")
+    finally:
+        holder.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+
+
 def test_the_command_of_a_rank_ends_through_exit_rank(monkeypatch, capsys):
     """The command line's entry (``command``) ends a torchrun or srun rank (a process that joined a group) through
     ``exit_rank`` with main's status, or 1 after an unexpected error (its traceback printed); one process gets
