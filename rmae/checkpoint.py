@@ -396,6 +396,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     def unreadable(error: Exception) -> CorruptCheckpoint:
         return CorruptCheckpoint(f"checkpoint {path} cannot be read ({type(error).__name__}: {error})")
 
+    with contextlib.suppress(OSError):  # (an unreadable one: loading says why)
+        if os.path.getsize(path) == 0:
+            raise CorruptCheckpoint(f"checkpoint {path} is empty (0 bytes: a write that never finished)")
     damaged = damaged_member(path)
     if damaged is not None:
         raise CorruptCheckpoint(f"checkpoint {path} is damaged: its part {damaged} does not match its checksum")
@@ -416,6 +419,13 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
                 payload = load()
         except Exception as again:
             raise unreadable(again) from again
+    except (OSError, MemoryError) as e:
+        if isinstance(e, OSError) and e.errno is None:  # raised on the file's content
+            raise unreadable(e) from e
+        # the file system or the machine (EIO, a stale NFS handle, no memory), not the file: it is not set aside as
+        # damaged, and the run does not fall back to an older checkpoint
+        raise CheckpointError(f"checkpoint {path} could not be read ({type(e).__name__}: {e}); this is not taken as "
+                              "damage to the file: resume again once the cause is fixed") from e
     except Exception as e:  # truncated or damaged zip, ...
         raise unreadable(e) from e
     if not isinstance(payload, dict) or "model" not in payload or "step" not in payload:

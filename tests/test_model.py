@@ -635,6 +635,18 @@ def test_load_checkpoint_official_layout(tmp_path):
     assert not res.missing_keys and all(k.startswith("region_") for k in res.unexpected_keys)
 
 
+def test_load_checkpoint_into_a_compiled_model(tmp_path):
+    """A torch.compile wrapper takes the clean keys too (it expects them under ``_orig_mod.``)."""
+    from rmae.models import load_checkpoint
+
+    torch.manual_seed(11)
+    src, dst = tiny(), tiny()
+    compiled = torch.compile(dst)  # (lazy: nothing is compiled until it runs)
+    res = load_checkpoint(compiled, {"model": src.state_dict()})
+    assert not res.missing_keys and not res.unexpected_keys
+    assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), dst.state_dict().values()))
+
+
 def test_wrapper_prefixes_are_dropped_at_any_depth(tmp_path):
     """A block compiled on its own keeps ``_orig_mod.`` inside its keys: the export and the loader drop it."""
     from rmae.models import export_encoder, load_checkpoint

@@ -773,6 +773,43 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caps
         train(cfg_for(run, "training.max_update=6", f"training.resume_file={two}"))
 
 
+def test_a_read_error_is_not_taken_for_a_damaged_checkpoint(tmp_path, monkeypatch):
+    """An I/O error while reading the newest checkpoint (EIO, a stale NFS handle, no memory) says nothing about the
+    file: resuming stops with an error naming it, renames nothing and does not fall back to an older checkpoint
+    (which would silently lose the updates in between). An empty file is named as such and is set aside."""
+    import errno
+
+    run = tmp_path / "run"
+    folder = ckpt.checkpoint_dir(run)
+    folder.mkdir(parents=True)
+    for step in (2, 4):
+        torch.save({"model": {}, "step": step, "version": ckpt.FORMAT_VERSION}, folder / f"ckpt_{step:08d}.pt")
+    real_load = torch.load
+
+    def failing_load(path, *args, **kwargs):
+        if str(path).endswith("ckpt_00000004.pt"):
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", failing_load)
+    with pytest.raises(ckpt.CheckpointError, match=r"ckpt_00000004\.pt could not be read \(OSError: .*Input/output "
+                                                   r"error.*not taken as damage") as raised:
+        ckpt.read_latest(run)
+    assert not isinstance(raised.value, ckpt.CorruptCheckpoint)
+    assert sorted(p.name for p in folder.iterdir()) == ["ckpt_00000002.pt", "ckpt_00000004.pt"]
+    for error in (MemoryError(), OSError(errno.ESTALE, "Stale file handle")):
+        monkeypatch.setattr(torch, "load", lambda *a, **k: (_ for _ in ()).throw(error))
+        with pytest.raises(ckpt.CheckpointError, match="not taken as damage"):
+            ckpt.read_checkpoint(folder / "ckpt_00000004.pt")
+    monkeypatch.setattr(torch, "load", real_load)
+    (folder / "ckpt_00000004.pt").write_bytes(b"")
+    with pytest.raises(ckpt.CorruptCheckpoint, match=r"ckpt_00000004\.pt is empty \(0 bytes"):
+        ckpt.read_checkpoint(folder / "ckpt_00000004.pt")
+    path, payload, unreadable = ckpt.read_latest(run)
+    assert path.name == "ckpt_00000002.pt" and payload["step"] == 2 and unreadable == [str(folder / "ckpt_00000004.pt")]
+    assert (folder / "ckpt_00000004.pt.corrupt").is_file()
+
+
 def test_a_checkpoint_holding_other_objects_is_refused_not_unpickled(tmp_path):
     """Checkpoints are read with weights_only: a file that pickles another object (code that would run on
     loading) is an error naming it, neither loaded nor renamed as corrupt, and no older checkpoint is taken. The

@@ -138,7 +138,7 @@ def load_checkpoint(model: nn.Module, source, strict: bool = True, weights_only:
     """Load a full model state (ours, the official R-MAE's or MAE's; the names are the same) into ``model``.
 
     ``source``: a path (``.safetensors`` or a torch file), a state_dict, or a checkpoint dict holding it under
-    ``"model"``. ``_orig_mod.`` / ``module.`` prefixes are stripped. Returns ``load_state_dict``'s result.
+    ``"model"``. ``_orig_mod.`` / ``module.`` prefixes are stripped; ``model`` may be a ``torch.compile`` wrapper. Returns ``load_state_dict``'s result.
     Official MAE/R-MAE files that pickle other objects (e.g. ``args``) need ``weights_only=False``: only for
     files you trust.
     """
@@ -153,7 +153,8 @@ def load_checkpoint(model: nn.Module, source, strict: bool = True, weights_only:
     if "model" in source and isinstance(source["model"], Mapping):
         source = source["model"]
     state = {clean_key(k): v for k, v in source.items()}
-    return model.load_state_dict(state, strict=strict)
+    # a torch.compile wrapper expects its keys under _orig_mod.: the clean keys go to the model it wraps
+    return getattr(model, "_orig_mod", model).load_state_dict(state, strict=strict)
 
 
 if __name__ == "__main__":  # the command's first name (2026-11-29): python -m rmae.export
