@@ -298,6 +298,21 @@ def leave_after_error() -> None:
         dist.destroy_process_group()
 
 
+_launcher_pid: int | None = None  # a spawned rank's launcher, whose death it watches for
+
+
+def watch_launcher(pid: int) -> None:
+    """Called by a rank spawned by ``python -m rmae.train``: ``launcher_gone`` then tells when ``pid`` has died."""
+    global _launcher_pid
+    _launcher_pid = pid
+
+
+def launcher_gone() -> bool:
+    """Whether this spawned rank's launcher has died (the rank was re-parented). The launcher holds the run folder's
+    lock; without it a restart may already be writing there, so the rank must write nothing more."""
+    return _launcher_pid is not None and os.getppid() != _launcher_pid
+
+
 def joined_a_group() -> bool:
     """Whether this process has been a rank of a process group (and should end with ``exit_rank``)."""
     return _joined_a_group

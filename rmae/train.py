@@ -303,6 +303,23 @@ class TrainingDiverged(RuntimeError):
     """``training.max_skips_in_a_row`` updates in a row with a non-finite loss or gradient."""
 
 
+class LauncherGone(KeyboardInterrupt):
+    """The launcher of the spawned ranks died (SIGKILL, an OOM kill), and with it the run folder's lock. Raised like
+    a second Ctrl-C (at once, out of any code, past ``except Exception``), but the rank writes nothing more."""
+
+
+LAUNCHER_GONE = ("the launcher of the spawned ranks died, and with it the run folder's lock: stopping without a "
+                 "checkpoint of this update, so as not to race a restarted run; run the same command again to continue "
+                 "from the last checkpoint")
+
+
+def stop_if_launcher_gone() -> None:
+    """LauncherGone in a spawned rank whose launcher has died: a checkpoint written now could race a restarted run
+    (the lock went with the launcher), so the rank stops without writing anything more."""
+    if rdist.launcher_gone():
+        raise LauncherGone(LAUNCHER_GONE)
+
+
 class DataError(Exception):
     """Training data that cannot be used (a mask made from another image, ...); the message names the files."""
 
@@ -414,9 +431,15 @@ class StopFlag:
         finally:
             self._holding = False
         if self._held:
-            raise KeyboardInterrupt
+            raise LauncherGone(LAUNCHER_GONE) if rdist.launcher_gone() else KeyboardInterrupt
 
     def _handle(self, signum, frame):
+        if rdist.launcher_gone():  # PyTorch's parent-death signal (SIGINT, once per thread the launcher had)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # (the next ones)
+            if self._holding:  # a checkpoint begun under the lock: finished, then LauncherGone
+                self._held = True
+                return
+            raise LauncherGone(LAUNCHER_GONE)
         if self.signal is not None and signum == signal.SIGINT:
             if self._holding:
                 self._held = True
@@ -429,6 +452,8 @@ class StopFlag:
 
     def restore(self):
         for s, h in self._old.items():
+            if s == signal.SIGINT and rdist.launcher_gone():  # (ignored: more parent-death signals may come)
+                continue
             with contextlib.suppress(ValueError, OSError):
                 signal.signal(s, h)
 
@@ -885,6 +910,7 @@ def train(cfg, require_resume: bool = False) -> dict:
             extra = {"data_position": position, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                      "skipped": skipped, "data_errors": errors, "config": to_yaml(cfg),
                      "config_identity": config_identity(cfg["config"]), "data_root": data_root(cfg)}
+            stop_if_launcher_gone()
             with stop.holding():
                 path = ckpt.save_checkpoint(run_dir, model=model, optimizer=optimizer, step=s, extra=extra,
                                             keep=tr["num_checkpoint"], is_main=dinfo.is_main)
@@ -940,11 +966,14 @@ def train(cfg, require_resume: bool = False) -> dict:
             # images skipped for this update's samples
             flags = torch.cat([acc, (~torch.isfinite(acc[:1])).float(),
                                torch.full((1,), float(stop.signal is not None), device=device),
-                               torch.full((1,), float(replaced), device=device)])
+                               torch.full((1,), float(replaced), device=device),
+                               torch.full((1,), float(rdist.launcher_gone()), device=device)])
             if sharded:
                 torch.distributed.all_reduce(flags)
                 flags[:3] /= world
             flags = flags.double().cpu()
+            if flags[6].item() > 0:  # (on every rank at once: none waits in a collective for the others)
+                raise LauncherGone(LAUNCHER_GONE)
             finite = flags[3].item() == 0 and math.isfinite(gnorm.item())
             errors += int(flags[5].item())
             if finite:
@@ -1041,7 +1070,9 @@ def train(cfg, require_resume: bool = False) -> dict:
                       message="checkpoint saved; run the same command again to continue")
     except BaseException as e:
         translated = in_config_terms_error(cfg, e)  # a missing mask (at start or in a batch): in config keys
-        if isinstance(e, KeyboardInterrupt):  # a second Ctrl-C (or one before the stop handler was installed)
+        if isinstance(e, LauncherGone):  # nothing written into a folder a restarted run may hold
+            pass
+        elif isinstance(e, KeyboardInterrupt):  # a second Ctrl-C (or one before the stop handler was installed)
             log.log({"event": "interrupted", **({"step": step} if step else {}), "signal": "SIGINT",
                      "message": "stopped at once, without a checkpoint of the update in flight"}, console=False)
         elif not isinstance(e, SystemExit):  # (the console gets main()'s 'error: ...' line)
@@ -1181,6 +1212,7 @@ def _spawned(local_rank: int, world_size: int, port: int, cfg_yaml: str, require
     from rmae.cli import ctrl_c_as_usual
 
     ctrl_c_as_usual()  # (the rank has loaded this module: see the top)
+    rdist.watch_launcher(os.getppid())
     rdist.spawn_env(local_rank, world_size, port)
     if "OMP_NUM_THREADS" not in os.environ:  # the ranks share the cores (as torchrun's ranks share one thread each)
         torch.set_num_threads(cores_per_rank())  # (over LOCAL_WORLD_SIZE, which spawn_env sets)
@@ -1190,6 +1222,9 @@ def _spawned(local_rank: int, world_size: int, port: int, cfg_yaml: str, require
     except USER_ERRORS as e:  # as on one process: a message and exit status 2, which main() passes on
         print(f"error{'' if local_rank == 0 else f' (rank {local_rank})'}: {e}", file=sys.stderr)
         status = 2
+    except LauncherGone as e:
+        print(f"error{'' if local_rank == 0 else f' (rank {local_rank})'}: {e}", file=sys.stderr)
+        status = 1
     except KeyboardInterrupt:  # a second Ctrl-C: as on one process
         if local_rank == 0:
             print(STOPPED_AT_ONCE, file=sys.stderr)

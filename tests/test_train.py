@@ -513,6 +513,23 @@ def test_sigterm_to_the_launcher_alone_reaches_the_ranks_and_a_second_run_is_ref
     assert train(cfg_for(run, f"training.max_update={event['step'] + 1}"))["step"] == event["step"] + 1
 
 
+def test_ranks_whose_launcher_is_killed_write_nothing_more(tmp_path):
+    """The launcher holds the run folder's lock; when it is killed (SIGKILL, an OOM kill) its spawned ranks get
+    PyTorch's parent-death SIGINT, once per thread the launcher had. They stop at once without a checkpoint or a log
+    record (the second SIGINT read as a second Ctrl-C wrote 'stopped at once' into the log; with one SIGINT they
+    checkpointed: both into a folder no longer locked, where a restarted run may already be at work) and say why."""
+    run = tmp_path / "run"
+    with _spawned_run(run) as proc:
+        before = sorted(p.name for p in ckpt.checkpoint_dir(run).glob("*")) if ckpt.checkpoint_dir(run).is_dir() else []
+        records = len(log_records(run))
+        proc.kill()
+        _, err = proc.communicate(timeout=240)  # (the ranks hold the pipes until they exit)
+    after = sorted(p.name for p in ckpt.checkpoint_dir(run).glob("*")) if ckpt.checkpoint_dir(run).is_dir() else []
+    assert after == before
+    assert not log_records(run, "interrupted") and not log_records(run, "error") and len(log_records(run)) <= records + 1
+    assert "the launcher of the spawned ranks died, and with it the run folder's lock" in err, err[-3000:]
+
+
 def test_spawned_ranks_log_each_ranks_shard_cache_and_the_data_errors_of_all(tmp_path, coco_tree):
     """sampler=shard on 2 ranks: a shard_cache record per rank (rank 1's was lost), and data_errors counts the
     unreadable samples of every rank (it was rank 0's count): the bad image is in rank 1's shard."""
