@@ -124,6 +124,16 @@ def hold_run_folder(run_dir: str | os.PathLike):
                     folder.rmdir()
 
 
+def flush_to_disk(path: str | os.PathLike) -> None:
+    """fsync a file written by another library (safetensors) or by ``write_bytes``, before it is renamed over the
+    one it replaces: after a power loss the name then holds the old file or the new one, never an empty one."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def clean_state_dict(sd: dict) -> dict:
     return {clean_key(k): v for k, v in sd.items()}
 
@@ -242,6 +252,7 @@ def set_aside(run_dir: str | os.PathLike, files: tuple[str, ...], keep_up_to: in
         (dest / f"log.after_step_{keep_up_to}.jsonl").write_bytes(records[cut:])
         kept = log.with_name(log.name + ".tmp")
         kept.write_bytes(records[:cut])
+        flush_to_disk(kept)
         os.replace(kept, log)
     for p in extra:
         target = dest / p.relative_to(run_dir)

@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from rmae.checkpoint import damaged_member, is_checkpoint_name
+from rmae.checkpoint import damaged_member, flush_to_disk, is_checkpoint_name
 from rmae.cores import command_name
 from rmae.models.export import export_encoder, save_encoder, timm_call
 
@@ -117,6 +117,7 @@ def main(argv=None) -> int:
         state = export_encoder(checkpoint)
         heads = config_num_heads(checkpoint)
         meta = save_encoder(state, tmp, num_heads=heads if heads is not None else recorded_num_heads(args.checkpoint))
+        flush_to_disk(tmp)
         os.replace(tmp, args.out)
     except pickle.UnpicklingError as e:
         if not _looks_like_torch_file(args.checkpoint):  # an image, a text file, ...

@@ -1127,6 +1127,7 @@ def export_now(model, optimizer, run_dir: Path, dinfo) -> str:
     def write() -> str:
         tmp = run_dir / ".encoder.safetensors.tmp"
         meta = save_encoder(ckpt.clean_state_dict(sd), str(tmp) + ".safetensors", num_heads=model_num_heads(model))
+        ckpt.flush_to_disk(str(tmp) + ".safetensors")
         os.replace(str(tmp) + ".safetensors", run_dir / "encoder.safetensors")
         return timm_call(meta)
 
