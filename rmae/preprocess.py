@@ -31,6 +31,7 @@ import signal
 import stat
 import sys
 import threading
+import warnings
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict
 from pathlib import Path
@@ -41,7 +42,7 @@ from tqdm import tqdm
 
 from rmae import fh, listing
 from rmae.cores import command_name, usable_cores
-from rmae.image_io import IMAGE_SUFFIXES, ImageDecodeError, is_wide, load_rgb
+from rmae.image_io import IMAGE_SUFFIXES, ImageDecodeError, is_wide, load_rgb, open_rgb
 from rmae.logging_utils import progress_bar
 from rmae.masks import (DECODE_VERSION, MASK_SUFFIX, PARAMS_FILE, REDO_KEY, MaskError, load_labels,
                         mask_path, recorded_recipe, save_labels, shared_mask_names)
@@ -141,6 +142,7 @@ def _check_mask(mask_file: Path, image_file: Path, recipe: FHRecipe) -> str | No
 # FH's peak memory per pixel, for the image's decoding, edges and label maps: measured 150 B with one scale and 219 B
 # with three on photos, up to 310 B for three on an image of one colour (all its edges in one sort bucket)
 BYTES_PER_PIXEL, BYTES_PER_PIXEL_PER_SCALE = 200, 40
+DECODE_BYTES_PER_PIXEL = 16  # decoding alone: Pillow's buffer (up to 4 bytes a pixel; 16-bit: more) and the RGB copy
 
 
 def available_memory() -> int | None:
@@ -221,6 +223,18 @@ def _segmentation_bytes(image_file: Path, recipe: FHRecipe) -> tuple[int, str]:
         return 0, str(image_file)
     per_pixel = BYTES_PER_PIXEL + BYTES_PER_PIXEL_PER_SCALE * len(recipe.scales)
     return width * height * per_pixel, f"{image_file} ({width}x{height} pixels, {len(recipe.scales)} FH scale(s))"
+
+
+def _decode_within(image_file: Path, gate: MemoryGate) -> None:
+    """Decodes an image too large to segment, when its pixels alone fit ``gate``'s budget: a corrupt or truncated
+    file whose header claims a huge size then fails as what it is (ImageDecodeError, a bad image that training
+    replaces), not as too large (which --allow-bad-images does not excuse)."""
+    with Image.open(image_file) as image:
+        width, height = image.size
+    nbytes = width * height * DECODE_BYTES_PER_PIXEL
+    if nbytes <= gate.budget:
+        with gate.reserve(nbytes, f"{image_file} ({width}x{height} pixels)"):
+            open_rgb(image_file)
 
 
 def _segment_one(image_file: Path, mask_file: Path, recipe: FHRecipe) -> None:
@@ -536,7 +550,10 @@ def _preprocess(images: Path, out: Path, recipe: FHRecipe, workers: int, verify:
                     return
                 tqdm.write(_shown(f"bad mask, regenerating: {mask_file}: {problem}"), file=sys.stderr)
                 mask_file.unlink(missing_ok=True)
-            with gate.reserve(*_segmentation_bytes(image_file, recipe)):
+            nbytes, what = _segmentation_bytes(image_file, recipe)
+            if gate.budget is not None and nbytes > gate.budget:
+                _decode_within(image_file, gate)  # a damaged file whose header claims a huge size: a bad image
+            with gate.reserve(nbytes, what):
                 _segment_one(image_file, mask_file, recipe)
         except Exception as error:  # one image fails (bad file, name too long, MemoryError, ...), not the run
             if isinstance(error, OSError) and error.errno == errno.ENOSPC:
@@ -610,8 +627,23 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler stopping the job, ``kill``), handled as Ctrl-C."""
 
 
-def _terminate(signum, frame) -> None:
-    raise Terminated()
+class StopHandler:
+    """Ctrl-C and SIGTERM: the first stops the run (the images being segmented finish, their writes are atomic); a
+    second while they finish says so and is otherwise ignored (it abandoned a worker between its temporary file and
+    the rename); a third stops the process at once (the temporary file it may leave is hidden, never counted as
+    done, and removed by the next run)."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, signum, frame) -> None:
+        self.count += 1
+        if self.count == 1:
+            raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+        if self.count == 2:
+            print("\nfinishing the images being segmented; a third Ctrl-C stops at once", file=sys.stderr, flush=True)
+            return
+        os._exit(143 if signum == signal.SIGTERM else 130)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -686,9 +718,13 @@ def main(argv: list[str] | None = None) -> int:
                      f"({type(error).__name__}: {error})")
 
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    stop_handler = StopHandler()
+    previous = {signum: signal.signal(signum, stop_handler) for signum in (signal.SIGTERM, signal.SIGINT)} \
+        if main_thread else {}
     try:
-        summary = preprocess(images, out, chosen, args.workers, verify=args.verify, overwrite=args.overwrite)
+        with warnings.catch_warnings():  # (the memory gate decides what is too large, not Pillow's bomb warning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            summary = preprocess(images, out, chosen, args.workers, verify=args.verify, overwrite=args.overwrite)
     # the mask folder cannot be made or written (read-only, a file in the way, ...), holds another recipe's masks
     except (OSError, PreprocessError) as error:
         print(_shown(f"error: {error}"), file=sys.stderr)
@@ -699,8 +735,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 143 if isinstance(stop, Terminated) else 130
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():  # after a stop, later signals are ignored: the process is ending
+            signal.signal(signum, signal.SIG_IGN if stop_handler.count else handler)  # (one killed it with -2)
     print(_shown(
         f"{summary['images']} images: {summary['written']} written, {summary['skipped_existing']} already done"
         f"{' (verified)' if args.verify else ''}, "

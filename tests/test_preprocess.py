@@ -392,6 +392,56 @@ def test_an_image_too_large_for_the_memory_is_a_failure_not_the_end_of_the_run(t
     assert "large.png" in (tmp_path / "fh" / "preprocess_failures.tsv").read_text()
 
 
+def test_a_damaged_image_that_claims_a_huge_size_is_a_bad_image(tmp_path, monkeypatch, capsys):
+    """A truncated file whose header claims more pixels than the run may segment is decoded first (its pixels alone
+    fit): it fails as the bad image it is, which --allow-bad-images excuses, not as too large; Pillow's
+    decompression-bomb warning stays off the console (the memory gate decides)."""
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    images = tmp_path / "images"
+    tiny(images / "small.png", 1)
+    header = (9500).to_bytes(4, "big") + (9500).to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])  # 90 MP RGB
+    (images / "huge.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                                      + chunk(b"IDAT", zlib.compress(bytes(5000))))  # then it ends
+    monkeypatch.setattr(preprocess_module, "available_memory", lambda: 4 * 10**9)  # FH: 31 GB; decoding: 1.4 GB
+    assert main(["--images", str(images), "--out", str(tmp_path / "fh"), "--allow-bad-images"]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"failed \S*huge\.png: cannot decode", err) and "TooLarge" not in err, err
+    assert "DecompressionBombWarning" not in err
+    assert (tmp_path / "fh" / "small.npy.zst").exists()
+
+
+def test_a_second_ctrl_c_waits_for_the_images_being_written(tmp_path):
+    """Two Ctrl-Cs in quick succession (as `timeout -s INT` sends: to the process, then to its group): the second
+    is noted, not acted on, so no worker is abandoned between its temporary file and the rename. It was acted on:
+    of six such runs, one left a temporary file, others died by the signal (-2), aborted in C++ or printed a
+    traceback. Each run exits 130 with its message and leaves no temporary file."""
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(300):  # small: masks are written many times a second, so a write is often under way
+        Image.fromarray(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)).save(images / f"{i:03d}.png")
+    for trial, gap in enumerate([0.001, 0.005, 0.001, 0.005]):
+        out = tmp_path / f"masks{trial}"
+        command = [sys.executable, "-m", "rmae.preprocess", "--images", str(images), "--out", str(out),
+                   "--workers", "2"]
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 60
+        while time.time() < deadline and len(list(out.glob("*.npy.zst"))) < 20:
+            time.sleep(0.005)
+        process.send_signal(signal.SIGINT)
+        time.sleep(gap)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+        assert process.returncode == 130, err
+        assert "interrupted: the masks written so far are kept" in err, err
+        assert "Traceback" not in err and "terminate called" not in err, err
+        assert not list(out.glob(".*.tmp"))
+
+
 def test_masks_without_a_recipe_record_of_another_scale_count_are_refused(tmp_path, capsys):
     """Masks copied without their folder's recipe record: another number of scales would count as done for this
     recipe (and be written down as it), so the run is refused; the same number is used, with a note."""
