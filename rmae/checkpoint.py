@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from rmae import distributed as rdist
@@ -397,10 +398,18 @@ def damaged_member(path: str | os.PathLike) -> str | None:
         return f"? ({type(error).__name__}: {error})"
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict:
+def check_checksums(path: str | os.PathLike) -> None:
+    """CorruptCheckpoint when a member of the checkpoint's archive does not match its stored CRC-32."""
+    damaged = damaged_member(path)
+    if damaged is not None:
+        raise CorruptCheckpoint(f"checkpoint {path} is damaged: its part {damaged} does not match its checksum")
+
+
+def read_checkpoint(path: str | os.PathLike, checksums: bool = True) -> dict:
     """The payload of a checkpoint file, tensors memory-mapped (no full copy in RAM). CorruptCheckpoint naming
     the file when it cannot be read, CheckpointError when it has another format version or pickles objects other
-    than tensors, plain values and (as earlier rmae versions did) numpy arrays."""
+    than tensors, plain values and (as earlier rmae versions did) numpy arrays. ``checksums=False``: the archive's
+    CRC-32s (one read of the whole file) were checked already (``read_on_all_ranks``: by rank 0 alone)."""
     def load():  # weights_only: tensors and plain values only, so resuming never runs code a file carries
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
@@ -410,9 +419,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     with contextlib.suppress(OSError):  # (an unreadable one: loading says why)
         if os.path.getsize(path) == 0:
             raise CorruptCheckpoint(f"checkpoint {path} is empty (0 bytes: a write that never finished)")
-    damaged = damaged_member(path)
-    if damaged is not None:
-        raise CorruptCheckpoint(f"checkpoint {path} is damaged: its part {damaged} does not match its checksum")
+    if checksums:
+        check_checksums(path)
     try:
         payload = load()
     except pickle.UnpicklingError as e:
@@ -460,7 +468,9 @@ def read_on_all_ranks(path: str | os.PathLike, what: str = "checkpoint") -> dict
         raise CheckpointError(f"{what} {path} is there for rank 0 ({found[0][2]}) but not for "
                               f"{', '.join(blind)}: every rank reads it, so the run folder (training.save_dir, "
                               "as an absolute path) must be on a file system that all nodes share")
-    return rdist.on_every_rank(lambda: read_checkpoint(path))
+    # the checksums by rank 0 alone (one read of a file of several GB, not one per rank), then every rank loads it
+    rdist.from_main_rank(lambda: check_checksums(path), not dist.is_initialized() or dist.get_rank() == 0)
+    return rdist.on_every_rank(lambda: read_checkpoint(path, checksums=False))
 
 
 def read_latest(run_dir: str | os.PathLike, is_main: bool = True) -> tuple[Path | None, dict | None, list[str]]:

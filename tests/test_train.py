@@ -1704,6 +1704,10 @@ def test_ranks_agree_on_resume_errors_and_on_files_only_rank_0_sees(tmp_path):
         "               outcome(lambda: ckpt.read_latest('run', rank == 0)),\n"
         "               rdist.on_every_rank(lambda: rank * 10),\n"
         "               outcome(lambda: rdist.on_every_rank(custom_on_1))]\n"
+        "    if rank == 1:  # the archive's checksums: read by rank 0 alone\n"
+        "        ckpt.damaged_member = lambda path: (_ for _ in ()).throw(AssertionError('rank 1 read the file'))\n"
+        "    results.append(outcome(lambda: ckpt.read_on_all_ranks(Path(root) / 'damaged.pt')))\n"
+        "    results.append(ckpt.read_on_all_ranks(Path(root) / 'intact.pt')['step'])\n"
         "    model = torch.nn.Linear(2, 2)\n"
         "    results.append(outcome(lambda: ckpt.save_checkpoint('blocked', model=model, step=1, extra={},\n"
         "        optimizer=torch.optim.SGD(model.parameters(), lr=0.1), is_main=rank == 0)))\n"
@@ -1716,13 +1720,20 @@ def test_ranks_agree_on_resume_errors_and_on_files_only_rank_0_sees(tmp_path):
     (tmp_path / "node0" / "only0.pt").write_bytes(b"x")
     (tmp_path / "node0" / "run" / "checkpoints").mkdir(parents=True)
     (tmp_path / "node0" / "run" / "checkpoints" / "ckpt_00000005.pt").write_bytes(b"x")
+    for name in ("intact.pt", "damaged.pt"):  # a file system both ranks share
+        torch.save({"model": {"w": torch.arange(4096.0)}, "step": 7, "version": ckpt.FORMAT_VERSION}, tmp_path / name)
+    with open(tmp_path / "damaged.pt", "r+b") as f:
+        f.seek((tmp_path / "damaged.pt").stat().st_size // 2)
+        f.write(b"\x7f" * 64)
     (tmp_path / "node0" / "blocked").mkdir()
     (tmp_path / "node0" / "blocked" / "checkpoints").write_text("a file where rank 0 writes its checkpoints")
     r = subprocess.run([sys.executable, str(script), str(tmp_path)], env=ENV, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     results = [pickle.loads((tmp_path / f"result{rank}.pkl").read_bytes()) for rank in (0, 1)]
-    for rank, (failed, unpicklable, only0, nowhere, latest, value, custom, save) in enumerate(results):
+    for rank, (failed, unpicklable, only0, nowhere, latest, value, custom, damaged, intact, save) in enumerate(results):
+        assert re.fullmatch(r"CorruptCheckpoint: checkpoint \S*damaged\.pt is damaged: its part \S+ does not match "
+                            r"its checksum", damaged) and intact == 7
         assert failed == "ValueError: only rank 1"
         assert unpicklable.startswith("OSError") if rank == 1 else unpicklable.startswith("RuntimeError: OSError on rank 1")
         assert only0.startswith("CheckpointError: checkpoint only0.pt is there for rank 0") and "not for rank 1 on" in only0
