@@ -841,6 +841,17 @@ def _merged_sections(first: dict, second: dict, section: str, where: str) -> dic
     return out
 
 
+def _reads_as_scalar(text: str) -> bool:
+    """Whether ``text`` would be a number or true/false unquoted."""
+    if text.strip().lower() in ("true", "false"):
+        return True
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _check_value(key: str, value: Any, spec: Spec) -> str | None:
     if spec.kind == "any":
         return None
@@ -875,12 +886,16 @@ def _check_value(key: str, value: Any, spec: Spec) -> str | None:
             bad = "a finite number" if kind == "float" else "a list of finite numbers"
     if bad:
         hint = ""
-        if kind in ("str", "strs") and isinstance(value, (bool, int, float)):
+        if spec.choices is not None:  # (the allowed names, rather than "a string")
+            bad = "one of " + ", ".join(map(repr, spec.choices))
+            if isinstance(value, bool):
+                hint = " (YAML reads true/false/yes/no/on/off as booleans)"
+        elif kind in ("str", "strs") and isinstance(value, (bool, int, float)):
             hint = (" (a name that reads as a number or true/false must be quoted in a YAML file, e.g. "
                     f"{key.rsplit('.', 1)[-1]}: '0001')")
-        elif kind in ("int", "float", "bool") and isinstance(value, str):
-            hint = (" (text: an environment variable's value, ${oc.env:NAME}, is text; ${oc.decode:${oc.env:NAME}} "
-                    "reads it as a number or true/false)")
+        elif kind in ("int", "float", "bool") and isinstance(value, str) and _reads_as_scalar(value):
+            hint = (" (quoted: write it without quotes; an environment variable's value, ${oc.env:NAME}, is text, "
+                    "which ${oc.decode:${oc.env:NAME}} reads as a number or true/false)")
         return f"{key} must be {bad}, got {value!r} ({type(value).__name__}){hint}"
     if spec.choices is not None and value not in spec.choices:
         close = difflib.get_close_matches(str(value), [str(c) for c in spec.choices], n=1, cutoff=0.5)

@@ -171,13 +171,20 @@ def test_home_folder_in_path_settings_is_expanded(tmp_path, monkeypatch, capsys)
     assert f"the run folder {tmp_path / 'afile'} (training.save_dir) is a file, not a folder" in capsys.readouterr().err
 
 
-def test_an_environment_variable_for_a_number_points_to_oc_decode(monkeypatch):
+def test_an_environment_variable_for_a_number_points_to_oc_decode(monkeypatch, tmp_path):
     """${oc.env:NAME} is text: the error for a number key says how to read it as one, which then works."""
     monkeypatch.setenv("MAXU", "7")
-    with pytest.raises(ConfigError, match=r"max_update must be an integer, got '7' \(str\) \(text: .*"
+    with pytest.raises(ConfigError, match=r"max_update must be an integer, got '7' \(str\) \(quoted: .*"
                                           r"\$\{oc\.decode:\$\{oc\.env:NAME\}\}"):
         load_config(None, ["training.max_update=${oc.env:MAXU}"])
     assert load_config(None, ["training.max_update=${oc.decode:${oc.env:MAXU}}"]).training.max_update == 7
+    # text that is no number gets no such hint; a name of a fixed list says the names, also for true/false
+    with pytest.raises(ConfigError, match=r"batch_size must be an integer, got 'abc' \(str\)$"):
+        load_config(None, ["training.batch_size=abc"])
+    (tmp_path / "fp16.yaml").write_text("training:\n  use_fp16: true\n")
+    with pytest.raises(ConfigError, match=r"use_fp16 must be one of 'none', 'float16', 'bfloat16', got True \(bool\) "
+                                          r"\(YAML reads true/false/yes/no/on/off as booleans\)$"):
+        load_config(str(tmp_path / "fp16.yaml"), [])
 
 
 def test_missing_config_suggests():
