@@ -19,6 +19,7 @@ import difflib
 import math
 import os
 import re
+import weakref
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -559,6 +560,34 @@ def _raise(errors: list[str]) -> None:
         raise ConfigError(errors[0] if len(errors) == 1 else "invalid config:\n  " + "\n  ".join(errors))
 
 
+# id(resolved config) -> {dotted key: the interpolation it was computed by}, for configs ``validate`` returns
+_FORMULAS: dict[int, dict[str, str]] = {}
+
+
+def _interpolations(tree, prefix: str = "") -> dict[str, str]:
+    """{dotted key: value} of the string values of a plain config tree that hold an interpolation (``${...}``)."""
+    found = {}
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
+    for key, value in items:
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, str) and "${" in value:
+            found[path] = value
+        else:
+            found.update(_interpolations(value, path))
+    return found
+
+
+def formulas_comment(cfg) -> str:
+    """YAML comment lines naming the settings of ``cfg`` (a config from ``load_config``) computed from others, with
+    their formulas: a copy of the printed config keeps only the numbers (an lr scaled for one batch size stays
+    when the batch size changes), so the formulas are printed beside them."""
+    found = _FORMULAS.get(id(cfg), {})
+    if not found:
+        return ""
+    return ("# computed from other settings (a copy of this config keeps the values above; write the formula to "
+            "keep the rule):\n" + "".join(f"#   {key}: {formula}\n" for key, formula in found.items()))
+
+
 def validate(cfg: DictConfig) -> DictConfig:
     """Checks every key, value type and range (before interpolations are resolved too, so that an interpolation
     using a bad value is not what the error names), resolves the interpolations, checks again, then the model the
@@ -587,7 +616,10 @@ def validate(cfg: DictConfig) -> DictConfig:
                       "cosine goes from lr down to eta_min, so it would raise the lr")
     errors += _model_errors(c)
     _raise(errors)
-    return OmegaConf.create(c)
+    resolved = OmegaConf.create(c)
+    _FORMULAS[id(resolved)] = _interpolations(raw)
+    weakref.finalize(resolved, _FORMULAS.pop, id(resolved), None)
+    return resolved
 
 
 def _arch_values(arch: str, variant: str) -> dict:

@@ -43,8 +43,8 @@ from rmae import kernels
 from rmae import distributed as rdist
 from rmae.cores import command_name, cores_per_rank, threads_beside_other_jobs
 from rmae.config import (DATASETS, MODELS, TASKS, ConfigError, arch_defaults_comment, built_model_params, canonical_arch,
-                         config_identity, dataset_section, legacy_keys_set, load_config, model_section, schedule_warnings,
-                         to_yaml)
+                         config_identity, dataset_section, formulas_comment, legacy_keys_set, load_config, model_section,
+                         schedule_warnings, to_yaml)
 from rmae.logging_utils import RunLogger, logger, progress_bar, setup_console
 from rmae.recipes import dataset_name
 
@@ -1288,7 +1288,7 @@ def _main(argv=None) -> int:
             return 2
         cfg.training.resume = True
     if args.print_config:
-        print(to_yaml(cfg) + arch_defaults_comment(cfg))
+        print(to_yaml(cfg) + arch_defaults_comment(cfg) + formulas_comment(cfg))
         return 0
     try:
         # The model and optimizer the settings describe, on the meta device (no memory, a fraction of a second):

@@ -206,11 +206,19 @@ def test_print_config(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "# model_config.rmae.mae_vit.params left null take the values of rmae_base_patch16 / --model rmae:" in out
     assert "decoder_embed_dim: 512" in out and "region_cross_layer: 8" in out
+    # the settings computed from others, with their formulas (a copy keeps only the numbers)
+    formulas = ("# computed from other settings (a copy of this config keeps the values above; write the formula to "
+                "keep the rule):\n#   optimizer.params.lr: ${scaled_lr:1.5e-4}\n"
+                "#   scheduler.params.T_max: ${training.max_update}\n")
+    assert out.endswith(formulas + "\n") and "lr: 0.0024" in out  # (print's line end after it)
     (tmp_path / "printed.yaml").write_text(out)
     assert main(["--config", str(tmp_path / "printed.yaml"), "--print-config"]) == 0
     again = capsys.readouterr().out
-    assert again.replace(str(tmp_path / "printed.yaml"), "X") == out.replace(
-        str(load_config("RMAE/COCO/rmae_fh_4000eps.yaml").config), "X")
+    assert again.replace(str(tmp_path / "printed.yaml"), "X") == out[:-len(formulas) - 1].replace(
+        str(load_config("RMAE/COCO/rmae_fh_4000eps.yaml").config), "X") + "\n"
+    assert main(["--config", "RMAE/COCO/rmae_fh_4000eps.yaml", "optimizer.params.lr=1e-3", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "optimizer.params.lr:" not in out and "#   scheduler.params.T_max: ${training.max_update}" in out
 
 
 def test_meta_build_of_huge():
