@@ -190,7 +190,8 @@ SCHEMA: dict = {
         "max_norm": _f(0.0, range=NONNEG, doc="0: no clipping"),
         "max_skips_in_a_row": _i(100, range=NONNEG, doc="skipped (non-finite) tries of an update in a row that "
                                                         "end the run as diverged; 0: no limit"),
-        "seed": _i(0, range=Range(0, 2**32, hi_open=True)),
+        "seed": _i(0, range=Range(0, 2**32, hi_open=True), special=(-1,), nullable=True,
+                   doc="-1 or null: a random seed, drawn once and recorded (config.yaml, checkpoints)"),
         "log_interval": _i(200, range=POSITIVE),
         "checkpoint_interval": _i(1000, range=POSITIVE),
         "num_checkpoint": _i(2, range=AT_LEAST_1),

@@ -738,6 +738,9 @@ def train(cfg, require_resume: bool = False) -> dict:
     check_launch(cfg, world)  # (also here: train() is called without main(), by the spawned ranks and by tests)
     b = G // (A * world)  # per-rank micro-batch
     amp_dtype = AMP_DTYPES[tr["use_fp16"]]
+    random_seed = tr["seed"] in (None, -1)  # the original's "random seed": drawn once, then recorded
+    if random_seed:
+        tr["seed"] = rdist.from_main_rank(lambda: int.from_bytes(os.urandom(4), "little"), dinfo.is_main)
     use_compile = tr["use_compile"] if tr["use_compile"] is not None else device.type == "cuda"
     sec = model_section(cfg)
     if device.type == "cuda":
@@ -773,6 +776,15 @@ def train(cfg, require_resume: bool = False) -> dict:
         resume_from, meta, unreadable = ckpt.read_latest(run_dir, dinfo.is_main)
     if require_resume and resume_from is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {ckpt.checkpoint_dir(run_dir)}")
+    if random_seed and meta is not None and meta.get("config"):  # a resumed run keeps the seed it drew
+        from omegaconf import OmegaConf
+
+        saved_seed = OmegaConf.select(OmegaConf.create(meta["config"]), "training.seed")
+        if isinstance(saved_seed, int) and saved_seed >= 0:
+            tr["seed"] = saved_seed
+    if random_seed and dinfo.is_main:
+        logger.info("training.seed=-1 (random): this run's seed is %d (recorded in config.yaml and the checkpoints; "
+                    "training.seed=%d repeats it)", tr["seed"], tr["seed"])
     if meta is not None:  # (on every rank alike: paths are resolved in each rank's own working directory)
         rdist.on_every_rank(lambda: check_model_config(cfg, meta, resume_from))
         if not tr["resume_file"]:

@@ -324,7 +324,7 @@ def test_empty_sections_change_nothing(tmp_path):
     ("training.log_interval=-10", "training.log_interval must be > 0"),
     ("training.checkpoint_interval=0", "training.checkpoint_interval must be > 0"),
     ("training.max_norm=-1", "training.max_norm must be >= 0"),
-    ("training.seed=-1", "training.seed must be in [0, 4294967296)"),
+    ("training.seed=-2", "training.seed must be -1 or in [0, 4294967296), got -2"),
     ("distributed.world_size=0", "distributed.world_size must be >= 1"),
     ("distributed.port=0", "distributed.port must be -1 or in [1, 65535]"),
     ("distributed.port=70000", "distributed.port must be -1 or in [1, 65535]"),

@@ -398,6 +398,24 @@ def test_accumulation_equals_big_batch(tmp_path):
     assert_models_close(final_model(tmp_path / "big"), final_model(tmp_path / "acc"))
 
 
+def test_a_random_seed_is_drawn_once_recorded_and_kept_on_resume(tmp_path):
+    """training.seed=-1 (or null), the original's "random seed": a seed is drawn, logged and recorded in config.yaml;
+    a resume with -1 keeps the seed the run drew (no settings-changed warning), and giving that seed repeats the
+    run."""
+    from omegaconf import OmegaConf
+
+    run = tmp_path / "random"
+    train(cfg_for(run, "training.max_update=2", "training.seed=-1"))
+    seed = OmegaConf.load(run / "config.yaml").training.seed
+    assert isinstance(seed, int) and 0 <= seed < 2**32
+    train(cfg_for(run, "training.max_update=3", "training.seed=null"))
+    assert OmegaConf.load(run / "config.yaml").training.seed == seed
+    (changed,) = log_records(run, "run_settings_changed")
+    assert changed["changed"] == ["training.max_update: 2 in the checkpoint, 3 now"]  # (not the seed)
+    train(cfg_for(tmp_path / "given", "training.max_update=3", f"training.seed={seed}"))
+    assert losses(run) == losses(tmp_path / "given")
+
+
 def test_rank_start_never_repeats_a_drawn_sample():
     """Rank r draws r, r + W, ... from its start s on (global draws s*W + r): after a position no multiple of W
     (another batch size and rank count before), every draw from there on is new and fewer than W are skipped."""
