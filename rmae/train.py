@@ -745,9 +745,12 @@ def train(cfg, require_resume: bool = False) -> dict:
     sec = model_section(cfg)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls (use_fp16=none), as timm/MAE run
-    elif amp_dtype is torch.float16 and dinfo.is_main:  # (bfloat16 on a CPU: within 1.2x of float32)
-        logger.warning("training.use_fp16=float16 on the CPU: PyTorch's CPU float16 kernels are slow (the demo's "
-                       "updates take about 10x as long as in float32); use training.use_fp16=bfloat16 or none there")
+    # warnings about the settings on this machine, logged (and recorded in log.jsonl) once the run has its log
+    machine_warnings = []
+    if device.type != "cuda" and amp_dtype is torch.float16:  # (bfloat16 on a CPU: within 1.2x of float32)
+        machine_warnings.append("training.use_fp16=float16 on the CPU: PyTorch's CPU float16 kernels are slow (the "
+                                "demo's updates take about 10x as long as in float32); use training.use_fp16=bfloat16 "
+                                "or none there")
 
     # Model: the same initial weights on every rank (seeded), then per-rank RNG streams.
     ckpt.seed_everything(tr["seed"])
@@ -850,17 +853,21 @@ def train(cfg, require_resume: bool = False) -> dict:
                 logger.info("the run is already at step %d of training.max_update=%d: nothing to train (the "
                             "pictures and encoder.safetensors are written again); raise training.max_update to "
                             "train on, or set training.resume=false to start afresh", step, tr["max_update"])
-        rdist.from_main_rank(lambda: (run_dir / "config.yaml").write_text(to_yaml(cfg)), dinfo.is_main)
+        if step < tr["max_update"]:  # (a finished run's folder keeps the settings it was trained with)
+            rdist.from_main_rank(lambda: (run_dir / "config.yaml").write_text(to_yaml(cfg)), dinfo.is_main)
         if dinfo.is_main:
             for k in legacy_keys_set(cfg):
                 logger.warning("config key %s is accepted for compatibility with the original but has no effect", k)
-            for message in schedule_warnings(cfg):
+            for message in schedule_warnings(cfg) + machine_warnings:
                 warn_and_record(log, "config_warning", message, message=message)
         if use_compile:
             # in place: state_dict keys stay clean (no _orig_mod.). Static shapes: a sharded model compiles per block,
             # and one Block.forward serves the encoder, the pixel decoder and the region decoder (three widths);
             # automatic dynamic shapes would make that frame one generic graph for all three
             model.compile(dynamic=False)
+            if dinfo.is_main and step < tr["max_update"]:
+                logger.info("torch.compile: the first update compiles the model (about a minute for the demo on a "
+                            "CPU, minutes for ViT-L on a GPU); training.use_compile=false runs eagerly")
 
         max_update = tr["max_update"]
         nparams = sum(p.numel() for p in raw.parameters())
@@ -1199,15 +1206,17 @@ def parse_args(argv=None):
         epilog="Overrides are dotted keys, e.g. training.batch_size=256 model_config.rmae.mask_ratio=0.75")
     p.add_argument("--config", default=None, action=_Once, help="config file: a path or a shipped name such as "
                    "RMAE/COCO/rmae_fh_4000eps.yaml (default: the demo, default.yaml)")
-    p.add_argument("--model", choices=MODELS, default=None)
-    p.add_argument("--task", choices=TASKS, default=None)
+    p.add_argument("--model", choices=MODELS, default=None, help="rmae (pixels and regions), mae (pixels only) or rae "
+                   "(regions only); default: the config's, else rmae")
+    p.add_argument("--task", choices=TASKS, default=None, help="the original's --task (only pretrain)")
     p.add_argument("--dataset", choices=DATASETS, default=None, help="imagenet: the same as imnet",
                    type=dataset_name)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the run folder "
                    "(an error when there is none); a run folder with checkpoints is continued anyway unless "
                    "training.resume=false")
     p.add_argument("--print-config", action="store_true", help="print the merged config and exit")
-    p.add_argument("overrides", nargs="*", help="dotted.key=value")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value with the original's key names, e.g. "
+                   "training.max_update=1000 (README: the key list; --print-config: every key and its value)")
     return p.parse_intermixed_args(argv)  # overrides may come before, between and after the options
 
 

@@ -348,6 +348,9 @@ def test_rerunning_a_finished_run_says_so(tmp_path, capsys):
     assert train(cfg_for(run, "training.max_update=2"))["step"] == 2
     assert "the run is already at step 2 of training.max_update=2: nothing to train" in capsys.readouterr().err
     assert [r["step"] for r in log_records(run)] == [1, 2]
+    # asked for fewer updates than it has: config.yaml still describes the run beside it (trained to 2)
+    train(cfg_for(run, "training.max_update=1"))
+    assert "max_update: 2\n" in (run / "config.yaml").read_text()
 
 
 def test_sigusr1_checkpoints_and_exits_cleanly(tmp_path):
@@ -1358,6 +1361,7 @@ def test_fp16_skip_backs_off_like_grad_scaler(tmp_path, monkeypatch, capsys):
     _poison_second_forward(monkeypatch, float("inf"))
     assert train(cfg_for(run, "training.max_update=4", "training.use_fp16=float16"))["skipped"] == 1
     assert "training.use_fp16=float16 on the CPU" in capsys.readouterr().err  # a 10x slower choice there
+    assert any("use_fp16=float16 on the CPU" in r["message"] for r in log_records(run, "config_warning"))
     state = torch.load(ckpt.latest_checkpoint(run), map_location="cpu", weights_only=False)["scaler"]
     scaler = torch.amp.GradScaler("cpu")
     p = torch.nn.Parameter(torch.ones(1))
@@ -1524,9 +1528,11 @@ def test_mixed_precision_runs(tmp_path, dtype):
         assert state["scaler"]["scale"] > 0  # GradScaler state is checkpointed
 
 
-def test_compiled_matches_eager(tmp_path):  # about 1 min of cold inductor compile on 2 cores
+def test_compiled_matches_eager(tmp_path, capsys):  # about 1 min of cold inductor compile on 2 cores
     eager = train(cfg_for(tmp_path / "eager", "training.max_update=3"))["losses"]
+    capsys.readouterr()
     compiled = train(cfg_for(tmp_path / "compiled", "training.max_update=3", "training.use_compile=true"))["losses"]
+    assert "torch.compile: the first update compiles the model" in capsys.readouterr().err  # (no silent minute)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
     state = torch.load(ckpt.latest_checkpoint(tmp_path / "compiled"), map_location="cpu", weights_only=False)
     assert not any("_orig_mod" in k for k in state["model"])
