@@ -786,8 +786,12 @@ def _suggest(key: str) -> str:
     alike_leaf = [k for name in difflib.get_close_matches(leaf, list(leaves), n=3, cutoff=0.6) for k in leaves[name]]
     reordered = [k for k in valid if k.rsplit(".", 1)[-1] != leaf and sorted(k.rsplit(".", 1)[-1].split("_")) == words]
     section = re.match(r"(model_config\.\w+|dataset_config\.\w+)\.", key)
+    renamed = []  # a shortened section name (dataset_config.coco.x): the same key in the sections it begins
     if section and not any(k.startswith(section.group(0)) for k in valid):
-        section = None  # (a misspelt model or dataset: every section's keys may be meant)
+        group, name, rest = re.match(r"(\w+)\.(\w+)\.(.+)", key).groups()
+        names = sorted({k.split(".")[1] for k in valid if k.startswith(group + ".")})
+        renamed = [f"{group}.{n}.{rest}" for n in names if n.startswith(name) and f"{group}.{n}.{rest}" in FLAT_SCHEMA]
+        section = None  # (every section's keys may be meant)
     out, seen = [], set()
     model, dataset = _PREFERRED.get()
     ours = tuple(f"{prefix}." for prefix in (f"model_config.{model}", f"dataset_config.{dataset}_pretrain"))
@@ -795,7 +799,12 @@ def _suggest(key: str) -> str:
     def likeness(k):  # the run's own sections first, then by likeness
         return (not k.startswith(ours), -difflib.SequenceMatcher(None, key, k).ratio())
 
+    for k in renamed:
+        out.append(k)
+        seen.add(re.sub(r"^(model_config|dataset_config)\.\w+\.", r"\1.*.", k))
     for k in sorted(same_leaf, key=likeness) + sorted(reordered, key=likeness) + alike + alike_leaf:
+        if key.startswith(k + "."):
+            continue  # (the section the key is in)
         repeated = re.match(r"(model_config\.\w+|dataset_config\.\w+)(\.|$)", k)
         if repeated and section and repeated.group(1) != section.group(1):
             continue  # another model's / dataset's section or copy of a key
@@ -806,6 +815,8 @@ def _suggest(key: str) -> str:
             continue
         out.append(k)
         seen.add(generic)
+    if any(k in FLAT_SCHEMA for k in out):  # sections only when no key fits
+        out = [k for k in out if k in FLAT_SCHEMA]
     return f"; did you mean {' or '.join(out[:3])}?" if out else ""
 
 

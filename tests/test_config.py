@@ -78,6 +78,8 @@ def test_includes_with_original_prefix(tmp_path):
     ("training.lr=0.1", "did you mean optimizer.params.lr or"),  # the same name in another section first
     ("model_config.rmae.mae_vit.params.region_num=4", "did you mean model_config.rmae.mae_vit.params.num_region or"),
     ("model_config.rmea.mask_ratio=0.5", "did you mean model_config.rmae.mask_ratio or"),
+    ("dataset_config.coco.data_dir=/x", "did you mean dataset_config.coco_pretrain.data_dir or"),  # a short name
+    ("dataset_config.imnet.sampler=shard", "did you mean dataset_config.imnet_pretrain.sampler?"),
 ])
 def test_unknown_keys_name_close_matches(override, expected):
     with pytest.raises(ConfigError, match="unknown config key") as e:
@@ -85,6 +87,7 @@ def test_unknown_keys_name_close_matches(override, expected):
     assert expected in str(e.value)
     # never a key of no effect (training.max_epoch), never another model's copy of a key of the user's model
     assert "max_epoch" not in str(e.value) and "model_config.rae." not in str(e.value)
+    assert "or training?" not in str(e.value) and "or training or" not in str(e.value)  # (the key's own section)
 
 
 def test_config_given_twice_is_an_error(capsys):
