@@ -437,6 +437,7 @@ def _merge(base: DictConfig, top: DictConfig, where: str) -> DictConfig:
 
 def parse_overrides(overrides: Iterable[str]) -> DictConfig:
     items = list(overrides)
+    unknown = []
     for o in items:
         if "=" not in o:
             file_hint = (f"; to read a config file, give it with --config {o}"
@@ -446,7 +447,11 @@ def parse_overrides(overrides: Iterable[str]) -> DictConfig:
         if key.split(".")[0] in ("includes", "config"):
             raise ConfigError(f"command-line override {o!r}: {key.split('.')[0]} cannot be set on the command line; "
                               "give the config file with --config FILE (a file can list other files under includes:)")
-        _check_key(key, where="command line")
+        try:
+            _check_key(key, where="command line")
+        except ConfigError as error:  # (every unknown key is named)
+            unknown.append(str(error))
+    _raise(unknown)
     try:
         cfg = OmegaConf.from_dotlist([o.lstrip("+") for o in items])
     except Exception as e:
@@ -834,10 +839,16 @@ def _check_key(key: str, where: str) -> None:
     raise ConfigError(f"unknown config key {key!r} ({where}){_suggest(key)}")
 
 
-def _normalize(tree: dict, where: str, prefix: str = "") -> dict:
-    """``tree`` with every key checked; a section left null (``optimizer:`` with nothing below it, every child
-    commented out, or ``section=null``) becomes an empty mapping, which changes nothing when merged (as the
-    original's ``optimizer: {}``). A section given a value that is not a mapping is an error."""
+def _normalize(tree: dict, where: str, prefix: str = "", unknown: list[str] | None = None) -> dict:
+    """``tree`` with every key checked (ConfigError naming every unknown key); a section left null (``optimizer:``
+    with nothing below it, every child commented out, or ``section=null``) becomes an empty mapping, which changes
+    nothing when merged (as the original's ``optimizer: {}``). A section given a value that is not a mapping is an
+    error. ``unknown``: where the nested calls collect the unknown keys."""
+    if unknown is None:
+        unknown = []
+        out = _normalize(tree, where, prefix, unknown)
+        _raise(unknown)
+        return out
     out = {}
     for k, v in tree.items():
         key = f"{prefix}{k}"
@@ -846,15 +857,19 @@ def _normalize(tree: dict, where: str, prefix: str = "") -> dict:
             continue
         if isinstance(k, str) and "." in k and not _opaque(key):  # `training.max_update: 7` in a file: nested
             head, rest = k.split(".", 1)  # (the key is checked below, as part of its section)
-            out[head] = _merged_sections(out.get(head, {}), _normalize({rest: v}, where, f"{prefix}{head}."),
+            out[head] = _merged_sections(out.get(head, {}), _normalize({rest: v}, where, f"{prefix}{head}.", unknown),
                                          f"{prefix}{head}", where)
             continue
-        _check_key(key, where)
+        try:
+            _check_key(key, where)
+        except ConfigError as error:
+            unknown.append(str(error))
+            continue
         spec = FLAT_SCHEMA.get(key)
         if spec is not None:
             out[k] = v  # leaf (its value is checked after merging)
         elif isinstance(v, dict):
-            out[k] = _merged_sections(out.get(k, {}), _normalize(v, where, key + "."), key, where)
+            out[k] = _merged_sections(out.get(k, {}), _normalize(v, where, key + ".", unknown), key, where)
         elif v is None:
             out[k] = {}
         else:

@@ -90,6 +90,19 @@ def test_unknown_keys_name_close_matches(override, expected):
     assert "or training?" not in str(e.value) and "or training or" not in str(e.value)  # (the key's own section)
 
 
+def test_every_unknown_key_of_a_file_is_named_at_once(tmp_path):
+    """A file (or a command line) with several misspelt keys: all are named in one error (only the first was, so
+    each fix found the next)."""
+    (tmp_path / "bad.yaml").write_text("training:\n  max_updates: 3\n  seed: 1\noptimizer:\n  params:\n    lr_rate: 1\n")
+    with pytest.raises(ConfigError, match=r"invalid config:\n  unknown config key 'training.max_updates' \(\S*bad.yaml\); "
+                                          r"did you mean training.max_update.*\n  unknown config key "
+                                          r"'optimizer.params.lr_rate' \(\S*bad.yaml\); did you mean optimizer.params.lr"):
+        load_config(str(tmp_path / "bad.yaml"))
+    with pytest.raises(ConfigError, match=r"invalid config:\n  unknown config key 'training.max_updates' \(command line\).*"
+                                          r"\n  unknown config key 'optimizer.params.lr_rate' \(command line\)"):
+        load_config(None, ["training.max_updates=3", "training.seed=1", "optimizer.params.lr_rate=1"])
+
+
 def test_config_given_twice_is_an_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--config", "MAE/COCO/mae_4000eps.yaml", "--config", "RMAE/COCO/rmae_fh_4000eps.yaml", "--print-config"])
