@@ -601,6 +601,14 @@ def test_float64_model_runs_on_the_reference_kernels():
         out64.loss.backward()
         assert out64.loss.dtype == torch.float64 and m64.region_patch_embed.proj.weight.grad.dtype == torch.float64
         torch.testing.assert_close(out64.loss.float(), out32.loss, rtol=1e-5, atol=1e-6)
+    # the pixel target keeps float64 (it was rounded to float32: losses off by up to 2e-8 with norm_pix_loss)
+    m64.norm_pix_loss = True
+    x, pred = imgs.double(), torch.randn(imgs.shape[0], m64.num_patches, m64.patch_size**2 * 3, dtype=torch.float64)
+    removed = (torch.rand(imgs.shape[0], m64.num_patches) < 0.75).double()
+    target = m64.patchify(x)
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+    expected = (((pred - target) ** 2).mean(-1) * removed).sum() / removed.sum()
+    torch.testing.assert_close(m64.forward_loss(x, pred, removed), expected, rtol=1e-15, atol=0)
     if kernels.HAS_TRITON:
         forced = copy.deepcopy(m64)
         forced.kernel_impl = "triton"

@@ -298,7 +298,8 @@ class RMAE(nn.Module):
         return x[:, 1:, :]  # [B, N, p*p*C]
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        target = self.patchify(imgs).float()  # (bf16 images under autocast: the per-patch statistics in fp32)
+        target = self.patchify(imgs)  # (bf16 images under autocast: the per-patch statistics in fp32 at least)
+        target = target.to(torch.promote_types(target.dtype, torch.float32))
         if self.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)
