@@ -28,6 +28,7 @@ import torch
 
 from rmae import kernels
 from common import cpu_model, write_report
+from rmae.cores import usable_cores
 
 # peak DRAM bandwidth, TB/s, by a substring of torch.cuda.get_device_name()
 PEAK_TBPS = [
@@ -51,7 +52,7 @@ PEAK_TBPS = [
 def machine_info(device: torch.device) -> dict:
     info = {
         "cpu": cpu_model(),
-        "cpu_cores_visible": os.cpu_count(),
+        "cpu_cores_visible": usable_cores(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "triton": getattr(__import__("triton"), "__version__", None) if kernels.HAS_TRITON else None,
@@ -327,9 +328,10 @@ def markdown(info, rows, args) -> str:
                      f"CPU {info['cpu']}, torch {info['torch']}, triton {info['triton']}.")
     else:
         interpreted = any(r["impl"] == "triton" for r in rows)
-        lines.append(f"Machine: {info['cpu']}, {info['cpu_cores_visible']} visible cores, "
+        lines.append(f"Machine: {info['cpu']}, {info['cpu_cores_visible']} usable cores, "
                      f"{info['torch_threads']} torch threads, torch {info['torch']}, no GPU. "
-                     "Triton needs a GPU, so this run compares the PyTorch reference eager vs torch.compile"
+                     "Triton needs a GPU, so this run times the PyTorch reference"
+                     + (" eager" if args.no_compile else " eager vs torch.compile")
                      + (" (the triton rows run Triton's CPU interpreter: a smoke run, not a speed)." if interpreted
                         else "."))
     timing = ("median over triton.testing.do_bench's time-based repetitions (about "

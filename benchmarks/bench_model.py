@@ -100,8 +100,12 @@ def main(argv=None):
                 f"{f_mae / 1e9:.1f}, R-MAE {f_rmae / 1e9:.1f}, ratio {f_rmae / f_mae:.3f} (torch.utils.flop_counter: "
                 f"matmuls and convolutions; attention only where the counter knows the device's attention kernel: "
                 f"not on CPU, where it is about 4% of MAE's FLOPs)")
-        print(line)
-        return {"arch": args.arch, "batch": args.batch, "flops_mae": f_mae, "flops_rmae": f_rmae}
+        result = {"machine": machine(), "arch": args.arch, "batch": args.batch, "img": args.img, "k": args.k,
+                  "flops_mae": f_mae, "flops_rmae": f_rmae, "ratio": f_rmae / f_mae}
+        table = f"Machine: {result['machine']}.\n\n{line}"
+        print(table)
+        write_report(f"{args.out}_flops", result, table)
+        return result
 
     rows = {
         "MAE (auto)": step_fn(torch.compile(mae_auto) if args.compile else mae_auto, images, None, amp),

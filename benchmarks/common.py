@@ -1,6 +1,7 @@
 """What every benchmark prints about the machine it ran on (imported by the bench_*.py scripts)."""
 from __future__ import annotations
 
+import os
 import platform
 
 from rmae.cores import usable_cores
@@ -31,15 +32,55 @@ def machine() -> str:
     return description
 
 
+def provenance() -> dict:
+    """When and from what a run's figures come: UTC time, the git commit (with "+changes" for a modified tree), the
+    load average before the run, and the versions of the libraries the benchmarks compare against."""
+    import datetime
+    import subprocess
+    from importlib import metadata
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = (commit + ("+changes" if dirty else "")) or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    versions = {}
+    for name in ("numpy", "scikit-image", "scipy", "pillow", "opencv-contrib-python", "triton"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return {"utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"), "commit": commit,
+            "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+            "versions": versions}
+
+
+_AT_START = provenance()  # taken when a benchmark imports this module: the load average before its run
+
+
+def provenance_line(info: dict) -> str:
+    """``provenance()`` in words, for the table's header."""
+    versions = ", ".join(f"{name} {version}" for name, version in info["versions"].items())
+    return (f"{info['utc']} UTC, commit {info['commit']}, load average {info['load_average']} before the run; "
+            f"{versions}")
+
+
 def write_report(path, result: dict, table: str) -> None:
-    """Writes ``path`` with suffixes .json (the figures) and .md (the table), creating the folder."""
+    """Writes ``path`` with suffixes .json (the figures, with ``provenance()`` from the script's start under "run")
+    and .md (the table, with the provenance line first), creating the folder."""
     import json
     from pathlib import Path
 
+    info = result.setdefault("run", _AT_START)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    path.with_suffix(".md").write_text(table.rstrip("\n") + "\n")
+    path.with_suffix(".md").write_text(f"Run: {provenance_line(info)}\n\n" + table.rstrip("\n") + "\n")
 
 
 # The bundled photos the data and preprocessing benchmarks turn into 640×480 JPEGs (rmae's sample set names).
