@@ -5,8 +5,10 @@ maps with k regions), exactly what ``rmae.train`` runs per micro-batch, without 
 does after its first update, without the kernels' index checks). Reports
 images/s and step time; on CUDA also MFU = analytic model FLOPs/s divided by the card's dense bf16 spec peak
 (H100 SXM 989 TFLOP/s, the usual definition; the issue's goal is on this one), and next to it the share of
-the bf16 matmul peak measured in the same run. The reference in every row is the first row of the same
-model (in the first compile mode and dtype asked for).
+the bf16 matmul peak measured in the same run. The models of one compile mode and dtype (MAE and R-MAE) are
+timed together, their steps round-robin after each one's warm-up, so that "step vs MAE's" compares steps taken
+side by side. The reference in the "vs" column is the first row of the same model (in the first compile mode and
+dtype asked for).
 
     python benchmarks/bench_train.py                       # CPU: tiny arch, 96 px, batch 16
     python benchmarks/bench_train.py --arch rmae_base_patch16 --img-size 224 --batch 128   # GPU default
@@ -100,59 +102,82 @@ def peak_bf16_matmul(device, n: int = 8192, iters: int = 20) -> float:
     return 2 * n ** 3 * iters / (time.perf_counter() - t)
 
 
-def bench_one(variant, arch, img_size, batch, device, dtype, compiled, steps, warmup, kernel_impl):
-    torch.manual_seed(0)
-    kw = dict(img_size=img_size, kernel_impl=kernel_impl, norm_pix_loss=True)
-    if variant == "mae":
-        kw["num_region"] = 0
-    model = build_model(arch, variant=variant, **kw).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05,
-                            fused=device.type == "cuda" or None)
-    if compiled:
-        model.compile()
-    images, regions = synthetic_batch(model, batch, device)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else torch.autocast(
-        device.type, enabled=False)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+class Config:
+    """One benchmarked configuration: its model, optimizer and synthetic batch, built on the device, and its step."""
 
-    def step(i):
-        noise = torch.rand(batch, model.num_patches, device=device)
-        with amp:
-            out = model(images, regions, noise=noise, mask_ratio=0.75)
+    def __init__(self, variant, arch, img_size, batch, device, dtype, compiled, kernel_impl):
+        self.variant, self.arch, self.img_size, self.batch = variant, arch, img_size, batch
+        self.device, self.dtype, self.compiled = device, dtype, compiled
+        resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0  # (the other configs')
+        torch.manual_seed(0)
+        kw = dict(img_size=img_size, kernel_impl=kernel_impl, norm_pix_loss=True)
+        if variant == "mae":
+            kw["num_region"] = 0
+        self.model = build_model(arch, variant=variant, **kw).to(device)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05,
+                                     fused=device.type == "cuda" or None)
+        if compiled:
+            self.model.compile()
+        self.images, self.regions = synthetic_batch(self.model, batch, device)
+        self.amp = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else torch.autocast(
+            device.type, enabled=False)
+        self.resident_before = resident
+        self.loss = None
+
+    def step(self) -> None:
+        noise = torch.rand(self.batch, self.model.num_patches, device=self.device)
+        with self.amp:
+            out = self.model(self.images, self.regions, noise=noise, mask_ratio=0.75)
         out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return out.loss
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.loss = out.loss
 
+
+def bench_together(configs: list[Config], steps: int, warmup: int) -> list[dict]:
+    """Warms each configuration up in turn (compilation, autotuning; its peak memory, less what the configurations
+    before it keep resident), then times their steps round-robin, so that the machine's drift and other jobs
+    affect all of them alike; a row per configuration with its median step."""
+    device = configs[0].device
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     # as rmae.train after its first update: no index checks (host syncs) in the timed steps; turned off before
     # the warm-up, since a compiled reference path guards on the setting and would compile again after a change
     kernels.set_index_checks(False)
-    t0 = time.perf_counter()
-    for i in range(warmup):
-        step(i)
-    sync()
-    t_warm = time.perf_counter() - t0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for i in range(steps):
+    warm, peak = [], []
+    for config in configs:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        for _ in range(warmup):
+            config.step()
         sync()
-        t = time.perf_counter()
-        loss = step(i)
-        sync()
-        times.append(time.perf_counter() - t)
+        warm.append(time.perf_counter() - t0)
+        if device.type == "cuda":
+            peak.append((torch.cuda.max_memory_allocated(device) - config.resident_before) / 2**30)
+    times = [[] for _ in configs]
+    for _ in range(steps):
+        for config, timed in zip(configs, times):
+            sync()
+            t = time.perf_counter()
+            config.step()
+            sync()
+            timed.append(time.perf_counter() - t)
     kernels.set_index_checks(None)
-    med = statistics.median(times)
-    flops = 3 * forward_flops_per_image(model) * batch
-    # fp32 matmuls run as TF32 on CUDA (main() allows it, as rmae.train's GPU runs do)
-    shown_dtype = "tf32" if dtype == "fp32" and device.type == "cuda" else dtype
-    row = {"model": variant, "arch": arch, "img_size": img_size, "batch": batch, "dtype": shown_dtype,
-           "compiled": compiled, "step_ms": med * 1e3, "img_per_s": batch / med, "warmup_s": t_warm,
-           "tflops_per_s": flops / med / 1e12, "loss": float(loss.detach()),
-           "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
-    if device.type == "cuda":
-        row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-    return row
+    rows = []
+    for i, config in enumerate(configs):
+        med = statistics.median(times[i])
+        flops = 3 * forward_flops_per_image(config.model) * config.batch
+        # fp32 matmuls run as TF32 on CUDA (main() allows it, as rmae.train's GPU runs do)
+        shown_dtype = "tf32" if config.dtype == "fp32" and device.type == "cuda" else config.dtype
+        row = {"model": config.variant, "arch": config.arch, "img_size": config.img_size, "batch": config.batch,
+               "dtype": shown_dtype, "compiled": config.compiled, "step_ms": med * 1e3,
+               "img_per_s": config.batch / med, "warmup_s": warm[i], "tflops_per_s": flops / med / 1e12,
+               "loss": float(config.loss.detach()),
+               "params_m": sum(p.numel() for p in config.model.parameters()) / 1e6}
+        if peak:
+            row["peak_mem_gb"] = peak[i]
+        rows.append(row)
+    return rows
 
 
 def main(argv=None):
@@ -181,21 +206,24 @@ def main(argv=None):
     # written after every row (rows and failures grow in place): a run stopped by a time limit keeps what it has
     result = {"machine": machine, "torch": torch.__version__, "peak_bf16_tflops": peak / 1e12 if peak else None,
               "spec_peak_bf16_tflops": spec / 1e12 if spec else None, "rows": rows, "failures": failures}
-    # in the order of --compile (compiled,eager: the rows of the goals first, for a run under a time limit)
+    # in the order of --compile (compiled,eager: the rows of the goals first, for a run under a time limit); the
+    # models of one compile mode and dtype are timed together, step by step (their ratio is a goal)
     for compiled in [c == "compiled" for c in args.compile.split(",")]:
-        for variant in args.models.split(","):
-            for dtype in args.dtypes.split(","):
-                try:
-                    row = bench_one(variant, args.arch, args.img_size, args.batch, device, dtype, compiled,
-                                    args.steps, args.warmup, args.kernel_impl)
-                except Exception as e:  # (torch.compile of a path on the card, say): recorded, the others run
-                    failures.append(f"{variant} {'compiled' if compiled else 'eager'} {dtype}: "
-                                    f"{type(e).__name__}: {e}")
-                    print(f"FAILED {failures[-1]}", file=sys.stderr, flush=True)
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    write_report(args.out, result, markdown(result))
-                    continue
+        for dtype in args.dtypes.split(","):
+            what = f"{'compiled' if compiled else 'eager'} {dtype}"
+            try:
+                configs = [Config(variant, args.arch, args.img_size, args.batch, device, dtype, compiled,
+                                  args.kernel_impl) for variant in args.models.split(",")]
+                timed = bench_together(configs, args.steps, args.warmup)
+            except Exception as e:  # (torch.compile of a path on the card, say): recorded, the others run
+                failures.append(f"{args.models} {what}: {type(e).__name__}: {e}")
+                print(f"FAILED {failures[-1]}", file=sys.stderr, flush=True)
+                timed = []
+            configs = None  # (their memory, before the next pair)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            for row in timed:
+                variant = row["model"]
                 if peak:
                     row["of_measured_peak"] = row["tflops_per_s"] * 1e12 / peak
                 if spec:
@@ -209,7 +237,7 @@ def main(argv=None):
                     row["step_vs_mae"] = row["step_ms"] / mae["step_ms"]
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
-                write_report(args.out, result, markdown(result))
+            write_report(args.out, result, markdown(result))
     print(markdown(result))
     return 1 if failures else 0
 
