@@ -7,6 +7,7 @@
 #include <cstring>
 #include <new>
 #include <stdexcept>
+#include <utility>
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -87,6 +88,16 @@ struct HugePageAllocator {
         madvise(memory, rounded, MADV_HUGEPAGE);  // advice only: failure changes nothing
 #endif
         return static_cast<T*>(memory);
+    }
+    // Elements are default-initialised (no zeroing): grow() hands out its buffers with unspecified contents, and
+    // a large image's fresh buffers would otherwise be written once more before their first real use.
+    template <typename U>
+    void construct(U* p) noexcept {
+        ::new (static_cast<void*>(p)) U;
+    }
+    template <typename U, typename... Args>
+    void construct(U* p, Args&&... args) {
+        ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
     }
     void deallocate(T* memory, size_t n) {
         if (n * sizeof(T) < kHugePage) {
