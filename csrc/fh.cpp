@@ -263,6 +263,58 @@ FloatImage from_float64(const double* src, int64_t height, int64_t width, int64_
     return to_planes(src, height, width, channels, [](double v) { return v; });
 }
 
+namespace {
+
+// Images narrower than this are smoothed a whole channel plane at a time: row by row, a row of a few pixels
+// would cost one call per row and tap (a 5,000,000 x 1 image with sigma 30: 20 s, scikit-image 12.6 s).
+constexpr int64_t kNarrowWidth = 16;
+
+// gaussian_smooth for narrow images, with the same operations on every value in the same order. Axis 0: the
+// plane times w0, then for k = r..1 one call over the rows whose neighbours k rows away need no reflection (a
+// contiguous range of the plane) and one per remaining row; axis 1: per tap k, every pixel through tables of
+// its reflected neighbours x - k and x + k.
+void gaussian_smooth_narrow(FloatImage& image, const std::vector<double>& weights, double* smoothed) {
+    const int64_t radius = static_cast<int64_t>(weights.size() / 2);
+    const double w0 = weights[radius];
+    const int64_t H = image.height, W = image.width, n = H * W;
+    Workspace& ws = workspace();
+    double* axis0 = grow(ws.padded, n);
+    std::vector<int64_t> left(radius * W), right(radius * W);  // [k - 1][x]: reflect(x - k), reflect(x + k)
+    for (int64_t k = 1; k <= radius; ++k)
+        for (int64_t x = 0; x < W; ++x) {
+            left[(k - 1) * W + x] = reflect_index(x - k, W);
+            right[(k - 1) * W + x] = reflect_index(x + k, W);
+        }
+    for (int64_t c = 0; c < image.channels; ++c) {
+        const double* in = image.data + c * n;
+        scale_row(axis0, in, w0, n);
+        for (int64_t k = radius; k >= 1; --k) {
+            const double w = weights[radius - k];
+            const int64_t first = std::min(k, H), last = std::max(first, H - k);  // rows [first, last): no reflection
+            if (last > first) add_pair_row(axis0 + first * W, in + (first - k) * W, in + (first + k) * W, w,
+                                           (last - first) * W);
+            for (int64_t y = 0; y < H; ++y) {
+                if (y == first) y = last;
+                if (y >= H) break;
+                add_pair_row(axis0 + y * W, in + reflect_index(y - k, H) * W, in + reflect_index(y + k, H) * W, w,
+                             W);
+            }
+        }
+        double* out = smoothed + c * n;
+        scale_row(out, axis0, w0, n);
+        for (int64_t k = radius; k >= 1; --k) {
+            const double w = weights[radius - k];
+            const int64_t* l = left.data() + (k - 1) * W;
+            const int64_t* r = right.data() + (k - 1) * W;
+            for (int64_t row = 0; row < n; row += W)
+                for (int64_t x = 0; x < W; ++x) out[row + x] += (axis0[row + l[x]] + axis0[row + r[x]]) * w;
+        }
+    }
+    image.data = smoothed;
+}
+
+}  // namespace
+
 void gaussian_smooth(FloatImage& image, const std::vector<double>& weights) {
     if (weights.empty()) return;
     const int64_t radius = static_cast<int64_t>(weights.size() / 2);
@@ -270,6 +322,7 @@ void gaussian_smooth(FloatImage& image, const std::vector<double>& weights) {
     const int64_t H = image.height, W = image.width, n = H * W;
     Workspace& ws = workspace();
     double* smoothed = grow(ws.smoothed, image.size());
+    if (W < kNarrowWidth) return gaussian_smooth_narrow(image, weights, smoothed);
     double* padded = grow(ws.padded, W + 2 * radius);
     double* centre = padded + radius;
     // Row by row, both axes while the row is in cache. Each value is summed as scipy's

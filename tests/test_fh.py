@@ -299,14 +299,27 @@ def test_batch_equals_one_by_one(threads):
 
 
 @pytest.mark.parametrize("sigma", [0.3, 0.8, 2.0, 5.0])
-@pytest.mark.parametrize("shape", [(40, 50, 3), (1, 7, 1), (5, 1, 2), (2, 3, 3), (9, 200, 1)])
-def test_smoothing_is_bit_identical_to_scipy(shape, sigma):
+@pytest.mark.parametrize("shape", [(40, 50, 3), (1, 7, 1), (5, 1, 2), (2, 3, 3), (9, 200, 1), (60, 1, 3), (33, 4, 1),
+                                   (7, 15, 2), (40, 16, 1)])
+def test_smoothing_is_bit_identical_to_scipy(shape, sigma):  # (narrower than 16: a whole plane at a time)
     image = np.random.default_rng(3).random(shape)
     expected = ndi.gaussian_filter(image, [sigma, sigma, 0], mode="reflect")
     np.testing.assert_array_equal(_fh.smooth(image, fh.gaussian_weights(sigma)), expected)
     photo = small_photo("astronaut")
     expected = ndi.gaussian_filter(photo * (1 / 255), [sigma, sigma, 0], mode="reflect")
     np.testing.assert_array_equal(_fh.smooth(photo, fh.gaussian_weights(sigma)), expected)
+
+
+def test_tall_narrow_images_with_a_wide_kernel_match():
+    """Images a few pixels wide are smoothed a plane at a time (row by row, 5,000,000 x 1 with sigma 30 took 20 s,
+    scikit-image 12.6 s; now 3 s): bit-identical to scipy, also where the kernel is longer than the image, and the
+    partitions are scikit-image's."""
+    rng = np.random.default_rng(8)
+    for shape, sigma in [((20000, 1, 3), 30.0), ((3000, 3, 3), 5.0), ((150, 2, 1), 30.0), ((500, 7, 3), 0.8)]:
+        image = rng.integers(0, 256, shape, dtype=np.uint8)
+        np.testing.assert_array_equal(_fh.smooth(image, fh.gaussian_weights(sigma)),
+                                      ndi.gaussian_filter(image * (1 / 255), [sigma, sigma, 0], mode="reflect"))
+        assert same_partition(fh.felzenszwalb(image, 50, sigma, 10), reference(image, 50, sigma, 10)), shape
 
 
 def scikit_image_edge_order(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
