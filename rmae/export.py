@@ -15,11 +15,12 @@ if __name__ == "__main__":  # python -m rmae.export: a Ctrl-C while the librarie
 import argparse
 import os
 import pickle
+import re
 import sys
 
 import torch
 
-from rmae.checkpoint import damaged_member, flush_to_disk, is_checkpoint_name
+from rmae.checkpoint import damaged_member, flush_to_disk, is_checkpoint_name, latest_checkpoint
 from rmae.cores import command_name
 from rmae.models.export import export_encoder, save_encoder, timm_call
 
@@ -93,6 +94,18 @@ def main(argv=None) -> int:
     parser.add_argument("--trust", action="store_true",
                         help="unpickle any object (official files that store their args); only for files you trust")
     args = parser.parse_args(argv)
+    if os.path.isdir(args.out) or args.out.endswith(("/", os.sep)):
+        print(f"error: {args.out} is a folder: give the encoder file's name, e.g. "
+              f"{os.path.join(args.out, 'encoder.safetensors')}", file=sys.stderr)
+        return 2
+    if os.path.isdir(args.checkpoint):  # a run folder: its newest checkpoint
+        newest = latest_checkpoint(args.checkpoint)
+        if newest is None:
+            print(f"error: {args.checkpoint} is a folder without checkpoints (checkpoints/ckpt_<step>.pt): give a "
+                  "checkpoint file, or a run folder that has some", file=sys.stderr)
+            return 2
+        print(f"exporting {newest}, the newest checkpoint of the run folder {args.checkpoint}")
+        args.checkpoint = str(newest)
     tmp = f"{args.out}.tmp{os.getpid()}{os.path.splitext(args.out)[1]}"  # the same suffix: the same format
     folder = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(folder):
@@ -126,12 +139,16 @@ def main(argv=None) -> int:
         elif args.trust:
             print(f"error: {args.checkpoint} is not a torch checkpoint ({str(e).splitlines()[-1].strip()})",
                   file=sys.stderr)
-        else:
-            print(f"error: {args.checkpoint} holds objects other than tensors ({str(e).splitlines()[0]}); add "
-                  "--trust if you trust the file", file=sys.stderr)
+        else:  # (PyTorch's message: its advice with terminal escape codes, then the line that names the object)
+            text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+            named = next((line.strip() for line in text.splitlines() if "Unsupported global" in line), None)
+            print(f"error: {args.checkpoint} holds objects other than tensors"
+                  + (f" ({named})" if named else "") + "; add --trust if you trust the file", file=sys.stderr)
         return 2
     except Exception as e:  # unreadable input, no encoder in it, an output that cannot be written
-        if isinstance(e, OSError) and e.errno == 22 and os.path.isfile(args.checkpoint):  # a cut-off archive
+        cut_off = (isinstance(e, OSError) and e.errno == 22) or (
+            isinstance(e, RuntimeError) and ("PytorchStreamReader" in str(e) or "zip archive" in str(e)))
+        if cut_off and os.path.isfile(args.checkpoint):  # a cut-off archive
             print(f"error: {args.checkpoint} cannot be read as a torch checkpoint (truncated or damaged: {e})",
                   file=sys.stderr)
         else:

@@ -1,6 +1,7 @@
 """Run logging: console lines, JSON lines (``log.jsonl``), TensorBoard when installed, a tqdm bar.
 
-Only rank 0 writes. Every record is one JSON object per line with at least ``step`` and ``time``.
+Only rank 0 writes. Every record is one JSON object per line with at least ``time``; the metric records and most
+events also have ``step`` (events before the first update, such as ``start`` or ``config_warning``, have none).
 """
 from __future__ import annotations
 
@@ -68,7 +69,9 @@ class RunLogger:
 
                 self.tb = SummaryWriter(log_dir=str(tb_dir or run_dir / "tensorboard"), purge_step=purge_step)
             except Exception as e:  # tensorboard not installed
-                logger.warning("tensorboard requested but unavailable (%s); logging to log.jsonl only", e)
+                message = f"tensorboard requested but unavailable ({e}); logging to log.jsonl only"
+                logger.warning(message)
+                self.log({"event": "config_warning", "message": message}, console=False)
 
     def log(self, record: dict[str, Any], console: bool = True) -> None:
         if not self.enabled:

@@ -770,7 +770,8 @@ def test_export_command_writes_the_encoder_of_a_checkpoint(tmp_path, capsys):
     # a file that pickles other objects needs --trust; a file without an encoder and a missing file are errors
     torch.save({"model": src.state_dict(), "args": argparse.Namespace(lr=1)}, tmp_path / "official.pth")
     assert main([str(tmp_path / "official.pth"), str(tmp_path / "o.pth")]) == 2
-    assert "add --trust" in capsys.readouterr().err
+    err = capsys.readouterr().err  # (the object named; PyTorch's terminal escape codes left out)
+    assert "add --trust" in err and "Unsupported global" in err and "Namespace" in err and "\x1b" not in err, err
     assert main([str(tmp_path / "official.pth"), str(tmp_path / "o.pth"), "--trust"]) == 0
     assert torch.load(tmp_path / "o.pth").keys() == expected.keys()
     torch.save({"model": {"decoder_pred.weight": torch.zeros(2)}}, tmp_path / "dec.pt")
@@ -800,10 +801,22 @@ def test_export_command_writes_the_encoder_of_a_checkpoint(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "error: cannot export" in err and "not a model state" in err and "Traceback" not in err
     whole = (tmp_path / "ckpt.pt").read_bytes()
-    (tmp_path / "cut.pt").write_bytes(whole[: len(whole) // 2])  # a write that was killed
-    assert main([str(tmp_path / "cut.pt"), str(tmp_path / "x.safetensors")]) == 2
-    err = capsys.readouterr().err
-    assert ("corrupted" in err or "cannot be read" in err) and "Traceback" not in err, err
+    for cut in (len(whole) // 2, len(whole) - 30):  # a write that was killed (before or inside the zip's directory)
+        (tmp_path / "cut.pt").write_bytes(whole[:cut])
+        assert main([str(tmp_path / "cut.pt"), str(tmp_path / "x.safetensors")]) == 2
+        err = capsys.readouterr().err
+        assert "cut.pt cannot be read as a torch checkpoint (truncated or damaged" in err and "Traceback" not in err, err
+    # folders: OUT is refused; a run folder as CHECKPOINT gives its newest checkpoint
+    assert main([str(tmp_path / "ckpt.pt"), str(tmp_path)]) == 2
+    assert f"{tmp_path} is a folder: give the encoder file's name" in capsys.readouterr().err
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    assert main([str(tmp_path / "run"), str(tmp_path / "r.safetensors")]) == 2
+    assert "is a folder without checkpoints" in capsys.readouterr().err
+    for step in (3, 7):
+        (tmp_path / "run" / "checkpoints" / f"ckpt_{step:08d}.pt").write_bytes(whole)
+    assert main([str(tmp_path / "run"), str(tmp_path / "r.safetensors")]) == 0
+    assert "exporting " + str(tmp_path / "run" / "checkpoints" / "ckpt_00000007.pt") in capsys.readouterr().out
+    assert load_file(tmp_path / "r.safetensors").keys() == expected.keys()
     (tmp_path / "photo.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a checkpoint")
     for extra in ([], ["--trust"]):
         assert main([str(tmp_path / "photo.jpg"), str(tmp_path / "x.safetensors"), *extra]) == 2

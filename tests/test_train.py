@@ -341,6 +341,19 @@ def test_a_second_ctrl_c_stops_at_once_and_is_logged_as_an_interruption(tmp_path
     assert "--resume (continue from the newest checkpoint) contradicts training.resume=false" in capsys.readouterr().err
 
 
+def test_a_missing_tensorboard_is_recorded_in_the_log(tmp_path, monkeypatch):
+    """training.tensorboard=true (the recipes' setting) without the package: the run goes on, and log.jsonl says so
+    like the other setting warnings (it was on the console only)."""
+    from rmae.logging_utils import RunLogger
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # (import fails)
+    log = RunLogger(tmp_path, True, tensorboard=True)
+    log.log({"step": 1, "loss": 1.0}, console=False)
+    (warning,) = log_records(tmp_path, "config_warning")
+    assert warning["message"].startswith("tensorboard requested but unavailable") and log.tb is None
+    assert [r["step"] for r in log_records(tmp_path)] == [1]
+
+
 def test_rerunning_a_finished_run_says_so(tmp_path, capsys):
     run = tmp_path / "run"
     train(cfg_for(run, "training.max_update=2"))
