@@ -11,6 +11,8 @@ import argparse
 import copy
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -750,6 +752,14 @@ def test_exported_safetensors_say_what_encoder_they_hold(tmp_path, capsys):
         meta = encoder_metadata(state)
         assert (meta["timm_model"], meta["num_heads"], meta["img_size"]) == (name, str(heads), "224")
         assert timm_call(meta) == f'timm.create_model("{name}", num_classes=0)'
+
+
+def test_the_export_commands_first_name_runs_without_a_warning():
+    """``python -m rmae.models.export`` (the command's first name) runs a module its package has imported: runpy's
+    warning about it is not shown."""
+    r = subprocess.run([sys.executable, "-m", "rmae.models.export", "--help"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "usage:" in r.stdout and "RuntimeWarning" not in r.stderr, r.stderr
 
 
 def test_export_command_writes_the_encoder_of_a_checkpoint(tmp_path, capsys):
