@@ -9,8 +9,8 @@ Exactly equal edge costs: scikit-image sorts the edges with numpy's default args
 stable and whose tie order depends on the CPU and the numpy build (numpy dispatches AVX-512, AVX2 or
 baseline sorts), so on some inputs stock scikit-image's own partition changes from one machine to
 another. Smoothing does not remove ties: mirror-symmetric neighbourhoods, straight boundaries between
-flat areas and letterboxes give exactly equal costs (0.1-2% of the edges of several scikit-image photos
-at sigma 0.8). Most ties decide nothing, but on blocky or quantised images (and uint8 with sigma=0)
+flat areas and letterboxes give exactly equal costs (0 to 1.7% of the edges of scikit-image's colour
+photos at sigma 0.8, up to 11% in its drawings). Most ties decide nothing, but on blocky or quantised images (and uint8 with sigma=0)
 some do. ``tie_order`` chooses:
 
 * ``"stable"`` (default): ties in scikit-image's edge order, the result of scikit-image with a stable
