@@ -65,7 +65,8 @@ def per_image_seconds(images: Path, count: int, repeats: int, scratch: Path) -> 
         save_labels(scratch / (path.stem + ".npy.zst"), labels)
 
     totals = {"skimage FH": 0.0, "rmae FH": 0.0, "rmae decode + FH + write": 0.0}
-    for path in sorted(images.iterdir())[:count]:
+    timed = sorted(images.iterdir())[:count]
+    for path in timed:
         rgb = np.asarray(Image.open(path).convert("RGB"))
         calls = {"skimage FH": lambda: skimage_fh(rgb), "rmae FH": lambda: rmae_fh(rgb),
                  "rmae decode + FH + write": lambda: rmae_pipeline(path)}
@@ -78,7 +79,7 @@ def per_image_seconds(images: Path, count: int, repeats: int, scratch: Path) -> 
                 best[name] = min(best[name], time.perf_counter() - start)
         for name in totals:
             totals[name] += best[name]
-    return {name: total / count for name, total in totals.items()}
+    return {name: total / len(timed) for name, total in totals.items()}
 
 
 def main() -> None:
@@ -89,6 +90,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="best of this many, per image and method")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "out")
     args = ap.parse_args()
+    args.skimage_images = max(1, min(args.skimage_images, args.images))  # (the images there are)
     with tempfile.TemporaryDirectory() as tmp:
         images = make_folder(Path(tmp), args.images)
         (Path(tmp) / "scratch").mkdir()

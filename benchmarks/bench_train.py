@@ -108,7 +108,8 @@ class Config:
     def __init__(self, variant, arch, img_size, batch, device, dtype, compiled, kernel_impl):
         self.variant, self.arch, self.img_size, self.batch = variant, arch, img_size, batch
         self.device, self.dtype, self.compiled = device, dtype, compiled
-        resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0  # (the other configs')
+        allocated = (lambda: torch.cuda.memory_allocated(device)) if device.type == "cuda" else (lambda: 0)
+        before = allocated()
         torch.manual_seed(0)
         kw = dict(img_size=img_size, kernel_impl=kernel_impl, norm_pix_loss=True)
         if variant == "mae":
@@ -121,7 +122,7 @@ class Config:
         self.images, self.regions = synthetic_batch(self.model, batch, device)
         self.amp = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else torch.autocast(
             device.type, enabled=False)
-        self.resident_before = resident
+        self.own_bytes = allocated() - before  # its weights and batch (its optimizer state comes with its first step)
         self.loss = None
 
     def step(self) -> None:
@@ -146,6 +147,7 @@ def bench_together(configs: list[Config], steps: int, warmup: int) -> list[dict]
     warm, peak = [], []
     for config in configs:
         if device.type == "cuda":
+            others = torch.cuda.memory_allocated(device) - config.own_bytes  # what the other configurations hold
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
         for _ in range(warmup):
@@ -153,7 +155,7 @@ def bench_together(configs: list[Config], steps: int, warmup: int) -> list[dict]
         sync()
         warm.append(time.perf_counter() - t0)
         if device.type == "cuda":
-            peak.append((torch.cuda.max_memory_allocated(device) - config.resident_before) / 2**30)
+            peak.append((torch.cuda.max_memory_allocated(device) - others) / 2**30)
     times = [[] for _ in configs]
     for _ in range(steps):
         for config, timed in zip(configs, times):

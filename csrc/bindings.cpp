@@ -166,7 +166,8 @@ py::tuple sorted_edges(const py::array& image) {
 py::array_t<int32_t> segment_in_order(int64_t height, int64_t width, const py::array_t<double>& costs,
                                       const py::array_t<uint32_t>& codes, const std::vector<double>& scales,
                                       const std::vector<int64_t>& min_sizes) {
-    if (height < 1 || width < 1 || height * width >= fh::kMaxPixels)
+    if (height < 1 || width < 1 || height >= fh::kMaxPixels || width >= fh::kMaxPixels ||
+        height * width >= fh::kMaxPixels)
         throw std::invalid_argument("image size out of range");
     if (scales.size() != min_sizes.size() || scales.empty())
         throw std::invalid_argument("expected one min_size per scale, and at least one scale");

@@ -42,7 +42,7 @@ def train() -> int:
 
 
 def preprocess() -> int:
-    return _run("rmae.preprocess")
+    return _run("rmae.preprocess", "command")
 
 
 def export() -> int:

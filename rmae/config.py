@@ -793,9 +793,11 @@ def _suggest(key: str) -> str:
     section = re.match(r"(model_config\.\w+|dataset_config\.\w+)\.", key)
     renamed = []  # a shortened section name (dataset_config.coco.x): the same key in the sections it begins
     if section and not any(k.startswith(section.group(0)) for k in valid):
-        group, name, rest = re.match(r"(\w+)\.(\w+)\.(.+)", key).groups()
-        names = sorted({k.split(".")[1] for k in valid if k.startswith(group + ".")})
-        renamed = [f"{group}.{n}.{rest}" for n in names if n.startswith(name) and f"{group}.{n}.{rest}" in FLAT_SCHEMA]
+        parts = re.match(r"(\w+)\.(\w+)\.(.+)", key)  # (None for "dataset_config.coco.")
+        if parts:
+            group, name, rest = parts.groups()
+            names = sorted({k.split(".")[1] for k in valid if k.startswith(group + ".")})
+            renamed = [f"{group}.{n}.{rest}" for n in names if n.startswith(name) and f"{group}.{n}.{rest}" in FLAT_SCHEMA]
         section = None  # (every section's keys may be meant)
     out, seen = [], set()
     model, dataset = _PREFERRED.get()

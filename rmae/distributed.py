@@ -307,6 +307,11 @@ def watch_launcher(pid: int) -> None:
     _launcher_pid = pid
 
 
+def watching_launcher() -> bool:
+    """Whether this process is a rank spawned by ``python -m rmae.train`` (it watches its launcher)."""
+    return _launcher_pid is not None
+
+
 def launcher_gone() -> bool:
     """Whether this spawned rank's launcher has died (the rank was re-parented). The launcher holds the run folder's
     lock; without it a restart may already be writing there, so the rank must write nothing more."""

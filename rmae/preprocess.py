@@ -646,7 +646,14 @@ class StopHandler:
         os._exit(143 if signum == signal.SIGTERM else 130)
 
 
-def main(argv: list[str] | None = None) -> int:
+def command(argv: list[str] | None = None) -> int:
+    """``main`` as the command line runs it (``python -m rmae.preprocess``, ``rmae-preprocess``): after a stop,
+    later Ctrl-Cs and SIGTERMs are ignored until the process ends (one arriving after main returned killed it by
+    the signal or printed a traceback)."""
+    return main(argv, command_line=True)
+
+
+def main(argv: list[str] | None = None, *, command_line: bool = False) -> int:
     parser = argparse.ArgumentParser(
         prog=command_name("rmae-preprocess", "rmae.preprocess"), description=__doc__.replace("``", ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -735,8 +742,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 143 if isinstance(stop, Terminated) else 130
     finally:
-        for signum, handler in previous.items():  # after a stop, later signals are ignored: the process is ending
-            signal.signal(signum, signal.SIG_IGN if stop_handler.count else handler)  # (one killed it with -2)
+        for signum, handler in previous.items():  # (the command line's process is ending after a stop)
+            signal.signal(signum, signal.SIG_IGN if stop_handler.count and command_line else handler)
     print(_shown(
         f"{summary['images']} images: {summary['written']} written, {summary['skipped_existing']} already done"
         f"{' (verified)' if args.verify else ''}, "
@@ -755,4 +762,4 @@ if __name__ == "__main__":
     from rmae.cli import ctrl_c_as_usual
 
     ctrl_c_as_usual()
-    sys.exit(main())
+    sys.exit(command())

@@ -314,9 +314,9 @@ LAUNCHER_GONE = ("the launcher of the spawned ranks died, and with it the run fo
 
 
 def stop_if_launcher_gone() -> None:
-    """LauncherGone in a spawned rank whose launcher has died: a checkpoint written now could race a restarted run
-    (the lock went with the launcher), so the rank stops without writing anything more."""
-    if rdist.launcher_gone():
+    """LauncherGone on every rank (collective) when the launcher of spawned ranks has died: a checkpoint written now
+    could race a restarted run (the lock went with the launcher), so the ranks stop without writing anything more."""
+    if rdist.watching_launcher() and any(rdist.all_gather_object(rdist.launcher_gone())):
         raise LauncherGone(LAUNCHER_GONE)
 
 
@@ -431,15 +431,14 @@ class StopFlag:
         finally:
             self._holding = False
         if self._held:
-            raise LauncherGone(LAUNCHER_GONE) if rdist.launcher_gone() else KeyboardInterrupt
+            raise KeyboardInterrupt
 
     def _handle(self, signum, frame):
-        if rdist.launcher_gone():  # PyTorch's parent-death signal (SIGINT, once per thread the launcher had)
+        if rdist.launcher_gone():  # PyTorch's parent-death signal (SIGINT, once per thread the launcher had): every
+            # rank raises LauncherGone together at the end of the update (the loop's flags), so none waits in a
+            # collective for one that left; a checkpoint begun under the lock is finished, none is begun
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # (the next ones)
-            if self._holding:  # a checkpoint begun under the lock: finished, then LauncherGone
-                self._held = True
-                return
-            raise LauncherGone(LAUNCHER_GONE)
+            return
         if self.signal is not None and signum == signal.SIGINT:
             if self._holding:
                 self._held = True

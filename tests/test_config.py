@@ -80,6 +80,7 @@ def test_includes_with_original_prefix(tmp_path):
     ("model_config.rmea.mask_ratio=0.5", "did you mean model_config.rmae.mask_ratio or"),
     ("dataset_config.coco.data_dir=/x", "did you mean dataset_config.coco_pretrain.data_dir or"),  # a short name
     ("dataset_config.imnet.sampler=shard", "did you mean dataset_config.imnet_pretrain.sampler?"),
+    ("dataset_config.coco.=1", "unknown config key 'dataset_config.coco.'"),  # (no name after the dot)
 ])
 def test_unknown_keys_name_close_matches(override, expected):
     with pytest.raises(ConfigError, match="unknown config key") as e:

@@ -442,6 +442,22 @@ def test_a_second_ctrl_c_waits_for_the_images_being_written(tmp_path):
         assert not list(out.glob(".*.tmp"))
 
 
+def test_main_called_from_python_gives_the_signal_handlers_back_after_a_stop(tmp_path, monkeypatch, capsys):
+    """main() stopped by a Ctrl-C returns 130 and puts the caller's handlers back (a script or a notebook that calls
+    it keeps its Ctrl-C); only the command line's process, which is ending, ignores later signals."""
+    tiny(tmp_path / "images" / "a.png", 1)
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)  # (the handler runs here)
+
+    monkeypatch.setattr(preprocess_module, "preprocess", interrupted)
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    assert main(["--images", str(tmp_path / "images"), "--out", str(tmp_path / "fh")]) == 130
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    assert "interrupted: the masks written so far are kept" in capsys.readouterr().err
+
+
 def test_masks_without_a_recipe_record_of_another_scale_count_are_refused(tmp_path, capsys):
     """Masks copied without their folder's recipe record: another number of scales would count as done for this
     recipe (and be written down as it), so the run is refused; the same number is used, with a note."""

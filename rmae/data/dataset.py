@@ -30,6 +30,7 @@ from PIL import Image
 from torch.utils.data import Dataset, get_worker_info
 
 from rmae import listing
+from rmae.cores import usable_cores
 from rmae.fh import felzenszwalb_batch, felzenszwalb_multi
 from rmae.logging_utils import progress_bar
 from rmae.masks import (DECODE_VERSION, MASK_SUFFIX, ORIGINAL_SUFFIX, PARAMS_FILE, REDO_KEY, MaskError, find_mask,
@@ -183,7 +184,7 @@ class RegionDataset(Dataset):
         decodable image, the rest then left unchecked."""
         bad: list[int] = []
         batches = range(0, len(missing), DECODE_CHECK_BATCH)
-        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool, \
+        with ThreadPoolExecutor(min(8, usable_cores())) as pool, \
                 progress_bar(len(missing), 0, len(batches) > 1, "checking images without a mask", "img") as bar:
             for start in batches:
                 batch = missing[start:start + DECODE_CHECK_BATCH]
