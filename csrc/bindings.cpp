@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <exception>
@@ -161,6 +162,25 @@ py::tuple sorted_edges(const py::array& image) {
     return py::make_tuple(costs, codes);
 }
 
+py::tuple edge_costs(const py::array& image, const std::vector<double>& weights) {
+    const ImageView v = view_of(image);
+    const int64_t n_edges = v.height * (v.width - 1) + (v.height - 1) * v.width + 2 * (v.height - 1) * (v.width - 1);
+    py::array_t<double> costs(n_edges);
+    py::array_t<uint32_t> codes(n_edges);
+    double* cost_out = costs.mutable_data();
+    uint32_t* code_out = codes.mutable_data();
+    {
+        py::gil_scoped_release release;
+        fh::FloatImage f = to_float(v);
+        fh::gaussian_smooth(f, weights);
+        const fh::EdgeCosts edges = fh::edge_costs(f);
+        std::copy(edges.cost, edges.cost + edges.count, cost_out);
+        fh::edge_codes(v.height, v.width, code_out);
+        fh::release_scratch();
+    }
+    return py::make_tuple(costs, codes);
+}
+
 // Pass 1, pass 2 and labels over edges given in processing order by the caller: (cost, code) pairs
 // of all edges of an H x W image (rmae.fh's tie_order="numpy": scikit-image's own np.argsort order).
 py::array_t<int32_t> segment_in_order(int64_t height, int64_t width, const py::array_t<double>& costs,
@@ -223,6 +243,8 @@ PYBIND11_MODULE(_fh, m) {
     m.def("smooth", &smooth, py::arg("image"), py::arg("weights"), "the Gaussian step alone (float64 [H, W, C])");
     m.def("sorted_edges", &sorted_edges, py::arg("image"),
           "(costs, codes) of all edges of an already smoothed image, in processing order");
+    m.def("edge_costs", &edge_costs, py::arg("image"), py::arg("weights"),
+          "(costs, codes) of all edges of the image smoothed with weights, in scikit-image's edge order");
     m.def("segment_in_order", &segment_in_order, py::arg("height"), py::arg("width"), py::arg("costs"),
           py::arg("codes"), py::arg("scales"), py::arg("min_sizes"),
           "passes 1, 2 and labels over all (cost, code) edges of an image in the given order -> int32 [S, H, W]");

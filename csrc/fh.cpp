@@ -447,20 +447,32 @@ void sort_bucket(SortedEdge* first, int64_t n, int bits, SortedEdge* scratch) {
     order_equal_keys_by_cost(first, n);
 }
 
-SortedEdges sorted_edges(const FloatImage& image) {
+namespace {
+
+constexpr int kTopShift = 18;                         // the sort's first pass: buckets of the key's top bits
+constexpr int kTopBuckets = 1 << (32 - kTopShift);
+
+// Calls code(type << 30 | p) for every edge in edge order (right edges, then down, down-right and up-right ones,
+// raster order within a type: ascending code, scikit-image's order), p the edge's first pixel.
+template <typename F>
+inline void for_each_edge_code(int64_t H, int64_t W, F&& code) {
+    auto run = [&](uint32_t type, int64_t p0, int64_t n) {
+        for (int64_t j = 0; j < n; ++j) code((type << 30) | uint32_t(p0 + j));
+    };
+    for (int64_t y = 0; y < H; ++y) run(0, y * W, W - 1);
+    for (int64_t y = 0; y + 1 < H; ++y) run(1, y * W, W);
+    for (int64_t y = 0; y + 1 < H; ++y) run(2, y * W, W - 1);
+    for (int64_t y = 0; y + 1 < H; ++y) run(3, y * W + 1, W - 1);
+}
+
+// The costs of all edges in edge order, with their float32 keys (monotone in the cost), in the thread's
+// scratch (ws.cost, ws.key); when `histogram` is given (kTopBuckets + 1 zeros), the keys' top bits are counted
+// into histogram[bucket + 1] on the way.
+EdgeCosts compute_edge_costs(const FloatImage& image, uint32_t* histogram) {
     const int64_t H = image.height, W = image.width, C = image.channels, HW = H * W;
     Workspace& ws = workspace();
-    PROF_START
-
-    // 1. Costs row by row (each image row is read once for the four edge types), vectorised over
-    //    x on the channel planes, with their float32 keys (monotone in the cost), written in edge
-    //    order: right edges, then down, down-right and up-right ones, raster order within a type.
-    //    Edge e of type t from pixel p has code t << 30 | p: that order is ascending code. A
-    //    histogram of the keys' top bits (the buckets of step 2) is counted on the way.
-    constexpr int kTopShift = 18;
-    constexpr int kTopBuckets = 1 << (32 - kTopShift);
-    std::vector<uint32_t>& start = ws.bucket_start;
-    start.assign(kTopBuckets + 1, 0);
+    // Row by row (each image row is read once for the four edge types), vectorised over x on the channel
+    // planes, written in edge order.
     const double* planes = image.data;
     const int64_t n_right = H * (W - 1), n_down = (H - 1) * W, n_diagonal = (H - 1) * (W - 1);
     const int64_t n_edges = n_right + n_down + 2 * n_diagonal;
@@ -486,7 +498,8 @@ SortedEdges sorted_edges(const FloatImage& image) {
             }
         }
         finish_cost_row(squares, cost + e, key + e, n);
-        for (int64_t i = 0; i < n; ++i) ++start[(key[e + i] >> kTopShift) + 1];
+        if (histogram != nullptr)
+            for (int64_t i = 0; i < n; ++i) ++histogram[(key[e + i] >> kTopShift) + 1];
     };
     for (int64_t y = 0; y < H; ++y) {
         add_run(y * W, y * W + 1, W - 1, first_of_type[0] + y * (W - 1));
@@ -495,6 +508,29 @@ SortedEdges sorted_edges(const FloatImage& image) {
         add_run(y * W, y * W + W + 1, W - 1, first_of_type[2] + y * (W - 1));
         add_run(y * W + 1, y * W + W, W - 1, first_of_type[3] + y * (W - 1));
     }
+    return EdgeCosts{cost, key, n_edges};
+}
+
+}  // namespace
+
+EdgeCosts edge_costs(const FloatImage& image) { return compute_edge_costs(image, nullptr); }
+
+void edge_codes(int64_t height, int64_t width, uint32_t* codes) {
+    for_each_edge_code(height, width, [&](uint32_t code) { *codes++ = code; });
+}
+
+SortedEdges sorted_edges(const FloatImage& image) {
+    const int64_t H = image.height, W = image.width;
+    Workspace& ws = workspace();
+    PROF_START
+
+    // 1. The costs in edge order, with a histogram of the keys' top bits (the buckets of step 2).
+    std::vector<uint32_t>& start = ws.bucket_start;
+    start.assign(kTopBuckets + 1, 0);
+    const EdgeCosts costs = compute_edge_costs(image, start.data());
+    const double* cost = costs.cost;
+    const uint32_t* key = costs.key;
+    const int64_t n_edges = costs.count;
     PROF("costs")
     // An image whose edge buffers alone pass the retained bound has all its scratch handed back when it is
     // done (release_large_workspace): there each buffer goes as soon as it is dead, which lowers the peak
@@ -515,14 +551,10 @@ SortedEdges sorted_edges(const FloatImage& image) {
     {
         std::vector<uint32_t> fill(start.begin(), start.end() - 1);
         int64_t i = 0;
-        auto scatter_run = [&](uint32_t type, int64_t p0, int64_t n) {
-            for (int64_t j = 0; j < n; ++j, ++i)
-                sorted[fill[key[i] >> kTopShift]++] = {cost[i], key[i], (type << 30) | uint32_t(p0 + j)};
-        };
-        for (int64_t y = 0; y < H; ++y) scatter_run(0, y * W, W - 1);
-        for (int64_t y = 0; y + 1 < H; ++y) scatter_run(1, y * W, W);
-        for (int64_t y = 0; y + 1 < H; ++y) scatter_run(2, y * W, W - 1);
-        for (int64_t y = 0; y + 1 < H; ++y) scatter_run(3, y * W + 1, W - 1);
+        for_each_edge_code(H, W, [&](uint32_t code) {
+            sorted[fill[key[i] >> kTopShift]++] = {cost[i], key[i], code};
+            ++i;
+        });
     }
     PROF("scatter")
     if (release_early) {

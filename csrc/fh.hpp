@@ -55,6 +55,19 @@ FloatImage from_float64(const double* src, int64_t height, int64_t width, int64_
 // scratch buffer of the thread, and image.data then points to it.
 void gaussian_smooth(FloatImage& image, const std::vector<double>& weights);
 
+// The costs of all edges of the smoothed image in edge order (right, down, down-right, up-right edges, raster
+// order within a type: scikit-image's order), with their float32 keys. A view into the calling thread's
+// scratch space, valid until its next edge_costs or sorted_edges call.
+struct EdgeCosts {
+    const double* cost = nullptr;
+    const uint32_t* key = nullptr;
+    int64_t count = 0;
+};
+EdgeCosts edge_costs(const FloatImage& image);
+
+// The codes (type << 30 | p, as in SortedEdge) of all edges of a height x width image, in edge order.
+void edge_codes(int64_t height, int64_t width, uint32_t* codes);
+
 // All 8-connected edges of the smoothed image, sorted by cost.
 SortedEdges sorted_edges(const FloatImage& image);
 

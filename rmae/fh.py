@@ -204,31 +204,13 @@ def _check_tie_order(tie_order) -> str:
     return tie_order
 
 
-def _edge_index(codes: np.ndarray, height: int, width: int) -> np.ndarray:
-    """The position in scikit-image's edge list (right, down, down-right, then up-right edges, raster order within
-    each) of the edges with C++ codes ``type << 30 | p`` (the edge from pixel p to p + (1, W, W + 1, W - 1))."""
-    edge_type = (codes >> 30).astype(np.int64)
-    pixel = (codes & ((1 << 30) - 1)).astype(np.int64)
-    y, x = np.divmod(pixel, width)
-    n_right, n_down, n_diagonal = height * (width - 1), (height - 1) * width, (height - 1) * (width - 1)
-    first_of_type = np.array([0, n_right, n_right + n_down, n_right + n_down + n_diagonal])
-    per_row = np.array([width - 1, width, width - 1, width - 1])
-    first_x = np.array([0, 0, 0, 1])
-    return first_of_type[edge_type] + y * per_row[edge_type] + x - first_x[edge_type]
-
-
 def _segment_in_numpy_order(image: np.ndarray, weights: list[float], scales: list[float],
                             min_sizes: list[int]) -> np.ndarray:
     """tie_order="numpy": labels [S, H, W] with the edges in the order ``np.argsort`` (numpy's default kind, as
     scikit-image calls it) gives the edge costs on this machine."""
-    height, width = image.shape[:2]
-    costs, codes = _fh.sorted_edges(_fh.smooth(image, weights))  # costs bit-identical to scikit-image's
-    edge = _edge_index(codes, height, width)
-    costs_in_edge_order, codes_in_edge_order = np.empty_like(costs), np.empty_like(codes)
-    costs_in_edge_order[edge], codes_in_edge_order[edge] = costs, codes
-    order = np.argsort(costs_in_edge_order)
-    return _fh.segment_in_order(height, width, costs_in_edge_order[order], codes_in_edge_order[order],
-                                scales, min_sizes)
+    costs, codes = _fh.edge_costs(image, weights)  # in scikit-image's edge order, bit-identical to its costs
+    order = np.argsort(costs)
+    return _fh.segment_in_order(image.shape[0], image.shape[1], costs[order], codes[order], scales, min_sizes)
 
 
 def felzenszwalb(image: np.ndarray, scale: float = 1, sigma: float = 0.8, min_size: int = 20, *,
