@@ -80,20 +80,36 @@ def measure_copy_bandwidth(device) -> float:
 # timing
 # ---------------------------------------------------------------------------------------------------
 def time_ms(fn, device, warmup: int, reps: int) -> float:
-    """Median milliseconds per call. CUDA: triton.testing.do_bench (L2 flushed between calls)."""
+    """Median milliseconds per call of one function (the device copy's measurement)."""
+    return time_together([fn], device, warmup, reps)[0]
+
+
+def time_together(fns: list, device, warmup: int, reps: int, rounds: int = 5) -> list[float]:
+    """Median milliseconds per call of each function, timed round-robin (all warmed up first), so that the
+    machine's drift and other jobs touch every implementation alike. CPU: ``reps`` rounds of one call each.
+    CUDA: ``rounds`` rounds of triton.testing.do_bench (L2 flushed between calls, about ``max(reps, 20) * 5``
+    ms of calls per function in all), the median of the rounds' medians."""
     if device.type == "cuda":
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, warmup=max(warmup, 5) * 5, rep=max(reps, 20) * 5,
-                                             return_mode="median"))
-    for _ in range(warmup):
-        fn()
-    ts = []
+        for fn in fns:
+            triton.testing.do_bench(fn, warmup=max(warmup, 5) * 5, rep=1)
+        per_round = max(max(reps, 20) * 5 // rounds, 1)
+        times = [[] for _ in fns]
+        for _ in range(rounds):
+            for fn, timed in zip(fns, times):
+                timed.append(float(triton.testing.do_bench(fn, warmup=0, rep=per_round, return_mode="median")))
+        return [statistics.median(timed) for timed in times]
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times = [[] for _ in fns]
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
+        for fn, timed in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            timed.append((time.perf_counter() - t0) * 1e3)
+    return [statistics.median(timed) for timed in times]
 
 
 def kernel_ms(fn, device, reps: int = 20) -> float | None:
@@ -291,20 +307,23 @@ def run_case(c, variants, device, warmup, reps):
 
 
 def _timed_rows(c, variants, device, warmup, reps, err):
-    rows = []
+    fwds, first = [], []
     for variant in variants:
         if variant == "triton":
             fwd = lambda: c["fn"]("triton")  # noqa: E731
         elif variant == "reference eager":
             fwd = c["ref"]
         else:  # reference compiled
-            compiled = torch.compile(c["ref"], dynamic=False)
-            fwd = compiled
+            fwd = torch.compile(c["ref"], dynamic=False)
         t_c = time.perf_counter()
         fwd_bwd(fwd, c["inputs"])  # first call: compile / autotune
-        first_s = time.perf_counter() - t_c
-        t_f = time_ms(fwd, device, warmup, reps)
-        t_fb = time_ms(lambda: fwd_bwd(fwd, c["inputs"]), device, warmup, reps)
+        first.append(time.perf_counter() - t_c)
+        fwds.append(fwd)
+    # each direction timed with the implementations interleaved
+    t_fwd = time_together(fwds, device, warmup, reps)
+    t_fwd_bwd = time_together([lambda fwd=fwd: fwd_bwd(fwd, c["inputs"]) for fwd in fwds], device, warmup, reps)
+    rows = []
+    for variant, fwd, first_s, t_f, t_fb in zip(variants, fwds, first, t_fwd, t_fwd_bwd):
         t_gpu = kernel_ms(lambda: fwd_bwd(fwd, c["inputs"]), device)
         gpu_GBps = (c["fwd_bytes"] + c["bwd_bytes"]) / (t_gpu * 1e-3) / 1e9 if t_gpu else None
         rows.append(dict(kernel=c["name"], shape=c["shape"], impl=variant, fwd_ms=t_f, fwd_bwd_ms=t_fb,
@@ -334,8 +353,9 @@ def markdown(info, rows, args) -> str:
                      + (" eager" if args.no_compile else " eager vs torch.compile")
                      + (" (the triton rows run Triton's CPU interpreter: a smoke run, not a speed)." if interpreted
                         else "."))
-    timing = ("median over triton.testing.do_bench's time-based repetitions (about "
-              f"{max(args.reps, 20) * 5} ms per op, L2 flushed)" if gpu else f"median of {args.reps} reps")
+    timing = ("median of 5 rounds of triton.testing.do_bench (about "
+              f"{max(args.reps, 20) * 5} ms of calls per op in all, L2 flushed)" if gpu else f"median of {args.reps} reps")
+    timing += ", the implementations of an op interleaved round by round"
     lines.append(f"Batch {args.batch}, k={args.k}, dtype {args.dtype}; {timing}; Triton timed without index checks; "
                  "GB/s = bytes the op must move / time (forward, and forward+backward together).")
     lines.append("")
