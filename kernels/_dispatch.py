@@ -194,8 +194,9 @@ def check_index_values(ids: torch.Tensor, upper: int, name: str, distinct: bool 
 
 
 def check_binary_maps(maps: torch.Tensor, name: str = "maps") -> None:
-    """uint8 maps hold only 0 and 1 (the kernels read any nonzero byte as inside the region, the reference
-    takes the value itself as the target). One host sync, skipped with the index checks; bool needs none."""
+    """uint8 maps hold only 0 and 1: both paths take the byte's value itself (a 255 would be a BCE target of 255
+    and a region-token pixel of 254.5), so a 0/255 mask is refused. One host sync, skipped with the index checks;
+    bool needs none."""
     if maps.dtype == torch.bool or is_compiling() or not check_indices_enabled() or maps.numel() == 0:
         return
     top = int(maps.max())

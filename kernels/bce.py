@@ -76,7 +76,7 @@ if HAS_TRITON:
     @triton.jit
     def _bce_kernel(
         z_ptr, src_ptr, ids_ptr, sel_ptr, lid_ptr, mask_ptr, out_ptr, scale_ptr,
-        M, N, K, Wp, bg,
+        M, N, K, Wp, S, bg,
         s0, s1, s2, s3, szm, szj, smb, smn,
         P: tl.constexpr, FROM_LABELS: tl.constexpr, BACKWARD: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr,
@@ -86,7 +86,7 @@ if HAS_TRITON:
         pid = tl.program_id(0)
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
         rmask = rows < M
-        n, base, lid = _patch_rows(rows, rmask, ids_ptr, sel_ptr, lid_ptr, N, K, Wp,
+        n, base, lid = _patch_rows(rows, rmask, ids_ptr, sel_ptr, lid_ptr, N, K, Wp, S,
                                    s0, s1, s2, s3, P, FROM_LABELS)
         b = rows.to(tl.int64) // N // K
         mval = tl.load(mask_ptr + b * smb + n * smn, mask=rmask, other=0.0).to(tl.float32)
@@ -128,7 +128,7 @@ def _launch(logits, src, sel, lid, region_mask, P, bg, backward, scale=None):
     _bce_kernel[grid](
         z, src, ids, sel if sel is not None else ids, lid if lid is not None else ids, region_mask,
         out, scale if scale is not None else region_mask,
-        M, N, K, W // P, float(bg),
+        M, N, K, W // P, src.shape[1], float(bg),
         *src.stride(), z.stride(0), z.stride(1), region_mask.stride(0), region_mask.stride(1),
         P=P, FROM_LABELS=sel is not None, BACKWARD=backward, BLOCK_M=_BLOCK_M,
         BLOCK_J=max(16, next_pow2(P * P)),
@@ -173,9 +173,16 @@ def _validate(logits, B, K, H, W, region_mask, patch_size):
         raise ValueError(f"region_mask must be [B={B}, N={N}], got {tuple(region_mask.shape)}")
 
 
+def _mask_needs_grad(region_mask) -> bool:
+    """The kernels take region_mask as data: a call that wants its gradient runs the reference under impl="auto"
+    and is refused under impl="triton"."""
+    return region_mask.requires_grad and torch.is_grad_enabled()
+
+
 def _check_mask_no_grad(region_mask):
-    if region_mask.requires_grad and torch.is_grad_enabled():
-        raise ValueError("region_mask must not require grad in the Triton path (it is data)")
+    if _mask_needs_grad(region_mask):
+        raise ValueError("region_mask must not require grad in the Triton path (it is data); impl='auto' runs "
+                         "such calls on the reference")
 
 
 def region_bce_loss(logits, maps, region_mask, patch_size, bg_weight: float = 1.0, impl: str = "auto"):
@@ -192,7 +199,7 @@ def region_bce_loss(logits, maps, region_mask, patch_size, bg_weight: float = 1.
     _validate(logits, B, K, H, W, region_mask, patch_size)
     check_same_device(logits=logits, maps=maps, region_mask=region_mask)
     check_binary_maps(maps)
-    if not use_triton(impl, logits, maps, region_mask):
+    if not use_triton(impl, logits, maps, region_mask) or (impl == "auto" and _mask_needs_grad(region_mask)):
         return region_bce_loss_reference(logits, maps, region_mask, patch_size, bg_weight)
     _check_mask_no_grad(region_mask)
     src = maps.view(torch.uint8) if maps.dtype == torch.bool else maps
@@ -213,7 +220,8 @@ def region_bce_loss_from_labels(logits, labels, scale_index, label_id, region_ma
     _validate(logits, B, K, H, W, region_mask, patch_size)
     check_same_device(logits=logits, labels=labels, scale_index=scale_index, label_id=label_id,
                       region_mask=region_mask)
-    if not use_triton(impl, logits, labels, scale_index, label_id, region_mask):
+    if not use_triton(impl, logits, labels, scale_index, label_id, region_mask) or (
+            impl == "auto" and _mask_needs_grad(region_mask)):
         check_index_values(scale_index, S, "scale_index")
         maps = labels_to_maps(labels, scale_index, label_id)
         return region_bce_loss_reference(logits, maps, region_mask, patch_size, bg_weight)

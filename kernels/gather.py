@@ -70,9 +70,12 @@ if HAS_TRITON:
         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CR: tl.constexpr,
     ):
         """out[b, r] = src[b, idx[b, r]] (or 0 where idx < 0), for x (z == 0) and each region (z >= 1)."""
-        b = tl.program_id(0).to(tl.int64)  # the batch in grid axis 0: axes 1 and 2 stop at 65535
-        pid_r = tl.program_id(1)
-        j = tl.program_id(2) + (0 if DO_X else 1)  # 0: image sequence, 1..k: region j-1
+        # (image, row block) flattened into grid axis 0: axes 1 and 2 stop at 65535 (row blocks of one row
+        # reach that from 65536 rows)
+        n_row_blocks = tl.cdiv(R_OUT, BLOCK_R)
+        b = (tl.program_id(0) // n_row_blocks).to(tl.int64)
+        pid_r = tl.program_id(0) % n_row_blocks
+        j = tl.program_id(1) + (0 if DO_X else 1)  # 0: image sequence, 1..k: region j-1
         rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
         rmask = rows < R_OUT
         idx = tl.load(idx_ptr + b * R_OUT + rows, mask=rmask, other=-1)
@@ -128,7 +131,7 @@ def _launch_gather(x, regions, idx, r_out):
     if nz == 0 or B == 0 or r_out == 0:
         return out_x, out_r
     dummy = ref
-    grid = lambda meta: (B, triton.cdiv(r_out, meta["BLOCK_R"]), nz)  # noqa: E731
+    grid = lambda meta: (B * triton.cdiv(r_out, meta["BLOCK_R"]), nz)  # noqa: E731
     _gather_rows_kernel[grid](
         x if do_x else dummy, regions if do_r else dummy, idx,
         out_x if do_x else dummy, out_r if do_r else dummy,

@@ -108,9 +108,11 @@ def region_tokens_from_labels_reference(labels, scale_index, label_id, ids_keep,
 if HAS_TRITON:
 
     @triton.jit
-    def _patch_rows(rows, rmask, ids_ptr, sel_ptr, lid_ptr, L, K, Wp,
+    def _patch_rows(rows, rmask, ids_ptr, sel_ptr, lid_ptr, L, K, Wp, S,
                     s0, s1, s2, s3, P: tl.constexpr, FROM_LABELS: tl.constexpr):
-        """Per row m = ((b*K)+i)*L + l: the patch index n, the pixel base offset of the patch, the label id."""
+        """Per row m = ((b*K)+i)*L + l: the patch index n, the pixel base offset of the patch, the label id.
+        A scale index outside [0, S) (data the index checks no longer look at) makes the region empty
+        (label id -1, plane 0 read) instead of an out-of-bounds read."""
         rows = rows.to(tl.int64)
         bi = rows // L
         l = rows % L
@@ -122,6 +124,9 @@ if HAS_TRITON:
         if FROM_LABELS:
             s = tl.load(sel_ptr + bi, mask=rmask, other=0)
             lid = tl.load(lid_ptr + bi, mask=rmask, other=-1)
+            in_range = (s >= 0) & (s < S)
+            lid = tl.where(in_range, lid, -1)
+            s = tl.where(in_range, s, 0)
             base = b * s0 + s * s1 + (ph * P) * s2 + (pw * P) * s3
         else:
             lid = n  # unused
@@ -154,7 +159,7 @@ if HAS_TRITON:
     @triton.jit
     def _region_tokens_fwd_kernel(
         src_ptr, ids_ptr, sel_ptr, lid_ptr, w_ptr, b_ptr, pos_ptr, out_ptr,
-        M, L, K, Wp, D,
+        M, L, K, Wp, D, S,
         s0, s1, s2, s3, spn, spd,
         P: tl.constexpr, FROM_LABELS: tl.constexpr, DOT_F32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -163,7 +168,7 @@ if HAS_TRITON:
         pid_d = tl.program_id(1)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
         rmask = rows < M
-        n, base, lid = _patch_rows(rows, rmask, ids_ptr, sel_ptr, lid_ptr, L, K, Wp,
+        n, base, lid = _patch_rows(rows, rmask, ids_ptr, sel_ptr, lid_ptr, L, K, Wp, S,
                                    s0, s1, s2, s3, P, FROM_LABELS)
         dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
         dmask = dd < D
@@ -196,7 +201,7 @@ if HAS_TRITON:
     @triton.jit
     def _region_tokens_bwd_kernel(
         src_ptr, ids_ptr, sel_ptr, lid_ptr, g_ptr, gw_part_ptr, gb_part_ptr,
-        M, L, K, Wp, D, SPLIT,
+        M, L, K, Wp, D, SPLIT, S,
         s0, s1, s2, s3, sgm, sgd,
         P: tl.constexpr, FROM_LABELS: tl.constexpr, DOT_F32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -215,7 +220,7 @@ if HAS_TRITON:
         for m0 in range(pid_s * BLOCK_M, M, SPLIT * BLOCK_M):
             rows = m0 + mr
             rmask = rows < M
-            n, base, lid = _patch_rows(rows, rmask, ids_ptr, sel_ptr, lid_ptr, L, K, Wp,
+            n, base, lid = _patch_rows(rows, rmask, ids_ptr, sel_ptr, lid_ptr, L, K, Wp, S,
                                        s0, s1, s2, s3, P, FROM_LABELS)
             a = _patch_tile(src_ptr, base, lid, rmask, kk, s2, s3, P, FROM_LABELS)
             g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * sgm + dd[None, :] * sgd,
@@ -269,7 +274,7 @@ def _launch_fwd(src, ids_keep, sel, lid, weight, bias, pos_embed, P, K, from_lab
     _region_tokens_fwd_kernel[grid](
         src, ids_keep, sel if sel is not None else ids_keep, lid if lid is not None else ids_keep,
         w2, bias.contiguous(), pos_embed, out,
-        M, L, K, W // P, D,
+        M, L, K, W // P, D, src.shape[1],
         *_src_strides(src), pos_embed.stride(1), pos_embed.stride(2),
         P=P, FROM_LABELS=from_labels, DOT_F32=dot_f32, BLOCK_D=BLOCK_D, BLOCK_K=BLOCK_K,
     )
@@ -301,7 +306,7 @@ def _launch_bwd(g, src, ids_keep, sel, lid, P, K, w_dtype, b_dtype, need_w, need
         _region_tokens_bwd_kernel[grid](
             src, ids_keep, sel if sel is not None else ids_keep, lid if lid is not None else ids_keep,
             g2, gw_part, gb_part,
-            M, L, K, W // P, D, split,
+            M, L, K, W // P, D, split, src.shape[1],
             *_src_strides(src), g2.stride(0), g2.stride(1),
             P=P, FROM_LABELS=sel is not None, DOT_F32=dot_f32, BLOCK_D=BLOCK_D, BLOCK_K=BLOCK_K,
         )
@@ -386,7 +391,8 @@ def region_tokens(maps, ids_keep, weight, bias, pos_embed, patch_size, impl: str
     """
     _validate_maps(maps, ids_keep, weight, bias, pos_embed, patch_size)
     check_binary_maps(maps)
-    if not use_triton(impl, maps, ids_keep, weight, bias, pos_embed):
+    if not use_triton(impl, maps, ids_keep, weight, bias, pos_embed) or (
+            impl == "auto" and _pos_needs_grad(pos_embed)):
         _check_values(maps, ids_keep, patch_size, None, None)
         return region_tokens_reference(maps, ids_keep, weight, bias, pos_embed, patch_size)
     _check_pos_no_grad(pos_embed)
@@ -412,9 +418,16 @@ def _region_tokens_triton(weight, bias, src, ids_keep, sel, lid, pos_embed, patc
                                None if lid is None else lid.contiguous(), pos_embed, patch_size, K)
 
 
+def _pos_needs_grad(pos_embed) -> bool:
+    """The kernels treat pos_embed as a fixed table: a call that wants its gradient runs the reference under
+    impl="auto" and is refused under impl="triton"."""
+    return pos_embed.requires_grad and torch.is_grad_enabled()
+
+
 def _check_pos_no_grad(pos_embed):
-    if pos_embed.requires_grad and torch.is_grad_enabled():
-        raise ValueError("pos_embed must not require grad in the Triton path (it is a fixed sin-cos table)")
+    if _pos_needs_grad(pos_embed):
+        raise ValueError("pos_embed must not require grad in the Triton path (it is a fixed sin-cos table); "
+                         "impl='auto' runs such calls on the reference")
 
 
 def region_tokens_from_labels(labels, scale_index, label_id, ids_keep, weight, bias, pos_embed,
@@ -434,7 +447,8 @@ def region_tokens_from_labels(labels, scale_index, label_id, ids_keep, weight, b
     _validate_params(B, H, W, ids_keep, weight, bias, pos_embed, patch_size)
     check_same_device(labels=labels, scale_index=scale_index, label_id=label_id, ids_keep=ids_keep,
                       weight=weight, bias=bias, pos_embed=pos_embed)
-    if not use_triton(impl, labels, scale_index, label_id, ids_keep, weight, bias, pos_embed):
+    if not use_triton(impl, labels, scale_index, label_id, ids_keep, weight, bias, pos_embed) or (
+            impl == "auto" and _pos_needs_grad(pos_embed)):
         _check_values(labels, ids_keep, patch_size, scale_index, label_id)
         return region_tokens_from_labels_reference(labels, scale_index, label_id, ids_keep, weight,
                                                    bias, pos_embed, patch_size)

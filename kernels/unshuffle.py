@@ -60,8 +60,11 @@ if HAS_TRITON:
         sxb, sxn, sxc, smc, sib, sin, spn, spc,
         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
-        b = tl.program_id(0).to(tl.int64)  # the batch in grid axis 0: axis 1 stops at 65535
-        pid_r = tl.program_id(1)
+        # (image, row block) flattened into grid axis 0: axis 1 stops at 65535 (row blocks of one row reach
+        # that from 65535 patches)
+        n_row_blocks = tl.cdiv(NP1, BLOCK_R)
+        b = (tl.program_id(0) // n_row_blocks).to(tl.int64)
+        pid_r = tl.program_id(0) % n_row_blocks
         t = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)  # output row, 0 = cls
         tmask = t < NP1
         is_tok = (t > 0) & tmask
@@ -157,7 +160,7 @@ def _launch_fwd(x, mask_token, ids_restore, pos_embed):
     out = new_empty((B, N + 1, C), x.device, _out_dtype(x, mask_token, pos_embed))
     if B == 0:
         return out
-    grid = lambda meta: (B, triton.cdiv(N + 1, meta["BLOCK_R"]))  # noqa: E731
+    grid = lambda meta: (B * triton.cdiv(N + 1, meta["BLOCK_R"]),)  # noqa: E731
     _unshuffle_fwd_kernel[grid](
         x, mask_token, ids_restore, pos_embed, out,
         N + 1, Lp1 - 1, C,

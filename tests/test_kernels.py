@@ -4,7 +4,8 @@ Tolerances (stated once, used everywhere):
   * pure data movement (gather, scatter, fill) must be bit-exact (torch.equal);
   * fp32 arithmetic: rtol 1e-5, atol 1e-5;
   * bf16: rtol 1e-2, atol 1e-2 relative to the output scale (max |ref|), i.e. ~2-3 bf16 ulps — the
-    Triton path accumulates in fp32 and rounds once, the reference rounds after each op.
+    Triton path accumulates in fp32 and rounds once, the reference rounds after each op;
+  * fp16: rtol 2e-3, atol 2e-3 relative to the output scale, ~2 fp16 ulps, for the same reason.
 Each random input comes from a seeded generator. ``poison_outputs()`` makes every buffer a launcher
 allocates start as NaN, proving every output element (and every partial-sum slot) is written.
 """
@@ -31,9 +32,14 @@ from rmae.kernels import region_embed as _re
 from rmae.kernels import _dispatch as dispatch
 from rmae.kernels._dispatch import poison_outputs
 
-assert os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py must set TRITON_INTERPRET=1"
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("these tests run the kernels through Triton's CPU interpreter: TRITON_INTERPRET=1 (tests/conftest.py "
+                "sets it unless the environment gives another value); tests/test_gpu.py runs them on a GPU",
+                allow_module_level=True)
 
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1e-2, atol=1e-2)}
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1e-2, atol=1e-2),
+       torch.float16: dict(rtol=2e-3, atol=2e-3)}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def close(a, b, dtype):
@@ -112,7 +118,7 @@ def test_auto_picks_triton_under_interpreter_and_reference_without(monkeypatch):
 # ===================================================================================================
 # 1. gather_visible
 # ===================================================================================================
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k,with_regions", [(0, False), (1, True), (3, True)])
 def test_gather_visible_matches_reference(dtype, k, with_regions):
     g = gen(1)
@@ -205,7 +211,7 @@ def test_gather_visible_errors():
 # ===================================================================================================
 # 2. unshuffle_fill
 # ===================================================================================================
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("L,C", [(5, 24), (7, 130)])
 @pytest.mark.parametrize("pos_trainable", [False, True])
 def test_unshuffle_fill_matches_reference(dtype, L, C, pos_trainable):
@@ -340,7 +346,7 @@ def test_unshuffle_fill_errors():
 # ===================================================================================================
 # 3. region_query_pool
 # ===================================================================================================
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k,L,C", [(1, 5, 24), (3, 7, 130)])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_region_query_pool_matches_reference(dtype, k, L, C, with_residual):
@@ -398,7 +404,7 @@ def region_params(D, P, Hp, Wp, g, dtype=torch.float32):
     return w, b, pos
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k,L,D,P,Hp,Wp,map_dtype", [
     (1, 5, 24, 4, 4, 4, torch.uint8),
     (3, 7, 40, 4, 4, 5, torch.bool),
@@ -573,7 +579,7 @@ def test_turning_index_checks_off_keeps_compiled_code():
 from rmae.kernels import region_bce_loss, region_bce_loss_from_labels, region_bce_loss_reference  # noqa: E402
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k,P,Hp,Wp,bg", [(1, 4, 4, 4, 1.0), (3, 4, 4, 5, 0.3), (2, 3, 3, 4, 2.0)])
 def test_region_bce_loss_matches_reference(dtype, k, P, Hp, Wp, bg):
     g = gen(50)
@@ -618,6 +624,70 @@ def test_region_bce_loss_from_labels_matches_maps():
     (gt,) = torch.autograd.grad(out, [logits])
     (gr,) = torch.autograd.grad(ref, [logits])
     torch.testing.assert_close(gt, gr, rtol=1e-5, atol=1e-5 * gr.abs().max().item())
+
+
+def test_unchecked_scale_index_out_of_range_reads_an_empty_region():
+    """With the index checks off (rmae.train after its first update) a scale index outside [0, S) from the data
+    makes its region empty on the Triton paths (no out-of-bounds read): the result equals the reference's with
+    label_id -1 there. With the checks on it is an IndexError."""
+    g = gen(53)
+    B, S, k, L, D, P, Hp, Wp = 2, 2, 3, 5, 24, 4, 3, 4
+    N = Hp * Wp
+    labels = torch.randint(0, 4, (B, S, Hp * P, Wp * P), generator=g).to(torch.int16)
+    scale_index = torch.tensor([[0, 2, 1], [-1, 1, 5]])
+    label_id = torch.randint(0, 4, (B, k), generator=g)
+    outside = (scale_index < 0) | (scale_index >= S)
+    as_empty = (torch.where(outside, 0, scale_index), torch.where(outside, -1, label_id))
+    ids, _ = mask_ids(B, N, L, g)
+    w, b, pos = region_params(D, P, Hp, Wp, g)
+    logits, mask = randn((B, k, N, P * P), g, grad=True), (torch.rand((B, N), generator=g) < 0.7).float()
+    with pytest.raises(IndexError, match="scale_index out of range"):
+        region_tokens_from_labels(labels, scale_index, label_id, ids, w, b, pos, P, impl="triton")
+    with pytest.raises(IndexError, match="scale_index out of range"):
+        region_bce_loss_from_labels(logits, labels, scale_index, label_id, mask, P, impl="triton")
+    dispatch.set_index_checks(False)
+    try:
+        tokens = region_tokens_from_labels(labels, scale_index, label_id, ids, w, b, pos, P, impl="triton")
+        loss = region_bce_loss_from_labels(logits, labels, scale_index, label_id, mask, P, impl="triton")
+    finally:
+        dispatch.set_index_checks(None)
+    close(tokens, region_tokens_from_labels_reference(labels, *as_empty, ids, w, b, pos, P), torch.float32)
+    close(loss, region_bce_loss_reference(logits, labels_to_maps(labels, *as_empty), mask, P), torch.float32)
+    (grad_w,) = torch.autograd.grad((tokens * tokens).sum(), [w])
+    (grad_w_ref,) = torch.autograd.grad(
+        (region_tokens_from_labels_reference(labels, *as_empty, ids, w, b, pos, P) ** 2).sum(), [w])
+    close(grad_w, grad_w_ref, torch.float32)
+
+
+def test_auto_runs_calls_that_want_a_fixed_tables_gradient_on_the_reference():
+    """pos_embed (region tokens) and region_mask (region loss) are fixed inputs for the kernels: impl="auto" runs a
+    call that wants their gradient (a model.requires_grad_(True), say) on the reference, as it would on a CPU;
+    impl="triton" refuses it."""
+    g = gen(54)
+    B, k, L, D, P, Hp, Wp = 2, 2, 4, 16, 4, 3, 3
+    N = Hp * Wp
+    maps = (torch.rand((B, k, Hp * P, Wp * P), generator=g) < 0.5).to(torch.uint8)
+    ids, _ = mask_ids(B, N, L, g)
+    w, b, pos = region_params(D, P, Hp, Wp, g)
+    pos.requires_grad_(True)
+    assert use_triton("auto", maps, ids, w, b, pos)  # the interpreter: the kernels unless the gradient is wanted
+    out = region_tokens(maps, ids, w, b, pos, P, impl="auto")
+    assert backward_name(out) != "_RegionTokensBackward"
+    (grad_pos,) = torch.autograd.grad(out.sum(), [pos])
+    close(grad_pos, torch.autograd.grad(region_tokens_reference(maps, ids, w, b, pos, P).sum(), [pos])[0],
+          torch.float32)
+    with pytest.raises(ValueError, match="pos_embed must not require grad in the Triton path"):
+        region_tokens(maps, ids, w, b, pos, P, impl="triton")
+    with torch.no_grad():  # no gradient wanted: the kernels
+        assert torch.equal(region_tokens(maps, ids, w, b, pos, P, impl="auto"),
+                           region_tokens(maps, ids, w, b, pos.detach(), P, impl="triton"))
+    logits = randn((B, k, N, P * P), g, grad=True)
+    mask = (torch.rand((B, N), generator=g) < 0.7).float().requires_grad_(True)
+    loss = region_bce_loss(logits, maps, mask, P, impl="auto")
+    assert backward_name(loss) != "_RegionBCEBackward"
+    assert torch.autograd.grad(loss, [mask])[0].shape == (B, N)
+    with pytest.raises(ValueError, match="region_mask must not require grad in the Triton path"):
+        region_bce_loss(logits, maps, mask, P, impl="triton")
 
 
 def test_region_bce_loss_errors():
@@ -702,8 +772,8 @@ def test_second_derivatives_through_the_triton_paths_raise():
 
 
 def test_maps_must_be_binary():
-    """uint8 maps hold 0 and 1: a 0/255 mask is refused on both paths (the kernels read any nonzero byte as 1,
-    the reference the byte's value), unless the index checks are off; bool maps need no check."""
+    """uint8 maps hold 0 and 1: a 0/255 mask is refused on both paths (both take the byte's value as it is),
+    unless the index checks are off; bool maps need no check."""
     g = gen(71)
     B, k, L, D, P, Hp, Wp = 2, 2, 3, 8, 2, 2, 3
     N = Hp * Wp
@@ -719,8 +789,11 @@ def test_maps_must_be_binary():
         region_tokens(maps != 0, ids, w, b, pos, P, impl=impl)
         region_bce_loss(logits, (maps != 0).to(torch.uint8), mask, P, impl=impl)
     dispatch.set_index_checks(False)
-    try:
-        region_bce_loss(logits, maps, mask, P, impl="triton")  # unchecked: no host sync
+    try:  # unchecked (no host sync): the kernels take the values as the reference does
+        torch.testing.assert_close(region_bce_loss(logits, maps, mask, P, impl="triton"),
+                                   region_bce_loss_reference(logits, maps, mask, P))
+        close(region_tokens(maps, ids, w, b, pos, P, impl="triton"), region_tokens_reference(maps, ids, w, b, pos, P),
+              torch.float32)
     finally:
         dispatch.set_index_checks(None)
 

@@ -41,6 +41,10 @@ def _main(case):  # pragma: no cover - runs in the subprocess
 
     PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.uint8: "*u8",
            torch.int16: "*i16", torch.int32: "*i32", torch.int64: "*i64"}
+    if hasattr(torch, "uint16"):
+        PTR[torch.uint16] = "*u16"
+    # the label dtypes the labels kernels take, one per activation dtype below (uint16: masks loaded as such)
+    LABELS = [torch.int16, getattr(torch, "uint16", torch.int32), torch.int32]
     TARGET = GPUTarget("cuda", 90, 32)  # H100 / H200
     count = [0]
 
@@ -55,6 +59,7 @@ def _main(case):  # pragma: no cover - runs in the subprocess
                     kw = dict(kwargs, **cfg.kwargs)
                     g = grid(kw) if callable(grid) else grid
                     assert all(int(x) >= 1 for x in g), g
+                    assert all(int(x) <= 65535 for x in g[1:]), f"grid axes 1 and 2 stop at 65535: {g}"
                     sig, consts = {}, {}
                     names = self.fn.arg_names
                     vals = dict(zip(names, args), **kw)
@@ -89,7 +94,7 @@ def _main(case):  # pragma: no cover - runs in the subprocess
     g = torch.Generator().manual_seed(0)
     B, N, L, C, k, Cr = 2, 196, 49, 768, 3, 128
     ids = torch.rand(B, N, generator=g).argsort(1)
-    for dt in (torch.float32, torch.bfloat16):
+    for dt, label_dtype in zip((torch.float32, torch.bfloat16, torch.float16), LABELS):
         if case == "gather":
             x = torch.randn(B, N, C).to(dt)
             r = torch.randn(B, k, N, Cr).to(dt)
@@ -123,7 +128,7 @@ def _main(case):  # pragma: no cover - runs in the subprocess
                 src = torch.randint(0, 2, (B, k, H, H), dtype=torch.uint8)
                 sel = lid = None
             else:
-                src = torch.randint(0, 9, (B, 3, H, H)).to(torch.int16)
+                src = torch.randint(0, 9, (B, 3, H, H)).to(label_dtype)
                 sel = torch.randint(0, 3, (B, k))
                 lid = torch.randint(-1, 9, (B, k))
             region_embed._launch_fwd(src, keep, sel, lid, w, b, pos, P, k, sel is not None)
@@ -133,7 +138,7 @@ def _main(case):  # pragma: no cover - runs in the subprocess
             P, H = 16, 224
             z = torch.randn(B, k, N, P * P).to(dt)
             maps = torch.randint(0, 2, (B, k, H, H), dtype=torch.uint8)
-            labels = torch.randint(0, 9, (B, 3, H, H)).to(torch.int32)
+            labels = torch.randint(0, 9, (B, 3, H, H)).to(label_dtype)
             sel = torch.randint(0, 3, (B, k))
             lid = torch.randint(-1, 9, (B, k))
             mask = torch.ones(B, N)
@@ -141,6 +146,16 @@ def _main(case):  # pragma: no cover - runs in the subprocess
             for src, s_, l_ in ((maps, None, None), (labels, sel, lid)):
                 bce._launch(z, src, s_, l_, mask, P, 0.5, backward=False)
                 bce._launch(z, src, s_, l_, mask, P, 0.5, backward=True, scale=scale)
+    if case in ("gather", "unshuffle"):  # 70,000 patches (a 4232 px image): the grid stays within CUDA's limits
+        big_n, small_c = 70_000, 8
+        keep = torch.arange(big_n).expand(1, big_n).contiguous()
+        if case == "gather":
+            gather._launch_gather(torch.randn(1, big_n, small_c), None, keep, big_n)
+        else:
+            unshuffle._launch_fwd(torch.randn(1, big_n + 1, small_c), torch.randn(1, 1, small_c), keep,
+                                  torch.randn(1, big_n + 1, small_c))
+            unshuffle._launch_bwd(torch.randn(1, big_n + 1, small_c), keep, big_n, torch.float32, torch.float32,
+                                  torch.float32, True, True, True)
     print(f"compiled {count[0]} kernel variants for sm_90")
 
 
