@@ -519,9 +519,8 @@ def test_shipped_includes_ignore_the_current_directory(tmp_path, monkeypatch):
 @pytest.mark.parametrize("override", ["includes=[MAE/base_mae.yaml]", "config=MAE/COCO/mae_4000eps.yaml",
                                       "+includes=[base.yaml]"])
 def test_includes_and_config_refused_on_the_command_line(override):
-    with pytest.raises(ConfigError, match="use|--config FILE") as e:
+    with pytest.raises(ConfigError, match="cannot be set on the command line; give the config file with --config FILE"):
         load_config(None, [override])
-    assert "--config" in str(e.value)
 
 
 @pytest.mark.parametrize("device, ok", [(None, True), ("cpu", True), ("cuda", True), ("cuda:1", True),

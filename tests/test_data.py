@@ -114,12 +114,41 @@ def test_nearest_indices_match_pillow_and_torch():
         assert np.array_equal(nearest_indices(start, length, size, "floor"), torch_idx)
 
 
+class ScriptedRng:
+    """Stands in for np.random.Generator: uniform(lo, hi) = lo + u·(hi − lo) and integers(lo, hi) = lo + ⌊v·(hi − lo)⌋
+    for the scripted fractions u, v in call order."""
+
+    def __init__(self, *fractions):
+        self.fractions = list(fractions)
+
+    def uniform(self, low, high):
+        return low + self.fractions.pop(0) * (high - low)
+
+    def integers(self, low, high):
+        return low + int(self.fractions.pop(0) * (high - low))
+
+
 def test_random_resized_crop_params_follow_torchvision():
+    """torchvision's RandomResizedCrop.get_params (scale 0.2-1, log-uniform ratio 3/4-4/3, 10 tries, centre crop),
+    worked out by hand for scripted draws on a 400x600 (H x W) image (area 240,000)."""
+    # area fraction 0.2 + 0.5·0.8 = 0.6 → 144,000 px; log-ratio halfway between log(3/4) and log(4/3) → ratio 1:
+    # w = h = round(√144000 = 379.47) = 379; top = ⌊0.5·(400 − 379 + 1)⌋ = 11, left = ⌊0.5·(600 − 379 + 1)⌋ = 111
+    assert random_resized_crop_params(ScriptedRng(0.5, 0.5, 0.5, 0.5), 400, 600) == (11, 111, 379, 379)
+    # log-ratio at the top → ratio 4/3 (w/h): w = round(√192000 = 438.18) = 438, h = round(√108000 = 328.63) = 329
+    assert random_resized_crop_params(ScriptedRng(0.5, 1.0, 0.0, 0.0), 400, 600) == (0, 0, 329, 438)
+    # a quarter of the log range → ratio (3/4)^½ (a uniform ratio would give 0.896): h = round(√(144000 / 0.8660)
+    # = 407.78) = 408 > 400, so a second try: area fraction 0.2 + 0.25·0.8 = 0.4 → 96,000 px, ratio 1:
+    # w = h = round(309.84) = 310, top = ⌊0.9·91⌋ = 81, left = ⌊0.1·291⌋ = 29
+    assert random_resized_crop_params(ScriptedRng(0.5, 0.25, 0.25, 0.5, 0.9, 0.1), 400, 600) == (81, 29, 310, 310)
     rng = np.random.default_rng(1)
     for _ in range(500):
         height, width = int(rng.integers(20, 800)), int(rng.integers(20, 800))
         i, j, h, w = random_resized_crop_params(rng, height, width)
         assert 0 < h <= height and 0 < w <= width and 0 <= i <= height - h and 0 <= j <= width - w
+        # an image of a ratio outside 3/4-4/3 may end in the centre crop, and rounding to whole pixels moves small
+        # crops' area and ratio; elsewhere the crop keeps to the ranges
+        if min(h, w) >= 100 and 0.75 <= width / height <= 4 / 3:
+            assert 0.19 <= h * w / (height * width) <= 1 and 0.74 <= w / h <= 1.35
     # Impossible aspect ratios exhaust the 10 tries and fall back to torchvision's centre crop.
     assert random_resized_crop_params(rng, 10, 1000) == (0, (1000 - 13) // 2, 10, 13)
     assert random_resized_crop_params(rng, 1000, 10) == ((1000 - 13) // 2, 0, 13, 10)
@@ -376,6 +405,9 @@ def test_in_memory_labels_follow_each_datasets_recipe():
     imagenet_scales = RegionDataset(images, "offline", img_size=32, fh=IMAGENET_FH)
     assert coco_scales[(0, 0)]["region_labels"].shape[0] == 3
     assert imagenet_scales[(0, 0)]["region_labels"].shape[0] == 1
+    for dataset, fh in ((coco_scales, COCO_FH), (imagenet_scales, IMAGENET_FH)):  # each its recipe's FH labels
+        for array, labels in zip(images.arrays, dataset._memory_labels):
+            np.testing.assert_array_equal(labels, felzenszwalb_multi(array, fh.scales, fh.sigma, fh.min_sizes))
     assert RegionDataset(images, "offline", img_size=32)._memory_labels is images.labels  # computed once
 
 

@@ -582,7 +582,7 @@ def test_numpy_float32_and_float16_sigmas_match_scikit_image(name, size, scale, 
     "magnitude, scales",
     [(1e-50, [0, 1e-48]), (1e40, [100]), (1e-40, [0, 1e-38, 1e-37]), (1e-300, [0])],
 )
-def test_costs_outside_float32_range_sort_in_n_log_n_and_match(magnitude, scales):
+def test_costs_outside_float32_range_sort_and_match(magnitude, scales):
     """Edge costs below or above float32's range all round to one float32 sort key (0 or inf), so the
     edges fall in one bucket that only the exact costs order; costs near 1e-40 are float32 subnormals,
     whose keys are coarse. This once ran an insertion sort over the whole bucket: quadratic, about 15 s

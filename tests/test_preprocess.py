@@ -225,7 +225,9 @@ def test_mask_files_round_trip_uint16_and_read_the_original_format(tmp_path):
     loaded = load_labels(tmp_path / "a" / "x.npy.zst")
     assert loaded.dtype == np.uint16
     np.testing.assert_array_equal(loaded, labels)
-    assert oct(os.stat(tmp_path / "a" / "x.npy.zst").st_mode & 0o777) != oct(0o600)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(tmp_path / "a" / "x.npy.zst").st_mode & 0o777 == 0o666 & ~umask  # as open() would make it
     original = (labels % 256).astype(np.uint8)  # the original's uint8 .npy (wrapped labels)
     np.save(tmp_path / "a" / "y.npy", original)
     np.testing.assert_array_equal(load_labels(tmp_path / "a" / "y.npy"), original)
@@ -468,6 +470,7 @@ def test_masks_without_a_recipe_record_of_another_scale_count_are_refused(tmp_pa
         (tmp_path / copy).mkdir()
     for mask in (tmp_path / "one").glob("*.npy.zst"):
         (tmp_path / "copy" / mask.name).write_bytes(mask.read_bytes())
+        (tmp_path / "copy3" / mask.name).write_bytes(mask.read_bytes())
     capsys.readouterr()
     assert main(["--images", str(tmp_path / "images"), "--out", str(tmp_path / "copy")]) == 2
     assert re.search(r"copy holds masks but no record of their FH recipe \(fh_params\.json\), and \S*\.npy\.zst has 1 "
@@ -475,7 +478,10 @@ def test_masks_without_a_recipe_record_of_another_scale_count_are_refused(tmp_pa
     assert not (tmp_path / "copy" / "fh_params.json").exists()
     assert main(["--images", str(tmp_path / "images"), "--out", str(tmp_path / "copy"), "--scales", "700"]) == 0
     assert "note: " in capsys.readouterr().err and load_labels(tmp_path / "copy" / "a.npy.zst").shape[0] == 1
+    # --overwrite recomputes such masks: the 1-scale copies become the 3-scale recipe's, which is then recorded
     assert main(["--images", str(tmp_path / "images"), "--out", str(tmp_path / "copy3"), "--overwrite"]) == 0
+    assert all(load_labels(tmp_path / "copy3" / f"{name}.npy.zst").shape[0] == 3 for name in ("a", "b"))
+    assert json.loads((tmp_path / "copy3" / "fh_params.json").read_text())["scales"] == [500.0, 1000.0, 1500.0]
 
 
 def test_killed_overwrite_is_resumed_and_its_old_masks_never_count_as_done(tmp_path, monkeypatch, capsys):
