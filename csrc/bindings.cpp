@@ -203,19 +203,22 @@ py::array_t<int32_t> segment_in_order(int64_t height, int64_t width, const py::a
     {
         py::gil_scoped_release release;
         std::vector<fh::SortedEdge> items(n_edges);
-        std::vector<uint8_t> seen(n_edges, 0);  // each edge exactly once: the passes trust the codes
-        const int64_t per_row[4] = {width - 1, width, width - 1, width - 1};
-        const int64_t first_x[4] = {0, 0, 0, 1};
-        const int64_t first_of_type[4] = {0, height * (width - 1), height * (width - 1) + (height - 1) * width,
-                                          height * (width - 1) + (height - 1) * width + (height - 1) * (width - 1)};
+        // Each edge of the image exactly once (the passes trust the codes): slot type * H * W + p of every
+        // code fh::edge_codes lists is marked 1, and 2 once given.
+        const int64_t n_pixels = height * width;
+        std::vector<uint8_t> state(4 * n_pixels, 0);
+        {
+            std::vector<uint32_t> image_codes(n_edges);
+            fh::edge_codes(height, width, image_codes.data());
+            for (const uint32_t c : image_codes) state[(c >> 30) * n_pixels + (c & fh::kPixelMask)] = 1;
+        }
         for (int64_t i = 0; i < n_edges; ++i) {
-            const uint32_t type = code[i] >> 30;
-            const int64_t p = code[i] & ((uint32_t(1) << 30) - 1), y = p / width, x = p % width;
-            const int64_t rows = type == 0 ? height : height - 1;
-            if (y >= rows || x < first_x[type] || x >= first_x[type] + per_row[type])
+            const int64_t p = code[i] & fh::kPixelMask;
+            uint8_t* given = p < n_pixels ? &state[(code[i] >> 30) * n_pixels + p] : nullptr;
+            if (given == nullptr || *given == 0)
                 throw std::invalid_argument("edge code " + std::to_string(code[i]) + " is not an edge of the image");
-            const int64_t e = first_of_type[type] + y * per_row[type] + x - first_x[type];
-            if (seen[e]++) throw std::invalid_argument("edge code " + std::to_string(code[i]) + " given twice");
+            if (*given == 2) throw std::invalid_argument("edge code " + std::to_string(code[i]) + " given twice");
+            *given = 2;
             const float key = static_cast<float>(cost[i]);
             items[i].cost = cost[i];
             std::memcpy(&items[i].key, &key, sizeof key);

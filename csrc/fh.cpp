@@ -216,8 +216,6 @@ FH_MULTIVERSION void finish_cost_row(const double* __restrict squares, double* _
     }
 }
 
-constexpr uint32_t kPixelMask = (uint32_t(1) << 30) - 1;
-
 // The two pixels of the edge with code type << 30 | p: p and p + offset[type].
 struct EdgeEnds {
     int32_t a, b;

@@ -44,6 +44,8 @@ struct FloatImage {
 
 // Largest number of pixels an image may have (edge codes keep the pixel index in 30 bits).
 constexpr int64_t kMaxPixels = int64_t(1) << 30;
+// An edge code's pixel bits (code = type << 30 | p).
+constexpr uint32_t kPixelMask = (uint32_t(1) << 30) - 1;
 
 // uint8 [H, W, C] channels last -> planes in [0, 1], exactly as skimage.img_as_float64.
 FloatImage from_uint8(const uint8_t* src, int64_t height, int64_t width, int64_t channels);

@@ -146,10 +146,13 @@ def test_edges_in_a_given_order_are_checked():
     duplicated[1] = duplicated[0]
     with pytest.raises(ValueError, match="given twice"):
         _fh.segment_in_order(5, 4, costs, duplicated, [100.0], [3])
-    outside = codes.copy()
-    outside[outside >> 30 == 3] = (3 << 30) | 4  # up-right edges start at x >= 1; pixel 4 is (1, 0)
-    with pytest.raises(ValueError, match="is not an edge of the image"):
-        _fh.segment_in_order(5, 4, costs, outside, [100.0], [3])
+    # up-right edges start at x >= 1 (pixel 4 is (1, 0)); right edges end before the last column (pixel 3 is
+    # (0, 3)); down edges before the last row (pixel 16 is (4, 0)); pixel 20 is outside the 5x4 image
+    for edge_type, pixel in ((3, 4), (0, 3), (1, 16), (2, 16), (0, 20), (1, (1 << 30) - 1)):
+        outside = codes.copy()
+        outside[outside >> 30 == edge_type] = (edge_type << 30) | pixel
+        with pytest.raises(ValueError, match="is not an edge of the image"):
+            _fh.segment_in_order(5, 4, costs, outside, [100.0], [3])
     with pytest.raises(ValueError, match="expected 55 costs and codes"):
         _fh.segment_in_order(5, 4, costs[1:], codes[1:], [100.0], [3])
 
