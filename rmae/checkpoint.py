@@ -30,7 +30,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from rmae import distributed as rdist
@@ -469,7 +468,7 @@ def read_on_all_ranks(path: str | os.PathLike, what: str = "checkpoint") -> dict
                               f"{', '.join(blind)}: every rank reads it, so the run folder (training.save_dir, "
                               "as an absolute path) must be on a file system that all nodes share")
     # the checksums by rank 0 alone (one read of a file of several GB, not one per rank), then every rank loads it
-    rdist.from_main_rank(lambda: check_checksums(path), not dist.is_initialized() or dist.get_rank() == 0)
+    rdist.from_main_rank(lambda: check_checksums(path), rdist.is_main_rank())
     return rdist.on_every_rank(lambda: read_checkpoint(path, checksums=False))
 
 

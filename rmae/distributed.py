@@ -340,6 +340,11 @@ def exit_rank(status: int) -> NoReturn:
 # ------------------------------------------------------------------------------------------------------------
 # Collectives that are no-ops on one process
 # ------------------------------------------------------------------------------------------------------------
+def is_main_rank() -> bool:
+    """Whether this process is rank 0 (or the only process)."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
