@@ -202,7 +202,6 @@ py::array_t<int32_t> segment_in_order(int64_t height, int64_t width, const py::a
     const uint32_t* code = codes.data();
     {
         py::gil_scoped_release release;
-        std::vector<fh::SortedEdge> items(n_edges);
         // Each edge of the image exactly once (the passes trust the codes): slot type * H * W + p of every
         // code fh::edge_codes lists is marked 1, and 2 once given.
         const int64_t n_pixels = height * width;
@@ -212,6 +211,7 @@ py::array_t<int32_t> segment_in_order(int64_t height, int64_t width, const py::a
             fh::edge_codes(height, width, image_codes.data());
             for (const uint32_t c : image_codes) state[(c >> 30) * n_pixels + (c & fh::kPixelMask)] = 1;
         }
+        std::vector<fh::SortedEdge> items(n_edges);  // (after the codes' table is gone: a lower peak)
         for (int64_t i = 0; i < n_edges; ++i) {
             const int64_t p = code[i] & fh::kPixelMask;
             uint8_t* given = p < n_pixels ? &state[(code[i] >> 30) * n_pixels + p] : nullptr;

@@ -57,7 +57,7 @@ def region_bce_loss_reference(logits, maps, region_mask, patch_size, bg_weight=1
     target = patchify_maps(maps, patch_size).to(dtype)
     loss = F.binary_cross_entropy_with_logits(logits.to(dtype), target, reduction="none")
     if bg_weight != 1.0:
-        loss = loss * torch.where(target == 0, bg_weight, target)
+        loss = loss * torch.where(target == 0, bg_weight, torch.ones_like(target))  # background weighted, region 1
     loss = loss.mean(dim=-1).mean(dim=1)
     return (loss * region_mask).sum() / region_mask.sum()
 

@@ -790,8 +790,9 @@ def test_maps_must_be_binary():
         region_bce_loss(logits, (maps != 0).to(torch.uint8), mask, P, impl=impl)
     dispatch.set_index_checks(False)
     try:  # unchecked (no host sync): the kernels take the values as the reference does
-        torch.testing.assert_close(region_bce_loss(logits, maps, mask, P, impl="triton"),
-                                   region_bce_loss_reference(logits, maps, mask, P))
+        for bg_weight in (1.0, 0.5):
+            torch.testing.assert_close(region_bce_loss(logits, maps, mask, P, bg_weight, impl="triton"),
+                                       region_bce_loss_reference(logits, maps, mask, P, bg_weight))
         close(region_tokens(maps, ids, w, b, pos, P, impl="triton"), region_tokens_reference(maps, ids, w, b, pos, P),
               torch.float32)
     finally:
