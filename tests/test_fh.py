@@ -114,8 +114,17 @@ def test_numpy_tie_order_is_stock_scikit_image_on_this_machine():
         assert labels.shape == (2,) + image.shape[:2]
         assert all(same_partition(labels[s], stock_reference(image, scale, 0.8, size))
                    for s, (scale, size) in enumerate([(100, 20), (500, 50)]))
-    # where numpy's sort is not stable on ties (any x86-64 numpy 2), the stable default differs from stock
-    # scikit-image on some of these: the cases test what they are meant to
+    # the images are tie-heavy: many edges share their exact cost with another (machine-independent); where
+    # numpy's sort is not stable on ties (any x86-64 numpy 2), the stable default then differs from stock
+    # scikit-image on some of them (5 here), which depends on the machine's numpy and is only printed
+    tie_heavy = {0: 0, 0.8: 0}  # images where a tenth of the edges or more share their cost with another
+    for image in images:
+        planes = (image if image.ndim == 3 else image[..., None]).astype(np.float64) / 255
+        for sigma in tie_heavy:
+            costs, _ = scikit_image_edge_order(ndi.gaussian_filter(planes, sigma=(sigma, sigma, 0)))
+            tie_heavy[sigma] += len(costs) - len(np.unique(costs)) >= len(costs) // 10
+    # all at sigma 0; at sigma 0.8 those of blocks over about 4 px (smoothing mixes smaller ones)
+    assert tie_heavy[0] == len(images) and tie_heavy[0.8] >= len(images) // 2, tie_heavy
     print(f"{decided_by_ties} segmentations decided by the tie order")
 
 
