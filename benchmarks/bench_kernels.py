@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from rmae import kernels
-from common import cpu_model, write_report
+from common import cpu_model, round_robin, write_report
 from rmae.cores import usable_cores
 
 # peak DRAM bandwidth, TB/s, by a substring of torch.cuda.get_device_name()
@@ -103,13 +103,7 @@ def time_together(fns: list, device, warmup: int, reps: int, rounds: int = 5) ->
     for fn in fns:
         for _ in range(warmup):
             fn()
-    times = [[] for _ in fns]
-    for _ in range(reps):
-        for fn, timed in zip(fns, times):
-            t0 = time.perf_counter()
-            fn()
-            timed.append((time.perf_counter() - t0) * 1e3)
-    return [statistics.median(timed) for timed in times]
+    return [statistics.median(timed) * 1e3 for timed in round_robin(fns, reps)]
 
 
 def kernel_ms(fn, device, reps: int = 20) -> float | None:

@@ -18,13 +18,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 import torch
 
 from rmae.models import RegionLabels, build_model
 from rmae import kernels
-from common import machine, write_report
+from common import machine, round_robin, write_report
 
 
 def make_inputs(batch, img, k, device, regions_as, seed=0):
@@ -121,14 +120,7 @@ def main(argv=None):
         for _ in range(args.warmup):
             rows[name]()
     sync(device)
-    times = {n: [] for n in names}
-    for _ in range(args.steps):  # round-robin
-        for name in names:
-            sync(device)
-            t0 = time.perf_counter()
-            rows[name]()
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
+    times = dict(zip(names, round_robin([rows[name] for name in names], args.steps, lambda: sync(device))))
     kernels.set_index_checks(None)
     med = {n: statistics.median(v) for n, v in times.items()}
     best = {n: min(v) for n, v in times.items()}

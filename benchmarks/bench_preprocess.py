@@ -23,7 +23,7 @@ from PIL import Image
 from skimage.segmentation import felzenszwalb as skimage_felzenszwalb
 
 from rmae.recipes import COCO_FH
-from common import machine, photo_640x480, write_report
+from common import machine, photo_640x480, round_robin, write_report
 
 COCO_IMAGES = 118_287 + 123_403  # train2017 + unlabeled2017
 
@@ -50,8 +50,7 @@ def per_image_seconds(images: Path, count: int, repeats: int, scratch: Path) -> 
     one warm-up call): scikit-image's three FH calls (the original's work), rmae's FH alone (one call for the
     three scales), and rmae's whole per-image work in the CLI (decode, FH, atomic uint16 zstd write)."""
     from rmae import fh
-    from rmae.image_io import load_rgb
-    from rmae.masks import save_labels
+    from rmae.preprocess import _segment_one
 
     def skimage_fh(rgb):
         for scale, min_size in zip(COCO_FH.scales, COCO_FH.min_sizes):
@@ -60,9 +59,8 @@ def per_image_seconds(images: Path, count: int, repeats: int, scratch: Path) -> 
     def rmae_fh(rgb):
         fh.felzenszwalb_multi(rgb, COCO_FH.scales, COCO_FH.sigma, COCO_FH.min_sizes)
 
-    def rmae_pipeline(path):
-        labels = fh.felzenszwalb_multi(load_rgb(path), COCO_FH.scales, COCO_FH.sigma, COCO_FH.min_sizes)
-        save_labels(scratch / (path.stem + ".npy.zst"), labels)
+    def rmae_pipeline(path):  # what each of the CLI's workers runs per image
+        _segment_one(path, scratch / (path.stem + ".npy.zst"), COCO_FH)
 
     totals = {"skimage FH": 0.0, "rmae FH": 0.0, "rmae decode + FH + write": 0.0}
     timed = sorted(images.iterdir())[:count]
@@ -70,15 +68,9 @@ def per_image_seconds(images: Path, count: int, repeats: int, scratch: Path) -> 
         rgb = np.asarray(Image.open(path).convert("RGB"))
         calls = {"skimage FH": lambda: skimage_fh(rgb), "rmae FH": lambda: rmae_fh(rgb),
                  "rmae decode + FH + write": lambda: rmae_pipeline(path)}
-        best = dict.fromkeys(calls, float("inf"))
         rmae_fh(rgb), rmae_pipeline(path)  # warm-up: the threads' scratch space, the encoder
-        for _ in range(repeats):
-            for name, call in calls.items():
-                start = time.perf_counter()
-                call()
-                best[name] = min(best[name], time.perf_counter() - start)
-        for name in totals:
-            totals[name] += best[name]
+        for name, seconds in zip(calls, round_robin(list(calls.values()), repeats)):
+            totals[name] += min(seconds)
     return {name: total / len(timed) for name, total in totals.items()}
 
 

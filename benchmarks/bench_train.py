@@ -27,7 +27,7 @@ import torch
 
 from rmae import kernels
 from rmae.models import RegionLabels, build_model
-from common import machine as describe_machine, write_report
+from common import machine as describe_machine, round_robin, write_report
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -156,14 +156,7 @@ def bench_together(configs: list[Config], steps: int, warmup: int) -> list[dict]
         warm.append(time.perf_counter() - t0)
         if device.type == "cuda":
             peak.append((torch.cuda.max_memory_allocated(device) - others) / 2**30)
-    times = [[] for _ in configs]
-    for _ in range(steps):
-        for config, timed in zip(configs, times):
-            sync()
-            t = time.perf_counter()
-            config.step()
-            sync()
-            timed.append(time.perf_counter() - t)
+    times = round_robin([config.step for config in configs], steps, sync)
     kernels.set_index_checks(None)
     rows = []
     for i, config in enumerate(configs):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 
 from rmae.cores import usable_cores
 
@@ -30,6 +31,23 @@ def machine() -> str:
     if torch.cuda.is_available():
         description += f", {torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
     return description
+
+
+def round_robin(fns: list, calls: int, sync=None) -> list[list[float]]:
+    """Seconds of each of ``calls`` calls of every function in ``fns``, called in turn (one call of each per round),
+    so that the machine's drift and other jobs touch all of them alike; ``sync`` (a CUDA synchronize) runs before
+    and after each call. Warm-ups are the caller's."""
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(calls):
+        for fn, timed in zip(fns, times):
+            if sync is not None:
+                sync()
+            start = time.perf_counter()
+            fn()
+            if sync is not None:
+                sync()
+            timed.append(time.perf_counter() - start)
+    return times
 
 
 def provenance() -> dict:
