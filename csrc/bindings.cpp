@@ -6,7 +6,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstring>
 #include <exception>
 #include <new>
 #include <stdexcept>
@@ -164,7 +163,7 @@ py::tuple sorted_edges(const py::array& image) {
 
 py::tuple edge_costs(const py::array& image, const std::vector<double>& weights) {
     const ImageView v = view_of(image);
-    const int64_t n_edges = v.height * (v.width - 1) + (v.height - 1) * v.width + 2 * (v.height - 1) * (v.width - 1);
+    const int64_t n_edges = fh::edge_count(v.height, v.width);
     py::array_t<double> costs(n_edges);
     py::array_t<uint32_t> codes(n_edges);
     double* cost_out = costs.mutable_data();
@@ -191,7 +190,7 @@ py::array_t<int32_t> segment_in_order(int64_t height, int64_t width, const py::a
         throw std::invalid_argument("image size out of range");
     if (scales.size() != min_sizes.size() || scales.empty())
         throw std::invalid_argument("expected one min_size per scale, and at least one scale");
-    const int64_t n_edges = height * (width - 1) + (height - 1) * width + 2 * (height - 1) * (width - 1);
+    const int64_t n_edges = fh::edge_count(height, width);
     if (costs.ndim() != 1 || codes.ndim() != 1 || costs.shape(0) != n_edges || codes.shape(0) != n_edges)
         throw std::invalid_argument("expected " + std::to_string(n_edges) + " costs and codes");
     if (!(costs.flags() & py::array::c_style) || !(codes.flags() & py::array::c_style))
@@ -219,10 +218,7 @@ py::array_t<int32_t> segment_in_order(int64_t height, int64_t width, const py::a
                 throw std::invalid_argument("edge code " + std::to_string(code[i]) + " is not an edge of the image");
             if (*given == 2) throw std::invalid_argument("edge code " + std::to_string(code[i]) + " given twice");
             *given = 2;
-            const float key = static_cast<float>(cost[i]);
-            items[i].cost = cost[i];
-            std::memcpy(&items[i].key, &key, sizeof key);
-            items[i].code = code[i];
+            items[i] = {cost[i], 0, code[i]};  // (the key only orders a sort, and the caller has sorted)
         }
         try {
             fh::segment(fh::SortedEdges{height, width, items.data(), n_edges}, scales, min_sizes, out);

@@ -67,6 +67,11 @@ struct EdgeCosts {
 };
 EdgeCosts edge_costs(const FloatImage& image);
 
+// How many 8-connected edges a height x width image has (right, down and both diagonal ones).
+inline int64_t edge_count(int64_t height, int64_t width) {
+    return height * (width - 1) + (height - 1) * width + 2 * (height - 1) * (width - 1);
+}
+
 // The codes (type << 30 | p, as in SortedEdge) of all edges of a height x width image, in edge order.
 void edge_codes(int64_t height, int64_t width, uint32_t* codes);
 
