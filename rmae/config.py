@@ -19,8 +19,8 @@ import difflib
 import math
 import os
 import re
-import weakref
 import sys
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable

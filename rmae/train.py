@@ -1240,12 +1240,9 @@ def _spawned(local_rank: int, world_size: int, port: int, cfg_yaml: str, require
     status = 0
     try:
         train(OmegaConf.create(cfg_yaml), require_resume=require_resume)
-    except USER_ERRORS as e:  # as on one process: a message and exit status 2, which main() passes on
+    except (*USER_ERRORS, LauncherGone) as e:  # as on one process: a message and status 2 (1: the launcher died)
         print(f"error{'' if local_rank == 0 else f' (rank {local_rank})'}: {e}", file=sys.stderr)
-        status = 2
-    except LauncherGone as e:
-        print(f"error{'' if local_rank == 0 else f' (rank {local_rank})'}: {e}", file=sys.stderr)
-        status = 1
+        status = 1 if isinstance(e, LauncherGone) else 2
     except KeyboardInterrupt:  # a second Ctrl-C: as on one process
         if local_rank == 0:
             print(STOPPED_AT_ONCE, file=sys.stderr)

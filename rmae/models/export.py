@@ -138,7 +138,8 @@ def load_checkpoint(model: nn.Module, source, strict: bool = True, weights_only:
     """Load a full model state (ours, the official R-MAE's or MAE's; the names are the same) into ``model``.
 
     ``source``: a path (``.safetensors`` or a torch file), a state_dict, or a checkpoint dict holding it under
-    ``"model"``. ``_orig_mod.`` / ``module.`` prefixes are stripped; ``model`` may be a ``torch.compile`` wrapper. Returns ``load_state_dict``'s result.
+    ``"model"``. ``_orig_mod.`` / ``module.`` prefixes are stripped; ``model`` may be a ``torch.compile`` wrapper.
+    Returns ``load_state_dict``'s result.
     Official MAE/R-MAE files that pickle other objects (e.g. ``args``) need ``weights_only=False``: only for
     files you trust.
     """
