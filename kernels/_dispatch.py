@@ -9,7 +9,8 @@
 * ``"reference"``: force the PyTorch reference (plain ops, autograd through PyTorch).
 
 The kernels take float32, float16 and bfloat16; float64 inputs (``model.double()``, gradcheck) run on the
-reference under ``"auto"`` and are refused by ``"triton"``.
+reference under ``"auto"`` and are refused by ``"triton"``. So are calls that want the gradient of an input a
+kernel takes as fixed (``use_triton``'s ``fixed``: region_tokens' ``pos_embed``, the region loss's ``region_mask``).
 
 Index checks (range, and distinct entries where the backward relies on them) cost one host sync per
 call; set ``RMAE_KERNELS_CHECK_INDICES=0`` or call ``set_index_checks(False)`` to skip them (e.g. under
@@ -85,8 +86,10 @@ def kernel_gpu(device: torch.device) -> bool:
 _KERNEL_GPUS: dict[tuple, bool] = {}
 
 
-def use_triton(impl: str, *tensors: torch.Tensor | None) -> bool:
-    """Decide the implementation for a call; see the module docstring."""
+def use_triton(impl: str, *tensors: torch.Tensor | None,
+               fixed: dict[str, tuple[torch.Tensor, str]] | None = None) -> bool:
+    """Decide the implementation for a call; see the module docstring. ``fixed``: name -> (input, what it is) of the
+    inputs the kernels take as constants, whose gradient they do not compute."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "reference":
@@ -111,8 +114,13 @@ def use_triton(impl: str, *tensors: torch.Tensor | None) -> bool:
             )
         if not interpreting() and not on_cuda:  # pragma: no cover - guarded above
             raise RuntimeError("impl='triton': tensors must all be on the same CUDA device")
-        return True
-    return runnable
+    elif not runnable:
+        return False
+    wanted = [(name, what) for name, (t, what) in (fixed or {}).items() if t.requires_grad and torch.is_grad_enabled()]
+    if wanted and impl == "triton":
+        raise ValueError(f"{wanted[0][0]} must not require grad in the Triton path (it is {wanted[0][1]}); "
+                         "impl='auto' runs such calls on the reference")
+    return not wanted
 
 
 def is_compiling() -> bool:

@@ -173,16 +173,9 @@ def _validate(logits, B, K, H, W, region_mask, patch_size):
         raise ValueError(f"region_mask must be [B={B}, N={N}], got {tuple(region_mask.shape)}")
 
 
-def _mask_needs_grad(region_mask) -> bool:
-    """The kernels take region_mask as data: a call that wants its gradient runs the reference under impl="auto"
-    and is refused under impl="triton"."""
-    return region_mask.requires_grad and torch.is_grad_enabled()
-
-
-def _check_mask_no_grad(region_mask):
-    if _mask_needs_grad(region_mask):
-        raise ValueError("region_mask must not require grad in the Triton path (it is data); impl='auto' runs "
-                         "such calls on the reference")
+def _fixed_mask(region_mask) -> dict:
+    """use_triton's ``fixed``: the kernels take region_mask as data (no gradient)."""
+    return {"region_mask": (region_mask, "data")}
 
 
 def region_bce_loss(logits, maps, region_mask, patch_size, bg_weight: float = 1.0, impl: str = "auto"):
@@ -199,9 +192,8 @@ def region_bce_loss(logits, maps, region_mask, patch_size, bg_weight: float = 1.
     _validate(logits, B, K, H, W, region_mask, patch_size)
     check_same_device(logits=logits, maps=maps, region_mask=region_mask)
     check_binary_maps(maps)
-    if not use_triton(impl, logits, maps, region_mask) or (impl == "auto" and _mask_needs_grad(region_mask)):
+    if not use_triton(impl, logits, maps, region_mask, fixed=_fixed_mask(region_mask)):
         return region_bce_loss_reference(logits, maps, region_mask, patch_size, bg_weight)
-    _check_mask_no_grad(region_mask)
     src = maps.view(torch.uint8) if maps.dtype == torch.bool else maps
     return _region_bce_triton(logits, src, None, None, region_mask, patch_size, bg_weight)
 
@@ -220,11 +212,9 @@ def region_bce_loss_from_labels(logits, labels, scale_index, label_id, region_ma
     _validate(logits, B, K, H, W, region_mask, patch_size)
     check_same_device(logits=logits, labels=labels, scale_index=scale_index, label_id=label_id,
                       region_mask=region_mask)
-    if not use_triton(impl, logits, labels, scale_index, label_id, region_mask) or (
-            impl == "auto" and _mask_needs_grad(region_mask)):
+    if not use_triton(impl, logits, labels, scale_index, label_id, region_mask, fixed=_fixed_mask(region_mask)):
         check_index_values(scale_index, S, "scale_index")
         maps = labels_to_maps(labels, scale_index, label_id)
         return region_bce_loss_reference(logits, maps, region_mask, patch_size, bg_weight)
-    _check_mask_no_grad(region_mask)
     return _region_bce_triton(logits, labels, scale_index.contiguous(), label_id.contiguous(), region_mask,
                               patch_size, bg_weight)

@@ -375,6 +375,11 @@ def _validate_maps(maps, ids_keep, weight, bias, pos_embed, patch_size):
     return N
 
 
+def _fixed_pos(pos_embed) -> dict:
+    """use_triton's ``fixed``: the kernels take pos_embed as a constant (no gradient)."""
+    return {"pos_embed": (pos_embed, "a fixed sin-cos table")}
+
+
 def region_tokens(maps, ids_keep, weight, bias, pos_embed, patch_size, impl: str = "auto"):
     """Visible region tokens from binary maps.
 
@@ -391,11 +396,9 @@ def region_tokens(maps, ids_keep, weight, bias, pos_embed, patch_size, impl: str
     """
     _validate_maps(maps, ids_keep, weight, bias, pos_embed, patch_size)
     check_binary_maps(maps)
-    if not use_triton(impl, maps, ids_keep, weight, bias, pos_embed) or (
-            impl == "auto" and _pos_needs_grad(pos_embed)):
+    if not use_triton(impl, maps, ids_keep, weight, bias, pos_embed, fixed=_fixed_pos(pos_embed)):
         _check_values(maps, ids_keep, patch_size, None, None)
         return region_tokens_reference(maps, ids_keep, weight, bias, pos_embed, patch_size)
-    _check_pos_no_grad(pos_embed)
     src = maps.view(torch.uint8) if maps.dtype == torch.bool else maps
     return _region_tokens_triton(weight, bias, src, ids_keep, None, None, pos_embed, patch_size, maps.shape[1])
 
@@ -418,18 +421,6 @@ def _region_tokens_triton(weight, bias, src, ids_keep, sel, lid, pos_embed, patc
                                None if lid is None else lid.contiguous(), pos_embed, patch_size, K)
 
 
-def _pos_needs_grad(pos_embed) -> bool:
-    """The kernels treat pos_embed as a fixed table: a call that wants its gradient runs the reference under
-    impl="auto" and is refused under impl="triton"."""
-    return pos_embed.requires_grad and torch.is_grad_enabled()
-
-
-def _check_pos_no_grad(pos_embed):
-    if _pos_needs_grad(pos_embed):
-        raise ValueError("pos_embed must not require grad in the Triton path (it is a fixed sin-cos table); "
-                         "impl='auto' runs such calls on the reference")
-
-
 def region_tokens_from_labels(labels, scale_index, label_id, ids_keep, weight, bias, pos_embed,
                               patch_size, impl: str = "auto"):
     """Visible region tokens straight from label maps; region i of image b is
@@ -447,10 +438,9 @@ def region_tokens_from_labels(labels, scale_index, label_id, ids_keep, weight, b
     _validate_params(B, H, W, ids_keep, weight, bias, pos_embed, patch_size)
     check_same_device(labels=labels, scale_index=scale_index, label_id=label_id, ids_keep=ids_keep,
                       weight=weight, bias=bias, pos_embed=pos_embed)
-    if not use_triton(impl, labels, scale_index, label_id, ids_keep, weight, bias, pos_embed) or (
-            impl == "auto" and _pos_needs_grad(pos_embed)):
+    if not use_triton(impl, labels, scale_index, label_id, ids_keep, weight, bias, pos_embed,
+                      fixed=_fixed_pos(pos_embed)):
         _check_values(labels, ids_keep, patch_size, scale_index, label_id)
         return region_tokens_from_labels_reference(labels, scale_index, label_id, ids_keep, weight,
                                                    bias, pos_embed, patch_size)
-    _check_pos_no_grad(pos_embed)
     return _region_tokens_triton(weight, bias, labels, ids_keep, scale_index, label_id, pos_embed, patch_size, K)
